@@ -1,0 +1,2 @@
+"""batchrun: run LLM jobs over tables through Anthropic's Message Batches API."""
+__version__ = "0.1.0"

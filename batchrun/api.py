@@ -1,0 +1,309 @@
+"""The HTTP client for the Messages and Message Batches API (httpx, retries with tenacity).
+
+The transport is injectable, so the same client talks to the real API, to the emulator over
+loopback, or to the emulator in-process. API errors become the project's own exceptions.
+
+Creating a batch is not idempotent: `create_batch` never re-sends after a failure that may have
+created the batch (a timeout, a dropped connection, a 5xx other than 529); it raises
+`AmbiguousCreateError`, and the runner reconciles through the list endpoint before creating again.
+"""
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
+
+import httpx
+import tenacity
+
+from . import __version__
+from .errors import (AmbiguousCreateError, ApiError, AuthError, InputError, NotFoundError,
+                     RequestTooLargeError, ResultsGoneError, TransientApiError)
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
+# A create answered with these statuses did not create a batch (protocol: "A 4xx/429/529 reply means
+# not created"); any other failure after the request was sent may have.
+CREATE_NOT_CREATED = {408, 409, 429, 529}
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_secure_url(url: str, what: str = "ANTHROPIC_BASE_URL") -> None:
+    """Refuse to send the key in clear text: https, or plain http to loopback only."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+        return
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"{what}: {url!r} is not an http(s) URL")
+    raise InputError(f"{what}: https is required for {parts.hostname} (plain http would send the API key "
+                     "across the network in clear text; http is allowed only to loopback)")
+
+
+@dataclass
+class RetryPolicy:
+    max_retries: int = 8            # per call
+    max_wait: float = 60.0          # cap on one wait
+    max_elapsed: float = 600.0      # give up on one call after this long
+
+
+class ApiClient:
+    """A small synchronous client. `transport` lets tests run it against the emulator in-process."""
+
+    def __init__(self, *, api_key: Optional[str], base_url: Optional[str] = None,
+                 api_version: str = "2023-06-01", auth_header: str = "x-api-key",
+                 extra_headers: Optional[dict] = None, transport: Optional[httpx.BaseTransport] = None,
+                 timeout: float = 600.0, connect_timeout: float = 5.0,
+                 retry: Optional[RetryPolicy] = None, key_source: str = "ANTHROPIC_API_KEY",
+                 sleep: Callable[[float], None] = time.sleep):
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        if transport is None:
+            check_secure_url(self.base_url)
+        if not api_key:
+            raise InputError(f"no API key: set {key_source} (or pass --api-key)")
+        self.key_source = key_source
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        headers = {"anthropic-version": api_version, "content-type": "application/json",
+                   "user-agent": f"batchrun/{__version__}"}
+        headers.update(extra_headers or {})
+        if auth_header == "bearer":
+            headers["authorization"] = f"Bearer {api_key}"
+        else:
+            headers["x-api-key"] = api_key
+        self._transport_injected = transport is not None
+        self.http = httpx.Client(base_url=self.base_url + "/", headers=headers, transport=transport,
+                                 timeout=httpx.Timeout(timeout, connect=connect_timeout))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "ApiClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _url(self, path: str) -> str:
+        return path.lstrip("/")
+
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One HTTP exchange; failures mapped to our exceptions (TransientApiError is retryable)."""
+        try:
+            response = self.http.request(method, self._url(path), **kw)
+        except httpx.TimeoutException as exc:
+            raise TransientApiError(f"{method} {path}: timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientApiError(f"{method} {path}: connection failed ({type(exc).__name__}: {exc})") from None
+        if response.status_code >= 400:
+            raise self._error(response, f"{method} {path}")
+        return response
+
+    def _error(self, response: httpx.Response, what: str) -> ApiError:
+        status = response.status_code
+        error_type, message = None, None
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, ValueError, UnicodeDecodeError):
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            error_type = body["error"].get("type")
+            message = body["error"].get("message")
+        elif isinstance(body, dict) and ("msg" in body or "message" in body):  # gateways
+            message = str(body.get("msg") or body.get("message"))
+        if message is None:
+            snippet = response.text[:200].strip().replace("\n", " ") if response.content else ""
+            message = f"unexpected reply from the server{': ' + snippet if snippet else ''}"
+        request_id = response.headers.get("request-id")
+        rid = f" [request-id {request_id}]" if request_id else ""
+        retry_after = _retry_after(response.headers)
+        should_retry = response.headers.get("x-should-retry")
+        kw = dict(status=status, error_type=error_type, request_id=request_id, retry_after=retry_after)
+        if status in (401, 403):
+            verb = "authentication failed" if status == 401 else "permission denied"
+            return AuthError(f"{verb} ({status} {error_type or ''}): the API refused the key from "
+                             f"{self.key_source}: {message}{rid}", **kw)
+        transient = status in RETRYABLE_STATUS or status >= 500
+        if should_retry == "true":
+            transient = True
+        elif should_retry == "false":
+            transient = False
+        text = f"{what}: {status} {error_type or 'error'}: {message}{rid}"
+        if transient:
+            return TransientApiError(text, **kw)
+        if status == 413:
+            return RequestTooLargeError(text, **kw)
+        if status == 404:
+            return NotFoundError(text, **kw)
+        return ApiError(text, **kw)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            return min(max(exc.retry_after, 0.0), self.retry.max_wait)
+        n = state.attempt_number - 1
+        return min(0.5 * 2 ** n, 8.0) * random.uniform(0.75, 1.0)
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """`_send` with retries on transient failures (never used for creating a batch)."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TransientApiError),
+            wait=self._wait,
+            stop=(tenacity.stop_after_attempt(self.retry.max_retries + 1)
+                  | tenacity.stop_after_delay(self.retry.max_elapsed)),
+            sleep=self.sleep, reraise=True)
+        return retrying(self._send, method, path, **kw)
+
+    # ---- batches -------------------------------------------------------------------------------
+    def create_batch(self, body: bytes) -> dict:
+        """POST one batch. `body` is the JSON `{"requests": [...]}` already serialised.
+
+        Retries only the failures that prove the batch was not created (connection refused, 429,
+        529, 408, 409); anything ambiguous raises AmbiguousCreateError.
+        """
+        attempt = 0
+        started = time.monotonic()
+        while True:
+            attempt += 1
+            try:
+                response = self.http.post(self._url("v1/messages/batches"), content=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:  # never reached the server
+                error: ApiError = TransientApiError(f"POST v1/messages/batches: cannot connect ({exc})")
+            except httpx.TransportError as exc:
+                raise AmbiguousCreateError(
+                    f"POST v1/messages/batches: no reply ({type(exc).__name__}); the batch may exist") from None
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                error = self._error(response, "POST v1/messages/batches")
+                if response.status_code not in CREATE_NOT_CREATED and isinstance(error, TransientApiError):
+                    raise AmbiguousCreateError(f"{error.message}; the batch may exist",
+                                               status=error.status, error_type=error.error_type,
+                                               request_id=error.request_id) from None
+                if not isinstance(error, TransientApiError):
+                    raise error
+            if attempt > self.retry.max_retries or time.monotonic() - started > self.retry.max_elapsed:
+                raise error
+            wait = error.retry_after if error.retry_after is not None else min(0.5 * 2 ** (attempt - 1), 8.0)
+            self.sleep(min(wait, self.retry.max_wait))
+
+    def retrieve_batch(self, batch_id: str) -> dict:
+        return self._call("GET", f"v1/messages/batches/{batch_id}").json()
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[dict]:
+        """All batches, newest first, across pages."""
+        after: Optional[str] = None
+        while True:
+            params: dict = {"limit": page_size}
+            if after:
+                params["after_id"] = after
+            page = self._call("GET", "v1/messages/batches", params=params).json()
+            yield from page.get("data", [])
+            if not page.get("has_more") or not page.get("last_id"):
+                return
+            after = page["last_id"]
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        return self._call("POST", f"v1/messages/batches/{batch_id}/cancel").json()
+
+    def delete_batch(self, batch_id: str) -> dict:
+        return self._call("DELETE", f"v1/messages/batches/{batch_id}").json()
+
+    def iter_results(self, results_url: str) -> Iterator[dict]:
+        """Stream a batch's results, one parsed JSONL line at a time.
+
+        A download cut short raises TransientApiError mid-iteration; the caller downloads again.
+        """
+        if not self._transport_injected:
+            check_secure_url(results_url, "results_url")
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TransientApiError), wait=self._wait,
+            stop=(tenacity.stop_after_attempt(self.retry.max_retries + 1)
+                  | tenacity.stop_after_delay(self.retry.max_elapsed)),
+            sleep=self.sleep, reraise=True)
+        response = retrying(self._open_stream, results_url)
+        try:
+            for line in response.iter_lines():
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        raise TransientApiError("results download: a line was cut short") from None
+        except httpx.TransportError as exc:
+            raise TransientApiError(f"results download cut short ({type(exc).__name__})") from None
+        finally:
+            response.close()
+
+    def _open_stream(self, url: str) -> httpx.Response:
+        try:
+            request = self.http.build_request("GET", url, headers={"accept": "application/binary"})
+            response = self.http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise TransientApiError(f"results download timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientApiError(f"results download failed ({type(exc).__name__})") from None
+        if response.status_code >= 400:
+            response.read()
+            error = self._error(response, "GET results")
+            response.close()
+            if isinstance(error, NotFoundError):
+                raise ResultsGoneError(f"{error.message} (the batch's results are gone: results are kept "
+                                       "29 days)", status=404, error_type=error.error_type,
+                                       request_id=error.request_id)
+            raise error
+        return response
+
+    # ---- messages ------------------------------------------------------------------------------
+    def count_tokens(self, params: dict) -> int:
+        body = {k: v for k, v in params.items() if k in _COUNT_TOKENS_KEYS}
+        return int(self._call("POST", "v1/messages/count_tokens", json=body).json()["input_tokens"])
+
+    def create_message(self, params: dict) -> dict:
+        reply = self._call("POST", "v1/messages", json=params).json()
+        return unwrap_gateway(reply)
+
+
+_COUNT_TOKENS_KEYS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")
+
+
+def unwrap_gateway(reply: Any) -> Any:
+    """Some gateways answer `{"code": 200, "data": {<Message>}}`: return the Message."""
+    if isinstance(reply, dict) and "data" in reply and "code" in reply and isinstance(reply["data"], dict):
+        return reply["data"]
+    return reply
+
+
+def _retry_after(headers: httpx.Headers) -> Optional[float]:
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None

@@ -1,0 +1,90 @@
+"""The project's own exceptions, each mapped to one exit code at the CLI boundary.
+
+A user's mistake is a `BatchrunError` subclass with a one-line message that names the problem
+(file, column, row, key); the CLI prints that line and exits with the error's code — never a
+traceback.
+"""
+from __future__ import annotations
+
+
+class ExitCode:
+    """Exit codes of `batchrun` (documented in the README and `batchrun --help`)."""
+
+    OK = 0             # every row succeeded (or nothing to do)
+    INTERNAL = 1       # a bug in batchrun: please report it
+    BAD_INPUT = 2      # the job, its input or the flags are wrong; nothing was sent
+    FAILED_ROWS = 3    # the job finished, but some rows ended errored/expired/canceled/invalid_output
+    API_ERROR = 4      # the API refused us (authentication, permission, a bad request) or stayed unreachable
+    IN_PROGRESS = 5    # --no-wait: batches are still running; run again later
+    LOCKED = 6         # another run holds this job
+    BUDGET = 7         # the budget (--max-cost) stops the job
+    INTERRUPTED = 130  # Ctrl-C / SIGTERM; the job is resumable
+
+
+class BatchrunError(Exception):
+    """Base of every error batchrun reports to a user as one line."""
+
+    exit_code = ExitCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(self.message.split("\n"))
+
+
+class InputError(BatchrunError):
+    """Bad job spec, flags or input data. Raised before anything is sent."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class SpecError(InputError):
+    """The job file or a flag is malformed."""
+
+
+class BudgetError(BatchrunError):
+    exit_code = ExitCode.BUDGET
+
+
+class LockedError(BatchrunError):
+    exit_code = ExitCode.LOCKED
+
+
+class ApiError(BatchrunError):
+    """An error reply from the API (or a gateway)."""
+
+    exit_code = ExitCode.API_ERROR
+
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
+                 request_id: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+
+class AuthError(ApiError):
+    """401/403: no retry can fix it."""
+
+
+class NotFoundError(ApiError):
+    pass
+
+
+class ResultsGoneError(ApiError):
+    """A batch's results are no longer available (archived after 29 days)."""
+
+
+class TransientApiError(ApiError):
+    """Retryable: connection problems, timeouts, 408/409/429/5xx."""
+
+
+class AmbiguousCreateError(ApiError):
+    """A batch create failed in a way that leaves open whether the batch exists."""
+
+
+class RequestTooLargeError(ApiError):
+    """413: the batch must be split."""

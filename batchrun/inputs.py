@@ -1,0 +1,194 @@
+"""Reading the input table as a stream of Arrow record batches, and its fingerprint.
+
+CSV, Parquet (a file or a directory of files) and JSONL, from a local path or a filesystem URI that
+pyarrow understands (s3://, gs://, file://, or any fsspec protocol when fsspec is installed). Rows are
+never all in memory: every reader yields record batches of bounded size.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from .errors import InputError
+
+CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json")
+BATCH_ROWS = 8192
+_CSV_BLOCK = 4 << 20
+
+
+class ColumnTypeConflict(Exception):
+    """A CSV column's type, inferred from the first rows, does not fit a later row."""
+
+    def __init__(self, column: str):
+        super().__init__(column)
+        self.column = column
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path for a local path or a URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as first:
+        try:  # any fsspec protocol (memory://, gcs via gcsfs, ...)
+            import fsspec
+        except ImportError:
+            raise InputError(f"{uri}: unsupported filesystem ({first}); install fsspec or the matching extra") from None
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def input_format(path: str) -> str:
+    lower = path.lower().rstrip("/")
+    if lower.endswith(CSV_SUFFIXES):
+        return "csv"
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "unknown"
+
+
+@dataclass
+class InputSource:
+    """One input table. `column_types` pins CSV columns whose inferred type did not hold."""
+
+    uri: str
+    column_types: dict = field(default_factory=dict)
+    limit: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.fs, self.path = filesystem_for(self.uri)
+        try:
+            info = self.fs.get_file_info(self.path)
+        except OSError as exc:
+            raise InputError(f"{self.uri}: cannot open input: {exc}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"{self.uri}: input file not found")
+        self.is_dir = info.type == pafs.FileType.Directory
+        self.format = "parquet" if self.is_dir else input_format(self.path)
+        if self.format == "unknown":
+            raise InputError(f"{self.uri}: unsupported input type (expected .csv, .parquet or .jsonl)")
+
+    # ---- reading ---------------------------------------------------------------------------
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most BATCH_ROWS rows, in input order, honouring `limit`."""
+        remaining = self.limit
+        for batch in self._raw_batches():
+            if remaining is not None:
+                if remaining <= 0:
+                    return
+                if batch.num_rows > remaining:
+                    batch = batch.slice(0, remaining)
+                remaining -= batch.num_rows
+            for start in range(0, batch.num_rows, BATCH_ROWS):
+                yield batch.slice(start, BATCH_ROWS)
+
+    @property
+    def schema(self) -> pa.Schema:
+        for batch in self.batches():
+            return batch.schema
+        raise InputError(f"{self.uri}: input is empty (no rows)")
+
+    def _raw_batches(self) -> Iterator[pa.RecordBatch]:
+        try:
+            if self.format == "csv":
+                yield from self._csv_batches()
+            elif self.format == "parquet":
+                yield from self._parquet_batches()
+            else:
+                yield from self._jsonl_batches()
+        except ColumnTypeConflict:
+            raise
+        except InputError:
+            raise
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{self.uri}: cannot read {self.format.upper()} input: {_short(exc)}") from None
+
+    def _open(self):
+        compression = "gzip" if self.path.lower().endswith(".gz") else None
+        return self.fs.open_input_stream(self.path, compression=compression)
+
+    def _csv_batches(self) -> Iterator[pa.RecordBatch]:
+        delimiter = "\t" if ".tsv" in self.path.lower() else ","
+        stream = self._open()
+        try:
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types=self.column_types),
+            )
+        except pa.ArrowInvalid as exc:
+            if "Empty CSV file" in str(exc):
+                raise InputError(f"{self.uri}: input is empty (no header, no rows)") from None
+            raise
+        names = reader.schema.names
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as exc:
+                m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
+                if m and int(m.group(1)) < len(names):
+                    raise ColumnTypeConflict(names[int(m.group(1))]) from None
+                raise
+            yield batch
+
+    def _parquet_batches(self) -> Iterator[pa.RecordBatch]:
+        if self.is_dir:
+            dataset = pads.dataset(self.path, filesystem=self.fs, format="parquet")
+            files = sorted(dataset.files)  # a stable order, whatever the listing order
+            dataset = pads.dataset(files, filesystem=self.fs, format="parquet", schema=dataset.schema)
+            yield from dataset.to_batches(batch_size=BATCH_ROWS, fragment_readahead=1, batch_readahead=2)
+            return
+        with self.fs.open_input_file(self.path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
+
+    def _jsonl_batches(self) -> Iterator[pa.RecordBatch]:
+        stream = self._open()
+        reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=_CSV_BLOCK))
+        yield from reader
+
+    # ---- identity --------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A hash of the input's bytes (local files) or of its listing (remote URIs)."""
+        h = hashlib.sha256()
+        h.update(self.format.encode())
+        if self.is_dir:
+            selector = pafs.FileSelector(self.path, recursive=True)
+            infos = sorted((i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File),
+                           key=lambda i: i.path)
+        else:
+            infos = [self.fs.get_file_info(self.path)]
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        for info in infos:
+            h.update(info.path.encode() if self.is_dir else b"")
+            h.update(str(info.size).encode())
+            if local:
+                with open(info.path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+            else:  # remote: size and modification time stand in for the bytes
+                h.update(str(info.mtime_ns).encode())
+        if self.limit is not None:
+            h.update(f"limit={self.limit}".encode())
+        return h.hexdigest()
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

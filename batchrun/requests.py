@@ -1,0 +1,196 @@
+"""From one input row to one Messages request: the template, the params, the custom_id.
+
+Templates are Jinja2 in a sandbox, strict about names: a column the input does not have is an
+error before any row is rendered; a null cell renders as "". Columns whose names are not Python
+identifiers are reachable as `row["first name"]`.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import mimetypes
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import jinja2
+from jinja2 import meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from .errors import InputError
+from .models import ModelInfo
+from .spec import JobSpec
+
+CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+OUTPUT_TOOL = "record_output"
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+
+
+def custom_id_for(value: Any) -> str:
+    """The custom_id for an id cell: the value itself when the API accepts it, else a stable hash."""
+    text = value if isinstance(value, str) else str(value)
+    if CUSTOM_ID_RE.match(text):
+        return text
+    return "h-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def params_hash(body: str) -> str:
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def output_schema_for(spec: JobSpec) -> Optional[dict]:
+    """The JSON Schema that replies must fit: the job's own, or one built from its labels."""
+    if spec.output_schema is not None:
+        return spec.output_schema
+    if spec.labels is None:
+        return None
+    enum = {"type": "string", "enum": list(spec.labels)}
+    if spec.multi_label:
+        prop = {"type": "array", "items": enum, "uniqueItems": True}
+    else:
+        prop = enum
+    return {"type": "object", "properties": {"label": prop}, "required": ["label"],
+            "additionalProperties": False}
+
+
+class RequestBuilder:
+    """Renders rows into Messages create params for one job."""
+
+    def __init__(self, spec: JobSpec, model: Optional[ModelInfo], columns: Iterable[str],
+                 input_name: str = "input"):
+        self.spec = spec
+        self.model = model
+        self.columns = list(columns)
+        env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                   keep_trailing_newline=True)
+        try:
+            ast = env.parse(spec.prompt)
+        except jinja2.TemplateSyntaxError as exc:
+            raise InputError(f"prompt: template syntax error on line {exc.lineno}: {exc.message}") from None
+        names = meta.find_undeclared_variables(ast)
+        missing = sorted(names - set(self.columns) - {"row"})
+        if missing:
+            have = ", ".join(self.columns[:12]) + (" …" if len(self.columns) > 12 else "")
+            raise InputError(f"prompt: the template uses column {missing[0]!r}, which {input_name} does not have "
+                             f"(columns: {have})")
+        for key in ("image_column", "max_tokens_column", "id_column"):
+            col = getattr(spec, key)
+            if col is not None and col not in self.columns:
+                raise InputError(f"{key}: column {col!r} is not in {input_name} "
+                                 f"(columns: {', '.join(self.columns[:12])})")
+        self.template = env.from_string(spec.prompt)
+        # the columns the renderer needs (all of them when the template reads `row`)
+        needed = set(self.columns) if "row" in names else set(names)
+        for col in (spec.image_column, spec.max_tokens_column):
+            if col:
+                needed.add(col)
+        self.needed_columns = [c for c in self.columns if c in needed]
+        self.schema = output_schema_for(spec)
+        self.base = self._base_params()
+
+    # ---- the parts every request shares ------------------------------------------------------
+    def _base_params(self) -> dict:
+        spec = self.spec
+        params: dict = {"model": spec.model, "max_tokens": spec.max_tokens}
+        if spec.system:
+            if spec.cache_system:
+                cache: dict = {"type": "ephemeral"}
+                if spec.cache_ttl == "1h":
+                    cache["ttl"] = "1h"
+                params["system"] = [{"type": "text", "text": spec.system, "cache_control": cache}]
+            else:
+                params["system"] = spec.system
+        for key in ("temperature", "top_p", "top_k", "stop_sequences", "metadata", "thinking"):
+            value = getattr(spec, key)
+            if value is not None:
+                params[key] = value
+        output_config: dict = {}
+        if spec.effort:
+            output_config["effort"] = spec.effort
+        if self.schema is not None:
+            if self.model is None or self.model.structured_output:
+                output_config["format"] = {"type": "json_schema", "schema": self.schema}
+            elif self.model.forced_tool:
+                params["tools"] = [{"name": OUTPUT_TOOL, "description": "Record the answer for this row.",
+                                    "input_schema": self.schema}]
+                params["tool_choice"] = {"type": "tool", "name": OUTPUT_TOOL}
+            else:
+                raise InputError(f"output_schema: {spec.model} supports neither structured output nor "
+                                 "forced tool use, so it cannot return a schema")
+        if output_config:
+            params["output_config"] = output_config
+        return params
+
+    # ---- one row -----------------------------------------------------------------------------
+    def build(self, row: dict, where: str) -> dict:
+        """Params for one row; `where` names the row in errors (e.g. 'row 17 (id T-1)')."""
+        spec = self.spec
+        clean = {k: ("" if v is None else v) for k, v in row.items()}
+        try:
+            text = self.template.render(clean, row=clean)
+        except jinja2.TemplateError as exc:
+            raise InputError(f"prompt: cannot render {where}: {exc}") from None
+        content: Any = text
+        if spec.image_column:
+            image = image_block(row.get(spec.image_column), where, spec.image_column)
+            if image is not None:
+                content = [image, {"type": "text", "text": text}]
+        messages = []
+        for example in spec.few_shot or ():
+            messages.append({"role": "user", "content": example["user"]})
+            messages.append({"role": "assistant", "content": example["assistant"]})
+        messages.append({"role": "user", "content": content})
+        if spec.prefill:
+            messages.append({"role": "assistant", "content": spec.prefill})
+        params = dict(self.base)
+        params["messages"] = messages
+        if spec.max_tokens_column:
+            value = row.get(spec.max_tokens_column)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+                    raise InputError(f"{spec.max_tokens_column}: {where} has max_tokens {value!r}, "
+                                     "expected a whole number ≥ 1")
+                params["max_tokens"] = int(value)
+        return params
+
+
+def image_block(value: Any, where: str, column: str) -> Optional[dict]:
+    """An image content block from a URL, a file path or raw bytes; None for an empty cell."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": value}}
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        try:
+            data = Path(value).read_bytes()
+        except OSError as exc:
+            raise InputError(f"{column}: {where}: cannot read image {value!r}: {exc.strerror or exc}") from None
+    else:
+        raise InputError(f"{column}: {where}: expected an image path, URL or bytes, got {type(value).__name__}")
+    media = sniff_image(data) or (mimetypes.guess_type(value)[0] if isinstance(value, str) else None)
+    if media not in IMAGE_TYPES:
+        raise InputError(f"{column}: {where}: not a PNG, JPEG, GIF or WebP image")
+    return {"type": "image", "source": {"type": "base64", "media_type": media,
+                                        "data": base64.b64encode(data).decode("ascii")}}
+
+
+def sniff_image(data: bytes) -> Optional[str]:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+Warn = Callable[[str], None]

@@ -1,0 +1,328 @@
+"""The job: what to read, how to render it, which model, where to write — loaded, merged, validated.
+
+A job comes from a TOML file, from CLI flags, or from a mapping (the library API); flags override the
+file. Every key is checked here, before any input is read or any request is built, and a bad one is
+reported as one line naming the key. Paths in a job file are relative to the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import SpecError
+
+API_VERSIONS = ("2023-06-01", "2026-10-21")
+MAX_BATCH_REQUESTS = 100_000
+DEFAULT_MODEL = "claude-haiku-5-5"
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from 90, 90.5, "90", "90s", "2m", "1h", "1h30m"."""
+    if isinstance(value, bool):
+        raise SpecError(f"{key}: expected a duration like 30, \"30s\", \"2m\" or \"1h\", got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", text)
+        if not text or "".join(n + (u or "") for n, u in parts) != text.replace(" ", ""):
+            raise SpecError(f"{key}: expected a duration like 30, \"30s\", \"2m\" or \"1h\", got {value!r}")
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+        seconds = sum(float(n) * scale[u] for n, u in parts)
+    if seconds < 0:
+        raise SpecError(f"{key}: must not be negative, got {value!r}")
+    return seconds
+
+
+@dataclass
+class JobSpec:
+    """A validated job. Build with `JobSpec.load(...)` or `JobSpec.from_mapping(...)`."""
+
+    input: str
+    output: str
+    prompt: str
+    model: str = DEFAULT_MODEL
+    max_tokens: int = 1024
+    name: Optional[str] = None
+    id_column: Optional[str] = None
+    system: Optional[str] = None
+    batch_size: int = 10_000
+    poll_interval: float = 60.0
+    state: Optional[str] = None
+    max_attempts: int = 3
+    api_version: str = "2023-06-01"
+    mode: str = "batch"
+    # structured output
+    output_schema: Optional[dict] = None
+    labels: Optional[list] = None
+    multi_label: bool = False
+    # prompt caching
+    cache_system: bool = False
+    cache_ttl: str = "5m"
+    # model parameters
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    thinking: Optional[dict] = None
+    effort: Optional[str] = None
+    stop_sequences: Optional[list] = None
+    metadata: Optional[dict] = None
+    # richer prompts
+    few_shot: Optional[list] = None
+    prefill: Optional[str] = None
+    image_column: Optional[str] = None
+    max_tokens_column: Optional[str] = None
+    # cost and limits
+    max_cost: Optional[float] = None
+    limit: Optional[int] = None
+    # messages mode and gateways
+    concurrency: int = 8
+    rpm: Optional[int] = None
+    tpm: Optional[int] = None
+    auth_header: str = "x-api-key"
+    headers: Optional[dict] = None
+    # output
+    partition_by: Optional[str] = None
+    models_file: Optional[str] = None
+    # where the spec came from (not part of the job's identity)
+    source: Optional[str] = field(default=None, compare=False)
+
+    # ---- identity -------------------------------------------------------------------------
+    # Fields that shape what is sent, and so what is paid for. Anything else (where the output
+    # goes, batch size, poll interval, budget) can change without making a new job.
+    IDENTITY_FIELDS = (
+        "id_column", "prompt", "system", "model", "max_tokens", "api_version", "mode",
+        "output_schema", "labels", "multi_label", "cache_system", "cache_ttl", "temperature",
+        "top_p", "top_k", "thinking", "effort", "stop_sequences", "metadata", "few_shot",
+        "prefill", "image_column", "max_tokens_column", "limit",
+    )
+
+    def identity(self, input_fingerprint: str) -> str:
+        shaped = {k: getattr(self, k) for k in self.IDENTITY_FIELDS}
+        shaped["input"] = input_fingerprint
+        blob = json.dumps(shaped, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        """The spec as stored in the state file (it never holds a key)."""
+        data = dataclasses.asdict(self)
+        return json.dumps(data, sort_keys=True, default=str)
+
+    @property
+    def state_path(self) -> str:
+        if self.state:
+            return self.state
+        out = self.output
+        if "://" in out:
+            return "batchrun-state.sqlite"
+        return str(Path(out).parent / "batchrun-state.sqlite")
+
+    # ---- loading --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, job_file: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "JobSpec":
+        """Read a TOML job file (optional) and apply overrides (CLI flags; None values ignored)."""
+        raw: dict = {}
+        base = Path.cwd()
+        source = None
+        if job_file:
+            path = Path(job_file)
+            source = str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise SpecError(f"{job_file}: job file not found") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SpecError(f"{job_file}: cannot read job file ({exc})") from None
+            try:
+                raw = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise SpecError(f"{job_file}: not valid TOML: {exc}") from None
+            base = path.resolve().parent
+            raw = _resolve_paths(raw, base, job_file)
+        for key, value in (overrides or {}).items():
+            if value is None or value == () or value == []:
+                continue
+            raw[key] = _resolve_paths({key: value}, Path.cwd(), None)[key]
+        return cls.from_mapping(raw, source=source)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], source: Optional[str] = None) -> "JobSpec":
+        where = f"{source}: " if source else ""
+        raw = dict(raw)
+        known = ({f.name for f in dataclasses.fields(cls)} | set(_FILE_KEYS)) - {"source"}
+        for key in raw:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SpecError(f"{where}unknown key {key!r}{hint}")
+        # *_file keys hold text read from a file
+        for key, target in _FILE_KEYS.items():
+            if key in raw:
+                if target in raw and raw[target] is not None:
+                    raise SpecError(f"{where}give either {target!r} or {key!r}, not both")
+                raw[target] = _read_text(raw.pop(key), key, where)
+        if isinstance(raw.get("output_schema"), str):
+            raw["output_schema"] = _read_json(raw["output_schema"], "output_schema", where)
+        if raw.get("input") in (None, ""):
+            raise SpecError(f"{where}missing key 'input' (the CSV, Parquet or JSONL file to read)")
+        if raw.get("prompt") in (None, ""):
+            raise SpecError(f"{where}missing key 'prompt' (or 'prompt_file'): the template for each row")
+        if not raw.get("output"):
+            raw["output"] = _default_output(str(raw["input"]))
+        spec = cls(**{k: v for k, v in raw.items()}, source=source)
+        spec._validate(where)
+        return spec
+
+    # ---- validation -----------------------------------------------------------------------
+    def _validate(self, where: str) -> None:
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise SpecError(f"{where}{key}: {what}, got {getattr(self, key)!r}")
+
+        for key in ("input", "output", "prompt", "model"):
+            need(isinstance(getattr(self, key), str) and getattr(self, key) != "", key, "expected a non-empty string")
+        for key in ("name", "id_column", "system", "state", "prefill", "image_column", "max_tokens_column",
+                    "partition_by", "models_file", "effort"):
+            need(getattr(self, key) is None or isinstance(getattr(self, key), str), key, "expected a string")
+        self.max_tokens = _as_int(self.max_tokens, "max_tokens", where)
+        need(self.max_tokens >= 1, "max_tokens", "must be at least 1")
+        self.batch_size = _as_int(self.batch_size, "batch_size", where)
+        need(1 <= self.batch_size <= MAX_BATCH_REQUESTS, "batch_size",
+             f"must be between 1 and {MAX_BATCH_REQUESTS:,} (the API's limit per batch)")
+        self.max_attempts = _as_int(self.max_attempts, "max_attempts", where)
+        need(1 <= self.max_attempts <= 20, "max_attempts", "must be between 1 and 20")
+        self.poll_interval = parse_duration(self.poll_interval, f"{where}poll_interval")
+        need(self.poll_interval >= 0.01, "poll_interval", "must be positive")
+        need(self.api_version in API_VERSIONS, "api_version", f"must be one of {', '.join(API_VERSIONS)}")
+        need(self.mode in ("batch", "messages"), "mode", "must be 'batch' or 'messages'")
+        need(self.cache_ttl in ("5m", "1h"), "cache_ttl", "must be '5m' or '1h'")
+        for key in ("multi_label", "cache_system"):
+            need(isinstance(getattr(self, key), bool), key, "expected true or false")
+        for key in ("temperature", "top_p", "max_cost"):
+            value = getattr(self, key)
+            need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                 key, "expected a number")
+        if self.max_cost is not None:
+            need(self.max_cost >= 0, "max_cost", "must not be negative")
+        if self.top_k is not None:
+            self.top_k = _as_int(self.top_k, "top_k", where)
+        if self.limit is not None:
+            self.limit = _as_int(self.limit, "limit", where)
+            need(self.limit >= 1, "limit", "must be at least 1")
+        self.concurrency = _as_int(self.concurrency, "concurrency", where)
+        need(1 <= self.concurrency <= 512, "concurrency", "must be between 1 and 512")
+        for key in ("rpm", "tpm"):
+            if getattr(self, key) is not None:
+                setattr(self, key, _as_int(getattr(self, key), key, where))
+                need(getattr(self, key) >= 1, key, "must be at least 1")
+        need(self.auth_header in ("x-api-key", "bearer"), "auth_header", "must be 'x-api-key' or 'bearer'")
+        if self.headers is not None:
+            need(isinstance(self.headers, dict) and all(isinstance(v, str) for v in self.headers.values()),
+                 "headers", "expected a table of strings")
+            for name in self.headers:
+                if name.lower() in ("x-api-key", "authorization"):
+                    raise SpecError(f"{where}headers: {name!r} must not be set in a job file "
+                                    "(the key comes from ANTHROPIC_API_KEY or --api-key)")
+        if self.stop_sequences is not None:
+            need(isinstance(self.stop_sequences, list) and all(isinstance(s, str) and s for s in self.stop_sequences),
+                 "stop_sequences", "expected a list of non-empty strings")
+        if self.metadata is not None:
+            need(isinstance(self.metadata, dict), "metadata", "expected a table such as {user_id = \"...\"}")
+        if self.thinking is not None:
+            if isinstance(self.thinking, str):
+                self.thinking = {"type": self.thinking}
+            need(isinstance(self.thinking, dict) and self.thinking.get("type") in ("enabled", "adaptive", "disabled"),
+                 "thinking", "expected \"adaptive\", \"disabled\" or {type = \"enabled\", budget_tokens = N}")
+            if self.thinking["type"] == "enabled":
+                need(isinstance(self.thinking.get("budget_tokens"), int), "thinking",
+                     "type \"enabled\" needs budget_tokens")
+        if self.effort is not None:
+            need(self.effort in ("low", "medium", "high", "xhigh", "max"), "effort",
+                 "must be one of low, medium, high, xhigh, max")
+        if self.labels is not None:
+            need(isinstance(self.labels, list) and len(self.labels) >= 2 and
+                 all(isinstance(x, str) and x for x in self.labels) and len(set(self.labels)) == len(self.labels),
+                 "labels", "expected a list of at least two distinct non-empty strings")
+            if self.output_schema is not None:
+                raise SpecError(f"{where}give either 'labels' or 'output_schema', not both")
+        if self.multi_label and self.labels is None:
+            raise SpecError(f"{where}multi_label: needs 'labels'")
+        if self.output_schema is not None:
+            need(isinstance(self.output_schema, dict) and self.output_schema.get("type", "object") == "object"
+                 and isinstance(self.output_schema.get("properties"), dict) and self.output_schema["properties"],
+                 "output_schema", "expected a JSON Schema object with 'properties'")
+        if self.few_shot is not None:
+            ok = isinstance(self.few_shot, list) and all(
+                isinstance(ex, dict) and set(ex) == {"user", "assistant"}
+                and all(isinstance(v, str) for v in ex.values()) for ex in self.few_shot)
+            need(ok, "few_shot", "expected a list of {user = \"...\", assistant = \"...\"} tables")
+        if self.mode == "batch" and self.output.startswith(("http://", "https://")):
+            raise SpecError(f"{where}output: cannot write to a web address")
+
+
+_FILE_KEYS = {"prompt_file": "prompt", "system_file": "system"}
+_PATH_KEYS = ("input", "output", "state", "prompt_file", "system_file", "models_file")
+
+
+def _resolve_paths(raw: dict, base: Path, job_file: Optional[str]) -> dict:
+    out = dict(raw)
+    for key in _PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and "://" not in value:
+            out[key] = str(base / os.path.expanduser(value)) if job_file else os.path.expanduser(value)
+    schema = out.get("output_schema")
+    if isinstance(schema, str) and "://" not in schema:
+        out["output_schema"] = str(base / os.path.expanduser(schema)) if job_file else os.path.expanduser(schema)
+    return out
+
+
+def _read_text(path: Any, key: str, where: str) -> str:
+    if not isinstance(path, str):
+        raise SpecError(f"{where}{key}: expected a file path, got {path!r}")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{where}{key}: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{where}{key}: cannot read {path}: {exc}") from None
+
+
+def _read_json(path: str, key: str, where: str) -> Any:
+    text = _read_text(path, key, where)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{where}{key}: {path} is not valid JSON: {exc}") from None
+
+
+def _as_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool):
+        raise SpecError(f"{where}{key}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d[\d_]*\s*", value):
+        return int(value.replace("_", ""))
+    raise SpecError(f"{where}{key}: expected a whole number, got {value!r}")
+
+
+def _default_output(input_path: str) -> str:
+    if "://" in input_path:
+        raise SpecError("missing key 'output' (required when the input is a URI)")
+    p = Path(input_path)
+    stem = p.name.split(".")[0] if p.name else "input"
+    return str(p.parent / f"{stem}.results.parquet")

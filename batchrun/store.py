@@ -1,0 +1,239 @@
+"""The SQLite state: jobs, requests, batches and events, through sqlite-utils.
+
+Every step of a job is a transaction here, committed before the next step starts; a killed run
+resumes from what was committed. The schema evolves by migrations (a plain list of functions,
+applied once each and recorded in `_batchrun_migrations`), so any older state file still opens.
+The file is created private to its owner (0600); it never holds an API key.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import sqlite_utils
+
+from .errors import InputError, LockedError
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.executescript("""
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        spec TEXT NOT NULL,
+        input TEXT NOT NULL,
+        output TEXT NOT NULL,
+        input_fingerprint TEXT NOT NULL,
+        column_types TEXT,
+        mode TEXT NOT NULL,
+        model TEXT NOT NULL,
+        rows INTEGER,
+        created_at TEXT NOT NULL,
+        planned_at TEXT,
+        finished_at TEXT,
+        output_written_at TEXT,
+        canceled_at TEXT
+    );
+    CREATE TABLE requests (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        custom_id TEXT NOT NULL,
+        row_index INTEGER NOT NULL,
+        params_hash TEXT NOT NULL,
+        body TEXT NOT NULL,
+        max_cost REAL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        batch_id INTEGER,
+        result_type TEXT,
+        text TEXT,
+        parsed TEXT,
+        stop_reason TEXT,
+        model TEXT,
+        input_tokens INTEGER,
+        output_tokens INTEGER,
+        cache_creation_input_tokens INTEGER,
+        cache_read_input_tokens INTEGER,
+        cost_usd REAL,
+        error_type TEXT,
+        error_message TEXT,
+        api_batch_id TEXT,
+        reused_from TEXT,
+        finished_at TEXT,
+        PRIMARY KEY (job_id, custom_id)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX requests_row ON requests(job_id, row_index);
+    CREATE INDEX requests_state ON requests(job_id, state);
+    CREATE INDEX requests_batch ON requests(batch_id);
+    CREATE INDEX requests_params ON requests(params_hash, state);
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        api_id TEXT UNIQUE,
+        state TEXT NOT NULL,
+        api_status TEXT,
+        request_count INTEGER NOT NULL,
+        body_bytes INTEGER,
+        max_cost REAL,
+        intent_at TEXT NOT NULL,
+        created_at TEXT,
+        ended_at TEXT,
+        collected_at TEXT,
+        adopted INTEGER NOT NULL DEFAULT 0,
+        request_counts TEXT,
+        results_url TEXT,
+        downloads INTEGER NOT NULL DEFAULT 0,
+        note TEXT
+    );
+    CREATE INDEX batches_job ON batches(job_id, state);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT,
+        at TEXT NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    """)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+RESULT_FIELDS = ("result_type", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
+                 "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd", "error_type",
+                 "error_message", "api_batch_id")
+FINAL_STATES = ("succeeded", "errored", "expired", "canceled", "invalid_output")
+
+
+class Store:
+    """One state file. Use as a context manager or call close()."""
+
+    def __init__(self, path: str):
+        self.path = path
+        p = Path(path)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise InputError(f"state file {path}: cannot create it ({exc.strerror or exc})") from None
+        try:
+            conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"state file {path}: not a batchrun state file ({exc})") from None
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- migrations ----------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        with self.transaction():
+            self.conn.execute("CREATE TABLE IF NOT EXISTS _batchrun_migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
+            done = {r[0] for r in self.conn.execute("SELECT name FROM _batchrun_migrations")}
+            for fn in MIGRATIONS:
+                if fn.__name__ not in done:
+                    fn(self.db)
+                    self.conn.execute("INSERT INTO _batchrun_migrations VALUES (?, ?)", (fn.__name__, now_iso()))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def q(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        cur = self.conn.execute(sql, tuple(params))
+        cols = [d[0] for d in cur.description] if cur.description else []
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def one(self, sql: str, params: Iterable = ()):
+        rows = self.q(sql, params)
+        return rows[0] if rows else None
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def job(self, job_id: str) -> Optional[dict]:
+        return self.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def find_jobs(self, ref: Optional[str] = None) -> list[dict]:
+        """Jobs by id prefix or name; all jobs when ref is None. Newest first."""
+        if ref is None:
+            return self.q("SELECT * FROM jobs ORDER BY created_at DESC")
+        return self.q("SELECT * FROM jobs WHERE id LIKE ? OR name = ? ORDER BY created_at DESC",
+                      (ref + "%", ref))
+
+    def event(self, job_id: Optional[str], level: str, message: str) -> None:
+        self.conn.execute("INSERT INTO events (job_id, at, level, message) VALUES (?, ?, ?, ?)",
+                          (job_id, now_iso(), level, message))
+
+    # ---- requests ------------------------------------------------------------------------------
+    def counts(self, job_id: str) -> dict:
+        return {r["state"]: r["n"] for r in
+                self.q("SELECT state, count(*) AS n FROM requests WHERE job_id = ? GROUP BY state", (job_id,))}
+
+
+class JobLock:
+    """An advisory lock on one job in one state file, released by the OS if the process dies."""
+
+    def __init__(self, state_path: str, job_id: str):
+        self.path = state_path + ".lock"
+        self.offset = int(job_id[:8], 16)
+        self.fd: Optional[int] = None
+
+    def acquire(self, wait: bool = False) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, self.offset, os.SEEK_SET)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise LockedError("another batchrun run holds this job (same state file); "
+                              "wait for it to finish, or pass --wait-lock to queue behind it") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "JobLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,22 +1,51 @@
 """The model catalog: prices and capabilities per model, loaded from a data file users can extend.
 
-INTERFACE STUB — to be implemented. Other modules rely on exactly these names.
+The shipped catalog is `batchrun/data/models.toml` (its header documents the format). A user file
+in the same format — `load_catalog(path)`, or the `BATCHRUN_MODELS` environment variable — is merged
+over it: a table under an existing id or alias overrides the fields it sets, a new id adds a model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
-from typing import Mapping, Optional
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_VAR = "BATCHRUN_MODELS"
+THINKING_TYPES = ("enabled", "adaptive", "disabled")
+THINKING_DEFAULTS = ("off", "adaptive")
+EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")
+SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
+NO_SAMPLING_VERSION = "2026-10-21"  # this API version (and, we assume, later ones) refuses sampling params
+MIN_THINKING_BUDGET = 1024
+_MILLION_EXP = -6
+
+
+class CatalogError(Exception):
+    """A malformed catalog file. The message is one line naming the file and the key at fault."""
+
+
+class UnknownModel(LookupError):
+    """Raised by `Catalog.require` for a name that is neither an id nor an alias."""
 
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per million tokens at the standard (non-batch) rate."""
+    """USD per million tokens at the standard (non-batch) rate. None: not known (never costed as 0)."""
     input: Decimal
     output: Decimal
-    cache_write_5m: Decimal
-    cache_write_1h: Decimal
-    cache_read: Decimal
+    cache_write_5m: Optional[Decimal] = None
+    cache_write_1h: Optional[Decimal] = None
+    cache_read: Optional[Decimal] = None
 
 
 @dataclass(frozen=True)
@@ -41,13 +70,341 @@ class ModelInfo:
     new_tokenizer: bool               # counts ~30% more tokens for the same text
     max_output_tokens: Optional[int]
 
+    @property
+    def names(self) -> tuple:
+        return (self.id, *self.aliases)
+
+    def prices_for(self, prompt_tokens: int) -> Optional[Prices]:
+        """The prices of one request whose prompt (input + cache write + cache read) has this many tokens."""
+        chosen = self.prices
+        for tier in self.tiers:
+            if prompt_tokens > tier.above_prompt_tokens:
+                chosen = tier.prices
+        return chosen
+
 
 class Catalog:
-    def resolve(self, name: str) -> Optional[ModelInfo]: ...
-    def cost(self, model: str, usage: Mapping, *, batch: bool, cache_ttl: str = "5m") -> Optional[Decimal]: ...
+    def __init__(self, models: Iterable[ModelInfo] = ()):
+        self._models: dict[str, ModelInfo] = {}
+        self._by_name: dict[str, str] = {}
+        for model in models:
+            for name in model.names:
+                if self._by_name.setdefault(name, model.id) != model.id:
+                    raise ValueError(f"model name {name!r} is used by both {self._by_name[name]} and {model.id}")
+            self._models[model.id] = model
+
+    def models(self) -> tuple:
+        """Every model, in catalog order."""
+        return tuple(self._models.values())
+
+    def resolve(self, name: str) -> Optional[ModelInfo]:
+        """The model with this id or alias (exact, case-sensitive), or None."""
+        model_id = self._by_name.get(name)
+        return None if model_id is None else self._models[model_id]
+
+    def require(self, name: str) -> ModelInfo:
+        """Like `resolve`, but an unknown name raises `UnknownModel` with close matches in its message."""
+        model = self.resolve(name)
+        if model is None:
+            close = difflib.get_close_matches(name, list(self._by_name), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UnknownModel(f"unknown model {name!r}{hint}; add it with a models file ({ENV_VAR})")
+        return model
+
+    def cost(self, model: str, usage: Mapping, *, batch: bool, cache_ttl: str = "5m") -> Optional[Decimal]:
+        """USD cost of one request's `usage`, or None when the model or a needed price is unknown.
+
+        Cache writes are split by `usage["cache_creation"]` when present; writes it does not account
+        for are billed at the `cache_ttl` rate ("5m" or "1h"). Batch requests cost 50% of every figure.
+        """
+        if cache_ttl not in ("5m", "1h"):
+            raise ValueError(f"cache_ttl must be '5m' or '1h', not {cache_ttl!r}")
+        info = self.resolve(model)
+        if info is None or info.prices is None:
+            return None
+        input_tokens = _tokens(usage, "input_tokens")
+        output_tokens = _tokens(usage, "output_tokens")
+        read = _tokens(usage, "cache_read_input_tokens")
+        written = _tokens(usage, "cache_creation_input_tokens")
+        split = usage.get("cache_creation")
+        split = split if isinstance(split, Mapping) else {}
+        write_5m = _tokens(split, "ephemeral_5m_input_tokens")
+        write_1h = _tokens(split, "ephemeral_1h_input_tokens")
+        rest = max(0, written - write_5m - write_1h)
+        if cache_ttl == "5m":
+            write_5m += rest
+        else:
+            write_1h += rest
+
+        prices = info.prices_for(input_tokens + write_5m + write_1h + read)
+        total = Decimal(0)
+        for count, price in (
+            (input_tokens, prices.input),
+            (output_tokens, prices.output),
+            (write_5m, prices.cache_write_5m),
+            (write_1h, prices.cache_write_1h),
+            (read, prices.cache_read),
+        ):
+            if count:
+                if price is None:
+                    return None
+                total += count * price
+        total = total.scaleb(_MILLION_EXP)
+        return total * Decimal("0.5") if batch else total
 
 
-def load_catalog(extra_path=None) -> Catalog: ...
+def _tokens(usage: Mapping, key: str) -> int:
+    value = usage.get(key)
+    return 0 if value is None else int(value)
 
 
-def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list: ...
+# ------------------------------------------------------------------------------------------ loading
+
+_PRICE_FIELDS = tuple(f.name for f in fields(Prices))
+_BOOL_FIELDS = ("sampling", "forced_tool", "structured_output", "effort", "new_tokenizer")
+_OPTIONAL_INT_FIELDS = ("cache_min_tokens", "max_output_tokens")
+# Fields a new model must set (unless it starts from another with `like`); the rest default to unknown/none.
+_REQUIRED_FIELDS = (*_BOOL_FIELDS, "thinking", "thinking_default")
+_ENTRY_KEYS = {"aliases", "prices", "tiers", "like", "thinking", "thinking_default",
+               *_BOOL_FIELDS, *_OPTIONAL_INT_FIELDS}
+
+
+def shipped_catalog_path() -> Path:
+    return Path(__file__).with_name("data") / "models.toml"
+
+
+def load_catalog(extra_path: Union[str, os.PathLike, None] = None) -> Catalog:
+    """The shipped catalog, merged with `extra_path` (or the file named by $BATCHRUN_MODELS)."""
+    if extra_path is None:
+        extra_path = os.environ.get(ENV_VAR) or None
+    models: dict[str, ModelInfo] = {}
+    _merge_file(models, shipped_catalog_path())
+    if extra_path is not None:
+        _merge_file(models, Path(extra_path))
+    return Catalog(models.values())
+
+
+def _merge_file(models: dict[str, ModelInfo], path: Path) -> None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
+    except OSError as e:
+        raise CatalogError(f"{path}: cannot read the models file: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CatalogError(f"{path}: not valid TOML: {e}") from None
+    unknown = set(data) - {"models"}
+    if unknown:
+        raise CatalogError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected [models.<id>] tables)")
+    entries = data.get("models", {})
+    if not isinstance(entries, dict):
+        raise CatalogError(f"{path}: 'models' must be a table of [models.<id>] tables")
+    for key, entry in entries.items():
+        _Entry(path, key).apply(models, entry)
+
+
+class _Entry:
+    """Validates one [models.<key>] table of one file and merges it into `models`."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+
+    def fail(self, field: str, problem: str) -> CatalogError:
+        where = f"model {self.key!r}" + (f", key {field!r}" if field else "")
+        return CatalogError(f"{self.path}: {where}: {problem}")
+
+    def apply(self, models: dict[str, ModelInfo], entry: Any) -> None:
+        if not isinstance(entry, dict):
+            raise self.fail("", "must be a table")
+        for field in entry:
+            if field not in _ENTRY_KEYS:
+                raise self.fail(field, f"unknown key (expected one of {', '.join(sorted(_ENTRY_KEYS))})")
+        changes = {f: self.parse(f, v) for f, v in entry.items() if f not in ("like", "prices", "aliases")}
+        aliases = self.parse_aliases(entry.get("aliases", []))
+        owner = _owner(models, self.key)
+        if owner is not None:  # override an existing model
+            if "like" in entry:
+                raise self.fail("like", f"only a new model can use 'like'; {self.key!r} is already {owner.id}")
+            changes["prices"] = self.parse_prices("prices", entry.get("prices"), owner.prices)
+            changes["aliases"] = owner.aliases + tuple(a for a in aliases if a not in owner.names)
+            model = replace(owner, **changes)
+        else:  # a new model
+            base = None
+            if "like" in entry:
+                base = _owner(models, entry["like"]) if isinstance(entry["like"], str) else None
+                if base is None:
+                    raise self.fail("like", f"{entry['like']!r} is not a known model id or alias")
+            missing = [f for f in _REQUIRED_FIELDS if f not in changes] if base is None else []
+            if missing:
+                raise self.fail(missing[0], "missing (a new model must set it, or start from one with 'like')")
+            # `like` copies capabilities, never prices: a new model is unpriced unless its entry prices it.
+            changes["prices"] = self.parse_prices("prices", entry.get("prices"), None)
+            changes.setdefault("tiers", ())
+            changes.update(id=self.key, aliases=tuple(a for a in aliases if a != self.key))
+            if base is not None:
+                model = replace(base, **changes)
+            else:
+                model = ModelInfo(**{"cache_min_tokens": None, "max_output_tokens": None, **changes})
+        for alias in model.aliases:
+            other = _owner(models, alias)
+            if other is not None and other.id != model.id:
+                raise self.fail("aliases", f"{alias!r} already names {other.id}")
+        models[model.id] = model
+
+    def parse(self, field: str, value: Any) -> Any:
+        if field in _BOOL_FIELDS:
+            if not isinstance(value, bool):
+                raise self.fail(field, "must be true or false")
+            return value
+        if field in _OPTIONAL_INT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise self.fail(field, "must be a positive integer (omit it when unknown)")
+            return value
+        if field == "thinking":
+            if not isinstance(value, list) or any(t not in THINKING_TYPES for t in value):
+                raise self.fail(field, f"must be a list of {', '.join(map(repr, THINKING_TYPES))}")
+            return tuple(dict.fromkeys(value))
+        if field == "thinking_default":
+            if value not in THINKING_DEFAULTS:
+                raise self.fail(field, f"must be {' or '.join(map(repr, THINKING_DEFAULTS))}")
+            return value
+        if field == "tiers":
+            return self.parse_tiers(value)
+        raise AssertionError(field)  # pragma: no cover
+
+    def parse_aliases(self, value: Any) -> tuple:
+        if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
+            raise self.fail("aliases", "must be a list of model names")
+        return tuple(dict.fromkeys(value))
+
+    def parse_prices(self, field: str, value: Any, base: Optional[Prices]) -> Optional[Prices]:
+        """A `prices` table merged figure by figure over `base`; figures left out stay as in `base` (or unknown)."""
+        if value is None:
+            return base
+        if not isinstance(value, dict):
+            raise self.fail(field, "must be a table of USD-per-million figures")
+        figures = {} if base is None else {f: getattr(base, f) for f in _PRICE_FIELDS}
+        for name, figure in value.items():
+            if name not in _PRICE_FIELDS:
+                raise self.fail(f"{field}.{name}", f"unknown price (expected {', '.join(_PRICE_FIELDS)})")
+            figures[name] = self.parse_price(f"{field}.{name}", figure)
+        for name in ("input", "output"):
+            if figures.get(name) is None:
+                raise self.fail(f"{field}.{name}", "missing (a price table needs at least input and output)")
+        return Prices(**figures)
+
+    def parse_price(self, field: str, value: Any) -> Decimal:
+        if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
+            raise self.fail(field, "must be a number (USD per million tokens)")
+        try:
+            price = Decimal(value)
+        except ArithmeticError:
+            price = Decimal("NaN")
+        if not price.is_finite() or price < 0:
+            raise self.fail(field, f"must be a non-negative number, not {value!r}")
+        return price
+
+    def parse_tiers(self, value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise self.fail("tiers", "must be a list of {above_prompt_tokens = N, prices = {...}}")
+        tiers = []
+        for i, tier in enumerate(value):
+            field = f"tiers[{i}]"
+            if not isinstance(tier, dict) or set(tier) != {"above_prompt_tokens", "prices"}:
+                raise self.fail(field, "must set exactly above_prompt_tokens and prices")
+            above = tier["above_prompt_tokens"]
+            if isinstance(above, bool) or not isinstance(above, int) or above < 0:
+                raise self.fail(f"{field}.above_prompt_tokens", "must be a non-negative integer")
+            if tiers and above <= tiers[-1].above_prompt_tokens:
+                raise self.fail(f"{field}.above_prompt_tokens", "tiers must be in ascending order")
+            tiers.append(PriceTier(above, self.parse_prices(f"{field}.prices", tier["prices"], None)))
+        return tuple(tiers)
+
+
+def _owner(models: Mapping[str, ModelInfo], name: str) -> Optional[ModelInfo]:
+    if name in models:
+        return models[name]
+    return next((m for m in models.values() if name in m.aliases), None)
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _refuses_sampling(api_version: str) -> bool:
+    return bool(_DATE.match(api_version)) and api_version >= NO_SAMPLING_VERSION
+
+
+def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list:
+    """Problems the API would answer with a 400 (an `errored` batch result): one message per problem."""
+    name = model.id
+    problems: list[str] = []
+
+    for param in SAMPLING_PARAMS:
+        if params.get(param) is None:
+            continue
+        if not model.sampling:
+            problems.append(f"{param} is not accepted by {name} (it takes no sampling parameters)")
+        elif _refuses_sampling(api_version):
+            problems.append(f"{param} is not accepted by {name} under API version {api_version} "
+                            f"(that version refuses sampling parameters on every model)")
+
+    max_tokens = params.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        problems.append(f"max_tokens must be an integer for {name}, not {max_tokens!r}")
+        max_tokens = None
+    elif max_tokens < 1:
+        problems.append(f"max_tokens {max_tokens} is not accepted by {name} (it must be at least 1)")
+    elif model.max_output_tokens is not None and max_tokens > model.max_output_tokens:
+        problems.append(f"max_tokens {max_tokens} is not accepted by {name} "
+                        f"(its limit is {model.max_output_tokens})")
+
+    thinking = params.get("thinking")
+    if thinking is not None:
+        problems += _check_thinking(model, thinking, max_tokens)
+
+    tool_choice = params.get("tool_choice")
+    if isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("tool", "any") and not model.forced_tool:
+        hint = "; use output_config.format instead" if model.structured_output else ""
+        problems.append(f"tool_choice type {tool_choice.get('type')!r} is not accepted by {name} "
+                        f"(it refuses forced tool use{hint})")
+
+    output_config = params.get("output_config")
+    if isinstance(output_config, Mapping):
+        if output_config.get("format") is not None and not model.structured_output:
+            problems.append(f"output_config.format is not accepted by {name} (it has no structured output; "
+                            f"force a tool with the schema instead)")
+        effort = output_config.get("effort")
+        if effort is not None:
+            if not model.effort:
+                problems.append(f"output_config.effort is not accepted by {name} (it has no effort control)")
+            elif effort not in EFFORT_LEVELS:
+                problems.append(f"output_config.effort {effort!r} is not accepted by {name} "
+                                f"(use one of {', '.join(EFFORT_LEVELS)})")
+    return problems
+
+
+def _check_thinking(model: ModelInfo, thinking: Any, max_tokens: Optional[int]) -> list:
+    name = model.id
+    if not isinstance(thinking, Mapping) or thinking.get("type") not in THINKING_TYPES:
+        return [f"thinking must be {{\"type\": \"enabled\"|\"adaptive\"|\"disabled\"}} for {name}, not {thinking!r}"]
+    kind = thinking["type"]
+    if not model.thinking:
+        return [f"thinking is not accepted by {name} (it has no extended thinking)"]
+    if kind not in model.thinking:
+        what = {"enabled": "manual budget_tokens", "adaptive": "adaptive thinking",
+                "disabled": "turning thinking off"}[kind]
+        return [f"thinking.type {kind!r} is not accepted by {name} ({what} is refused; it accepts "
+                f"{', '.join(model.thinking)})"]
+    budget = thinking.get("budget_tokens")
+    if kind != "enabled":
+        if budget is not None:
+            return [f"thinking.budget_tokens is not accepted by {name} with thinking.type {kind!r} "
+                    f"(only with 'enabled')"]
+        return []
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < MIN_THINKING_BUDGET:
+        return [f"thinking.budget_tokens must be an integer of at least {MIN_THINKING_BUDGET} for {name}, "
+                f"not {budget!r}"]
+    if max_tokens is not None and budget >= max_tokens:
+        return [f"thinking.budget_tokens {budget} is not accepted by {name} "
+                f"(it must be less than max_tokens {max_tokens})"]
+    return []

@@ -1,0 +1,146 @@
+"""`batchrun run`, `validate` and `cancel`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Iterator, Optional
+
+import click
+
+from ..errors import ExitCode
+from ..runner import Runner
+from .common import (EXIT_CODES_HELP, ProgressPrinter, handle_errors, job_options, setup_logging,
+                     spec_from_options)
+
+CONNECTION_OPTIONS = [
+    click.option("--api-key", envvar=None, metavar="KEY", help="API key (default: $ANTHROPIC_API_KEY). Never stored."),
+    click.option("--base-url", metavar="URL", help="API base URL (default: $ANTHROPIC_BASE_URL or https://api.anthropic.com)."),
+    click.option("--emulator", "use_emulator", is_flag=True,
+                 help="Run against the built-in API emulator on loopback (no key needed, nothing is billed)."),
+    click.option("--allow-unknown-model", is_flag=True, help="Run a model the catalog does not know (its cost stays unknown)."),
+    click.option("-v", "--verbose", is_flag=True, help="More log lines."),
+    click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
+]
+
+
+def connection_options(fn):
+    for option in reversed(CONNECTION_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@contextlib.contextmanager
+def maybe_emulator(enabled: bool, options: dict) -> Iterator[Optional[str]]:
+    """Start the built-in emulator on a free loopback port for this command when asked."""
+    if not enabled:
+        yield None
+        return
+    from ..emulator import Emulator, EmulatorConfig, serve_in_thread
+
+    handle = serve_in_thread(Emulator(EmulatorConfig(processing_seconds=2.0)), host="127.0.0.1", port=0)
+    click.echo(f"batchrun: using the built-in emulator at {handle.base_url} (no API key needed; nothing billed)",
+               err=True)
+    try:
+        yield handle.base_url
+    finally:
+        handle.stop()
+
+
+def make_runner(job_file, options: dict, base_url_override: Optional[str] = None, **kw) -> Runner:
+    spec = spec_from_options(job_file, options)
+    api_key = options.get("api_key")
+    base_url = options.get("base_url")
+    if base_url_override:
+        base_url, api_key = base_url_override, api_key or "emulator"
+        if not options.get("state"):
+            from pathlib import Path
+            if "://" not in spec.output:
+                spec.state = str(Path(spec.output).parent / "batchrun-emulator-state.sqlite")
+    return Runner(spec, api_key=api_key, base_url=base_url,
+                  allow_unknown_model=options.get("allow_unknown_model", False), **kw)
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@job_options
+@connection_options
+@click.option("--no-wait", is_flag=True, help="Submit what can be submitted, collect what has ended, then exit "
+              "(code 5 while batches still run). For cron.")
+@click.option("--resume-canceled", is_flag=True, help="Send rows that ended canceled again.")
+@click.option("--wait-lock", is_flag=True, help="If another run holds the job, wait for it instead of exiting.")
+@handle_errors
+def run(job_file, no_wait, resume_canceled, wait_lock, **options):
+    """Run a job: plan, submit, poll, collect, retry and write the output.
+
+    Idempotent: run it again after any interruption and it continues where it stopped; a finished
+    job submits nothing and rewrites the same output.
+
+    \b
+    Examples:
+      batchrun run jobs/classify-reviews.toml --emulator
+      batchrun run --input tickets.csv --id-column id --prompt 'Summarise: {{ body }}' \\
+                   --model claude-haiku-5-5 --max-tokens 200 --output out.parquet
+    """
+    setup_logging(options.get("verbose"), options.get("quiet"))
+    with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
+        runner = make_runner(job_file, options, emu_url, resume_canceled=resume_canceled, wait_lock=wait_lock,
+                             on_progress=None if options.get("quiet") else ProgressPrinter())
+        try:
+            result = runner.run(wait=not no_wait)
+        finally:
+            runner.close()
+    print_summary(result)
+    sys.exit(result.exit_code)
+
+
+def print_summary(result) -> None:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
+    cost = f"${result.cost_usd:.6f}" if result.cost_usd is not None else "unknown"
+    if result.finished:
+        click.echo(f"job {result.job_id[:12]}: finished: {counts}; cost {cost}; output {result.output}", err=True)
+    else:
+        click.echo(f"job {result.job_id[:12]}: in progress: {counts}; cost so far {cost}; "
+                   "run the same command again to continue", err=True)
+
+
+@click.command()
+@job_options
+@click.option("--show", type=int, default=2, show_default=True, metavar="N", help="Rendered requests to print.")
+@click.option("--allow-unknown-model", is_flag=True)
+@handle_errors
+def validate(job_file, show, allow_unknown_model, **options):
+    """Check a job without sending anything: read the whole input, check the spec against the model
+    catalog, and print the first rendered requests."""
+    from ..validate import validate_job
+    spec = spec_from_options(job_file, options)
+    report = validate_job(spec, show=show, allow_unknown_model=allow_unknown_model)
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"ok: {report['rows']} rows, model {spec.model}, job {report['job_id'][:12]}")
+    for item in report["requests"]:
+        click.echo(json.dumps(item, ensure_ascii=False, indent=2))
+
+
+@click.command()
+@click.argument("job_file", metavar="[JOB.toml]", required=False, type=click.Path(dir_okay=False))
+@click.option("--input", "input", metavar="PATH")
+@click.option("--output", metavar="PATH")
+@click.option("--state", metavar="PATH")
+@click.option("--prompt", metavar="TEMPLATE")
+@click.option("--model", metavar="MODEL")
+@connection_options
+@handle_errors
+def cancel(job_file, **options):
+    """Cancel a job: its batches in flight are canceled and rows not yet sent end canceled.
+
+    `batchrun run --resume-canceled` sends the canceled rows again later.
+    """
+    setup_logging(options.get("verbose"), options.get("quiet"))
+    options.pop("use_emulator", None)
+    runner = make_runner(job_file, options)
+    try:
+        n = runner.cancel()
+    finally:
+        runner.close()
+    click.echo(f"job {runner.job.short_id}: cancel requested for {n} batch(es) in flight", err=True)
+    sys.exit(ExitCode.OK)

@@ -1,0 +1,72 @@
+"""`batchrun status` and `batchrun jobs`: what a state file knows."""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from ..errors import InputError
+from ..status import ROW_STATES, job_status
+from ..store import Store
+from .common import handle_errors
+
+STATE_OPTION = click.option("--state", metavar="PATH", default="batchrun-state.sqlite", show_default=True,
+                            help="The SQLite state file.")
+
+
+def open_store(path: str) -> Store:
+    if not os.path.exists(path):
+        raise InputError(f"state file {path} does not exist (pass --state PATH)")
+    return Store(path)
+
+
+@click.command()
+@click.argument("job", required=False, metavar="[JOB]")
+@STATE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def status(job, state, as_json):
+    """Every job in the state file (or one, by id prefix or name): rows by status, batches, tokens, cost."""
+    with open_store(state) as store:
+        jobs = store.find_jobs(job)
+        if job and not jobs:
+            raise InputError(f"no job {job!r} in {state}")
+        reports = [job_status(store, j) for j in jobs]
+    if as_json:
+        click.echo(json.dumps(reports if not job else reports[0], indent=2))
+        return
+    for r in reports:
+        flag = "finished" if r["finished"] else ("canceled" if r["canceled"] else "in progress")
+        name = f" ({r['name']})" if r["name"] else ""
+        click.echo(f"job {r['job_id'][:12]}{name}: {flag}")
+        click.echo(f"  input {r['input']} → output {r['output']}, model {r['model']}, mode {r['mode']}")
+        click.echo("  rows: " + ", ".join(f"{r['counts'][s]} {s.replace('_', ' ')}" for s in ROW_STATES
+                                          if r["counts"][s]) + f" (of {r['rows']})")
+        t = r["tokens"]
+        cost = f"${r['cost_usd']:.6f}" if r["cost_usd"] is not None else "unknown"
+        click.echo(f"  tokens: {t['input']} input, {t['output']} output, {t['cache_write']} cache write, "
+                   f"{t['cache_read']} cache read; cost {cost}"
+                   + (f" (budget ${r['max_cost']:.2f})" if r["max_cost"] is not None else ""))
+        for b in r["batches"]:
+            click.echo(f"  batch {b['batch_id'] or '(creating)'}: {b['api_status'] or b['state']}, "
+                       f"{b['requests']} requests{', adopted' if b['adopted'] else ''}")
+
+
+@click.command()
+@STATE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def jobs(state, as_json):
+    """List the jobs in a state file."""
+    with open_store(state) as store:
+        reports = [job_status(store, j) for j in store.find_jobs()]
+    if as_json:
+        click.echo(json.dumps([{k: r[k] for k in ("job_id", "name", "model", "rows", "finished", "counts",
+                                                   "cost_usd", "created_at")} for r in reports], indent=2))
+        return
+    for r in reports:
+        done = sum(r["counts"][s] for s in ROW_STATES if s not in ("pending", "in_flight"))
+        cost = f"${r['cost_usd']:.4f}" if r["cost_usd"] is not None else "cost unknown"
+        click.echo(f"{r['job_id'][:12]}  {r['name'] or '-':20}  {r['model']:22} {done}/{r['rows']} rows  "
+                   f"{'finished' if r['finished'] else 'in progress'}  {cost}")

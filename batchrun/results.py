@@ -1,0 +1,108 @@
+"""One result line (or one Messages reply) → the fields stored for its row.
+
+Text blocks are joined into `text` (thinking blocks are kept out of it). With an output schema the
+reply — a JSON text block, or the input of the forced output tool — is parsed and validated; a reply
+that does not fit ends as `invalid_output` with the reason, and its raw text is kept.
+"""
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any, Optional
+
+import jsonschema
+
+from .models import Catalog
+from .requests import OUTPUT_TOOL
+
+TRANSIENT_ERRORS = {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
+
+
+class ResultParser:
+    def __init__(self, catalog: Catalog, model: str, *, schema: Optional[dict], batch: bool, cache_ttl: str):
+        self.catalog = catalog
+        self.model = model
+        self.schema = schema
+        self.batch = batch
+        self.cache_ttl = cache_ttl
+        self.validator = jsonschema.Draft202012Validator(schema) if schema is not None else None
+        self.unpriced = False
+
+    def parse(self, result: dict) -> dict:
+        """Fields for the requests table from `result` (the `result` object of a JSONL line)."""
+        kind = result.get("type")
+        if kind == "succeeded":
+            return self.message(result.get("message") or {})
+        if kind == "errored":
+            outer = result.get("error") or {}
+            inner = outer.get("error") if isinstance(outer.get("error"), dict) else outer
+            return {"result_type": "errored", "state": "errored",
+                    "error_type": inner.get("type") or "api_error",
+                    "error_message": inner.get("message") or ""}
+        if kind in ("expired", "canceled"):
+            return {"result_type": kind, "state": kind, "error_type": kind,
+                    "error_message": "the batch expired before this request ran" if kind == "expired"
+                    else "the batch was canceled before this request ran"}
+        return {"result_type": "errored", "state": "errored", "error_type": "unknown_result",
+                "error_message": f"unknown result type {kind!r}"}
+
+    def message(self, message: dict) -> dict:
+        usage = message.get("usage") or {}
+        texts, tool_input = [], None
+        for block in message.get("content") or []:
+            btype = block.get("type")
+            if btype == "text":
+                texts.append(block.get("text") or "")
+            elif btype == "tool_use" and block.get("name") == OUTPUT_TOOL:
+                tool_input = block.get("input")
+        text = "".join(texts)
+        cost = self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl)
+        if cost is None:
+            self.unpriced = True
+        fields: dict[str, Any] = {
+            "result_type": "succeeded", "state": "succeeded", "text": text,
+            "stop_reason": message.get("stop_reason"), "model": message.get("model"),
+            "input_tokens": _int(usage.get("input_tokens")),
+            "output_tokens": _int(usage.get("output_tokens")),
+            "cache_creation_input_tokens": _int(usage.get("cache_creation_input_tokens")),
+            "cache_read_input_tokens": _int(usage.get("cache_read_input_tokens")),
+            "cost_usd": _money(cost), "error_type": None, "error_message": None, "parsed": None,
+        }
+        if self.validator is not None:
+            self._structured(fields, text, tool_input)
+        return fields
+
+    def _structured(self, fields: dict, text: str, tool_input: Any) -> None:
+        if tool_input is not None:
+            value = tool_input
+            if not text:
+                fields["text"] = json.dumps(tool_input, ensure_ascii=False)
+        else:
+            try:
+                value = json.loads(text)
+            except (json.JSONDecodeError, ValueError) as exc:
+                cut = " (the reply was cut at max_tokens)" if fields["stop_reason"] == "max_tokens" else ""
+                fields.update(state="invalid_output", error_type="invalid_output",
+                              error_message=f"reply is not JSON{cut}: {exc.msg} at char {exc.pos}")
+                return
+        error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            fields.update(state="invalid_output", error_type="invalid_output",
+                          error_message=f"reply does not fit the schema at {where}: {error.message}"[:500])
+            return
+        fields["parsed"] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def is_retryable(fields: dict) -> bool:
+    if fields["state"] == "expired":
+        return True
+    return fields["state"] == "errored" and fields.get("error_type") in TRANSIENT_ERRORS
+
+
+def _int(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _money(value: Optional[Decimal]) -> Optional[float]:
+    return float(value) if value is not None else None

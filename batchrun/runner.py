@@ -1,0 +1,665 @@
+"""The state machine that moves a job forward: plan → submit → poll → collect → retry → write.
+
+Each step is idempotent and committed to the state file before the next one starts, so `run` can
+be killed at any moment and called again (from cron, say) to pick up exactly where it stopped:
+
+* plan     — read the input once, render every row, store each request (custom_id, body, hash) in
+             one transaction. Nothing is sent before the whole input has been validated.
+* submit   — for each chunk of pending requests: commit an *intent* (the batch's members, the
+             time), POST the batch, commit its id. A create whose reply is lost is resolved through
+             the list endpoint (adopt the batch if it exists), never by sending again blindly.
+* poll     — retrieve in-flight batches with backoff until they end.
+* collect  — stream results line by line, match by custom_id, record; a download cut short is
+             downloaded again; a batch is collected only when every member has its result.
+* retry    — transient errors and expired requests go back to pending, up to max_attempts.
+* write    — stream the input again, join each record batch to its results, write atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pyarrow as pa
+
+from .api import ApiClient, DEFAULT_BASE_URL
+from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, ExitCode, InputError,
+                     RequestTooLargeError, ResultsGoneError, TransientApiError)
+from .inputs import ColumnTypeConflict, InputSource
+from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
+from .output import OutputWriter, check_column_names, check_writable
+from .requests import RequestBuilder, canonical_json, custom_id_for, params_hash
+from .results import TRANSIENT_ERRORS, ResultParser
+from .spec import JobSpec
+from .store import FINAL_STATES, JobLock, Store, now_iso, parse_iso
+
+log = logging.getLogger("batchrun")
+
+MAX_BATCH_BYTES = 256 * 1000 * 1000 - 64 * 1024   # the API's 256 MB, with room for the envelope
+MAX_DOWNLOADS = 6                                  # attempts to get a complete results file
+ADOPT_WINDOW = 600.0                               # seconds of clock skew tolerated when adopting
+
+
+@dataclass
+class Progress:
+    job_id: str
+    total: int
+    counts: dict
+    batches_in_flight: int
+    batches_total: int
+    cost_usd: Optional[float]
+    elapsed: float
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s, 0) for s in FINAL_STATES)
+
+    @property
+    def failed(self) -> int:
+        return self.done - self.counts.get("succeeded", 0)
+
+
+@dataclass
+class RunResult:
+    job_id: str
+    finished: bool
+    counts: dict
+    cost_usd: Optional[float]
+    output: Optional[str]
+    exit_code: int
+    rows: int = 0
+    batches_created: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(n for s, n in self.counts.items() if s not in ("succeeded", "pending", "in_flight"))
+
+
+def resolve_connection(api_key: Optional[str], base_url: Optional[str]) -> tuple[Optional[str], str, str]:
+    """Key and base URL as the official SDK reads them; returns (key, key_source, base_url)."""
+    if api_key:
+        source = "--api-key"
+    else:
+        api_key, source = os.environ.get("ANTHROPIC_API_KEY"), "ANTHROPIC_API_KEY"
+    base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
+    return api_key, source, base
+
+
+def warnings_for(spec: JobSpec, model: Optional[ModelInfo], builder: Optional[RequestBuilder]) -> list:
+    """Things that will work but probably not as the user hopes."""
+    out = []
+    if model is None:
+        return out
+    if spec.cache_system and spec.system:
+        approx = len(spec.system) // 4
+        minimum = model.cache_min_tokens
+        if minimum is None:
+            out.append(f"cache_system: the minimum cacheable prompt of {spec.model} is not known; "
+                       "check cache_creation_input_tokens in the output")
+        elif approx < minimum:
+            out.append(f"cache_system: the system prompt is about {approx} tokens, below the {minimum}-token "
+                       f"minimum {spec.model} caches: it will not be cached")
+    elif spec.cache_system and not spec.system:
+        out.append("cache_system: there is no system prompt to cache")
+    thinking = (spec.thinking or {}).get("type") or model.thinking_default
+    if thinking in ("enabled", "adaptive"):
+        budget = (spec.thinking or {}).get("budget_tokens") or 0
+        room = spec.max_tokens - budget
+        if spec.max_tokens < 1024 or (budget and room < 256):
+            out.append(f"max_tokens: {spec.model} thinks ({thinking}) within max_tokens = {spec.max_tokens}; "
+                       "leave room for the answer (e.g. max_tokens ≥ 1024 above any thinking budget)")
+    return out
+
+
+class Job:
+    """A job made ready to run: its spec checked against the catalog, its input opened and hashed.
+
+    Nothing here touches the network.
+    """
+
+    def __init__(self, spec: JobSpec, *, catalog: Optional[Catalog] = None, allow_unknown_model: bool = False):
+        self.spec = spec
+        try:
+            self.catalog = catalog or load_catalog(spec.models_file)
+        except CatalogError as exc:
+            raise InputError(str(exc)) from None
+        self.model: Optional[ModelInfo] = self.catalog.resolve(spec.model)
+        if self.model is None and not allow_unknown_model:
+            raise InputError(f"model: unknown model {spec.model!r} (not in the model catalog; add it with "
+                             "--models FILE, or pass --allow-unknown-model to run it with cost unknown)")
+        self.source = InputSource(spec.input, limit=spec.limit)
+        self.fingerprint = self.source.fingerprint()
+        self.id = spec.identity(self.fingerprint)
+        self.store = Store(spec.state_path)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Runner:
+    """Runs one job. The library API (`batchrun.run`) and the CLI both go through here."""
+
+    def __init__(self, spec: JobSpec, *, api_key: Optional[str] = None, base_url: Optional[str] = None,
+                 transport=None, client: Optional[ApiClient] = None, catalog: Optional[Catalog] = None,
+                 allow_unknown_model: bool = False, resume_canceled: bool = False, wait_lock: bool = False,
+                 on_progress: Optional[Callable[[Progress], None]] = None,
+                 sleep: Callable[[float], None] = time.sleep, retry=None):
+        self.spec = spec
+        self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model)
+        self.store = self.job.store
+        self.resume_canceled = resume_canceled
+        self.wait_lock = wait_lock
+        self.on_progress = on_progress
+        self.sleep = sleep
+        self._client = client
+        self._client_args = dict(api_key=api_key, base_url=base_url, transport=transport, retry=retry)
+        self.parser = ResultParser(self.job.catalog, spec.model, schema=None, batch=spec.mode == "batch",
+                                   cache_ttl=spec.cache_ttl)
+        self.notes: list[str] = []
+        self.batches_created = 0
+        self._chunk = spec.batch_size
+        self._started = time.monotonic()
+
+    # ---- the client, created only when needed -----------------------------------------------------
+    @property
+    def client(self) -> ApiClient:
+        if self._client is None:
+            a = self._client_args
+            key, source, base = resolve_connection(a["api_key"], a["base_url"])
+            self._client = ApiClient(api_key=key, key_source=source, base_url=base,
+                                     api_version=self.spec.api_version, auth_header=self.spec.auth_header,
+                                     extra_headers=self.spec.headers, transport=a["transport"],
+                                     retry=a["retry"], sleep=self.sleep)
+        return self._client
+
+    def check_connection_settings(self) -> None:
+        """Fail fast on a missing key or an insecure base URL (before reading the input)."""
+        self.client  # noqa: B018 - constructing the client validates both
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self.job.close()
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def run(self, wait: bool = True) -> RunResult:
+        spec, store, job = self.spec, self.store, self.job
+        self.check_connection_settings()
+        check_writable(spec.output)
+        lock = JobLock(spec.state_path, job.id)
+        lock.acquire(wait=self.wait_lock)
+        try:
+            self.plan()
+            if self.resume_canceled:
+                self._resume_canceled()
+            backoff = 1.0
+            while True:
+                self.resolve_intents()
+                changed = self.poll()
+                self.reuse_answers()
+                self.submit()
+                counts = store.counts(job.id)
+                self._report(counts)
+                if not counts.get("pending") and not counts.get("in_flight"):
+                    break
+                if not wait:
+                    return self._result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
+                self.sleep(min(backoff, spec.poll_interval))
+                backoff = 1.0 if changed else min(backoff * 2, spec.poll_interval)
+            rows = self.write_output()
+            counts = store.counts(job.id)
+            with store.transaction():
+                store.conn.execute("UPDATE jobs SET finished_at = coalesce(finished_at, ?), output_written_at = ? "
+                                   "WHERE id = ?", (now_iso(), now_iso(), job.id))
+            failed = sum(n for s, n in counts.items() if s != "succeeded")
+            result = self._result(counts, finished=True,
+                                  exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
+            result.rows = rows
+            return result
+        finally:
+            lock.release()
+
+    def _result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
+        cost = self.cost()
+        if self.parser.unpriced or (self.job.model is not None and self.job.model.prices is None):
+            note = f"cost unknown: {self.spec.model} has no prices in the model catalog (cost_usd is null)"
+            if note not in self.notes:
+                self.notes.append(note)
+                log.warning(note)
+        return RunResult(job_id=self.job.id, finished=finished, counts=counts, cost_usd=cost,
+                         output=self.spec.output if finished else None, exit_code=exit_code,
+                         batches_created=self.batches_created, notes=list(self.notes))
+
+    def cost(self) -> Optional[float]:
+        row = self.store.one("SELECT sum(cost_usd) AS c, count(*) FILTER (WHERE state='succeeded' AND cost_usd IS NULL "
+                             "AND reused_from IS NULL) AS unknown FROM requests WHERE job_id = ?", (self.job.id,))
+        if row["unknown"]:
+            return None
+        return round(row["c"] or 0.0, 10)
+
+    def _report(self, counts: dict) -> None:
+        if self.on_progress is None:
+            return
+        b = self.store.one("SELECT count(*) AS total, count(*) FILTER (WHERE state IN ('intent','submitted','ended')) "
+                           "AS live FROM batches WHERE job_id = ?", (self.job.id,))
+        total = sum(counts.values())
+        self.on_progress(Progress(job_id=self.job.id, total=total, counts=counts, batches_in_flight=b["live"],
+                                  batches_total=b["total"], cost_usd=self.cost(),
+                                  elapsed=time.monotonic() - self._started))
+
+    # ---- plan ----------------------------------------------------------------------------------
+    def plan(self) -> None:
+        """Read, validate and render the whole input, and store its requests: all or nothing."""
+        store, job, spec = self.store, self.job, self.spec
+        existing = store.job(job.id)
+        if existing and existing["planned_at"]:
+            self._load_plan(existing)
+            return
+        column_types: dict = {}
+        while True:
+            try:
+                with store.transaction():
+                    store.conn.execute(
+                        "INSERT OR REPLACE INTO jobs (id, name, spec, input, output, input_fingerprint, mode, model, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job.id, spec.name, spec.to_json(), spec.input, spec.output, job.fingerprint, spec.mode,
+                         spec.model, now_iso()))
+                    n = self._plan_rows(column_types)
+                    store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ? WHERE id = ?",
+                                       (now_iso(), n, json.dumps({k: str(v) for k, v in column_types.items()}),
+                                        job.id))
+                    store.event(job.id, "info", f"planned {n} requests")
+                break
+            except ColumnTypeConflict as conflict:
+                column_types[conflict.column] = pa.string()
+        for warning in warnings_for(spec, job.model, self.builder):
+            log.warning("%s", warning)
+        self.reuse_answers()
+        log.info("job %s: %d rows planned (%s, model %s)", job.short_id, n, spec.input, spec.model)
+
+    def _load_plan(self, row: dict) -> None:
+        types = json.loads(row["column_types"] or "{}")
+        self.job.source.column_types = {k: pa.string() for k in types}
+        self._builder_for(self.job.source.schema.names)
+
+    def _builder_for(self, columns: list) -> RequestBuilder:
+        builder = RequestBuilder(self.spec, self.job.model, columns, input_name=self.spec.input)
+        check_column_names(columns, builder.schema)
+        self.parser.schema = builder.schema
+        self.parser.validator = None
+        if builder.schema is not None:
+            import jsonschema
+            self.parser.validator = jsonschema.Draft202012Validator(builder.schema)
+        self.builder = builder
+        return builder
+
+    def _plan_rows(self, column_types: dict) -> int:
+        spec, job, conn = self.spec, self.job, self.store.conn
+        source = job.source
+        source.column_types = dict(column_types)
+        builder: Optional[RequestBuilder] = None
+        index = 0
+        for batch in source.batches():
+            if builder is None:
+                if spec.id_column and spec.id_column not in batch.schema.names:
+                    raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
+                                     f"(columns: {', '.join(batch.schema.names[:12])})")
+                builder = self._builder_for(batch.schema.names)
+            n = batch.num_rows
+            if spec.id_column:
+                raw_ids = batch.column(spec.id_column).to_pylist()
+                ids = []
+                for i, value in enumerate(raw_ids):
+                    if value is None or (isinstance(value, str) and value.strip() == ""):
+                        raise InputError(f"{spec.input}: row {index + i + 1}: id column {spec.id_column!r} is empty")
+                    ids.append(custom_id_for(value))
+            else:
+                raw_ids = None
+                ids = [f"row-{index + i}" for i in range(n)]
+            rows = batch.select(builder.needed_columns).to_pylist() if builder.needed_columns else [{}] * n
+            records = []
+            for i in range(n):
+                where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
+                params = builder.build(rows[i], where)
+                if i == 0 and index == 0:
+                    self._check_params(params)
+                body = canonical_json(params)
+                records.append((job.id, ids[i], index + i, params_hash(body), body))
+            if len(set(ids)) != n:
+                seen: dict = {}
+                for i, cid in enumerate(ids):
+                    if cid in seen:
+                        raise self._duplicate(raw_ids[i] if raw_ids else cid, seen[cid], index + i)
+                    seen[cid] = index + i
+            try:
+                conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body) "
+                                 "VALUES (?, ?, ?, ?, ?)", records)
+            except sqlite3.IntegrityError:
+                for i, cid in enumerate(ids):
+                    prior = conn.execute("SELECT row_index FROM requests WHERE job_id = ? AND custom_id = ?",
+                                         (job.id, cid)).fetchone()
+                    if prior is not None and prior[0] != index + i:
+                        raise self._duplicate(raw_ids[i] if raw_ids else cid, prior[0], index + i) from None
+                raise
+            index += n
+        if index == 0:
+            raise InputError(f"{spec.input}: input is empty (no rows)")
+        return index
+
+    def _duplicate(self, value, first: int, second: int) -> InputError:
+        return InputError(f"{self.spec.input}: duplicate id {value!r} in column {self.spec.id_column!r} "
+                          f"(rows {first + 1} and {second + 1})")
+
+    def _check_params(self, params: dict) -> None:
+        model = self.job.model
+        if model is None:
+            return
+        problems = check_params(model, params, self.spec.api_version)
+        if problems:
+            raise InputError(problems[0])
+
+    # ---- answers already paid for ----------------------------------------------------------------
+    def reuse_answers(self) -> int:
+        """Pending rows whose exact request another job in this state file has answered: copy it."""
+        store, job = self.store, self.job
+        rows = store.conn.execute(
+            "SELECT r.custom_id, o.job_id, o.text, o.parsed, o.stop_reason, o.model, o.input_tokens, "
+            "o.output_tokens, o.cache_creation_input_tokens, o.cache_read_input_tokens, o.api_batch_id "
+            "FROM requests r JOIN requests o ON o.params_hash = r.params_hash AND o.state = 'succeeded' "
+            "AND o.job_id != r.job_id AND o.reused_from IS NULL "
+            "WHERE r.job_id = ? AND r.state = 'pending' GROUP BY r.custom_id", (job.id,)).fetchall()
+        if not rows:
+            return 0
+        with store.transaction():
+            store.conn.executemany(
+                "UPDATE requests SET state = 'succeeded', result_type = 'succeeded', reused_from = ?, text = ?, "
+                "parsed = ?, stop_reason = ?, model = ?, input_tokens = ?, output_tokens = ?, "
+                "cache_creation_input_tokens = ?, cache_read_input_tokens = ?, api_batch_id = ?, cost_usd = 0.0, "
+                "error_type = NULL, error_message = NULL, finished_at = ? WHERE job_id = ? AND custom_id = ?",
+                [(r[1], *r[2:], now_iso(), job.id, r[0]) for r in rows])
+            store.event(job.id, "info", f"{len(rows)} rows answered by earlier jobs: not sent again")
+        log.info("job %s: %d rows reuse answers already paid for in this state file", job.short_id, len(rows))
+        return len(rows)
+
+    def _resume_canceled(self) -> None:
+        with self.store.transaction():
+            n = self.store.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, result_type = NULL "
+                                        "WHERE job_id = ? AND state = 'canceled'", (self.job.id,)).rowcount
+            self.store.conn.execute("UPDATE jobs SET canceled_at = NULL, finished_at = NULL WHERE id = ?",
+                                    (self.job.id,))
+        if n:
+            log.info("job %s: %d canceled rows will be sent again", self.job.short_id, n)
+
+    # ---- submit --------------------------------------------------------------------------------
+    def submit(self) -> int:
+        """Send pending requests in batches. Returns the number of batches created."""
+        store, job, spec = self.store, self.job, self.spec
+        if store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]:
+            return 0
+        created = 0
+        while True:
+            rows = store.conn.execute(
+                "SELECT custom_id, body FROM requests r WHERE job_id = ? AND state = 'pending' AND NOT EXISTS ("
+                "SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.state = 'in_flight' "
+                "AND o.job_id != r.job_id) ORDER BY row_index LIMIT ?", (job.id, self._chunk)).fetchall()
+            if not rows:
+                return created
+            parts, ids, size = [], [], 16
+            for cid, body in rows:
+                piece = '{"custom_id":' + json.dumps(cid) + ',"params":' + body + "}"
+                piece_size = len(piece.encode("utf-8")) + 1
+                if parts and size + piece_size > MAX_BATCH_BYTES:
+                    break
+                parts.append(piece)
+                ids.append(cid)
+                size += piece_size
+            payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
+            local = self._intent(ids, len(payload))
+            try:
+                info = self.client.create_batch(payload)
+            except AmbiguousCreateError as exc:
+                log.warning("job %s: %s; looking for it before sending again", job.short_id, exc)
+                if self.resolve_intent(local):
+                    created += 1
+                continue
+            except RequestTooLargeError:
+                self._abandon(local, "413 request_too_large: splitting the batch")
+                self._chunk = max(1, len(ids) // 2)
+                continue
+            except TransientApiError as exc:
+                self._abandon(local, f"not created: {exc}")
+                log.warning("job %s: batch not created (%s); will try again", job.short_id, exc)
+                return created
+            except ApiError:
+                self._abandon(local, "refused by the API")
+                raise
+            self._submitted(local, info, adopted=False)
+            created += 1
+            log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
+
+    def _intent(self, ids: list, nbytes: int) -> int:
+        store, job = self.store, self.job
+        with store.transaction():
+            cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at) "
+                                     "VALUES (?, 'intent', ?, ?, ?)", (job.id, len(ids), nbytes, now_iso()))
+            local = cur.lastrowid
+            store.conn.executemany(
+                "UPDATE requests SET state = 'in_flight', batch_id = ?, attempts = attempts + 1, result_type = NULL "
+                "WHERE job_id = ? AND custom_id = ? AND state = 'pending'", [(local, job.id, cid) for cid in ids])
+        return local
+
+    def _submitted(self, local: int, info: dict, *, adopted: bool) -> None:
+        with self.store.transaction():
+            self.store.conn.execute(
+                "UPDATE batches SET api_id = ?, state = 'submitted', api_status = ?, created_at = ?, "
+                "request_counts = ?, adopted = ? WHERE id = ?",
+                (info["id"], info.get("processing_status"), info.get("created_at"),
+                 json.dumps(info.get("request_counts")), int(adopted), local))
+            self.store.conn.execute("UPDATE requests SET api_batch_id = ? WHERE batch_id = ?", (info["id"], local))
+        self.batches_created += 1
+
+    def _abandon(self, local: int, note: str) -> None:
+        """The batch of this intent does not exist: its requests are pending again, unpaid."""
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?", (note, local))
+            self.store.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, "
+                                    "attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = 'in_flight'",
+                                    (local,))
+
+    # ---- the one ambiguous moment ------------------------------------------------------------------
+    def resolve_intents(self) -> None:
+        for b in self.store.q("SELECT id FROM batches WHERE job_id = ? AND state = 'intent'", (self.job.id,)):
+            self.resolve_intent(b["id"])
+
+    def resolve_intent(self, local: int) -> bool:
+        """Find the batch an unanswered create may have made; adopt it, or else abandon the intent."""
+        b = self.store.one("SELECT * FROM batches WHERE id = ?", (local,))
+        known = {r["api_id"] for r in self.store.q("SELECT api_id FROM batches WHERE api_id IS NOT NULL")}
+        since = parse_iso(b["intent_at"]).timestamp() - ADOPT_WINDOW
+        for item in self.client.list_batches():
+            created = parse_iso(item["created_at"]).timestamp()
+            if created < since:
+                break
+            if item["id"] in known:
+                continue
+            total = sum((item.get("request_counts") or {}).values())
+            if total == b["request_count"]:
+                self._submitted(local, item, adopted=True)
+                self.store.event(self.job.id, "warning", f"adopted batch {item['id']} whose create reply was lost")
+                log.warning("job %s: adopted batch %s (its create reply was lost); nothing sent twice",
+                            self.job.short_id, item["id"])
+                return True
+        self._abandon(local, "create reply lost and no such batch exists: requests are pending again")
+        log.info("job %s: the lost create made no batch; its requests will be sent again", self.job.short_id)
+        return False
+
+    # ---- poll and collect ----------------------------------------------------------------------
+    def poll(self) -> bool:
+        """Retrieve in-flight batches; collect those that ended. True if anything changed."""
+        changed = False
+        for b in self.store.q("SELECT * FROM batches WHERE job_id = ? AND state IN ('submitted', 'ended') "
+                              "ORDER BY id", (self.job.id,)):
+            if b["state"] == "submitted":
+                info = self.client.retrieve_batch(b["api_id"])
+                ended = info.get("processing_status") == "ended"
+                with self.store.transaction():
+                    self.store.conn.execute(
+                        "UPDATE batches SET api_status = ?, request_counts = ?, results_url = ?, ended_at = ?, "
+                        "state = ? WHERE id = ?",
+                        (info.get("processing_status"), json.dumps(info.get("request_counts")),
+                         info.get("results_url"), info.get("ended_at"), "ended" if ended else "submitted", b["id"]))
+                if not ended:
+                    continue
+                b = self.store.one("SELECT * FROM batches WHERE id = ?", (b["id"],))
+            self.collect(b)
+            changed = True
+        return changed
+
+    def collect(self, b: dict) -> None:
+        store, job = self.store, self.job
+        members = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ?", (b["id"],))["n"]
+        if b["adopted"] and not self._verify_adopted(b):
+            return
+        missing = members
+        for attempt in range(MAX_DOWNLOADS):
+            try:
+                self._download(b)
+            except TransientApiError as exc:
+                log.warning("job %s: results of %s cut short (%s); downloading again", job.short_id, b["api_id"], exc)
+            except ResultsGoneError as exc:
+                self._results_gone(b, str(exc))
+                return
+            missing = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight' "
+                                "AND result_type IS NULL", (b["id"],))["n"]
+            if missing == 0:
+                break
+            log.warning("job %s: results of %s lack %d of %d rows; downloading again", job.short_id,
+                        b["api_id"], missing, members)
+            self.sleep(min(2.0 ** attempt * 0.25, 5.0))
+        self._finalize(b, missing)
+
+    def _download(self, b: dict) -> None:
+        store, job = self.store, self.job
+        store.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (b["id"],))
+        buffer: list = []
+
+        def flush() -> None:
+            with store.transaction():
+                store.conn.executemany(
+                    "UPDATE requests SET result_type = ?, text = ?, parsed = ?, stop_reason = ?, model = ?, "
+                    "input_tokens = ?, output_tokens = ?, cache_creation_input_tokens = ?, "
+                    "cache_read_input_tokens = ?, cost_usd = ?, error_type = ?, error_message = ? "
+                    "WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = 'in_flight'", buffer)
+            buffer.clear()
+
+        parse = self.parser.parse
+        for line in self.client.iter_results(b["results_url"]):
+            f = parse(line.get("result") or {})
+            buffer.append((f["state"], f.get("text"), f.get("parsed"), f.get("stop_reason"), f.get("model"),
+                           f.get("input_tokens"), f.get("output_tokens"), f.get("cache_creation_input_tokens"),
+                           f.get("cache_read_input_tokens"), f.get("cost_usd"), f.get("error_type"),
+                           f.get("error_message"), job.id, line.get("custom_id"), b["id"]))
+            if len(buffer) >= 5000:
+                flush()
+        if buffer:
+            flush()
+
+    def _verify_adopted(self, b: dict) -> bool:
+        """An adopted batch must hold exactly our custom_ids; otherwise it was someone else's."""
+        ours = {r[0] for r in self.store.conn.execute("SELECT custom_id FROM requests WHERE batch_id = ?", (b["id"],))}
+        for _ in range(MAX_DOWNLOADS):
+            try:
+                theirs = {line.get("custom_id") for line in self.client.iter_results(b["results_url"])}
+            except TransientApiError:
+                continue
+            if theirs == ours:
+                return True
+            if len(theirs) >= len(ours):
+                with self.store.transaction():
+                    self.store.conn.execute("UPDATE batches SET state = 'foreign', note = ? WHERE id = ?",
+                                            ("adopted by mistake: its custom_ids are not this batch's", b["id"]))
+                    self.store.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, "
+                                            "attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = 'in_flight'",
+                                            (b["id"],))
+                log.warning("job %s: batch %s was not ours after all; its rows are pending again",
+                            self.job.short_id, b["api_id"])
+                return False
+        return True  # could not read it whole: collect() will retry the download
+
+    def _results_gone(self, b: dict, message: str) -> None:
+        with self.store.transaction():
+            self.store.conn.execute(
+                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'results_gone', "
+                "error_message = ?, finished_at = ? WHERE batch_id = ? AND state = 'in_flight'",
+                (message, now_iso(), b["id"]))
+            self.store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
+                                    (now_iso(), "results gone", b["id"]))
+        log.error("job %s: %s", self.job.short_id, message)
+
+    def _finalize(self, b: dict, missing: int) -> None:
+        """Make the batch's results final: retryable failures go back to pending."""
+        store, max_attempts = self.store, self.spec.max_attempts
+        transient = tuple(sorted(TRANSIENT_ERRORS))
+        marks = ",".join("?" * len(transient))
+        now = now_iso()
+        with store.transaction():
+            if missing:
+                store.conn.execute(
+                    "UPDATE requests SET result_type = 'errored', error_type = 'api_error', "
+                    "error_message = 'no result came back for this request' "
+                    "WHERE batch_id = ? AND state = 'in_flight' AND result_type IS NULL", (b["id"],))
+            store.conn.execute(
+                f"UPDATE requests SET state = 'pending', batch_id = NULL WHERE batch_id = ? AND state = 'in_flight' "
+                f"AND attempts < ? AND (result_type = 'expired' OR (result_type = 'errored' AND error_type IN ({marks})))",
+                (b["id"], max_attempts, *transient))
+            store.conn.execute("UPDATE requests SET state = result_type, finished_at = ? "
+                               "WHERE batch_id = ? AND state = 'in_flight'", (now, b["id"]))
+            store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ? WHERE id = ?", (now, b["id"]))
+        retry = store.one("SELECT count(*) AS n FROM requests WHERE job_id = ? AND state = 'pending'", (self.job.id,))["n"]
+        log.info("job %s: collected batch %s%s", self.job.short_id, b["api_id"],
+                 f" ({retry} rows to retry)" if retry else "")
+
+    # ---- write ---------------------------------------------------------------------------------
+    def write_output(self) -> int:
+        row = self.store.job(self.job.id)
+        types = json.loads(row["column_types"] or "{}")
+        source = InputSource(self.spec.input, column_types={k: pa.string() for k in types}, limit=self.spec.limit)
+        writer = OutputWriter(self.store, self.job.id, self.builder.schema if hasattr(self, "builder") else None)
+        n = writer.write(source, self.spec.output, partition_by=self.spec.partition_by)
+        log.info("job %s: wrote %d rows to %s", self.job.short_id, n, self.spec.output)
+        return n
+
+    # ---- cancel --------------------------------------------------------------------------------
+    def cancel(self) -> int:
+        """Cancel the job's batches in flight; rows not yet sent end canceled. Returns batches canceled."""
+        store, job = self.store, self.job
+        if not store.job(job.id):
+            raise InputError("this job has not been started in this state file: nothing to cancel")
+        lock = JobLock(self.spec.state_path, job.id)
+        lock.acquire(wait=self.wait_lock)
+        try:
+            self.resolve_intents()
+            with store.transaction():
+                store.conn.execute("UPDATE jobs SET canceled_at = ? WHERE id = ?", (now_iso(), job.id))
+                store.conn.execute("UPDATE requests SET state = 'canceled', result_type = 'canceled', "
+                                   "error_type = 'canceled', error_message = 'canceled before it was sent' "
+                                   "WHERE job_id = ? AND state = 'pending'", (job.id,))
+            n = 0
+            for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state = 'submitted'", (job.id,)):
+                info = self.client.cancel_batch(b["api_id"])
+                with store.transaction():
+                    store.conn.execute("UPDATE batches SET api_status = ? WHERE id = ?",
+                                       (info.get("processing_status"), b["id"]))
+                n += 1
+            return n
+        finally:
+            lock.release()

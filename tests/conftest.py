@@ -1,0 +1,100 @@
+"""Shared fixtures: the emulator over real HTTP on loopback, sample tables, a CLI runner."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from batchrun.cli import main
+from batchrun.emulator import Emulator, EmulatorConfig, serve_in_thread
+
+FAST = dict(processing_seconds=0.05, retry_after=0.01)
+
+
+@pytest.fixture(scope="session")
+def emulator_server():
+    emu = Emulator(EmulatorConfig(**FAST))
+    handle = serve_in_thread(emu, host="127.0.0.1", port=0)
+    yield emu, handle
+    handle.stop()
+
+
+@pytest.fixture
+def emu(emulator_server, monkeypatch):
+    """A fresh emulator (reset, default fast config) with the environment pointing at it."""
+    emulator, handle = emulator_server
+    emulator.reset()
+    emulator.config = EmulatorConfig(**FAST)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", handle.base_url)
+    monkeypatch.delenv("BATCHRUN_MODELS", raising=False)
+    emulator.base_url = handle.base_url
+    return emulator
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args, **kw):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False, **kw)
+
+    return invoke
+
+
+WORDS = ("billing refund login error crash invoice shipping delayed broken password reset charge "
+         "twice feature request dark mode export csv slow page timeout thanks great support").split()
+NAMES = ["Zoë", "José", "李雷", "Ołeksandr", "Ana", "Müller", "Søren", "Émilie", "Nguyễn", "Ahmed"]
+
+
+def make_tickets(n: int, seed: int = 7) -> list[dict]:
+    """Rows with sparse ids, quoted commas and newlines, unicode and empty cells."""
+    rnd = random.Random(seed)
+    rows, tid = [], 1000
+    for i in range(n):
+        tid += rnd.randint(1, 37)
+        body = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(5, 30)))
+        if i % 7 == 0:
+            body += ',\n"quoted", and a second line'
+        if i % 11 == 0:
+            body += " ✓ naïve café 🚀"
+        rows.append({
+            "ticket_id": f"T-{tid}",
+            "customer": "" if i % 13 == 0 else rnd.choice(NAMES),
+            "priority": rnd.randint(1, 5),
+            "body": f"ticket {i}: {body}",
+        })
+    return rows
+
+
+@pytest.fixture
+def tickets_csv(tmp_path) -> Path:
+    path = tmp_path / "tickets.csv"
+    rows = make_tickets(450)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def tickets_parquet(tickets_csv, tmp_path) -> Path:
+    table = pacsv.read_csv(tickets_csv, parse_options=pacsv.ParseOptions(newlines_in_values=True))
+    path = tmp_path / "tickets.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+PROMPT = "Summarise this support ticket from {{ customer }}:\n{{ body }}"
+
+
+def render(row: dict) -> str:
+    customer = row["customer"] if row["customer"] is not None else ""
+    return f"Summarise this support ticket from {customer}:\n{row['body']}"

@@ -203,10 +203,13 @@ class Runner:
                 self._resume_canceled()
             backoff = 1.0
             while True:
-                self.resolve_intents()
-                changed = self.poll()
-                self.reuse_answers()
-                self.submit()
+                if spec.mode == "messages":
+                    changed = self.messages_step()
+                else:
+                    self.resolve_intents()
+                    changed = self.poll()
+                    self.reuse_answers()
+                    self.submit()
                 counts = store.counts(job.id)
                 self._report(counts)
                 if not counts.get("pending") and not counts.get("in_flight"):
@@ -398,6 +401,13 @@ class Runner:
                                     (self.job.id,))
         if n:
             log.info("job %s: %d canceled rows will be sent again", self.job.short_id, n)
+
+    # ---- messages mode ---------------------------------------------------------------------------
+    def messages_step(self) -> bool:
+        """Messages mode: send every pending row over POST /v1/messages, each reply committed at once."""
+        from .messages import MessagesDriver
+        self.reuse_answers()
+        return MessagesDriver(self).run_pending() > 0
 
     # ---- submit --------------------------------------------------------------------------------
     def submit(self) -> int:

@@ -58,6 +58,36 @@ def output_schema_for(spec: JobSpec) -> Optional[dict]:
             "additionalProperties": False}
 
 
+# JSON Schema keywords that structured output (output_config.format) does not accept; the schema sent
+# carries them as a note in the description instead (as the official SDKs do), and every reply is
+# still validated locally against the full schema.
+UNSUPPORTED_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+                        "minLength", "maxLength", "maxItems", "uniqueItems", "minProperties", "maxProperties")
+
+
+def api_schema(schema: Any) -> Any:
+    """The schema as structured output accepts it: unsupported constraints moved into descriptions."""
+    if isinstance(schema, list):
+        return [api_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict = {}
+    notes = []
+    for key, value in schema.items():
+        if key in UNSUPPORTED_KEYWORDS or (key == "minItems" and isinstance(value, int) and value > 1):
+            notes.append(f"{key}: {json.dumps(value)}")
+        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {k: api_schema(v) for k, v in value.items()}
+        elif key in ("items", "anyOf", "allOf", "oneOf", "additionalProperties", "not"):
+            out[key] = api_schema(value)
+        else:
+            out[key] = value
+    if notes:
+        note = "{" + ", ".join(notes) + "}"
+        out["description"] = f"{out['description']}\n\n{note}" if out.get("description") else note
+    return out
+
+
 class RequestBuilder:
     """Renders rows into Messages create params for one job."""
 
@@ -114,7 +144,7 @@ class RequestBuilder:
             output_config["effort"] = spec.effort
         if self.schema is not None:
             if self.model is None or self.model.structured_output:
-                output_config["format"] = {"type": "json_schema", "schema": self.schema}
+                output_config["format"] = {"type": "json_schema", "schema": api_schema(self.schema)}
             elif self.model.forced_tool:
                 params["tools"] = [{"name": OUTPUT_TOOL, "description": "Record the answer for this row.",
                                     "input_schema": self.schema}]

@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import failpoints
 from .errors import BatchrunError, InputError
 from .inputs import InputSource, filesystem_for
 
@@ -145,6 +146,7 @@ class OutputWriter:
             writer.close()
             sink.close()
             writer = None
+            failpoints.hit("before_rename")
             if "://" not in output:
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())

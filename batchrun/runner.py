@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import pyarrow as pa
 
 from .api import ApiClient, DEFAULT_BASE_URL
+from . import failpoints
 from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, ExitCode, InputError,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
@@ -277,6 +278,7 @@ class Runner:
                         (job.id, spec.name, spec.to_json(), spec.input, spec.output, job.fingerprint, spec.mode,
                          spec.model, now_iso()))
                     n = self._plan_rows(column_types)
+                    failpoints.hit("plan")
                     store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ? WHERE id = ?",
                                        (now_iso(), n, json.dumps({k: str(v) for k, v in column_types.items()}),
                                         job.id))
@@ -434,8 +436,10 @@ class Runner:
                 size += piece_size
             payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
             local = self._intent(ids, len(payload))
+            failpoints.hit("after_intent")
             try:
                 info = self.client.create_batch(payload)
+                failpoints.hit("after_create")
             except AmbiguousCreateError as exc:
                 log.warning("job %s: %s; looking for it before sending again", job.short_id, exc)
                 if self.resolve_intent(local):
@@ -580,6 +584,7 @@ class Runner:
                            f.get("error_message"), job.id, line.get("custom_id"), b["id"]))
             if len(buffer) >= 5000:
                 flush()
+                failpoints.hit("mid_results")
         if buffer:
             flush()
 

@@ -10,10 +10,11 @@ import os
 import signal
 
 _hits: dict = {}
+_SPEC = os.environ.get("BATCHRUN_FAILPOINT")
 
 
 def hit(name: str) -> None:
-    spec = os.environ.get("BATCHRUN_FAILPOINT")
+    spec = _SPEC
     if not spec:
         return
     want, _, count = spec.partition(":")

@@ -582,9 +582,9 @@ class Runner:
                            f.get("input_tokens"), f.get("output_tokens"), f.get("cache_creation_input_tokens"),
                            f.get("cache_read_input_tokens"), f.get("cost_usd"), f.get("error_type"),
                            f.get("error_message"), job.id, line.get("custom_id"), b["id"]))
-            if len(buffer) >= 5000:
+            failpoints.hit("result_line")
+            if len(buffer) >= 1000:
                 flush()
-                failpoints.hit("mid_results")
         if buffer:
             flush()
 

@@ -131,6 +131,7 @@ class OutputWriter:
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if "://" not in output:
             os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            _remove_stale_temps(path)
         writer = None
         start = 0
         try:
@@ -162,3 +163,13 @@ class OutputWriter:
                 except OSError:
                     pass
         return start
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Temp files a killed run left beside the output (the job lock is held, so none is live)."""
+    import glob
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass

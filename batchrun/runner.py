@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from .api import ApiClient, DEFAULT_BASE_URL
 from . import failpoints
-from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, ExitCode, InputError,
+from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, BudgetError, ExitCode, InputError,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
@@ -202,6 +202,8 @@ class Runner:
             self.plan()
             if self.resume_canceled:
                 self._resume_canceled()
+            if spec.max_cost is not None:
+                self.check_budget()
             backoff = 1.0
             while True:
                 if spec.mode == "messages":
@@ -411,6 +413,41 @@ class Runner:
         self.reuse_answers()
         return MessagesDriver(self).run_pending() > 0
 
+    # ---- budget --------------------------------------------------------------------------------
+    @property
+    def estimator(self):
+        if getattr(self, "_estimator", None) is None:
+            from .estimate import Estimator
+            self._estimator = Estimator(self)
+        return self._estimator
+
+    def budget_left(self):
+        """What is left of max_cost after what was spent and what batches in flight may still cost."""
+        from decimal import Decimal
+        row = self.store.one("SELECT coalesce(sum(max_cost), 0) AS r FROM batches WHERE job_id = ? "
+                             "AND state IN ('intent', 'submitted', 'ended')", (self.job.id,))
+        spent = Decimal(str(self.cost() or 0.0))
+        return Decimal(str(self.spec.max_cost)) - spent - Decimal(str(row["r"])), spent
+
+    def check_budget(self) -> None:
+        """Refuse, before sending anything more, when the rows still to send may exceed the budget."""
+        from decimal import Decimal
+        pending = self.store.conn.execute("SELECT body FROM requests WHERE job_id = ? AND state = 'pending'",
+                                          (self.job.id,))
+        total = Decimal(0)
+        n = 0
+        for (body,) in pending:
+            total += self.estimator.request_max(body)
+            n += 1
+        if not n:
+            return
+        left, spent = self.budget_left()
+        if total > left:
+            raise BudgetError(f"max_cost: the {n} rows still to send may cost up to ${total:.4f}, but only "
+                              f"${max(left, Decimal(0)):.4f} of the ${self.spec.max_cost:.2f} budget is left "
+                              f"(spent ${spent:.4f}); nothing more was sent. Raise --max-cost, or send fewer "
+                              "rows with --limit, and run again")
+
     # ---- submit --------------------------------------------------------------------------------
     def submit(self) -> int:
         """Send pending requests in batches. Returns the number of batches created."""
@@ -435,7 +472,17 @@ class Runner:
                 ids.append(cid)
                 size += piece_size
             payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
-            local = self._intent(ids, len(payload))
+            reserve = None
+            if spec.max_cost is not None:
+                from decimal import Decimal
+                reserve = sum((self.estimator.request_max(body) for _, body in rows[:len(ids)]), Decimal(0))
+                left, spent = self.budget_left()
+                if reserve > left:
+                    raise BudgetError(f"max_cost: the next batch may cost up to ${reserve:.4f} but only "
+                                      f"${max(left, Decimal(0)):.4f} of the ${spec.max_cost:.2f} budget is left "
+                                      f"(spent ${spent:.4f}); batches in flight are collected by the next run. "
+                                      "Raise --max-cost to continue")
+            local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None)
             failpoints.hit("after_intent")
             try:
                 info = self.client.create_batch(payload)
@@ -460,11 +507,12 @@ class Runner:
             created += 1
             log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
 
-    def _intent(self, ids: list, nbytes: int) -> int:
+    def _intent(self, ids: list, nbytes: int, reserve: Optional[float] = None) -> int:
         store, job = self.store, self.job
         with store.transaction():
-            cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at) "
-                                     "VALUES (?, 'intent', ?, ?, ?)", (job.id, len(ids), nbytes, now_iso()))
+            cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at, "
+                                     "max_cost) VALUES (?, 'intent', ?, ?, ?, ?)",
+                                     (job.id, len(ids), nbytes, now_iso(), reserve))
             local = cur.lastrowid
             store.conn.executemany(
                 "UPDATE requests SET state = 'in_flight', batch_id = ?, attempts = attempts + 1, result_type = NULL "

@@ -1,0 +1,180 @@
+"""What a job will cost before it is paid for, and the budget that holds while it runs.
+
+Token counts come from the API's count_tokens endpoint with the job's own model (tokenizers differ:
+Claude 4.7+ and Haiku 5.5 count ~30% more for the same text). Small jobs are counted exactly; for
+larger ones a seeded random sample is counted and the rest extrapolated from its tokens-per-character
+ratio — the output says which.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Optional
+
+from .errors import BudgetError, InputError
+
+EXACT_LIMIT = 200       # count every request up to this many
+SAMPLE_SIZE = 60        # otherwise count this many, chosen at random (seeded)
+MARGIN = Decimal("1.10")  # extrapolated token counts are padded by this much for the budget
+
+
+@dataclass
+class Estimate:
+    requests: int
+    input_tokens: int
+    system_tokens: int
+    cost_usd_min: Optional[float]
+    cost_usd_max: Optional[float]
+    method: str                     # "exact" or "sampled"
+    sample_size: int
+    done: int
+    failed: int
+    in_flight: int
+    remaining: int
+    spent_usd: Optional[float]
+    max_tokens: int
+    model: str
+    batch: bool
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Estimator:
+    def __init__(self, runner):
+        self.runner = runner
+        self.spec = runner.spec
+        self.catalog = runner.job.catalog
+        self._ratio: Optional[Decimal] = None
+        self._system_tokens: Optional[int] = None
+
+    # ---- counting --------------------------------------------------------------------------------
+    def _count(self, body: str) -> int:
+        return self.runner.client.count_tokens(json.loads(body))
+
+    def system_tokens(self, sample_body: str) -> int:
+        """Tokens of the system prompt alone (the part that can be cached)."""
+        if self._system_tokens is None:
+            params = json.loads(sample_body)
+            if not params.get("system"):
+                self._system_tokens = 0
+            else:
+                probe = {"model": params["model"], "messages": [{"role": "user", "content": "x"}]}
+                without = self.runner.client.count_tokens(probe)
+                with_system = self.runner.client.count_tokens({**probe, "system": params["system"]})
+                self._system_tokens = max(0, with_system - without)
+        return self._system_tokens
+
+    def ratio(self) -> Decimal:
+        """Tokens per character of request body, from a sample of this job's requests."""
+        if self._ratio is None:
+            rows = self.runner.store.conn.execute(
+                "SELECT body FROM requests WHERE job_id = ? ORDER BY row_index LIMIT 2000",
+                (self.runner.job.id,)).fetchall()
+            sample = random.Random(0).sample(rows, min(len(rows), 20))
+            tokens = sum(self._count(b) for (b,) in sample)
+            chars = sum(len(b) for (b,) in sample)
+            self._ratio = Decimal(tokens) / Decimal(max(chars, 1))
+        return self._ratio
+
+    # ---- pricing ---------------------------------------------------------------------------------
+    def _cost(self, usage: dict) -> Optional[Decimal]:
+        return self.catalog.cost(self.spec.model, usage, batch=self.spec.mode == "batch",
+                                 cache_ttl=self.spec.cache_ttl)
+
+    def bracket(self, input_tokens: int, system_tokens: int, max_tokens: int, cacheable: bool
+                ) -> tuple[Optional[Decimal], Optional[Decimal]]:
+        """(min, max) cost of one request."""
+        rest = max(input_tokens - (system_tokens if cacheable else 0), 0)
+        cached = system_tokens if cacheable else 0
+        low = self._cost({"input_tokens": rest, "output_tokens": 0, "cache_read_input_tokens": cached})
+        high = self._cost({"input_tokens": rest, "output_tokens": max_tokens,
+                           "cache_creation_input_tokens": cached})
+        return low, high
+
+    def cacheable(self, system_tokens: int) -> bool:
+        model = self.runner.job.model
+        if not (self.spec.cache_system and system_tokens):
+            return False
+        minimum = model.cache_min_tokens if model and model.cache_min_tokens else 1024
+        return system_tokens >= minimum
+
+    # ---- the estimate ----------------------------------------------------------------------------
+    def estimate(self) -> Estimate:
+        runner, spec = self.runner, self.spec
+        jid = runner.job.id
+        store = runner.store
+        counts = store.counts(jid)
+        pending = store.conn.execute("SELECT body FROM requests WHERE job_id = ? AND state = 'pending' "
+                                     "ORDER BY row_index", (jid,))
+        bodies_n = counts.get("pending", 0)
+        first = store.one("SELECT body FROM requests WHERE job_id = ? ORDER BY row_index LIMIT 1", (jid,))
+        sys_tokens = self.system_tokens(first["body"]) if first else 0
+        cacheable = self.cacheable(sys_tokens)
+        low = high = Decimal(0)
+        unknown = False
+        total_tokens = 0
+        if bodies_n <= EXACT_LIMIT:
+            method, sample_n = "exact", bodies_n
+            for (body,) in pending:
+                tokens = self._count(body)
+                total_tokens += tokens
+                lo, hi = self.bracket(tokens, sys_tokens, json.loads(body)["max_tokens"], cacheable)
+                if lo is None or hi is None:
+                    unknown = True
+                else:
+                    low, high = low + lo, high + hi
+        else:
+            method = "sampled"
+            lengths, max_tokens, bodies = [], [], []
+            rnd = random.Random(0)
+            for i, (body,) in enumerate(pending):   # reservoir sample, one pass, bounded memory
+                lengths.append(len(body))
+                max_tokens.append(json.loads(body)["max_tokens"] if spec.max_tokens_column else spec.max_tokens)
+                if len(bodies) < SAMPLE_SIZE:
+                    bodies.append((i, body))
+                else:
+                    j = rnd.randint(0, i)
+                    if j < SAMPLE_SIZE:
+                        bodies[j] = (i, body)
+            sample_n = len(bodies)
+            counted = {i: self._count(b) for i, b in bodies}
+            ratio = Decimal(sum(counted.values())) / Decimal(sum(len(b) for _, b in bodies))
+            for i, (length, mt) in enumerate(zip(lengths, max_tokens)):
+                tokens = counted.get(i)
+                if tokens is None:
+                    tokens = int((Decimal(length) * ratio).to_integral_value())
+                total_tokens += tokens
+                lo, hi = self.bracket(tokens, sys_tokens, mt, cacheable)
+                if lo is None or hi is None:
+                    unknown = True
+                else:
+                    low, high = low + lo, high + hi
+        if cacheable and bodies_n and not unknown:
+            # one request writes the cache: the minimum pays that write, not a read
+            first_write = self._cost({"cache_creation_input_tokens": sys_tokens})
+            first_read = self._cost({"cache_read_input_tokens": sys_tokens})
+            if first_write is not None and first_read is not None:
+                low += first_write - first_read
+        failed = sum(n for s, n in counts.items() if s in ("errored", "expired", "canceled", "invalid_output"))
+        return Estimate(
+            requests=bodies_n, input_tokens=total_tokens, system_tokens=sys_tokens,
+            cost_usd_min=None if unknown else float(round(low, 8)),
+            cost_usd_max=None if unknown else float(round(high, 8)),
+            method=method, sample_size=sample_n, done=counts.get("succeeded", 0), failed=failed,
+            in_flight=counts.get("in_flight", 0), remaining=bodies_n, spent_usd=runner.cost(),
+            max_tokens=spec.max_tokens, model=spec.model, batch=spec.mode == "batch")
+
+    # ---- the budget while running -------------------------------------------------------------------
+    def request_max(self, body: str) -> Decimal:
+        """An upper estimate of what one request can cost (its input from the job's token ratio)."""
+        params = json.loads(body)
+        tokens = int((Decimal(len(body)) * self.ratio() * MARGIN).to_integral_value()) + 1
+        sys_tokens = self.system_tokens(body)
+        lo, hi = self.bracket(tokens, sys_tokens, params["max_tokens"], self.cacheable(sys_tokens))
+        if hi is None:
+            raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
+                             "cannot be enforced; add its prices with --models FILE")
+        return hi

@@ -234,6 +234,17 @@ class Runner:
         finally:
             lock.release()
 
+    def estimate(self):
+        """Plan the job (locally) and estimate what is still to be paid; sends no batch."""
+        self.check_connection_settings()
+        lock = JobLock(self.spec.state_path, self.job.id)
+        lock.acquire(wait=self.wait_lock)
+        try:
+            self.plan()
+            return self.estimator.estimate()
+        finally:
+            lock.release()
+
     def _result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
         cost = self.cost()
         if self.parser.unpriced or (self.job.model is not None and self.job.model.prices is None):

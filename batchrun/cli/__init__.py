@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import EXIT_CODES_HELP
-from .run_cmd import cancel, run, validate
+from .run_cmd import cancel, estimate, run, validate
 from .state_cmd import jobs, status
 
 
@@ -25,6 +25,7 @@ def main() -> None:
 
 main.add_command(run)
 main.add_command(validate)
+main.add_command(estimate)
 main.add_command(cancel)
 main.add_command(status)
 main.add_command(jobs)

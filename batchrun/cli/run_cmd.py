@@ -144,3 +144,43 @@ def cancel(job_file, **options):
         runner.close()
     click.echo(f"job {runner.job.short_id}: cancel requested for {n} batch(es) in flight", err=True)
     sys.exit(ExitCode.OK)
+
+
+@click.command()
+@job_options
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def estimate(job_file, as_json, **options):
+    """Count a job's requests and input tokens and price them, without creating a batch.
+
+    Token counts come from the API's count_tokens endpoint with the job's own model: every request
+    for small jobs, a random sample extrapolated by characters for large ones (said so). The cost is
+    a bracket: minimum (input only, cache reads where the system prompt is cached) to maximum (every
+    request using its full max_tokens, cache writes), batch discount applied. For a job already
+    partly done, only the rows still to send are priced.
+    """
+    setup_logging(options.get("verbose"), True if as_json else options.get("quiet"))
+    with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
+        runner = make_runner(job_file, options, emu_url)
+        try:
+            est = runner.estimate()
+        finally:
+            runner.close()
+    if as_json:
+        click.echo(json.dumps(est.as_dict(), indent=2))
+        return
+    money = lambda v: f"${v:,.4f}" if v is not None else "unknown (model not priced)"
+    counted = "counted exactly" if est.method == "exact" else f"sampled {est.sample_size}, extrapolated by characters"
+    lines = [
+        ("model", f"{est.model} ({'batch, 50% off' if est.batch else 'messages, standard prices'})"),
+        ("rows done / failed / in flight", f"{est.done} / {est.failed} / {est.in_flight}"),
+        ("requests to send", f"{est.requests}"),
+        ("input tokens", f"{est.input_tokens:,} ({counted})"),
+        ("max output tokens", f"{est.max_tokens:,} per request"),
+        ("cost (min … max)", f"{money(est.cost_usd_min)} … {money(est.cost_usd_max)}"),
+        ("spent so far", money(est.spent_usd)),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        click.echo(f"{k:<{width}}  {v}")

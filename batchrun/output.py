@@ -61,16 +61,26 @@ def schema_columns(output_schema: Optional[dict]) -> list[tuple[str, pa.DataType
     return [(name, arrow_type(sub)) for name, sub in output_schema.get("properties", {}).items()]
 
 
-def check_column_names(input_columns: Iterable[str], output_schema: Optional[dict]) -> None:
+def output_names(input_columns: Iterable[str], output_schema: Optional[dict]) -> list[str]:
+    """Names of the result and schema columns; one that an input column already has gets `result_`."""
     taken = set(input_columns)
-    for name, _ in RESULT_COLUMNS:
-        if name in taken:
-            raise InputError(f"input column {name!r} has the name of a result column; rename it")
-    taken |= {n for n, _ in RESULT_COLUMNS}
-    for name, _ in schema_columns(output_schema):
-        if name in taken:
-            raise InputError(f"output_schema: property {name!r} has the name of an input or result column; "
-                             "rename the property")
+    names = []
+    for name in [n for n, _ in RESULT_COLUMNS] + [n for n, _ in schema_columns(output_schema)]:
+        final = name if name not in taken else f"result_{name}"
+        if final in taken:
+            raise InputError(f"output column {name!r} clashes with input columns {name!r} and {final!r}; "
+                             "rename one of them")
+        taken.add(final)
+        names.append(final)
+    return names
+
+
+def check_column_names(input_columns: Iterable[str], output_schema: Optional[dict]) -> list[str]:
+    """Renamed output columns, as (name, new name) messages; raises when no name can be found."""
+    names = output_names(input_columns, output_schema)
+    wanted = [n for n, _ in RESULT_COLUMNS] + [n for n, _ in schema_columns(output_schema)]
+    return [f"output column {w!r} is named {n!r} because the input has a column {w!r}"
+            for w, n in zip(wanted, names) if w != n]
 
 
 def check_writable(output: str) -> None:
@@ -95,6 +105,7 @@ class OutputWriter:
     def __init__(self, store, job_id: str, output_schema: Optional[dict]):
         self.store = store
         self.job_id = job_id
+        self.output_schema = output_schema
         self.extra = schema_columns(output_schema)
 
     def rows(self, start: int, count: int) -> list[tuple]:
@@ -111,18 +122,19 @@ class OutputWriter:
         cols = list(zip(*rows)) if rows else [[] for _ in range(16)]
         arrays = list(batch.columns)
         names = list(batch.schema.names)
-        for i, (name, typ) in enumerate(RESULT_COLUMNS):
+        out_names = iter(output_names(names, self.output_schema))
+        for i, (_, typ) in enumerate(RESULT_COLUMNS):
             arrays.append(pa.array(cols[i], type=typ))
-            names.append(name)
+            names.append(next(out_names))
         if self.extra:
             parsed = [json.loads(p) if p else None for p in cols[14]]
-            for name, typ in self.extra:
+            for (name, typ), out_name in zip(self.extra, out_names):
                 values = [p.get(name) if isinstance(p, dict) else None for p in parsed]
                 if typ == pa.string():
                     values = [v if (v is None or isinstance(v, str)) else json.dumps(v, ensure_ascii=False)
                               for v in values]
                 arrays.append(pa.array(values, type=typ))
-                names.append(name)
+                names.append(out_name)
         return pa.RecordBatch.from_arrays(arrays, names=names)
 
     def write(self, source: InputSource, output: str, partition_by: Optional[str] = None) -> int:

@@ -311,7 +311,10 @@ class Runner:
 
     def _builder_for(self, columns: list) -> RequestBuilder:
         builder = RequestBuilder(self.spec, self.job.model, columns, input_name=self.spec.input)
-        check_column_names(columns, builder.schema)
+        for note in check_column_names(columns, builder.schema):
+            if note not in self.notes:
+                self.notes.append(note)
+                log.warning("%s", note)
         self.parser.schema = builder.schema
         self.parser.validator = None
         if builder.schema is not None:

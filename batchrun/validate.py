@@ -29,6 +29,7 @@ def validate_job(spec: JobSpec, *, show: int = 2, allow_unknown_model: bool = Fa
 def _scan(spec, job, column_types, show, warnings_for) -> dict:
     source = InputSource(spec.input, column_types=dict(column_types), limit=spec.limit)
     builder = None
+    renamed: list = []
     seen: dict = {}
     shown = []
     index = 0
@@ -37,7 +38,7 @@ def _scan(spec, job, column_types, show, warnings_for) -> dict:
             if spec.id_column and spec.id_column not in batch.schema.names:
                 raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input}")
             builder = RequestBuilder(spec, job.model, batch.schema.names, input_name=spec.input)
-            check_column_names(batch.schema.names, builder.schema)
+            renamed = check_column_names(batch.schema.names, builder.schema)
         ids = batch.column(spec.id_column).to_pylist() if spec.id_column else None
         rows = batch.select(builder.needed_columns).to_pylist() if builder.needed_columns else [{}] * batch.num_rows
         for i, row in enumerate(rows):
@@ -63,4 +64,4 @@ def _scan(spec, job, column_types, show, warnings_for) -> dict:
     if index == 0:
         raise InputError(f"{spec.input}: input is empty (no rows)")
     return {"rows": index, "job_id": job.id, "requests": shown,
-            "warnings": warnings_for(spec, job.model, builder)}
+            "warnings": renamed + warnings_for(spec, job.model, builder)}

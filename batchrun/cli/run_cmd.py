@@ -122,12 +122,7 @@ def validate(job_file, show, allow_unknown_model, **options):
 
 
 @click.command()
-@click.argument("job_file", metavar="[JOB.toml]", required=False, type=click.Path(dir_okay=False))
-@click.option("--input", "input", metavar="PATH")
-@click.option("--output", metavar="PATH")
-@click.option("--state", metavar="PATH")
-@click.option("--prompt", metavar="TEMPLATE")
-@click.option("--model", metavar="MODEL")
+@job_options
 @connection_options
 @handle_errors
 def cancel(job_file, **options):

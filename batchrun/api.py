@@ -107,10 +107,8 @@ class ApiClient:
         """One HTTP exchange; failures mapped to our exceptions (TransientApiError is retryable)."""
         try:
             response = self.http.request(method, self._url(path), **kw)
-        except httpx.TimeoutException as exc:
-            raise TransientApiError(f"{method} {path}: timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
-            raise TransientApiError(f"{method} {path}: connection failed ({type(exc).__name__}: {exc})") from None
+            raise transport_error(exc, f"{method} {path}") from None
         if response.status_code >= 400:
             raise self._error(response, f"{method} {path}")
         return response
@@ -280,6 +278,14 @@ class ApiClient:
 
 
 _COUNT_TOKENS_KEYS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")
+
+
+def transport_error(exc: httpx.TransportError, what: str) -> TransientApiError:
+    """A timeout or a failed connection, as a retryable error."""
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientApiError(f"{what}: timed out ({type(exc).__name__})", error_type="timeout_error")
+    return TransientApiError(f"{what}: connection failed ({type(exc).__name__}: {exc})",
+                             error_type="connection_error")
 
 
 def unwrap_gateway(reply: Any) -> Any:

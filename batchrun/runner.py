@@ -186,6 +186,10 @@ class Runner:
         """Fail fast on a missing key or an insecure base URL (before reading the input)."""
         self.client  # noqa: B018 - constructing the client validates both
 
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

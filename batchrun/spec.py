@@ -282,10 +282,11 @@ def _resolve_paths(raw: dict, base: Path, job_file: Optional[str]) -> dict:
     for key in _PATH_KEYS:
         value = out.get(key)
         if isinstance(value, str) and value and "://" not in value:
-            out[key] = str(base / os.path.expanduser(value)) if job_file else os.path.expanduser(value)
+            out[key] = os.path.normpath(base / os.path.expanduser(value)) if job_file else os.path.expanduser(value)
     schema = out.get("output_schema")
     if isinstance(schema, str) and "://" not in schema:
-        out["output_schema"] = str(base / os.path.expanduser(schema)) if job_file else os.path.expanduser(schema)
+        out["output_schema"] = (os.path.normpath(base / os.path.expanduser(schema)) if job_file
+                                else os.path.expanduser(schema))
     return out
 
 

@@ -47,3 +47,47 @@ def find_job(store: Store, ref: Optional[str]) -> dict:
     if ref and len(jobs) > 1:
         raise InputError(f"{ref!r} matches {len(jobs)} jobs in {store.path}; give more of the job id")
     return jobs[0]
+
+
+CAUSES = {
+    "authentication_error": "authentication", "permission_error": "permission",
+    "rate_limit_error": "rate limit", "overloaded_error": "overloaded", "api_error": "API error",
+    "invalid_request_error": "invalid request", "not_found_error": "not found",
+    "invalid_output": "invalid output", "expired": "expired", "canceled": "canceled",
+    "results_gone": "results gone",
+}
+
+
+def failures_by_cause(store: Store, job_id: str) -> list[tuple[str, str, int]]:
+    """(cause, error_type, rows) for the job's failed rows, most frequent first."""
+    rows = store.q("SELECT coalesce(error_type, state) AS t, count(*) AS n FROM requests WHERE job_id = ? "
+                   "AND state NOT IN ('succeeded', 'pending', 'in_flight') GROUP BY t ORDER BY n DESC, t", (job_id,))
+    return [(CAUSES.get(r["t"], r["t"]), r["t"], r["n"]) for r in rows]
+
+
+def cost_by_kind(store: Store, job_id: str, catalog, model: str, *, batch: bool, cache_ttl: str) -> Optional[dict]:
+    """What the job paid per token kind (rows reused from other jobs excluded); None if unpriced."""
+    info = catalog.resolve(model)
+    if info is None or info.prices is None:
+        return None
+    from decimal import Decimal
+    bounds = [0] + [t.above_prompt_tokens for t in info.tiers] + [None]
+    totals = {"input": Decimal(0), "output": Decimal(0), "cache_write": Decimal(0), "cache_read": Decimal(0)}
+    prompt = ("(coalesce(input_tokens,0) + coalesce(cache_creation_input_tokens,0) + "
+              "coalesce(cache_read_input_tokens,0))")
+    for low, high in zip(bounds, bounds[1:]):
+        cond = f"{prompt} > ?" if high is None else f"{prompt} > ? AND {prompt} <= ?"
+        params = [job_id, low if low else -1] + ([] if high is None else [high])
+        r = store.one("SELECT coalesce(sum(input_tokens),0) AS i, coalesce(sum(output_tokens),0) AS o, "
+                      "coalesce(sum(cache_creation_input_tokens),0) AS w, coalesce(sum(cache_read_input_tokens),0) AS c "
+                      f"FROM requests WHERE job_id = ? AND state IN ('succeeded', 'invalid_output') "
+                      f"AND reused_from IS NULL AND {cond}", params)
+        prices = info.prices_for((low or 0) + 1)
+        write = prices.cache_write_1h if cache_ttl == "1h" else prices.cache_write_5m
+        for kind, tokens, price in (("input", r["i"], prices.input), ("output", r["o"], prices.output),
+                                    ("cache_write", r["w"], write), ("cache_read", r["c"], prices.cache_read)):
+            if tokens and price is None:
+                return None
+            totals[kind] += Decimal(tokens) * (price or 0) / Decimal(1_000_000)
+    scale = Decimal("0.5") if batch else Decimal(1)
+    return {k: float(v * scale) for k, v in totals.items()}

@@ -87,20 +87,42 @@ def run(job_file, no_wait, resume_canceled, wait_lock, **options):
                              on_progress=None if options.get("quiet") else ProgressPrinter())
         try:
             result = runner.run(wait=not no_wait)
+            print_summary(runner, result)
         finally:
             runner.close()
-    print_summary(result)
     sys.exit(result.exit_code)
 
 
-def print_summary(result) -> None:
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
-    cost = f"${result.cost_usd:.6f}" if result.cost_usd is not None else "unknown"
+def print_summary(runner, result) -> None:
+    """The end-of-run summary: rows by status, failures by cause, tokens and cost by kind."""
+    from ..status import cost_by_kind, failures_by_cause, job_status
+    from .common import format_seconds
+    store, spec = runner.store, runner.spec
+    job = store.job(result.job_id)
+    st = job_status(store, job)
+    counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in st["counts"].items() if n)
+    money = lambda v: f"${v:,.6f}" if v is not None else "unknown"
+    head = "finished" if result.finished else "in progress"
+    echo = lambda line: click.echo(line, err=True)
+    echo(f"job {result.job_id[:12]}: {head} after {format_seconds(runner.elapsed)}: {counts}")
+    causes = failures_by_cause(store, result.job_id)
+    if causes:
+        echo("  failures: " + ", ".join(f"{n} {cause}" + (f" ({t})" if t != cause else "") for cause, t, n in causes))
+    t = st["tokens"]
+    echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
+         f"{t['cache_read']:,} cache read")
+    kinds = cost_by_kind(store, result.job_id, runner.job.catalog, spec.model, batch=spec.mode == "batch",
+                         cache_ttl=spec.cache_ttl)
+    detail = ""
+    if kinds:
+        detail = " (" + ", ".join(f"{k.replace('_', ' ')} {money(v)}" for k, v in kinds.items()) + ")"
+    if st["reused_rows"]:
+        detail += f"; {st['reused_rows']} rows reused answers already paid for"
+    echo(f"  cost: {money(result.cost_usd)}{detail}")
     if result.finished:
-        click.echo(f"job {result.job_id[:12]}: finished: {counts}; cost {cost}; output {result.output}", err=True)
+        echo(f"  output: {result.output}")
     else:
-        click.echo(f"job {result.job_id[:12]}: in progress: {counts}; cost so far {cost}; "
-                   "run the same command again to continue", err=True)
+        echo("  batches are still running: run the same command again to continue")
 
 
 @click.command()

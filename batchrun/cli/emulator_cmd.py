@@ -1,0 +1,81 @@
+"""`batchrun emulator`: serve the built-in API emulator on loopback."""
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on (0: any free port).")
+@click.option("--processing-seconds", type=float, default=1.0, show_default=True,
+              help="How long each batch stays in_progress.")
+@click.option("--fault-rate", type=float, default=0.0, show_default=True,
+              help="Fraction of API calls answered with 429 / 500 / 529 or a dropped connection.")
+@click.option("--errored-rate", type=float, default=0.0, show_default=True,
+              help="Fraction of batch requests that end errored (overloaded_error / api_error).")
+@click.option("--expired-rate", type=float, default=0.0, show_default=True,
+              help="Fraction of batch requests that end expired.")
+@click.option("--truncate-rate", type=float, default=0.0, show_default=True,
+              help="Fraction of results downloads cut short.")
+@click.option("--api-key", metavar="KEY", default=None,
+              help="Accept only this key (x-api-key or Authorization: Bearer); default: any key.")
+@click.option("--rpm", type=int, default=None, help="Requests per minute allowed on POST /v1/messages.")
+@click.option("--wrap-messages", is_flag=True,
+              help='Answer POST /v1/messages as some gateways do: {"code": 200, "data": <Message>}.')
+@click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
+def emulator(host: str, port: int, processing_seconds: float, fault_rate: float, errored_rate: float,
+             expired_rate: float, truncate_rate: float, api_key: Optional[str], rpm: Optional[int],
+             wrap_messages: bool, no_validate: bool, seed: int) -> None:
+    """Serve the built-in emulator of the Message Batches API (no network, nothing billed).
+
+    A faithful stand-in for the API for trying jobs offline: batches stay in progress for a while,
+    results come back as JSONL in shuffled order, replies are deterministic functions of the
+    request ("Reply to: ..." text, JSON that fits the output schema, tool calls that fit the tool's
+    schema, cache writes then reads for a long enough cached system prompt), and faults can be
+    injected. Point batchrun (or the official SDK) at it:
+
+    \b
+      batchrun emulator --port 8765 &
+      export ANTHROPIC_BASE_URL=http://127.0.0.1:8765
+      export ANTHROPIC_API_KEY=anything
+      batchrun run jobs/classify-reviews.toml
+
+    Control endpoints (no key needed): GET /_emulator/stats, POST /_emulator/config (a JSON object
+    of settings to change), POST /_emulator/reset. Stop with Ctrl-C.
+    """
+    from ..emulator import EmulatorConfig, run_server
+
+    for name, value in (("--fault-rate", fault_rate), ("--errored-rate", errored_rate),
+                        ("--expired-rate", expired_rate), ("--truncate-rate", truncate_rate)):
+        if not 0.0 <= value <= 1.0:
+            raise click.BadParameter(f"must be between 0 and 1, not {value}", param_hint=name)
+    if errored_rate + expired_rate > 1.0:
+        raise click.BadParameter("--errored-rate plus --expired-rate must not exceed 1", param_hint="--expired-rate")
+    if processing_seconds < 0:
+        raise click.BadParameter("must not be negative", param_hint="--processing-seconds")
+    if rpm is not None and rpm < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--rpm")
+
+    config = EmulatorConfig(processing_seconds=processing_seconds, fault_rate=fault_rate,
+                            errored_rate=errored_rate, expired_rate=expired_rate, truncate_rate=truncate_rate,
+                            api_key=api_key, rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate,
+                            seed=seed)
+
+    def ready(base_url: str) -> None:
+        click.echo(f"batchrun emulator listening on {base_url}  (Ctrl-C to stop)")
+        click.echo(f"  export ANTHROPIC_BASE_URL={base_url}")
+        if api_key is None:
+            click.echo("  export ANTHROPIC_API_KEY=emulator   # any key is accepted")
+        else:
+            click.echo("  export ANTHROPIC_API_KEY=<the key given with --api-key>")
+
+    try:
+        run_server(host, port, config, on_ready=ready)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:  # pragma: no cover
+        pass
+    click.echo("batchrun emulator stopped")

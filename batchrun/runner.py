@@ -29,6 +29,7 @@ import pyarrow as pa
 from .api import ApiClient, DEFAULT_BASE_URL
 from . import failpoints
 from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, BudgetError, ExitCode, InputError,
+                     NotFoundError,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
@@ -589,7 +590,12 @@ class Runner:
         for b in self.store.q("SELECT * FROM batches WHERE job_id = ? AND state IN ('submitted', 'ended') "
                               "ORDER BY id", (self.job.id,)):
             if b["state"] == "submitted":
-                info = self.client.retrieve_batch(b["api_id"])
+                try:
+                    info = self.client.retrieve_batch(b["api_id"])
+                except NotFoundError:
+                    self._lost(b)
+                    changed = True
+                    continue
                 ended = info.get("processing_status") == "ended"
                 with self.store.transaction():
                     self.store.conn.execute(
@@ -606,6 +612,12 @@ class Runner:
 
     def collect(self, b: dict) -> None:
         store, job = self.store, self.job
+        if not b["results_url"]:  # ended without a results_url yet: ask again next round
+            info = self.client.retrieve_batch(b["api_id"])
+            if not info.get("results_url"):
+                return
+            store.conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (info["results_url"], b["id"]))
+            b = dict(b, results_url=info["results_url"])
         members = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ?", (b["id"],))["n"]
         if b["adopted"] and not self._verify_adopted(b):
             return
@@ -675,6 +687,18 @@ class Runner:
                             self.job.short_id, b["api_id"])
                 return False
         return True  # could not read it whole: collect() will retry the download
+
+    def _lost(self, b: dict) -> None:
+        """The API no longer knows this batch (deleted, or another endpoint): its rows are sent again."""
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE batches SET state = 'lost', note = ? WHERE id = ?",
+                                    ("the API answered 404 for this batch", b["id"]))
+            n = self.store.conn.execute(
+                "UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL "
+                "WHERE batch_id = ? AND state = 'in_flight'", (b["id"],)).rowcount
+            self.store.event(self.job.id, "warning", f"batch {b['api_id']} not found at the API; {n} rows pending again")
+        log.warning("job %s: batch %s no longer exists at the API (404); its %d rows will be sent again",
+                    self.job.short_id, b["api_id"], n)
 
     def _results_gone(self, b: dict, message: str) -> None:
         with self.store.transaction():

@@ -142,3 +142,28 @@ def test_key_is_written_nowhere_and_state_is_private(emu, cli, tmp_path, tickets
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_batch_the_api_forgot_is_sent_again(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 30
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    assert cli(*args(tickets_csv, out, state, "--no-wait")).exit_code == ExitCode.IN_PROGRESS
+    emu.reset()                                   # the API no longer knows those batches (404)
+    emu.config.processing_seconds = 0.05
+    r = cli(*args(tickets_csv, out, state))
+    assert r.exit_code == 0, r.output
+    assert "no longer exists" in r.output
+    assert len(pq.read_table(out)) == 450
+
+
+def test_results_gone_are_told_apart(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 0.3
+    emu.config.archive_after_seconds = 0.5
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    assert cli(*args(tickets_csv, out, state, "--no-wait")).exit_code == ExitCode.IN_PROGRESS
+    time.sleep(0.8)
+    r = cli(*args(tickets_csv, out, state))
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    rows = pq.read_table(out).to_pylist()
+    assert {row["error_type"] for row in rows} == {"results_gone"}
+    assert "29 days" in rows[0]["error_message"]

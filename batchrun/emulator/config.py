@@ -1,0 +1,108 @@
+"""The emulator's knobs (all settable at runtime) and the counters tests read."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class EmulatorConfig:
+    # batches
+    processing_seconds: float = 1.0      # a batch stays in_progress this long after creation
+    cancel_seconds: float = 0.05         # a canceled batch stays `canceling` this long (at most until it would end)
+    archive_after_seconds: Optional[float] = None   # then the batch gets archived_at; its results answer 404
+    max_requests: int = 100_000          # per batch; more -> 413 request_too_large
+    max_body_bytes: int = 256 * 1024 * 1024          # per create call; more -> 413 request_too_large
+    # behaviour
+    seed: int = 0                        # every random choice comes from random.Random(seed)
+    api_key: Optional[str] = None        # when set, any other key -> 401
+    validate: bool = True                # request validation (off: only what is needed to parse)
+    extra_models: tuple = ()             # model names accepted besides the catalog's (no constraints)
+    # faults
+    fault_rate: float = 0.0              # fraction of API calls answered with 429 / 500 / 529 / a dropped connection
+    drop_after_create: int = 0           # the next N creates create the batch, then drop the connection
+    errored_rate: float = 0.0            # fraction of requests ending errored (overloaded_error / api_error)
+    expired_rate: float = 0.0            # fraction of requests ending expired
+    truncate_rate: float = 0.0           # fraction of results downloads cut short
+    retry_after: float = 0.01            # seconds advertised on injected 429s
+    # the Messages endpoint
+    rpm: Optional[int] = None            # requests per window on POST /v1/messages
+    input_tpm: Optional[int] = None      # input tokens per window
+    output_tpm: Optional[int] = None     # output tokens per window
+    rate_window: float = 60.0            # the rate-limit window in seconds ("per minute")
+    wrap_messages: bool = False          # reply {"code": 200, "data": <Message>} like some gateways
+    latency: float = 0.0                 # seconds to wait before a messages reply
+
+    def update(self, changes: dict) -> None:
+        """Apply a partial update (from JSON); unknown keys raise KeyError, bad types ValueError."""
+        names = {f.name: f for f in dataclasses.fields(self)}
+        for key in changes:
+            if key not in names:
+                raise KeyError(key)
+        for key, value in changes.items():
+            if key == "extra_models":
+                if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                    raise ValueError("extra_models must be a list of model names")
+                value = tuple(str(v) for v in value)
+            elif value is None:
+                if names[key].default is not None:
+                    raise ValueError(f"{key} cannot be null")
+            elif isinstance(names[key].default, bool) or key in ("validate", "wrap_messages"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{key} must be true or false")
+            elif key in ("api_key",):
+                value = str(value)
+            elif key in ("seed", "max_requests", "max_body_bytes", "drop_after_create", "rpm",
+                         "input_tpm", "output_tpm"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                    raise ValueError(f"{key} must be an integer")
+                value = int(value)
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{key} must be a number")
+                value = float(value)
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["extra_models"] = list(self.extra_models)
+        if out["api_key"] is not None:
+            out["api_key"] = "***"
+        return out
+
+
+@dataclass
+class EmulatorStats:
+    batches_created: int = 0             # batches that exist(ed): every successful create
+    requests_created: int = 0            # sum of their request counts
+    create_calls: int = 0                # every POST /v1/messages/batches (faulted, refused or not)
+    faults: Counter = field(default_factory=Counter)          # injected faults by kind
+    status_counts: Counter = field(default_factory=Counter)   # HTTP status -> replies (dropped ones not counted)
+    messages_calls: int = 0              # every POST /v1/messages
+    messages_429: int = 0                # of those, refused by the rate limits (rpm / tpm)
+    count_tokens_calls: int = 0
+    results_downloads: int = 0           # results downloads started (200)
+    submitted_custom_ids: Counter = field(default_factory=Counter)   # custom_id -> times in created batches
+    params_submitted: Counter = field(default_factory=Counter)       # hash of params -> times in created batches
+    billed: Counter = field(default_factory=Counter)                 # hash of params -> succeeded (billed) results
+
+    def __getitem__(self, key: str) -> Any:  # dict-like access too
+        return getattr(self, key)
+
+    def to_dict(self) -> dict:
+        return {
+            "batches_created": self.batches_created,
+            "requests_created": self.requests_created,
+            "create_calls": self.create_calls,
+            "faults": dict(self.faults),
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "messages_calls": self.messages_calls,
+            "messages_429": self.messages_429,
+            "count_tokens_calls": self.count_tokens_calls,
+            "results_downloads": self.results_downloads,
+            "submitted_custom_ids": dict(self.submitted_custom_ids),
+            "params_submitted": dict(self.params_submitted),
+            "billed": dict(self.billed),
+        }

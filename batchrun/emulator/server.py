@@ -1,0 +1,213 @@
+"""Serving the emulator: uvicorn in a thread (tests), uvicorn in the foreground (the CLI), and an
+httpx sync transport that runs the app in process."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Callable, Optional
+
+import httpx
+
+from .app import Emulator, install_log_filter
+from .config import EmulatorConfig
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, so asyncio sets TCP_NODELAY on accepted connections (else Nagle's algorithm
+    # and delayed ACKs add ~40 ms to every reply on a kept-alive connection)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _base_url(sock: socket.socket, host: str) -> str:
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+class ServerHandle:
+    """A running emulator server: `base_url`, `port`, `app`, `stop()` (also a context manager)."""
+
+    def __init__(self, app, server, thread: threading.Thread, sock: socket.socket, base_url: str):
+        self.app = app
+        self.server = server
+        self.thread = thread
+        self.sock = sock
+        self.base_url = base_url
+        self.port = sock.getsockname()[1]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        try:
+            self.sock.close()
+        except OSError:  # pragma: no cover
+            pass
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_in_thread(app: Optional[Emulator] = None, host: str = "127.0.0.1", port: int = 0, *,
+                    log_level: str = "warning") -> ServerHandle:
+    """Serve `app` (an Emulator; a new default one when None) with uvicorn in a daemon thread.
+
+    Returns once the server accepts connections. Port 0 picks a free port (see `handle.base_url`).
+    """
+    import uvicorn
+
+    if app is None:
+        app = Emulator()
+    sock = _bind(host, port)
+    config = uvicorn.Config(app, log_level=log_level, log_config=None, lifespan="off", access_log=False,
+                            timeout_graceful_shutdown=1, timeout_keep_alive=30)
+    install_log_filter()
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="batchrun-emulator",
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the emulator server failed to start")
+        if time.monotonic() > deadline:  # pragma: no cover
+            raise RuntimeError("the emulator server did not start within 15 s")
+        time.sleep(0.005)
+    base_url = _base_url(sock, host)
+    if isinstance(app, Emulator):
+        app.base_url = base_url
+    return ServerHandle(app, server, thread, sock, base_url)
+
+
+def run_server(host: str = "127.0.0.1", port: int = 8765, config: Optional[EmulatorConfig] = None, *,
+               on_ready: Optional[Callable[[str], None]] = None, log_level: str = "warning") -> None:
+    """Serve a new Emulator(config) in the foreground until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    app = Emulator(config)
+    sock = _bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False,
+                                           timeout_graceful_shutdown=1))
+    install_log_filter()
+    app.base_url = _base_url(sock, host)
+    if on_ready is not None:
+        on_ready(app.base_url)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------- in process
+
+class _LoopThread:
+    """A private asyncio loop in a daemon thread, to run ASGI calls for sync callers."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="batchrun-emulator-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+_loop_lock = threading.Lock()
+
+
+def _loop_for(app) -> _LoopThread:
+    with _loop_lock:
+        runner = getattr(app, "_loop_runner", None)
+        if runner is None:
+            runner = _LoopThread()
+            try:
+                app._loop_runner = runner
+            except AttributeError:  # pragma: no cover
+                pass
+        return runner
+
+
+class _ReplayStream(httpx.SyncByteStream):
+    def __init__(self, chunks: list, error: Optional[BaseException]):
+        self.chunks, self.error = chunks, error
+
+    def __iter__(self):
+        yield from self.chunks
+        if self.error is not None:
+            raise httpx.RemoteProtocolError(f"peer closed connection without sending complete message body "
+                                            f"({self.error})")
+
+
+class SyncASGITransport(httpx.BaseTransport):
+    """Runs an ASGI app for a sync httpx.Client, on a private event loop (one per app).
+
+    The reply is collected whole, then handed over; a connection the app drops mid-reply surfaces
+    as httpx.RemoteProtocolError while the body is read, as over a real socket.
+    """
+
+    def __init__(self, app, client: tuple = ("127.0.0.1", 50000)):
+        self.app = app
+        self.client = client
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        url = request.url
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": request.method,
+            "headers": [(k.lower(), v) for k, v in request.headers.raw],
+            "scheme": url.scheme,
+            "path": url.path,
+            "raw_path": url.raw_path.split(b"?")[0],
+            "query_string": url.query,
+            "root_path": "",
+            "server": (url.host, url.port or (443 if url.scheme == "https" else 80)),
+            "client": self.client,
+        }
+        status, headers, chunks, error = _loop_for(self.app).run(_run_app(self.app, scope, body))
+        if status is None:
+            if isinstance(error, httpx.TransportError):
+                raise httpx.RemoteProtocolError(str(error), request=request) from error
+            raise error
+        return httpx.Response(status, headers=headers, stream=_ReplayStream(chunks, error), request=request)
+
+
+async def _run_app(app, scope: dict, body: bytes) -> tuple:
+    state = {"status": None, "headers": [], "delivered": False}
+    chunks: list = []
+
+    async def receive():
+        if not state["delivered"]:
+            state["delivered"] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            state["status"] = message["status"]
+            state["headers"] = list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            data = message.get("body", b"")
+            if data:
+                chunks.append(data)
+
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:  # noqa: BLE001 - handed to the caller's thread
+        return state["status"], state["headers"], chunks, exc
+    return state["status"], state["headers"], chunks, None

@@ -52,7 +52,7 @@ class Estimator:
 
     # ---- counting --------------------------------------------------------------------------------
     def _count(self, body: str) -> int:
-        return self.runner.client.count_tokens(json.loads(body))
+        return self.runner.client.count_tokens(json.loads(self.runner.full_body(body)))
 
     def system_tokens(self, sample_body: str) -> int:
         """Tokens of the system prompt alone (the part that can be cached)."""
@@ -75,7 +75,7 @@ class Estimator:
                 (self.runner.job.id,)).fetchall()
             sample = random.Random(0).sample(rows, min(len(rows), 20))
             tokens = sum(self._count(b) for (b,) in sample)
-            chars = sum(len(b) for (b,) in sample)
+            chars = sum(len(self.runner.full_body(b)) for (b,) in sample)
             self._ratio = Decimal(tokens) / Decimal(max(chars, 1))
         return self._ratio
 
@@ -111,7 +111,7 @@ class Estimator:
                                      "ORDER BY row_index", (jid,))
         bodies_n = counts.get("pending", 0)
         first = store.one("SELECT body FROM requests WHERE job_id = ? ORDER BY row_index LIMIT 1", (jid,))
-        sys_tokens = self.system_tokens(first["body"]) if first else 0
+        sys_tokens = self.system_tokens(runner.full_body(first["body"])) if first else 0
         cacheable = self.cacheable(sys_tokens)
         low = high = Decimal(0)
         unknown = False
@@ -121,7 +121,7 @@ class Estimator:
             for (body,) in pending:
                 tokens = self._count(body)
                 total_tokens += tokens
-                lo, hi = self.bracket(tokens, sys_tokens, json.loads(body)["max_tokens"], cacheable)
+                lo, hi = self.bracket(tokens, sys_tokens, json.loads(runner.full_body(body))["max_tokens"], cacheable)
                 if lo is None or hi is None:
                     unknown = True
                 else:
@@ -131,7 +131,7 @@ class Estimator:
             lengths, max_tokens, bodies = [], [], []
             rnd = random.Random(0)
             for i, (body,) in enumerate(pending):   # reservoir sample, one pass, bounded memory
-                lengths.append(len(body))
+                lengths.append(len(body) + len(runner.prefix or ""))
                 max_tokens.append(json.loads(body)["max_tokens"] if spec.max_tokens_column else spec.max_tokens)
                 if len(bodies) < SAMPLE_SIZE:
                     bodies.append((i, body))
@@ -141,7 +141,8 @@ class Estimator:
                         bodies[j] = (i, body)
             sample_n = len(bodies)
             counted = {i: self._count(b) for i, b in bodies}
-            ratio = Decimal(sum(counted.values())) / Decimal(sum(len(b) for _, b in bodies))
+            chars = sum(len(b) + len(runner.prefix or "") for _, b in bodies)
+            ratio = Decimal(sum(counted.values())) / Decimal(chars)
             for i, (length, mt) in enumerate(zip(lengths, max_tokens)):
                 tokens = counted.get(i)
                 if tokens is None:

@@ -39,8 +39,25 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-def params_hash(body: str) -> str:
-    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+def params_hash(body: str, shared_hash: str = "") -> str:
+    """The identity of one request: its row part hashed with the hash of the job's shared part.
+
+    Two requests with the same shared params and the same row part — in any job — hash the same,
+    so an answer already paid for is found again.
+    """
+    return hashlib.sha256((shared_hash + body).encode("utf-8")).hexdigest()
+
+
+def splice_prefix(shared: dict) -> str:
+    """JSON text that, followed by a row part without its opening brace, is the full params object."""
+    return canonical_json(shared)[:-1] + ","
+
+
+def full_body(prefix: "str | None", row_body: str) -> str:
+    """The full params JSON of a stored request (row part + the job's shared part)."""
+    if prefix is None:
+        return row_body
+    return prefix + row_body[1:]
 
 
 def output_schema_for(spec: JobSpec) -> Optional[dict]:
@@ -157,8 +174,8 @@ class RequestBuilder:
         return params
 
     # ---- one row -----------------------------------------------------------------------------
-    def build(self, row: dict, where: str) -> dict:
-        """Params for one row; `where` names the row in errors (e.g. 'row 17 (id T-1)')."""
+    def row_part(self, row: dict, where: str) -> dict:
+        """The params that differ per row (messages, per-row max_tokens); `where` names the row in errors."""
         spec = self.spec
         clean = {k: ("" if v is None else v) for k, v in row.items()}
         try:
@@ -177,16 +194,28 @@ class RequestBuilder:
         messages.append({"role": "user", "content": content})
         if spec.prefill:
             messages.append({"role": "assistant", "content": spec.prefill})
-        params = dict(self.base)
-        params["messages"] = messages
+        part: dict = {"messages": messages}
         if spec.max_tokens_column:
             value = row.get(spec.max_tokens_column)
+            part["max_tokens"] = spec.max_tokens
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
                     raise InputError(f"{spec.max_tokens_column}: {where} has max_tokens {value!r}, "
                                      "expected a whole number ≥ 1")
-                params["max_tokens"] = int(value)
-        return params
+                part["max_tokens"] = int(value)
+        return part
+
+    def build(self, row: dict, where: str) -> dict:
+        """The full params of one row (the shared part merged with the row's own part)."""
+        return {**self.base, **self.row_part(row, where)}
+
+    @property
+    def shared(self) -> dict:
+        """The params every request of the job shares, without the keys each row sets itself."""
+        base = dict(self.base)
+        if self.spec.max_tokens_column:
+            base.pop("max_tokens", None)
+        return base
 
 
 def image_block(value: Any, where: str, column: str) -> Optional[dict]:

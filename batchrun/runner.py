@@ -34,7 +34,7 @@ from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, B
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
 from .output import OutputWriter, check_column_names, check_writable
-from .requests import RequestBuilder, canonical_json, custom_id_for, params_hash
+from .requests import RequestBuilder, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
 from .results import TRANSIENT_ERRORS, ResultParser
 from .spec import JobSpec
 from .store import FINAL_STATES, JobLock, Store, now_iso, parse_iso
@@ -297,9 +297,10 @@ class Runner:
                          spec.model, now_iso()))
                     n = self._plan_rows(column_types)
                     failpoints.hit("plan")
-                    store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ? WHERE id = ?",
+                    store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ?, shared_params = ? "
+                                       "WHERE id = ?",
                                        (now_iso(), n, json.dumps({k: str(v) for k, v in column_types.items()}),
-                                        job.id))
+                                        canonical_json(self.builder.shared), job.id))
                     store.event(job.id, "info", f"planned {n} requests")
                 break
             except ColumnTypeConflict as conflict:
@@ -313,6 +314,11 @@ class Runner:
         types = json.loads(row["column_types"] or "{}")
         self.job.source.column_types = {k: pa.string() for k in types}
         self._builder_for(self.job.source.schema.names)
+        self.prefix = splice_prefix(json.loads(row["shared_params"])) if row["shared_params"] else None
+
+    def full_body(self, row_body: str) -> str:
+        """The full params JSON of a stored request."""
+        return full_body(self.prefix, row_body)
 
     def _builder_for(self, columns: list) -> RequestBuilder:
         builder = RequestBuilder(self.spec, self.job.model, columns, input_name=self.spec.input)
@@ -340,6 +346,8 @@ class Runner:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
                                      f"(columns: {', '.join(batch.schema.names[:12])})")
                 builder = self._builder_for(batch.schema.names)
+                shared_hash = params_hash(canonical_json(builder.shared))
+                self.prefix = splice_prefix(builder.shared)
             n = batch.num_rows
             if spec.id_column:
                 raw_ids = batch.column(spec.id_column).to_pylist()
@@ -355,11 +363,11 @@ class Runner:
             records = []
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
-                params = builder.build(rows[i], where)
+                part = builder.row_part(rows[i], where)
                 if i == 0 and index == 0:
-                    self._check_params(params)
-                body = canonical_json(params)
-                records.append((job.id, ids[i], index + i, params_hash(body), body))
+                    self._check_params({**builder.base, **part})
+                body = canonical_json(part)
+                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash), body))
             if len(set(ids)) != n:
                 seen: dict = {}
                 for i, cid in enumerate(ids):
@@ -456,7 +464,7 @@ class Runner:
         total = Decimal(0)
         n = 0
         for (body,) in pending:
-            total += self.estimator.request_max(body)
+            total += self.estimator.request_max(self.full_body(body))
             n += 1
         if not n:
             return
@@ -482,8 +490,9 @@ class Runner:
             if not rows:
                 return created
             parts, ids, size = [], [], 16
+            prefix = self.prefix
             for cid, body in rows:
-                piece = '{"custom_id":' + json.dumps(cid) + ',"params":' + body + "}"
+                piece = '{"custom_id":' + json.dumps(cid) + ',"params":' + full_body(prefix, body) + "}"
                 piece_size = len(piece.encode("utf-8")) + 1
                 if parts and size + piece_size > MAX_BATCH_BYTES:
                     break
@@ -494,7 +503,8 @@ class Runner:
             reserve = None
             if spec.max_cost is not None:
                 from decimal import Decimal
-                reserve = sum((self.estimator.request_max(body) for _, body in rows[:len(ids)]), Decimal(0))
+                reserve = sum((self.estimator.request_max(self.full_body(body)) for _, body in rows[:len(ids)]),
+                              Decimal(0))
                 left, spent = self.budget_left()
                 if reserve > left:
                     raise BudgetError(f"max_cost: the next batch may cost up to ${reserve:.4f} but only "

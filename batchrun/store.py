@@ -108,6 +108,12 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migration
+def m002_shared_params(db: sqlite_utils.Database) -> None:
+    """Requests store only their own part; the part every request shares is kept once per job."""
+    db.execute("ALTER TABLE jobs ADD COLUMN shared_params TEXT")
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -200,6 +206,18 @@ class Store:
                           (job_id, now_iso(), level, message))
 
     # ---- requests ------------------------------------------------------------------------------
+    def params(self, job_id: Optional[str] = None) -> Iterator[tuple[str, str, dict]]:
+        """(job_id, custom_id, full params) of stored requests, in row order."""
+        from .requests import full_body, splice_prefix
+        prefixes = {j["id"]: (splice_prefix(json.loads(j["shared_params"])) if j["shared_params"] else None)
+                    for j in self.q("SELECT id, shared_params FROM jobs")}
+        sql = "SELECT job_id, custom_id, body FROM requests"
+        args: tuple = ()
+        if job_id:
+            sql, args = sql + " WHERE job_id = ?", (job_id,)
+        for jid, cid, body in self.conn.execute(sql + " ORDER BY job_id, row_index", args):
+            yield jid, cid, json.loads(full_body(prefixes.get(jid), body))
+
     def counts(self, job_id: str) -> dict:
         return {r["state"]: r["n"] for r in
                 self.q("SELECT state, count(*) AS n FROM requests WHERE job_id = ? GROUP BY state", (job_id,))}

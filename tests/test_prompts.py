@@ -25,7 +25,7 @@ ADAPTER = TypeAdapter(MessageCreateParamsNonStreaming)
 
 def bodies(state):
     with Store(str(state)) as s:
-        return [json.loads(r["body"]) for r in s.q("SELECT body FROM requests ORDER BY row_index")]
+        return [params for _, _, params in s.params()]
 
 
 def assert_sdk_accepts(body):

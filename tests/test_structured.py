@@ -27,7 +27,7 @@ def run_job(cli, job, tmp_path, *extra):
 
 def bodies(state):
     with Store(str(state)) as s:
-        return {r["custom_id"]: json.loads(r["body"]) for r in s.q("SELECT custom_id, body FROM requests")}
+        return {cid: params for _, cid, params in s.params()}
 
 
 def exact_cost(model, row):
@@ -62,6 +62,9 @@ def test_label_tickets_schema_columns_cache_and_cost(emu, cli, tmp_path, model):
         assert row["cost_usd"] == pytest.approx(exact_cost(model, row), rel=1e-12)
     reads = sum(1 for row in rows if row["cache_read_input_tokens"])
     assert reads >= 0.95 * len(rows)                           # nearly every row reads the cached prompt
+    with Store(str(state)) as s:                               # the shared prompt is stored once, not per row
+        assert s.one("SELECT max(length(body)) AS n FROM requests")["n"] < 5000
+        assert len(s.one("SELECT shared_params FROM jobs")["shared_params"]) > 20000
 
 
 def test_forced_tool_on_a_model_without_structured_output(emu, cli, tmp_path):

@@ -140,7 +140,18 @@ def validate(job_file, show, allow_unknown_model, **options):
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"ok: {report['rows']} rows, model {spec.model}, job {report['job_id'][:12]}")
     for item in report["requests"]:
-        click.echo(json.dumps(item, ensure_ascii=False, indent=2))
+        click.echo(json.dumps(_shorten(item), ensure_ascii=False, indent=2))
+
+
+def _shorten(value, limit: int = 600):
+    """Long strings (a system prompt of many pages, an image) cut for display."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"… (+{len(value) - limit:,} characters)"
+    if isinstance(value, dict):
+        return {k: _shorten(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shorten(v, limit) for v in value]
+    return value
 
 
 @click.command()

@@ -45,8 +45,8 @@ def status(job, state, as_json):
                                           if r["counts"][s]) + f" (of {r['rows']})")
         t = r["tokens"]
         cost = f"${r['cost_usd']:.6f}" if r["cost_usd"] is not None else "unknown"
-        click.echo(f"  tokens: {t['input']} input, {t['output']} output, {t['cache_write']} cache write, "
-                   f"{t['cache_read']} cache read; cost {cost}"
+        click.echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
+                   f"{t['cache_read']:,} cache read; cost {cost}"
                    + (f" (budget ${r['max_cost']:.2f})" if r["max_cost"] is not None else ""))
         for b in r["batches"]:
             click.echo(f"  batch {b['batch_id'] or '(creating)'}: {b['api_status'] or b['state']}, "

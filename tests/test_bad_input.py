@@ -133,3 +133,13 @@ def test_unwritable_output_found_before_sending(emu, cli, tmp_path, tickets_csv)
     refused(cli("run", "--input", tickets_csv, "--output", tmp_path / "adir.parquet", "--prompt", "{{ body }}"),
             ExitCode.BAD_INPUT, "directory")
     assert emu.stats.create_calls == 0
+
+
+def test_validate_finds_what_run_would_refuse(emu, cli, tmp_path):
+    dup = tmp_path / "dup.csv"
+    dup.write_text("id,body\na,x\nb,y\na,z\n")
+    refused(cli("validate", "--input", dup, "--id-column", "id", "--prompt", "{{ body }}"),
+            ExitCode.BAD_INPUT, "duplicate id 'a'")
+    r = cli("validate", "--input", dup, "--prompt", "{{ body }}", "--show", "1")
+    assert r.exit_code == 0 and "ok: 3 rows" in r.output and '"custom_id": "row-0"' in r.output
+    assert emu.stats.create_calls == 0 and not (tmp_path / "batchrun-state.sqlite").exists()

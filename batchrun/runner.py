@@ -16,6 +16,7 @@ be killed at any moment and called again (from cron, say) to pick up exactly whe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -196,14 +197,22 @@ class Runner:
             self._client.close()
         self.job.close()
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold this job's lock: one run (or cancel, or estimate) at a time per job and state file."""
+        lock = JobLock(self.spec.state_path, self.job.id)
+        lock.acquire(wait=self.wait_lock)
+        try:
+            yield
+        finally:
+            lock.release()
+
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, wait: bool = True) -> RunResult:
         spec, store, job = self.spec, self.store, self.job
         self.check_connection_settings()
         check_writable(spec.output)
-        lock = JobLock(spec.state_path, job.id)
-        lock.acquire(wait=self.wait_lock)
-        try:
+        with self.locked():
             self.plan()
             if self.resume_canceled:
                 self._resume_canceled()
@@ -236,19 +245,13 @@ class Runner:
                                   exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
             result.rows = rows
             return result
-        finally:
-            lock.release()
 
     def estimate(self):
         """Plan the job (locally) and estimate what is still to be paid; sends no batch."""
         self.check_connection_settings()
-        lock = JobLock(self.spec.state_path, self.job.id)
-        lock.acquire(wait=self.wait_lock)
-        try:
+        with self.locked():
             self.plan()
             return self.estimator.estimate()
-        finally:
-            lock.release()
 
     def _result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
         cost = self.cost()
@@ -482,11 +485,13 @@ class Runner:
         if store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]:
             return 0
         created = 0
+        live = self._live_twin_jobs()
+        marks = ",".join("?" * len(live))
         while True:
             rows = store.conn.execute(
                 "SELECT custom_id, body FROM requests r WHERE job_id = ? AND state = 'pending' AND NOT EXISTS ("
                 "SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.state = 'in_flight' "
-                "AND o.job_id != r.job_id) ORDER BY row_index LIMIT ?", (job.id, self._chunk)).fetchall()
+                f"AND o.job_id IN ({marks})) ORDER BY row_index LIMIT ?", (job.id, *live, self._chunk)).fetchall()
             if not rows:
                 return created
             parts, ids, size = [], [], 16
@@ -535,6 +540,18 @@ class Runner:
             self._submitted(local, info, adopted=False)
             created += 1
             log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
+
+    def _live_twin_jobs(self) -> list:
+        """Other jobs of this state file that have our pending requests in flight and are running now.
+
+        Those rows wait for that run's answers (reused when they land) instead of being paid twice.
+        A job nobody runs at the moment cannot answer them, so they are sent: waiting could be forever.
+        """
+        others = [r[0] for r in self.store.conn.execute(
+            "SELECT DISTINCT o.job_id FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
+            "AND o.state = 'in_flight' AND o.job_id != r.job_id WHERE r.job_id = ? AND r.state = 'pending'",
+            (self.job.id,))]
+        return [j for j in others if JobLock(self.spec.state_path, j).held_elsewhere()]
 
     def _intent(self, ids: list, nbytes: int, reserve: Optional[float] = None) -> int:
         store, job = self.store, self.job
@@ -759,9 +776,7 @@ class Runner:
         store, job = self.store, self.job
         if not store.job(job.id):
             raise InputError("this job has not been started in this state file: nothing to cancel")
-        lock = JobLock(self.spec.state_path, job.id)
-        lock.acquire(wait=self.wait_lock)
-        try:
+        with self.locked():
             self.resolve_intents()
             with store.transaction():
                 store.conn.execute("UPDATE jobs SET canceled_at = ? WHERE id = ?", (now_iso(), job.id))
@@ -776,5 +791,3 @@ class Runner:
                                        (info.get("processing_status"), b["id"]))
                 n += 1
             return n
-        finally:
-            lock.release()

@@ -245,6 +245,15 @@ class JobLock:
             raise LockedError("another batchrun run holds this job (same state file); "
                               "wait for it to finish, or pass --wait-lock to queue behind it") from None
 
+    def held_elsewhere(self) -> bool:
+        """True while another process holds this job's lock (a run is moving it now)."""
+        try:
+            self.acquire(wait=False)
+        except LockedError:
+            return True
+        self.release()
+        return False
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)

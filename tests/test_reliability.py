@@ -167,3 +167,40 @@ def test_results_gone_are_told_apart(emu, cli, tmp_path, tickets_csv):
     rows = pq.read_table(out).to_pylist()
     assert {row["error_type"] for row in rows} == {"results_gone"}
     assert "29 days" in rows[0]["error_message"]
+
+
+def _bigger(tickets_csv, tmp_path):
+    import csv
+    rows = list(csv.DictReader(open(tickets_csv, encoding="utf-8", newline="")))
+    rows += [{"ticket_id": f"N-{i}", "customer": "Zoë", "priority": "2", "body": f"new ticket {i}"} for i in range(20)]
+    path = tmp_path / "bigger.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_a_second_job_waits_for_a_running_job_that_has_its_rows_in_flight(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 1.5
+    state = tmp_path / "s.sqlite"
+    first = spawn(emu, args(tickets_csv, tmp_path / "a.parquet", state))
+    deadline = time.time() + 20
+    while emu.stats.batches_created < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    r = cli(*args(_bigger(tickets_csv, tmp_path), tmp_path / "b.parquet", state))
+    assert r.exit_code == 0, r.output
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert emu.stats.requests_created == 470                  # the 450 shared rows were sent once
+    assert len(pq.read_table(tmp_path / "b.parquet")) == 470
+
+
+def test_rows_in_flight_in_a_dead_job_do_not_make_another_job_hang(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 30
+    state = tmp_path / "s.sqlite"
+    assert cli(*args(tickets_csv, tmp_path / "a.parquet", state, "--no-wait")).exit_code == ExitCode.IN_PROGRESS
+    emu.config.processing_seconds = 0.05
+    r = cli(*args(_bigger(tickets_csv, tmp_path), tmp_path / "b.parquet", state))   # nobody runs the first job
+    assert r.exit_code == 0, r.output
+    assert len(pq.read_table(tmp_path / "b.parquet")) == 470

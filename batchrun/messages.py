@@ -1,0 +1,238 @@
+"""Messages mode: every pending row is sent as its own `POST /v1/messages`, many at once.
+
+For gateways without the batch endpoints, and for runs that cannot wait for a batch. Pending rows
+are read from the state a page at a time (memory does not grow with the job), sent by
+`concurrency` workers over an httpx AsyncClient, admitted by the adaptive rate limiter
+(`ratelimit.py`), and each reply is recorded as soon as it arrives (a commit every 50 rows or
+0.5 s).
+
+Rows are never marked in flight: a run killed mid-way loses at most the replies not yet committed,
+and the next run sends those rows again; a row whose reply was recorded is never sent again.
+
+Errors, per request: transient ones (429, 529, 5xx, timeouts, dropped connections) are retried
+with backoff that honours retry-after, and a 429/529 also slows every worker down. A row is sent
+at most `max_attempts` times counting only the sends that may have run (a 429 or 529 proves the
+request did not), and at most as often and as long as the client's RetryPolicy allows; then it ends
+errored with the last error. Any other 4xx ends the row errored (final). 401/403 stop the job (every
+request would fail), as do a 404 (a wrong base URL or model) and a reply that is not a Message.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+from typing import Optional
+
+import httpx
+import tenacity
+
+from .api import CREATE_NOT_CREATED, transport_error, unwrap_gateway
+from .errors import ApiError, AuthError, InputError, NotFoundError, TransientApiError
+from .ratelimit import RateLimiter
+from .store import RESULT_FIELDS, now_iso
+
+log = logging.getLogger("batchrun")
+
+WHAT = "POST v1/messages"
+PAGE = 500                    # pending rows read from the state at a time
+FLUSH_ROWS = 50               # commit the replies received every 50 rows ...
+FLUSH_SECONDS = 0.5           # ... or 0.5 s, whichever comes first
+REPORT_SECONDS = 2.0          # progress
+DEFAULT_COOLDOWN = 1.0        # after a 429/529 without retry-after
+NOT_RUN = CREATE_NOT_CREATED  # replies that prove the request was not processed (408, 409, 429, 529)
+SLOW_DOWN = {429, 529}        # replies that slow every worker down
+
+FIELDS = tuple(f for f in RESULT_FIELDS if f != "api_batch_id")
+RECORD_SQL = ("UPDATE requests SET state = ?, " + ", ".join(f"{f} = ?" for f in FIELDS) +
+              ", attempts = attempts + ?, finished_at = ? WHERE job_id = ? AND custom_id = ? AND state = 'pending'")
+
+
+class _RowFailed(Exception):
+    """An error that ends this row (a 400, say), but not the job."""
+
+    def __init__(self, error: ApiError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class MessagesDriver:
+    def __init__(self, runner):
+        self.runner = runner
+        self.spec = runner.spec
+        self.store = runner.store
+        self.job_id = runner.job.id
+        # The sync client checks the key and the base URL; its headers, timeouts, retry policy and
+        # error mapping are used here too, so both modes speak to the server the same way.
+        self.client = runner.client
+        args = runner._client_args
+        self.transport: Optional[httpx.AsyncBaseTransport] = args.get("async_transport")
+        if self.transport is None and args.get("transport") is not None:
+            raise InputError("messages mode sends with an async client: give it an httpx.AsyncBaseTransport "
+                             "(such as httpx.ASGITransport) as async_transport, not a sync transport")
+        self.limiter: Optional[RateLimiter] = None
+        self._buffer: list = []
+        self.recorded = 0
+
+    def run_pending(self) -> int:
+        """Send every pending row; returns how many rows got their result in this call."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._run())
+        # called from inside an event loop (a notebook): run ours in a thread of its own
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._run()).result()
+
+    async def _run(self) -> int:
+        spec, sync = self.spec, self.client.http
+        self.limiter = RateLimiter(spec.concurrency, spec.rpm, spec.tpm)
+        started = time.monotonic()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=spec.concurrency)
+        limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
+        async with httpx.AsyncClient(base_url=sync.base_url, headers=sync.headers, timeout=sync.timeout,
+                                     transport=self.transport, limits=limits) as http:
+            tasks = [asyncio.create_task(self._feed(queue))]
+            tasks += [asyncio.create_task(self._worker(http, queue)) for _ in range(spec.concurrency)]
+            ticker = asyncio.create_task(self._tick())
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()          # the first error (an AuthError, say) stops the job
+            finally:
+                for task in (*tasks, ticker):
+                    task.cancel()
+                await asyncio.gather(*tasks, ticker, return_exceptions=True)
+                self._flush()              # replies already received are kept, whatever happened
+        log.info("job %s: %d replies recorded in %.1fs over %s; %d refused (429/529), %.1fs waiting on rate limits",
+                 self.runner.job.short_id, self.recorded, time.monotonic() - started, WHAT,
+                 self.limiter.refusals, self.limiter.waited)
+        return self.recorded
+
+    # ---- the pipeline ------------------------------------------------------------------------
+    async def _feed(self, queue: asyncio.Queue) -> None:
+        last = -1
+        while True:
+            page = self.store.conn.execute(
+                "SELECT row_index, custom_id, body FROM requests WHERE job_id = ? AND state = 'pending' "
+                "AND row_index > ? ORDER BY row_index LIMIT ?", (self.job_id, last, PAGE)).fetchall()
+            if not page:
+                break
+            for _, custom_id, body in page:
+                await queue.put((custom_id, self.runner.full_body(body)))
+            last = page[-1][0]
+        for _ in range(self.spec.concurrency):
+            await queue.put(None)
+
+    async def _worker(self, http: httpx.AsyncClient, queue: asyncio.Queue) -> None:
+        while (item := await queue.get()) is not None:
+            custom_id, body = item
+            fields, sends = await self._send(http, body)
+            self._buffer.append((fields["state"], *(fields.get(f) for f in FIELDS), sends, now_iso(),
+                                 self.job_id, custom_id))
+            if len(self._buffer) >= FLUSH_ROWS:
+                self._flush()
+
+    async def _tick(self) -> None:
+        last_report = time.monotonic()
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self._flush()
+            if time.monotonic() - last_report >= REPORT_SECONDS:
+                self._report()
+                last_report = time.monotonic()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        with self.store.transaction():
+            self.recorded += self.store.conn.executemany(RECORD_SQL, self._buffer).rowcount
+        self._buffer.clear()
+
+    def _report(self) -> None:
+        counts = self.store.counts(self.job_id)
+        sending = min(self.limiter.active, counts.get("pending", 0))
+        if sending:       # show the requests on the wire as in flight (they are pending in the state)
+            counts["pending"] -= sending
+            counts["in_flight"] = counts.get("in_flight", 0) + sending
+        self.runner._report(counts)
+
+    # ---- one row -----------------------------------------------------------------------------
+    async def _send(self, http: httpx.AsyncClient, body: str) -> tuple[dict, int]:
+        """Send one row until it has a result: (the row's fields, how many times it was sent)."""
+        content = body.encode("utf-8")
+        estimate = (len(body) // 4, int(json.loads(body).get("max_tokens") or 0))   # for the limiter
+        policy, max_attempts = self.client.retry, self.spec.max_attempts
+        tries = {"sent": 0, "counted": 0}
+        started = time.monotonic()
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            return (tries["counted"] >= max_attempts or tries["sent"] > policy.max_retries
+                    or time.monotonic() - started >= policy.max_elapsed)
+
+        retrying = tenacity.AsyncRetrying(retry=tenacity.retry_if_exception_type(TransientApiError),
+                                          wait=self.client._wait, stop=stop, reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    message = await self._post(http, content, estimate, tries)
+        except (TransientApiError, _RowFailed) as exc:
+            error = exc.error if isinstance(exc, _RowFailed) else exc
+            return {"result_type": "errored", "state": "errored", "error_type": error.error_type or "api_error",
+                    "error_message": str(error)}, tries["sent"]
+        return self.runner.parser.message(message), tries["sent"]
+
+    async def _post(self, http: httpx.AsyncClient, content: bytes, estimate: tuple, tries: dict) -> dict:
+        """One exchange, admitted by the limiter and reported back to it."""
+        ticket = await self.limiter.acquire(*estimate)
+        tries["sent"] += 1
+        headers = usage = refused_for = status = None
+        try:
+            try:
+                response = await http.post("v1/messages", content=content)
+            except httpx.TransportError as exc:
+                raise transport_error(exc, WHAT) from None
+            headers = response.headers
+            message = self._message(response)
+            usage = message.get("usage") or {}
+            return message
+        except (ApiError, _RowFailed) as exc:
+            error = exc.error if isinstance(exc, _RowFailed) else exc
+            status = error.status
+            if status in SLOW_DOWN:
+                wait = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN
+                refused_for = min(wait, self.client.retry.max_wait)
+            raise
+        finally:
+            if status not in NOT_RUN:
+                tries["counted"] += 1
+            self.limiter.release(ticket, headers=headers, usage=usage, refused_for=refused_for)
+
+    def _message(self, response: httpx.Response) -> dict:
+        """The Message a reply carries (unwrapped from a gateway's envelope), or the error it is."""
+        if response.status_code >= 400:
+            raise _classify(self.client._error(response, WHAT))
+        try:
+            body = response.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        message = unwrap_gateway(body)
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            return message
+        code = body.get("code") if isinstance(body, dict) else None
+        if isinstance(code, int) and not isinstance(code, bool) and code >= 400:   # an error inside a 200
+            keep = {k: v for k, v in response.headers.items()
+                    if k.lower() in ("retry-after", "retry-after-ms", "x-should-retry", "request-id")}
+            raise _classify(self.client._error(httpx.Response(code, json=body, headers=keep), WHAT))
+        snippet = response.text[:200].strip().replace("\n", " ")
+        raise ApiError(f"{WHAT}: {response.status_code} but the reply is not a Message "
+                       f"({snippet or 'empty body'}): is {self.client.base_url} an Anthropic Messages endpoint?",
+                       status=response.status_code, request_id=response.headers.get("request-id"))
+
+
+def _classify(error: ApiError) -> Exception:
+    """Transient errors are retried, 401/403/404 stop the job; any other error ends the row."""
+    if isinstance(error, (TransientApiError, AuthError, NotFoundError)):
+        return error
+    return _RowFailed(error)

@@ -32,11 +32,11 @@ def _fields(spec: JobSpec) -> dict:
 
 
 def run(job: Union[str, os.PathLike, Mapping[str, Any], JobSpec], *, wait: bool = True,
-        api_key: Optional[str] = None, base_url: Optional[str] = None, transport=None,
+        api_key: Optional[str] = None, base_url: Optional[str] = None, transport=None, async_transport=None,
         allow_unknown_model: bool = False, on_progress=None, **overrides: Any) -> RunResult:
     """Run a job to the end (or, with wait=False, as far as it can go now). Raises BatchrunError."""
     spec = load_spec(job, **overrides)
-    runner = Runner(spec, api_key=api_key, base_url=base_url, transport=transport,
+    runner = Runner(spec, api_key=api_key, base_url=base_url, transport=transport, async_transport=async_transport,
                     allow_unknown_model=allow_unknown_model, on_progress=on_progress)
     try:
         return runner.run(wait=wait)

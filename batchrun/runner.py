@@ -152,7 +152,8 @@ class Runner:
     """Runs one job. The library API (`batchrun.run`) and the CLI both go through here."""
 
     def __init__(self, spec: JobSpec, *, api_key: Optional[str] = None, base_url: Optional[str] = None,
-                 transport=None, client: Optional[ApiClient] = None, catalog: Optional[Catalog] = None,
+                 transport=None, async_transport=None, client: Optional[ApiClient] = None,
+                 catalog: Optional[Catalog] = None,
                  allow_unknown_model: bool = False, resume_canceled: bool = False, wait_lock: bool = False,
                  on_progress: Optional[Callable[[Progress], None]] = None,
                  sleep: Callable[[float], None] = time.sleep, retry=None):
@@ -164,7 +165,10 @@ class Runner:
         self.on_progress = on_progress
         self.sleep = sleep
         self._client = client
-        self._client_args = dict(api_key=api_key, base_url=base_url, transport=transport, retry=retry)
+        # transport: an httpx transport for batch mode (tests run the emulator in process with it);
+        # async_transport: the same for messages mode, which sends with an async client
+        self._client_args = dict(api_key=api_key, base_url=base_url, transport=transport,
+                                 async_transport=async_transport, retry=retry)
         self.parser = ResultParser(self.job.catalog, spec.model, schema=None, batch=spec.mode == "batch",
                                    cache_ttl=spec.cache_ttl)
         self.notes: list[str] = []

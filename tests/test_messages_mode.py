@@ -160,8 +160,7 @@ def test_in_process_async_transport(emu, tmp_path):
     spec = JobSpec.from_mapping({"input": str(inp), "output": str(out), "id_column": "ticket_id", "prompt": PROMPT,
                                  "model": MODEL, "max_tokens": 100, "mode": "messages",
                                  "state": str(tmp_path / "s.sqlite")})
-    runner = Runner(spec, api_key=KEY, base_url="http://localhost")
-    runner._client_args["async_transport"] = httpx.ASGITransport(app=emu)
+    runner = Runner(spec, api_key=KEY, base_url="http://localhost", async_transport=httpx.ASGITransport(app=emu))
     calls = emu.stats.messages_calls
     try:
         assert runner.run().exit_code == 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from decimal import Decimal
 import logging
 import os
 import sqlite3
@@ -38,7 +39,7 @@ from .output import OutputWriter, check_column_names, check_writable
 from .requests import RequestBuilder, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
 from .results import TRANSIENT_ERRORS, ResultParser
 from .spec import JobSpec
-from .store import FINAL_STATES, JobLock, Store, now_iso, parse_iso
+from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
 
@@ -455,9 +456,8 @@ class Runner:
             self._estimator = Estimator(self)
         return self._estimator
 
-    def budget_left(self):
+    def budget_left(self) -> tuple[Decimal, Decimal]:
         """What is left of max_cost after what was spent and what batches in flight may still cost."""
-        from decimal import Decimal
         row = self.store.one("SELECT coalesce(sum(max_cost), 0) AS r FROM batches WHERE job_id = ? "
                              "AND state IN ('intent', 'submitted', 'ended')", (self.job.id,))
         spent = Decimal(str(self.cost() or 0.0))
@@ -465,7 +465,6 @@ class Runner:
 
     def check_budget(self) -> None:
         """Refuse, before sending anything more, when the rows still to send may exceed the budget."""
-        from decimal import Decimal
         pending = self.store.conn.execute("SELECT body FROM requests WHERE job_id = ? AND state = 'pending'",
                                           (self.job.id,))
         total = Decimal(0)
@@ -473,14 +472,16 @@ class Runner:
         for (body,) in pending:
             total += self.estimator.request_max(self.full_body(body))
             n += 1
-        if not n:
-            return
+        if n:
+            self._require_budget(total, f"the {n} rows still to send", "nothing more was sent. Raise --max-cost, "
+                                 "or send fewer rows with --limit, and run again")
+
+    def _require_budget(self, cost: Decimal, what: str, then: str) -> None:
         left, spent = self.budget_left()
-        if total > left:
-            raise BudgetError(f"max_cost: the {n} rows still to send may cost up to ${total:.4f}, but only "
+        if cost > left:
+            raise BudgetError(f"max_cost: {what} may cost up to ${cost:.4f}, but only "
                               f"${max(left, Decimal(0)):.4f} of the ${self.spec.max_cost:.2f} budget is left "
-                              f"(spent ${spent:.4f}); nothing more was sent. Raise --max-cost, or send fewer "
-                              "rows with --limit, and run again")
+                              f"(spent ${spent:.4f}); {then}")
 
     # ---- submit --------------------------------------------------------------------------------
     def submit(self) -> int:
@@ -511,15 +512,10 @@ class Runner:
             payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
             reserve = None
             if spec.max_cost is not None:
-                from decimal import Decimal
                 reserve = sum((self.estimator.request_max(self.full_body(body)) for _, body in rows[:len(ids)]),
                               Decimal(0))
-                left, spent = self.budget_left()
-                if reserve > left:
-                    raise BudgetError(f"max_cost: the next batch may cost up to ${reserve:.4f} but only "
-                                      f"${max(left, Decimal(0)):.4f} of the ${spec.max_cost:.2f} budget is left "
-                                      f"(spent ${spent:.4f}); batches in flight are collected by the next run. "
-                                      "Raise --max-cost to continue")
+                self._require_budget(reserve, "the next batch", "batches in flight are collected by the next "
+                                     "run. Raise --max-cost to continue")
             local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None)
             failpoints.hit("after_intent")
             try:
@@ -675,22 +671,19 @@ class Runner:
         store.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (b["id"],))
         buffer: list = []
 
+        # result_type holds the outcome (succeeded, invalid_output, errored…) until _finalize makes it the state
+        sql = ("UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS) +
+               " WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = 'in_flight'")
+
         def flush() -> None:
             with store.transaction():
-                store.conn.executemany(
-                    "UPDATE requests SET result_type = ?, text = ?, parsed = ?, stop_reason = ?, model = ?, "
-                    "input_tokens = ?, output_tokens = ?, cache_creation_input_tokens = ?, "
-                    "cache_read_input_tokens = ?, cost_usd = ?, error_type = ?, error_message = ? "
-                    "WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = 'in_flight'", buffer)
+                store.conn.executemany(sql, buffer)
             buffer.clear()
 
         parse = self.parser.parse
         for line in self.client.iter_results(b["results_url"]):
             f = parse(line.get("result") or {})
-            buffer.append((f["state"], f.get("text"), f.get("parsed"), f.get("stop_reason"), f.get("model"),
-                           f.get("input_tokens"), f.get("output_tokens"), f.get("cache_creation_input_tokens"),
-                           f.get("cache_read_input_tokens"), f.get("cost_usd"), f.get("error_type"),
-                           f.get("error_message"), job.id, line.get("custom_id"), b["id"]))
+            buffer.append((f["state"], *(f.get(k) for k in PARSED_FIELDS), job.id, line.get("custom_id"), b["id"]))
             failpoints.hit("result_line")
             if len(buffer) >= 1000:
                 flush()

@@ -122,9 +122,10 @@ def parse_iso(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-RESULT_FIELDS = ("result_type", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
-                 "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd", "error_type",
-                 "error_message", "api_batch_id")
+# what a parsed result sets on its row (results.ResultParser gives these keys)
+PARSED_FIELDS = ("text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
+                 "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd", "error_type", "error_message")
+RESULT_FIELDS = ("result_type",) + PARSED_FIELDS + ("api_batch_id",)
 FINAL_STATES = ("succeeded", "errored", "expired", "canceled", "invalid_output")
 
 

@@ -204,3 +204,24 @@ def test_rows_in_flight_in_a_dead_job_do_not_make_another_job_hang(emu, cli, tmp
     r = cli(*args(_bigger(tickets_csv, tmp_path), tmp_path / "b.parquet", state))   # nobody runs the first job
     assert r.exit_code == 0, r.output
     assert len(pq.read_table(tmp_path / "b.parquet")) == 470
+
+
+def test_an_api_that_stays_down_gives_up_in_bounded_time_and_resumes(emu, tmp_path, tickets_csv):
+    import batchrun
+    from batchrun.api import RetryPolicy
+    from batchrun.errors import TransientApiError
+    from batchrun.runner import Runner
+    spec = batchrun.JobSpec.from_mapping({"input": str(tickets_csv), "output": str(tmp_path / "o.parquet"),
+                                          "id_column": "ticket_id", "prompt": PROMPT, "model": "claude-haiku-4-5",
+                                          "max_tokens": 100, "poll_interval": 0.1})
+    emu.config.fault_rate = 1.0
+    runner = Runner(spec, api_key=KEY, base_url=emu.base_url, retry=RetryPolicy(max_retries=2, max_elapsed=3))
+    started = time.monotonic()
+    with pytest.raises(TransientApiError) as failure:
+        runner.run()
+    runner.close()
+    assert time.monotonic() - started < 20
+    assert "v1/messages/batches" in str(failure.value) and KEY not in str(failure.value)
+    emu.config.fault_rate = 0.0
+    result = batchrun.run(spec, api_key=KEY, base_url=emu.base_url)
+    assert result.exit_code == 0 and result.counts == {"succeeded": 450}

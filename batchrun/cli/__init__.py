@@ -6,6 +6,7 @@ import click
 from .common import EXIT_CODES_HELP
 from .run_cmd import cancel, estimate, run, validate
 from .state_cmd import jobs, status
+from .report_cmd import report
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"],
@@ -29,6 +30,7 @@ main.add_command(estimate)
 main.add_command(cancel)
 main.add_command(status)
 main.add_command(jobs)
+main.add_command(report)
 
 try:
     from .emulator_cmd import emulator

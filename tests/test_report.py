@@ -1,7 +1,8 @@
-"""`batchrun report`: the HTML page and the numbers behind it."""
+"""`batchrun report` (the HTML page and the numbers behind it) and the progress display of `run`."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import struct
@@ -12,8 +13,10 @@ from html.parser import HTMLParser
 
 import pytest
 
+from batchrun.cli.common import ProgressPrinter
 from batchrun.errors import ExitCode
 from batchrun.report import MAX_FAILED_ROWS, build_report_data, render_report, write_report
+from batchrun.runner import Progress
 from batchrun.status import find_job
 from batchrun.store import Store, now_iso
 
@@ -317,3 +320,51 @@ def test_report_command_errors(cli, tmp_path, label_state):
     nojob = cli("report", "zzzz", "--state", state, "--html", tmp_path / "r.html")
     assert nojob.exit_code == ExitCode.BAD_INPUT and "no job" in nojob.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+# ---- progress ------------------------------------------------------------------------------------
+def test_run_prints_plain_progress_lines_when_not_a_terminal(label_state):
+    _, result = label_state
+    lines = [l for l in result.stderr.splitlines() if l.startswith("progress: ")]
+    assert lines, result.stderr
+    assert lines[-1].startswith("progress: 90/90 rows done (")
+    assert "\x1b[" not in result.stderr                      # no live display, no escape codes
+
+
+def progress(done: int, failed: int = 0, in_flight: int = 0, total: int = 100, elapsed: float = 1.0,
+             cost=0.01) -> Progress:
+    counts = {"succeeded": done - failed, "errored": failed, "in_flight": in_flight,
+              "pending": total - done - in_flight}
+    return Progress(job_id="j", total=total, counts=counts, batches_in_flight=1 if in_flight else 0,
+                    batches_total=2, cost_usd=cost, elapsed=elapsed)
+
+
+def test_live_progress_on_a_terminal():
+    from rich.console import Console
+    buf = io.StringIO()
+    printer = ProgressPrinter(console=Console(file=buf, force_terminal=True, width=120, color_system=None))
+    assert printer.live
+    printer(progress(0, in_flight=60, elapsed=0.0))
+    printer(progress(40, failed=3, in_flight=20, elapsed=20.0))
+    printer(progress(100, failed=5, elapsed=30.0, cost=None))
+    printer.close()
+    printer.close()                                          # twice is fine
+    out = buf.getvalue()
+    assert "100/100 rows" in out and "100 submitted" in out and "5 failed" in out
+    assert "2 created" in out and "unknown" in out and "$0.0100" in out
+    assert "ETA 30s" in out                                  # 40 rows in 20 s, 60 to go
+    assert "progress:" not in out
+
+
+def test_plain_progress_format_and_eta_from_this_run(capsys):
+    printer = ProgressPrinter(live=False)
+    printer(progress(50, elapsed=0.0))                       # 50 rows finished by an earlier run
+    printer(progress(60, failed=2, in_flight=10, elapsed=10.0))
+    printer.close()
+    printer.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("progress: 50/100 rows done (0 failed), 0 in flight in 0 batches (2 created), $0.0100, "
+                      "0s elapsed")
+    # the pace is this run's: 10 rows in 10 s, 40 left
+    assert err[1] == ("progress: 60/100 rows done (2 failed), 10 in flight in 1 batches (2 created), $0.0100, "
+                      "10s elapsed, ETA 40s")

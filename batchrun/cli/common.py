@@ -142,26 +142,126 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 class ProgressPrinter:
-    """Progress on stderr: a line whenever the counts change, and at least every `every` seconds."""
+    """Progress of a run on stderr.
 
-    def __init__(self, every: float = 30.0):
+    On a terminal: a live display (rich) of rows submitted / finished / failed, batches in flight,
+    cost, elapsed time and ETA, redrawn in place and left showing the final counts by `close()`.
+    Otherwise (cron, a pipe, a log file): a plain `progress:` line whenever the counts change, and
+    at least every `every` seconds. `close()` is safe to call more than once.
+    """
+
+    def __init__(self, every: float = 30.0, *, live: Optional[bool] = None, console: Any = None):
         self.every = every
         self.last: Optional[tuple] = None
         self.last_at = 0.0
+        self.first: Optional[tuple] = None  # (done, elapsed) when this run first reported: the ETA baseline
+        self.p = None
+        self.p_at = 0.0
+        self._live = None
+        self._console = console
+        self._swapped: list = []
+        if live is None:
+            live = console.is_terminal if console is not None else _stderr_isatty()
+        self.live = live
 
     def __call__(self, p) -> None:
-        key = (p.done, p.counts.get("in_flight", 0), p.batches_total)
         now = time.monotonic()
+        if self.first is None or p.done < self.first[0]:
+            self.first = (p.done, p.elapsed)
+        if self.live:
+            self.p, self.p_at = p, now
+            self._start_live()
+            if self._live is not None:
+                self._live.update(self, refresh=True)
+                return
+        key = (p.done, p.counts.get("in_flight", 0), p.batches_total)
         if key == self.last and now - self.last_at < self.every:
             return
         self.last, self.last_at = key, now
         cost = f"${p.cost_usd:.4f}" if p.cost_usd is not None else "cost unknown"
-        eta = ""
-        if 0 < p.done < p.total and p.elapsed > 5:
-            eta = f", ETA {format_seconds(p.elapsed / p.done * (p.total - p.done))}"
+        eta = self.eta(p)
+        eta = f", ETA {format_seconds(eta)}" if eta is not None else ""
         click.echo(f"progress: {p.done}/{p.total} rows done ({p.failed} failed), "
                    f"{p.counts.get('in_flight', 0)} in flight in {p.batches_in_flight} batches "
                    f"({p.batches_total} created), {cost}, {format_seconds(p.elapsed)} elapsed{eta}", err=True)
+
+    def eta(self, p, elapsed: Optional[float] = None) -> Optional[float]:
+        """Seconds left at this run's pace (rows finished by earlier runs are not counted as pace)."""
+        elapsed = p.elapsed if elapsed is None else elapsed
+        base_done, base_elapsed = self.first or (0, 0.0)
+        done, spent = p.done - base_done, elapsed - base_elapsed
+        if not (0 < p.done < p.total) or done <= 0 or elapsed <= 5 or spent <= 0:
+            return None
+        return spent / done * (p.total - p.done)
+
+    # ---- the live display ---------------------------------------------------------------------
+    def _start_live(self) -> None:
+        if self._live is not None:
+            return
+        try:
+            from rich.console import Console
+            from rich.live import Live
+        except ImportError:  # pragma: no cover - rich is a dependency; plain lines if it is missing
+            self.live = False
+            return
+        console = self._console or Console(stderr=True)
+        self._live = Live(self, console=console, refresh_per_second=4, transient=False,
+                          redirect_stdout=True, redirect_stderr=True)
+        self._live.start()
+        # log lines must go through the live display, not under it: point the batchrun handlers that
+        # write to the real stderr at the display's stderr proxy until close()
+        for handler in logging.getLogger("batchrun").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.__stderr__, console.file) \
+                    and sys.stderr is not handler.stream:
+                self._swapped.append((handler, handler.setStream(sys.stderr)))
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        p = self.p
+        elapsed = p.elapsed + (time.monotonic() - self.p_at if self._live is not None else 0.0)
+        in_flight = p.counts.get("in_flight", 0)
+        pending = p.counts.get("pending", 0)
+        submitted = p.total - pending
+        pct = 100.0 * p.done / p.total if p.total else 100.0
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(Text("batchrun", style="bold"), ProgressBar(total=max(p.total, 1), completed=p.done, width=40),
+                    Text(f"{pct:5.1f}%  {p.done:,}/{p.total:,} rows"))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim", justify="right")
+        grid.add_column()
+        rows = Text.assemble(f"{submitted:,} submitted · ", (f"{p.done - p.failed:,} succeeded", "green"), " · ",
+                             (f"{p.failed:,} failed", "red" if p.failed else ""), f" · {in_flight:,} in flight",
+                             f" · {pending:,} to send")
+        grid.add_row("rows", rows)
+        grid.add_row("batches", f"{p.batches_in_flight:,} in flight · {p.batches_total:,} created")
+        grid.add_row("cost", f"${p.cost_usd:,.4f}" if p.cost_usd is not None else "unknown (model not priced)")
+        eta = self.eta(p, elapsed)
+        grid.add_row("time", f"{format_seconds(elapsed)} elapsed"
+                     + (f" · ETA {format_seconds(eta)}" if eta is not None else ""))
+        return Group(bar, grid)
+
+    def close(self) -> None:
+        """Stop the live display (leaving its last frame on screen); a no-op in plain mode or when closed."""
+        live, self._live = self._live, None
+        for handler, old in reversed(self._swapped):
+            if old is not None:
+                handler.setStream(old)
+        self._swapped = []
+        if live is not None:
+            if self.p is not None:
+                live.update(self, refresh=True)
+            live.stop()
+
+
+def _stderr_isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def format_seconds(s: float) -> str:

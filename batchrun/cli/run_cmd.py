@@ -83,10 +83,15 @@ def run(job_file, no_wait, resume_canceled, wait_lock, **options):
     """
     setup_logging(options.get("verbose"), options.get("quiet"))
     with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
+        printer = None if options.get("quiet") else ProgressPrinter()
         runner = make_runner(job_file, options, emu_url, resume_canceled=resume_canceled, wait_lock=wait_lock,
-                             on_progress=None if options.get("quiet") else ProgressPrinter())
+                             on_progress=printer)
         try:
-            result = runner.run(wait=not no_wait)
+            try:
+                result = runner.run(wait=not no_wait)
+            finally:
+                if printer is not None:
+                    printer.close()
             print_summary(runner, result)
         finally:
             runner.close()

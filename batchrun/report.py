@@ -135,7 +135,8 @@ def _nice_width(span: int, bins: int) -> int:
 def _batches(store: Store, jid: str) -> list[dict]:
     now = dt.datetime.now(dt.timezone.utc)
     out = []
-    for b in store.q("SELECT * FROM batches WHERE job_id = ? ORDER BY id", (jid,)):
+    # an abandoned intent never became a batch (its rows went back to pending): left out, as in status
+    for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state != 'abandoned' ORDER BY id", (jid,)):
         created = _when(b["created_at"])
         ended = _when(b["ended_at"])
         seconds = None

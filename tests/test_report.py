@@ -237,7 +237,8 @@ def test_schema_job_values_unpriced_model_and_running_batch(tmp_path):
                  "input_tokens": 10, "batch_id": 1})
     store = hand_state(tmp_path / "s.sqlite", spec={"output_schema": schema}, rows=rows, model="some-future-model",
                        batches=[{"id": 1, "api_id": "msgbatch_1", "state": "submitted",
-                                 "created_at": "2026-01-01T00:00:00.000Z", "requests": 21}])
+                                 "created_at": "2026-01-01T00:00:00.000Z", "requests": 21},
+                                {"id": 2, "state": "abandoned", "requests": 21}])
     data = build_report_data(store, find_job(store, None))
     by = {p["property"]: p for p in data["labels"]}
     assert set(by) == {"category", "urgency", "needs_human", "tags", "summary"}   # not the number

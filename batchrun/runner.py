@@ -39,6 +39,7 @@ from .output import OutputWriter, check_column_names, check_writable
 from .requests import RequestBuilder, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
 from .results import TRANSIENT_ERRORS, ResultParser
 from .spec import JobSpec
+from .status import job_cost
 from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
@@ -270,11 +271,7 @@ class Runner:
                          batches_created=self.batches_created, notes=list(self.notes))
 
     def cost(self) -> Optional[float]:
-        row = self.store.one("SELECT sum(cost_usd) AS c, count(*) FILTER (WHERE state='succeeded' AND cost_usd IS NULL "
-                             "AND reused_from IS NULL) AS unknown FROM requests WHERE job_id = ?", (self.job.id,))
-        if row["unknown"]:
-            return None
-        return round(row["c"] or 0.0, 10)
+        return job_cost(self.store, self.job.id)
 
     def _report(self, counts: dict) -> None:
         if self.on_progress is None:

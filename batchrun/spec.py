@@ -119,6 +119,7 @@ class JobSpec:
     def to_json(self) -> str:
         """The spec as stored in the state file (it never holds a key)."""
         data = dataclasses.asdict(self)
+        data.pop("source", None)  # where it came from is not part of the job (and not a job key)
         if data.get("headers"):  # gateway headers may carry credentials: keep their names only
             data["headers"] = {name: "<redacted>" for name in data["headers"]}
         return json.dumps(data, sort_keys=True, default=str)

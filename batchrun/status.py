@@ -10,17 +10,30 @@ from .store import Store
 ROW_STATES = ("pending", "in_flight", "succeeded", "errored", "expired", "canceled", "invalid_output")
 
 
+# rows whose reply this job paid for (a reply that did not fit the schema was paid for too)
+PAID = "state IN ('succeeded', 'invalid_output') AND reused_from IS NULL"
+
+
+def job_cost(store: Store, job_id: str) -> Optional[float]:
+    """What the job has spent, from the usage of every reply it paid for; None if any is unpriced."""
+    row = store.one(f"SELECT sum(cost_usd) AS c, count(*) FILTER (WHERE cost_usd IS NULL) AS unknown "
+                    f"FROM requests WHERE job_id = ? AND {PAID}", (job_id,))
+    if row["unknown"]:
+        return None
+    return round(row["c"] or 0.0, 10)
+
+
 def job_status(store: Store, job: dict) -> dict:
     jid = job["id"]
     counts = {s: 0 for s in ROW_STATES}
     counts.update(store.counts(jid))
+    # tokens this job paid for: rows reused from another job's answers were paid there
     tokens = store.one(
         "SELECT coalesce(sum(input_tokens),0) AS input, coalesce(sum(output_tokens),0) AS output, "
         "coalesce(sum(cache_creation_input_tokens),0) AS cache_write, "
-        "coalesce(sum(cache_read_input_tokens),0) AS cache_read, sum(cost_usd) AS cost, "
-        "count(*) FILTER (WHERE state = 'succeeded' AND cost_usd IS NULL) AS unpriced, "
-        "count(*) FILTER (WHERE reused_from IS NOT NULL) AS reused "
-        "FROM requests WHERE job_id = ? AND state IN ('succeeded', 'invalid_output')", (jid,))
+        "coalesce(sum(cache_read_input_tokens),0) AS cache_read "
+        f"FROM requests WHERE job_id = ? AND {PAID}", (jid,))
+    reused = store.one("SELECT count(*) AS n FROM requests WHERE job_id = ? AND reused_from IS NOT NULL", (jid,))["n"]
     batches = [
         {"batch_id": b["api_id"], "state": b["state"], "api_status": b["api_status"],
          "requests": b["request_count"], "created_at": b["created_at"], "ended_at": b["ended_at"],
@@ -35,8 +48,7 @@ def job_status(store: Store, job: dict) -> dict:
         "created_at": job["created_at"], "finished_at": job["finished_at"], "finished": finished,
         "canceled": bool(job["canceled_at"]), "counts": counts,
         "tokens": {k: tokens[k] for k in ("input", "output", "cache_write", "cache_read")},
-        "cost_usd": None if tokens["unpriced"] else round(tokens["cost"] or 0.0, 10),
-        "reused_rows": tokens["reused"], "max_cost": spec.get("max_cost"), "batches": batches,
+        "cost_usd": job_cost(store, jid), "reused_rows": reused, "max_cost": spec.get("max_cost"), "batches": batches,
     }
 
 
@@ -80,8 +92,7 @@ def cost_by_kind(store: Store, job_id: str, catalog, model: str, *, batch: bool,
         params = [job_id, low if low else -1] + ([] if high is None else [high])
         r = store.one("SELECT coalesce(sum(input_tokens),0) AS i, coalesce(sum(output_tokens),0) AS o, "
                       "coalesce(sum(cache_creation_input_tokens),0) AS w, coalesce(sum(cache_read_input_tokens),0) AS c "
-                      f"FROM requests WHERE job_id = ? AND state IN ('succeeded', 'invalid_output') "
-                      f"AND reused_from IS NULL AND {cond}", params)
+                      f"FROM requests WHERE job_id = ? AND {PAID} AND {cond}", params)
         prices = info.prices_for((low or 0) + 1)
         write = prices.cache_write_1h if cache_ttl == "1h" else prices.cache_write_5m
         for kind, tokens, price in (("input", r["i"], prices.input), ("output", r["o"], prices.output),

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from ..errors import BatchrunError, ExitCode
+from ..errors import ApiError, AuthError, BatchrunError, ExitCode
 from ..spec import JobSpec
 
 EXIT_CODES_HELP = """\b
@@ -111,7 +111,10 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except BatchrunError as exc:
-            click.echo(f"batchrun: error: {exc}", err=True)
+            hint = ""
+            if isinstance(exc, ApiError) and not isinstance(exc, AuthError):
+                hint = " (the job is saved: run the same command again to resume)"
+            click.echo(f"batchrun: error: {exc}{hint}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("batchrun: interrupted; run the same command again to resume", err=True)

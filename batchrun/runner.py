@@ -58,6 +58,7 @@ class Progress:
     batches_total: int
     cost_usd: Optional[float]
     elapsed: float
+    mode: str = "batch"
 
     @property
     def done(self) -> int:
@@ -281,7 +282,7 @@ class Runner:
         total = sum(counts.values())
         self.on_progress(Progress(job_id=self.job.id, total=total, counts=counts, batches_in_flight=b["live"],
                                   batches_total=b["total"], cost_usd=self.cost(),
-                                  elapsed=time.monotonic() - self._started))
+                                  elapsed=time.monotonic() - self._started, mode=self.spec.mode))
 
     # ---- plan ----------------------------------------------------------------------------------
     def plan(self) -> None:

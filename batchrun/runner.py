@@ -409,22 +409,23 @@ class Runner:
 
     # ---- answers already paid for ----------------------------------------------------------------
     def reuse_answers(self) -> int:
-        """Pending rows whose exact request another job in this state file has answered: copy it."""
+        """Pending rows whose exact request another job in this state file has had answered (and paid
+        for) — a reply that fit, or one that did not fit the schema — take that answer: not sent again."""
         store, job = self.store, self.job
+        copied = ("state", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
+                  "cache_creation_input_tokens", "cache_read_input_tokens", "api_batch_id", "error_type",
+                  "error_message")
         rows = store.conn.execute(
-            "SELECT r.custom_id, o.job_id, o.text, o.parsed, o.stop_reason, o.model, o.input_tokens, "
-            "o.output_tokens, o.cache_creation_input_tokens, o.cache_read_input_tokens, o.api_batch_id "
-            "FROM requests r JOIN requests o ON o.params_hash = r.params_hash AND o.state = 'succeeded' "
-            "AND o.job_id != r.job_id AND o.reused_from IS NULL "
+            "SELECT r.custom_id, o.job_id, " + ", ".join(f"o.{c}" for c in copied) + " "
+            "FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
+            "AND o.state IN ('succeeded', 'invalid_output') AND o.job_id != r.job_id AND o.reused_from IS NULL "
             "WHERE r.job_id = ? AND r.state = 'pending' GROUP BY r.custom_id", (job.id,)).fetchall()
         if not rows:
             return 0
         with store.transaction():
             store.conn.executemany(
-                "UPDATE requests SET state = 'succeeded', result_type = 'succeeded', reused_from = ?, text = ?, "
-                "parsed = ?, stop_reason = ?, model = ?, input_tokens = ?, output_tokens = ?, "
-                "cache_creation_input_tokens = ?, cache_read_input_tokens = ?, api_batch_id = ?, cost_usd = 0.0, "
-                "error_type = NULL, error_message = NULL, finished_at = ? WHERE job_id = ? AND custom_id = ?",
+                "UPDATE requests SET reused_from = ?, " + ", ".join(f"{c} = ?" for c in copied) +
+                ", result_type = state, cost_usd = 0.0, finished_at = ? WHERE job_id = ? AND custom_id = ?",
                 [(r[1], *r[2:], now_iso(), job.id, r[0]) for r in rows])
             store.event(job.id, "info", f"{len(rows)} rows answered by earlier jobs: not sent again")
         log.info("job %s: %d rows reuse answers already paid for in this state file", job.short_id, len(rows))
@@ -491,10 +492,14 @@ class Runner:
         live = self._live_twin_jobs()
         marks = ",".join("?" * len(live))
         while True:
+            # not sent: rows another job has answered (reuse_answers takes them next round), and rows
+            # in flight in a job that a run is moving now (their answers are coming)
             rows = store.conn.execute(
                 "SELECT custom_id, body FROM requests r WHERE job_id = ? AND state = 'pending' AND NOT EXISTS ("
-                "SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.state = 'in_flight' "
-                f"AND o.job_id IN ({marks})) ORDER BY row_index LIMIT ?", (job.id, *live, self._chunk)).fetchall()
+                "SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
+                "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR "
+                f"(o.state = 'in_flight' AND o.job_id IN ({marks})))) ORDER BY row_index LIMIT ?",
+                (job.id, *live, self._chunk)).fetchall()
             if not rows:
                 return created
             parts, ids, size = [], [], 16

@@ -225,11 +225,16 @@ class Store:
 
 
 class JobLock:
-    """An advisory lock on one job in one state file, released by the OS if the process dies."""
+    """An advisory lock on one job in one state file, released by the OS if the process dies.
+
+    One small file per job under `<state>.locks/`, locked with flock: the lock belongs to the open
+    file, so probing another job's lock (see `held_elsewhere`) never drops one this process holds,
+    as POSIX record locks would.
+    """
 
     def __init__(self, state_path: str, job_id: str):
-        self.path = state_path + ".lock"
-        self.offset = int(job_id[:8], 16)
+        self.dir = state_path + ".locks"
+        self.path = os.path.join(self.dir, job_id[:32] + ".lock")
         self.fd: Optional[int] = None
 
     def acquire(self, wait: bool = False) -> None:
@@ -237,9 +242,10 @@ class JobLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock
             return
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, self.offset, os.SEEK_SET)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:
             os.close(self.fd)
             self.fd = None

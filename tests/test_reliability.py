@@ -225,3 +225,16 @@ def test_an_api_that_stays_down_gives_up_in_bounded_time_and_resumes(emu, tmp_pa
     emu.config.fault_rate = 0.0
     result = batchrun.run(spec, api_key=KEY, base_url=emu.base_url)
     assert result.exit_code == 0 and result.counts == {"succeeded": 450}
+
+
+def test_probing_another_jobs_lock_keeps_our_own(tmp_path):
+    from batchrun.errors import LockedError
+    from batchrun.store import JobLock
+    state = str(tmp_path / "s.sqlite")
+    ours = JobLock(state, "a" * 64)
+    ours.acquire()
+    assert not JobLock(state, "b" * 64).held_elsewhere()      # probe (open + close) another job's lock
+    with pytest.raises(LockedError):                          # ours is still held
+        JobLock(state, "a" * 64).acquire()
+    ours.release()
+    JobLock(state, "a" * 64).acquire()

@@ -131,6 +131,7 @@ class RequestBuilder:
                 raise InputError(f"{key}: column {col!r} is not in {input_name} "
                                  f"(columns: {', '.join(self.columns[:12])})")
         self.template = env.from_string(spec.prompt)
+        self._parts = simple_parts(ast)   # plain "{{ column }}" templates render without Jinja's overhead
         # the columns the renderer needs (all of them when the template reads `row`)
         needed = set(self.columns) if "row" in names else set(names)
         for col in (spec.image_column, spec.max_tokens_column):
@@ -177,11 +178,14 @@ class RequestBuilder:
     def row_part(self, row: dict, where: str) -> dict:
         """The params that differ per row (messages, per-row max_tokens); `where` names the row in errors."""
         spec = self.spec
-        clean = {k: ("" if v is None else v) for k, v in row.items()}
-        try:
-            text = self.template.render(clean, row=clean)
-        except jinja2.TemplateError as exc:
-            raise InputError(f"prompt: cannot render {where}: {exc}") from None
+        if self._parts is not None:
+            text = "".join(part if is_text else _cell(row.get(part)) for is_text, part in self._parts)
+        else:
+            clean = {k: ("" if v is None else v) for k, v in row.items()}
+            try:
+                text = self.template.render(clean, row=clean)
+            except jinja2.TemplateError as exc:
+                raise InputError(f"prompt: cannot render {where}: {exc}") from None
         content: Any = text
         if spec.image_column:
             image = image_block(row.get(spec.image_column), where, spec.image_column)
@@ -216,6 +220,31 @@ class RequestBuilder:
         if self.spec.max_tokens_column:
             base.pop("max_tokens", None)
         return base
+
+
+def simple_parts(ast: jinja2.nodes.Template) -> Optional[list]:
+    """[(is_text, text or column)] for a template made only of text and `{{ column }}`; else None.
+
+    Such a template renders exactly as Jinja would (a value's str(), a null cell as ""), at a
+    fraction of the cost per row.
+    """
+    from jinja2 import nodes
+    parts: list = []
+    for node in ast.body:
+        if not isinstance(node, nodes.Output):
+            return None
+        for item in node.nodes:
+            if isinstance(item, nodes.TemplateData):
+                parts.append((True, item.data))
+            elif isinstance(item, nodes.Name) and item.ctx == "load" and item.name != "row":
+                parts.append((False, item.name))
+            else:
+                return None
+    return parts
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else value if isinstance(value, str) else str(value)
 
 
 def image_block(value: Any, where: str, column: str) -> Optional[dict]:

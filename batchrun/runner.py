@@ -408,10 +408,16 @@ class Runner:
             raise InputError(problems[0])
 
     # ---- answers already paid for ----------------------------------------------------------------
+    def _alone(self) -> bool:
+        """True when this job is the only one in its state file (no answers to share, no twins)."""
+        return self.store.one("SELECT count(*) AS n FROM jobs WHERE id != ?", (self.job.id,))["n"] == 0
+
     def reuse_answers(self) -> int:
         """Pending rows whose exact request another job in this state file has had answered (and paid
         for) — a reply that fit, or one that did not fit the schema — take that answer: not sent again."""
         store, job = self.store, self.job
+        if self._alone():
+            return 0
         copied = ("state", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
                   "cache_creation_input_tokens", "cache_read_input_tokens", "api_batch_id", "error_type",
                   "error_message")
@@ -491,15 +497,16 @@ class Runner:
         created = 0
         live = self._live_twin_jobs()
         marks = ",".join("?" * len(live))
-        while True:
+        twins = "" if self._alone() else (
             # not sent: rows another job has answered (reuse_answers takes them next round), and rows
             # in flight in a job that a run is moving now (their answers are coming)
+            "AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
+            "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR "
+            f"(o.state = 'in_flight' AND o.job_id IN ({marks}))))")
+        while True:
             rows = store.conn.execute(
-                "SELECT custom_id, body FROM requests r WHERE job_id = ? AND state = 'pending' AND NOT EXISTS ("
-                "SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
-                "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR "
-                f"(o.state = 'in_flight' AND o.job_id IN ({marks})))) ORDER BY row_index LIMIT ?",
-                (job.id, *live, self._chunk)).fetchall()
+                f"SELECT custom_id, body FROM requests r WHERE job_id = ? AND state = 'pending' {twins} "
+                "ORDER BY row_index LIMIT ?", (job.id, *(live if twins else ()), self._chunk)).fetchall()
             if not rows:
                 return created
             parts, ids, size = [], [], 16
@@ -550,6 +557,8 @@ class Runner:
         Those rows wait for that run's answers (reused when they land) instead of being paid twice.
         A job nobody runs at the moment cannot answer them, so they are sent: waiting could be forever.
         """
+        if self._alone():
+            return []
         others = [r[0] for r in self.store.conn.execute(
             "SELECT DISTINCT o.job_id FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
             "AND o.state = 'in_flight' AND o.job_id != r.job_id WHERE r.job_id = ? AND r.state = 'pending'",
@@ -558,7 +567,7 @@ class Runner:
 
     def _intent(self, ids: list, nbytes: int, reserve: Optional[float] = None) -> int:
         store, job = self.store, self.job
-        with store.transaction():
+        with store.transaction(durable=True):
             cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at, "
                                      "max_cost) VALUES (?, 'intent', ?, ?, ?, ?)",
                                      (job.id, len(ids), nbytes, now_iso(), reserve))
@@ -569,7 +578,7 @@ class Runner:
         return local
 
     def _submitted(self, local: int, info: dict, *, adopted: bool) -> None:
-        with self.store.transaction():
+        with self.store.transaction(durable=True):
             self.store.conn.execute(
                 "UPDATE batches SET api_id = ?, state = 'submitted', api_status = ?, created_at = ?, "
                 "request_counts = ?, adopted = ? WHERE id = ?",
@@ -688,7 +697,7 @@ class Runner:
             f = parse(line.get("result") or {})
             buffer.append((f["state"], *(f.get(k) for k in PARSED_FIELDS), job.id, line.get("custom_id"), b["id"]))
             failpoints.hit("result_line")
-            if len(buffer) >= 1000:
+            if len(buffer) >= 5000:
                 flush()
         if buffer:
             flush()
@@ -749,14 +758,13 @@ class Runner:
                     "UPDATE requests SET result_type = 'errored', error_type = 'api_error', "
                     "error_message = 'no result came back for this request' "
                     "WHERE batch_id = ? AND state = 'in_flight' AND result_type IS NULL", (b["id"],))
-            store.conn.execute(
+            retry = store.conn.execute(
                 f"UPDATE requests SET state = 'pending', batch_id = NULL WHERE batch_id = ? AND state = 'in_flight' "
                 f"AND attempts < ? AND (result_type = 'expired' OR (result_type = 'errored' AND error_type IN ({marks})))",
-                (b["id"], max_attempts, *transient))
+                (b["id"], max_attempts, *transient)).rowcount
             store.conn.execute("UPDATE requests SET state = result_type, finished_at = ? "
                                "WHERE batch_id = ? AND state = 'in_flight'", (now, b["id"]))
             store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ? WHERE id = ?", (now, b["id"]))
-        retry = store.one("SELECT count(*) AS n FROM requests WHERE job_id = ? AND state = 'pending'", (self.job.id,))["n"]
         log.info("job %s: collected batch %s%s", self.job.short_id, b["api_id"],
                  f" ({retry} rows to retry)" if retry else "")
 

@@ -114,7 +114,7 @@ class JobSpec:
         shaped = {k: getattr(self, k) for k in self.IDENTITY_FIELDS}
         shaped["input"] = input_fingerprint
         blob = json.dumps(shaped, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]   # 80 bits: ample for the jobs of one state file
 
     def to_json(self) -> str:
         """The spec as stored in the state file (it never holds a key)."""

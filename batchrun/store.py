@@ -75,9 +75,8 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         PRIMARY KEY (job_id, custom_id)
     ) WITHOUT ROWID;
     CREATE UNIQUE INDEX requests_row ON requests(job_id, row_index);
-    CREATE INDEX requests_state ON requests(job_id, state);
     CREATE INDEX requests_batch ON requests(batch_id);
-    CREATE INDEX requests_params ON requests(params_hash, state);
+    CREATE INDEX requests_params ON requests(params_hash);
     CREATE TABLE batches (
         id INTEGER PRIMARY KEY,
         job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -146,7 +145,9 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as exc:
             raise InputError(f"state file {path}: not a batchrun state file ({exc})") from None
-        conn.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode: every commit survives the process being killed; the few commits that
+        # must also survive a power cut (around creating a batch) use transaction(durable=True)
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
@@ -172,7 +173,10 @@ class Store:
                     self.conn.execute("INSERT INTO _batchrun_migrations VALUES (?, ?)", (fn.__name__, now_iso()))
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction; `durable` also fsyncs it (synchronous=FULL) before returning."""
+        if durable:
+            self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -181,6 +185,9 @@ class Store:
             raise
         else:
             self.conn.execute("COMMIT")
+        finally:
+            if durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
 
     def q(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
         cur = self.conn.execute(sql, tuple(params))

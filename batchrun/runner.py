@@ -37,7 +37,7 @@ from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
 from .output import OutputWriter, check_column_names, check_writable
 from .requests import RequestBuilder, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
-from .results import TRANSIENT_ERRORS, ResultParser
+from .results import ResultParser, is_retryable
 from .spec import JobSpec
 from .status import job_cost
 from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
@@ -503,15 +503,17 @@ class Runner:
             "AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
             "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR "
             f"(o.state = 'in_flight' AND o.job_id IN ({marks}))))")
+        after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
             rows = store.conn.execute(
-                f"SELECT custom_id, body FROM requests r WHERE job_id = ? AND state = 'pending' {twins} "
-                "ORDER BY row_index LIMIT ?", (job.id, *(live if twins else ()), self._chunk)).fetchall()
+                f"SELECT custom_id, body, row_index FROM requests r WHERE job_id = ? AND state = 'pending' "
+                f"AND row_index > ? {twins} ORDER BY row_index LIMIT ?",
+                (job.id, after, *(live if twins else ()), self._chunk)).fetchall()
             if not rows:
                 return created
             parts, ids, size = [], [], 16
             prefix = self.prefix
-            for cid, body in rows:
+            for cid, body, _ in rows:
                 piece = '{"custom_id":' + json.dumps(cid) + ',"params":' + full_body(prefix, body) + "}"
                 piece_size = len(piece.encode("utf-8")) + 1
                 if parts and size + piece_size > MAX_BATCH_BYTES:
@@ -522,10 +524,11 @@ class Runner:
             payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
             reserve = None
             if spec.max_cost is not None:
-                reserve = sum((self.estimator.request_max(self.full_body(body)) for _, body in rows[:len(ids)]),
+                reserve = sum((self.estimator.request_max(self.full_body(body)) for _, body, _ in rows[:len(ids)]),
                               Decimal(0))
                 self._require_budget(reserve, "the next batch", "batches in flight are collected by the next "
                                      "run. Raise --max-cost to continue")
+            sent_through = rows[len(ids) - 1][2]
             local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None)
             failpoints.hit("after_intent")
             try:
@@ -535,6 +538,7 @@ class Runner:
                 log.warning("job %s: %s; looking for it before sending again", job.short_id, exc)
                 if self.resolve_intent(local):
                     created += 1
+                    after = sent_through
                 continue
             except RequestTooLargeError:
                 self._abandon(local, "413 request_too_large: splitting the batch")
@@ -549,6 +553,7 @@ class Runner:
                 raise
             self._submitted(local, info, adopted=False)
             created += 1
+            after = sent_through
             log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
 
     def _live_twin_jobs(self) -> list:
@@ -669,8 +674,8 @@ class Runner:
             except ResultsGoneError as exc:
                 self._results_gone(b, str(exc))
                 return
-            missing = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight' "
-                                "AND result_type IS NULL", (b["id"],))["n"]
+            missing = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'",
+                                (b["id"],))["n"]
             if missing == 0:
                 break
             log.warning("job %s: results of %s lack %d of %d rows; downloading again", job.short_id,
@@ -678,29 +683,37 @@ class Runner:
             self.sleep(min(2.0 ** attempt * 0.25, 5.0))
         self._finalize(b, missing)
 
-    def _download(self, b: dict) -> None:
-        store, job = self.store, self.job
-        store.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (b["id"],))
+    # Each result makes its row final at once — or pending again when it failed in a way worth another
+    # attempt (a transient error type, or expired) and attempts remain. Rows of the batch still in flight
+    # are the ones whose result has not come back yet.
+    _RECORD = ("UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS) +
+               ", state = CASE WHEN ? AND attempts < ? THEN 'pending' ELSE ? END"
+               ", batch_id = CASE WHEN ? AND attempts < ? THEN NULL ELSE batch_id END, finished_at = ? "
+               "WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = 'in_flight'")
+
+    def _record(self, b: dict, results) -> None:
+        """Record (custom_id, fields) pairs of batch `b`, committing every 5000."""
+        store, job, max_attempts = self.store, self.job, self.spec.max_attempts
         buffer: list = []
-
-        # result_type holds the outcome (succeeded, invalid_output, errored…) until _finalize makes it the state
-        sql = ("UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS) +
-               " WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = 'in_flight'")
-
-        def flush() -> None:
-            with store.transaction():
-                store.conn.executemany(sql, buffer)
-            buffer.clear()
-
-        parse = self.parser.parse
-        for line in self.client.iter_results(b["results_url"]):
-            f = parse(line.get("result") or {})
-            buffer.append((f["state"], *(f.get(k) for k in PARSED_FIELDS), job.id, line.get("custom_id"), b["id"]))
+        now = now_iso()
+        for custom_id, f in results:
+            retry = is_retryable(f)
+            buffer.append((f["state"], *(f.get(k) for k in PARSED_FIELDS), retry, max_attempts, f["state"],
+                           retry, max_attempts, now, job.id, custom_id, b["id"]))
             failpoints.hit("result_line")
             if len(buffer) >= 5000:
-                flush()
+                with store.transaction():
+                    store.conn.executemany(self._RECORD, buffer)
+                buffer.clear()
         if buffer:
-            flush()
+            with store.transaction():
+                store.conn.executemany(self._RECORD, buffer)
+
+    def _download(self, b: dict) -> None:
+        self.store.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (b["id"],))
+        parse = self.parser.parse
+        self._record(b, ((line.get("custom_id"), parse(line.get("result") or {}))
+                         for line in self.client.iter_results(b["results_url"])))
 
     def _verify_adopted(self, b: dict) -> bool:
         """An adopted batch must hold exactly our custom_ids; otherwise it was someone else's."""
@@ -747,26 +760,17 @@ class Runner:
         log.error("job %s: %s", self.job.short_id, message)
 
     def _finalize(self, b: dict, missing: int) -> None:
-        """Make the batch's results final: retryable failures go back to pending."""
-        store, max_attempts = self.store, self.spec.max_attempts
-        transient = tuple(sorted(TRANSIENT_ERRORS))
-        marks = ",".join("?" * len(transient))
-        now = now_iso()
-        with store.transaction():
-            if missing:
-                store.conn.execute(
-                    "UPDATE requests SET result_type = 'errored', error_type = 'api_error', "
-                    "error_message = 'no result came back for this request' "
-                    "WHERE batch_id = ? AND state = 'in_flight' AND result_type IS NULL", (b["id"],))
-            retry = store.conn.execute(
-                f"UPDATE requests SET state = 'pending', batch_id = NULL WHERE batch_id = ? AND state = 'in_flight' "
-                f"AND attempts < ? AND (result_type = 'expired' OR (result_type = 'errored' AND error_type IN ({marks})))",
-                (b["id"], max_attempts, *transient)).rowcount
-            store.conn.execute("UPDATE requests SET state = result_type, finished_at = ? "
-                               "WHERE batch_id = ? AND state = 'in_flight'", (now, b["id"]))
-            store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ? WHERE id = ?", (now, b["id"]))
-        log.info("job %s: collected batch %s%s", self.job.short_id, b["api_id"],
-                 f" ({retry} rows to retry)" if retry else "")
+        """Close the batch: rows whose result never came back are failed (and retried while attempts remain)."""
+        if missing:
+            ids = [r[0] for r in self.store.conn.execute(
+                "SELECT custom_id FROM requests WHERE batch_id = ? AND state = 'in_flight'", (b["id"],))]
+            lost = {"state": "errored", "error_type": "api_error",
+                    "error_message": "no result came back for this request"}
+            self._record(b, ((cid, lost) for cid in ids))
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ? WHERE id = ?",
+                                    (now_iso(), b["id"]))
+        log.info("job %s: collected batch %s", self.job.short_id, b["api_id"])
 
     # ---- write ---------------------------------------------------------------------------------
     def write_output(self) -> int:

@@ -27,6 +27,7 @@ class ResultParser:
         self.cache_ttl = cache_ttl
         self.validator = jsonschema.Draft202012Validator(schema) if schema is not None else None
         self.unpriced = False
+        self._costs: dict = {}
 
     def parse(self, result: dict) -> dict:
         """Fields for the requests table from `result` (the `result` object of a JSONL line)."""
@@ -56,7 +57,7 @@ class ResultParser:
             elif btype == "tool_use" and block.get("name") == OUTPUT_TOOL:
                 tool_input = block.get("input")
         text = "".join(texts)
-        cost = self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl)
+        cost = self._cost(usage)
         if cost is None:
             self.unpriced = True
         fields: dict[str, Any] = {
@@ -66,11 +67,29 @@ class ResultParser:
             "output_tokens": _int(usage.get("output_tokens")),
             "cache_creation_input_tokens": _int(usage.get("cache_creation_input_tokens")),
             "cache_read_input_tokens": _int(usage.get("cache_read_input_tokens")),
-            "cost_usd": _money(cost), "error_type": None, "error_message": None, "parsed": None,
+            "cost_usd": cost, "error_type": None, "error_message": None, "parsed": None,
         }
         if self.validator is not None:
             self._structured(fields, text, tool_input)
         return fields
+
+    def _cost(self, usage: dict) -> Optional[float]:
+        """The exact catalog cost (Decimal arithmetic), memoised on the token counts: a job's replies
+        repeat the same counts often, and the arithmetic is the costliest part of reading a result."""
+        split = usage.get("cache_creation")
+        key = (usage.get("input_tokens"), usage.get("output_tokens"), usage.get("cache_creation_input_tokens"),
+               usage.get("cache_read_input_tokens"),
+               tuple(sorted(split.items())) if isinstance(split, dict) else None)
+        try:
+            return self._costs[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value somewhere: no memo
+            return _money(self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl))
+        value = _money(self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl))
+        if len(self._costs) < 100_000:
+            self._costs[key] = value
+        return value
 
     def _structured(self, fields: dict, text: str, tool_input: Any) -> None:
         if tool_input is not None:

@@ -529,7 +529,9 @@ class Runner:
                 self._require_budget(reserve, "the next batch", "batches in flight are collected by the next "
                                      "run. Raise --max-cost to continue")
             sent_through = rows[len(ids) - 1][2]
-            local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None)
+            # without twin filtering, the chunk is every pending row in its row range
+            span = None if twins else (rows[0][2], sent_through)
+            local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None, span)
             failpoints.hit("after_intent")
             try:
                 info = self.client.create_batch(payload)
@@ -570,16 +572,23 @@ class Runner:
             (self.job.id,))]
         return [j for j in others if JobLock(self.spec.state_path, j).held_elsewhere()]
 
-    def _intent(self, ids: list, nbytes: int, reserve: Optional[float] = None) -> int:
+    def _intent(self, ids: list, nbytes: int, reserve: Optional[float] = None, span: Optional[tuple] = None) -> int:
+        """Commit (and fsync) what is about to be sent, before it is sent: the batch's members and the time."""
         store, job = self.store, self.job
+        mark = "UPDATE requests SET state = 'in_flight', batch_id = ?, attempts = attempts + 1, result_type = NULL "
         with store.transaction(durable=True):
             cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at, "
                                      "max_cost) VALUES (?, 'intent', ?, ?, ?, ?)",
                                      (job.id, len(ids), nbytes, now_iso(), reserve))
             local = cur.lastrowid
-            store.conn.executemany(
-                "UPDATE requests SET state = 'in_flight', batch_id = ?, attempts = attempts + 1, result_type = NULL "
-                "WHERE job_id = ? AND custom_id = ? AND state = 'pending'", [(local, job.id, cid) for cid in ids])
+            if span is not None:
+                n = store.conn.execute(mark + "WHERE job_id = ? AND row_index BETWEEN ? AND ? AND state = 'pending'",
+                                       (local, job.id, *span)).rowcount
+                if n != len(ids):
+                    raise RuntimeError(f"batch intent marked {n} rows, expected {len(ids)}")  # rolls back
+            else:
+                store.conn.executemany(mark + "WHERE job_id = ? AND custom_id = ? AND state = 'pending'",
+                                       [(local, job.id, cid) for cid in ids])
         return local
 
     def _submitted(self, local: int, info: dict, *, adopted: bool) -> None:

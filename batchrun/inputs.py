@@ -13,7 +13,6 @@ from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -150,6 +149,7 @@ class InputSource:
 
     def _parquet_batches(self) -> Iterator[pa.RecordBatch]:
         if self.is_dir:
+            import pyarrow.dataset as pads  # imported here: it is slow to import and only directories need it
             dataset = pads.dataset(self.path, filesystem=self.fs, format="parquet")
             files = sorted(dataset.files)  # a stable order, whatever the listing order
             dataset = pads.dataset(files, filesystem=self.fs, format="parquet", schema=dataset.schema)

@@ -87,7 +87,7 @@ class ResultParser:
         except TypeError:  # an unhashable value somewhere: no memo
             return _money(self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl))
         value = _money(self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl))
-        if len(self._costs) < 100_000:
+        if len(self._costs) < 10_000:
             self._costs[key] = value
         return value
 

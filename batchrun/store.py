@@ -148,7 +148,7 @@ class Store:
         # NORMAL in WAL mode: every commit survives the process being killed; the few commits that
         # must also survive a power cut (around creating a batch) use transaction(durable=True)
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA cache_size=-65536")        # 64 MiB of page cache (the default is 2 MiB)
+        conn.execute("PRAGMA cache_size=-16384")        # 16 MiB of page cache (the default is 2 MiB)
         conn.execute("PRAGMA wal_autocheckpoint=8192")  # checkpoint every 32 MiB of WAL, not every 4 MiB
         conn.execute("PRAGMA busy_timeout=30000")
         self.conn = conn

@@ -1,0 +1,259 @@
+"""batchrun against the floor, in one run on one machine, with the emulator on loopback.
+
+    python benchmarks/bench.py                                  # floor vs batchrun at 100k; memory at 20k, 100k
+    python benchmarks/bench.py --rows 20000,100000,1000000      # memory at 1M too (minutes)
+    python benchmarks/bench.py --profile benchmarks/work/run.prof   # also one cProfile'd batchrun run
+
+The emulator runs in its own process (`batchrun emulator --no-validate --processing-seconds 0.2`),
+so its work is not counted in either contender's CPU, but both share the machine's cores with it.
+Every run is a child process; its wall time is taken around it and its peak RSS from `wait4`.
+
+* speed: at --compare rows, the floor (benchmarks/floor.py) and `batchrun run` alternately,
+  --rounds times each; batchrun's output is checked row by row against the floor's (same ids in
+  the same order, same reply text, same token counts). Medians and the ratio are printed.
+* memory: batchrun's peak RSS at each of --rows (one run each; the 100k figure is the speed run's
+  largest when the sizes overlap).
+* stages: read from batchrun's state file, not from added instrumentation:
+    startup  process start → jobs.created_at            (imports, input fingerprint, locks)
+    plan     jobs.created_at → jobs.planned_at           (read, render, insert every request)
+    gap      jobs.planned_at → first batches.intent_at   (plan's commit, first pending-rows query)
+    submit   first intent_at → last batch's created_at   (build payloads, POST, commit ids)
+    collect  last created_at → last batches.collected_at (poll, download, parse, record results)
+    write    last collected_at → jobs.output_written_at  (stream input again, join, Parquet)
+    exit     output_written_at → process exit            (summary, close)
+  The API's created_at comes from the emulator, on the same clock.
+
+Prints figures; asserts nothing about them (a failed row check does stop it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import floor  # noqa: E402  (the prompt, model and max_tokens are shared with the floor)
+
+PY = sys.executable
+BATCHRUN = [PY, "-c", "from batchrun.cli import main; main()"]
+
+
+# ---- the emulator ---------------------------------------------------------------------------------
+class EmulatorProcess:
+    def __init__(self, processing_seconds: float):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(BATCHRUN + ["emulator", "--port", str(self.port), "--no-validate",
+                                                 "--processing-seconds", str(processing_seconds)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.control("GET", "stats")
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise SystemExit("the emulator did not start")
+                time.sleep(0.1)
+
+    def control(self, method: str, what: str) -> dict:
+        req = urllib.request.Request(f"{self.base_url}/_emulator/{what}", method=method,
+                                     data=b"{}" if method == "POST" else None,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+
+    def reset(self) -> None:
+        """Forget every batch (its memory would otherwise grow run after run)."""
+        self.control("POST", "reset")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---- one child process ------------------------------------------------------------------------------
+def timed(argv: list, env: dict, log: Path) -> tuple[float, float, float]:
+    """(started at, wall seconds, peak RSS in MiB) of one child process; stops the bench if it fails."""
+    with open(log, "wb") as err:
+        started_at = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, argv))}\n{log.read_text()[-3000:]}")
+    return started_at, wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def batchrun_argv(data: Path, out: Path, state: Path, *, quiet: bool = True) -> list:
+    return ["run", "--input", data, "--output", out, "--state", state, "--id-column", floor.ID_COLUMN,
+            "--prompt", floor.JINJA_PROMPT, "--model", floor.MODEL, "--max-tokens", str(floor.MAX_TOKENS),
+            "--batch-size", "10000", "--poll-interval", "0.2", "-q" if quiet else "-v"]
+
+
+def fresh_state(state: Path) -> None:
+    for p in state.parent.glob(state.name + "*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def stages(state: Path, started_at: float, ended_at: float) -> dict:
+    ts = lambda s: dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+    db = sqlite3.connect(state)
+    try:
+        created, planned, written = db.execute("SELECT created_at, planned_at, output_written_at FROM jobs").fetchone()
+        first_intent, last_created, last_collected = db.execute(
+            "SELECT min(intent_at), max(created_at), max(collected_at) FROM batches WHERE state = 'collected'").fetchone()
+    finally:
+        db.close()
+    marks = [started_at, ts(created), ts(planned), ts(first_intent), ts(last_created), ts(last_collected),
+             ts(written), ended_at]
+    names = ["startup", "plan", "gap", "submit", "collect", "write", "exit"]
+    return {n: b - a for n, a, b in zip(names, marks, marks[1:])}
+
+
+def run_batchrun(data: Path, work: Path, tag: str, env: dict) -> dict:
+    out, state = work / f"batchrun-{tag}.parquet", work / f"state-{tag}.sqlite"
+    fresh_state(state)
+    started_at, wall, rss = timed(BATCHRUN + batchrun_argv(data, out, state), env, work / f"batchrun-{tag}.log")
+    st = stages(state, started_at, started_at + wall)
+    state_mb = state.stat().st_size / 1e6
+    fresh_state(state)
+    return {"wall": wall, "rss": rss, "stages": st, "output": out, "state_mb": state_mb}
+
+
+def run_floor(data: Path, work: Path, tag: str, env: dict) -> dict:
+    out = work / f"floor-{tag}.parquet"
+    _, wall, rss = timed([PY, HERE / "floor.py", data, out], env, work / f"floor-{tag}.log")
+    return {"wall": wall, "rss": rss, "output": out}
+
+
+def same_rows(ours: Path, theirs: Path, rows: int) -> None:
+    a = pq.read_table(ours, columns=[floor.ID_COLUMN, "status", "text", "input_tokens", "output_tokens"])
+    b = pq.read_table(theirs, columns=[floor.ID_COLUMN, "status", "text", "input_tokens", "output_tokens"])
+    assert a.num_rows == b.num_rows == rows, (a.num_rows, b.num_rows, rows)
+    for col in (floor.ID_COLUMN, "text", "input_tokens", "output_tokens"):
+        if not a.column(col).equals(b.column(col)):
+            raise SystemExit(f"batchrun's output differs from the floor's in column {col!r}")
+    if set(a.column("status").to_pylist()) != {"succeeded"}:
+        raise SystemExit("batchrun's output has rows that did not succeed")
+
+
+def dataset(rows: int, work: Path) -> Path:
+    data = work / f"tickets-{rows}.csv"
+    if not data.exists():
+        subprocess.run([PY, HERE / "make_data.py", str(rows), data], check=True, stdout=subprocess.DEVNULL)
+    return data
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem = next((line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")), "0")
+    return (f"{os.cpu_count()} cores ({cpu}), {int(mem) / 2**20:.0f} GiB RAM, Python {platform.python_version()}, "
+            f"pyarrow {pyarrow.__version__}, {platform.platform()}")
+
+
+def profile(data: Path, work: Path, env: dict, out: Path) -> None:
+    """One batchrun run under cProfile, its stats saved to `out` and the top printed."""
+    state = work / "state-profile.sqlite"
+    fresh_state(state)
+    argv = [str(a) for a in ["batchrun"] + batchrun_argv(data, work / "batchrun-profile.parquet", state)]
+    code = ("import cProfile, sys; sys.argv = " + repr(argv) + "\n"
+            "from batchrun.cli import main\n"
+            "cProfile.run('main()', " + repr(str(out)) + ")\n")
+    _, wall, _ = timed([PY, "-c", code], env, work / "batchrun-profile.log")
+    fresh_state(state)
+    import pstats
+    print(f"\ncProfile of one batchrun run ({wall:.1f} s under the profiler), saved to {out}:")
+    stats = pstats.Stats(str(out))
+    stats.sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="20000,100000", help="sizes for peak memory (default: 20000,100000)")
+    ap.add_argument("--compare", type=int, default=100_000, help="size of the floor-vs-batchrun runs (0: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each contender at --compare rows")
+    ap.add_argument("--processing-seconds", type=float, default=0.2, help="how long the emulator keeps a batch")
+    ap.add_argument("--work", default=str(HERE / "work"), help="data, outputs and logs (kept: data is reused)")
+    ap.add_argument("--profile", metavar="PATH", help="also run batchrun once under cProfile at --compare rows")
+    args = ap.parse_args()
+    sizes = [int(r.replace("_", "")) for r in args.rows.split(",") if r]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    print(f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine()}")
+    print(f"emulator: own process, validation off, batches end after {args.processing_seconds} s; "
+          f"batches of 10,000; poll interval 0.2 s")
+    emu = EmulatorProcess(args.processing_seconds)
+    env = dict(os.environ, ANTHROPIC_BASE_URL=emu.base_url, ANTHROPIC_API_KEY="bench-key")
+    peaks: dict = {}
+    try:
+        if args.compare:
+            n = args.compare
+            data = dataset(n, work)
+            floors, ours = [], []
+            for i in range(args.rounds):
+                emu.reset()
+                floors.append(run_floor(data, work, f"{n}", env))
+                emu.reset()
+                ours.append(run_batchrun(data, work, f"{n}", env))
+                same_rows(ours[-1]["output"], floors[-1]["output"], n)
+                print(f"  round {i + 1}: floor {floors[-1]['wall']:.2f} s, batchrun {ours[-1]['wall']:.2f} s "
+                      f"(output = floor's, row by row)", flush=True)
+            f = statistics.median(r["wall"] for r in floors)
+            b = statistics.median(r["wall"] for r in ours)
+            print(f"\n{n:,} rows: floor {f:.2f} s, batchrun {b:.2f} s: ratio {b / f:.2f}x (medians of {args.rounds}; "
+                  f"target <= 1.5x)")
+            print(f"  peak RSS: floor {max(r['rss'] for r in floors):.0f} MiB, "
+                  f"batchrun {max(r['rss'] for r in ours):.0f} MiB; state file {ours[-1]['state_mb']:.0f} MB")
+            names = list(ours[0]["stages"])
+            med = {k: statistics.median(r["stages"][k] for r in ours) for k in names}
+            print("  batchrun stages (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+            peaks[n] = max(r["rss"] for r in ours)
+        for n in sizes:
+            if n in peaks:
+                continue
+            emu.reset()
+            r = run_batchrun(dataset(n, work), work, f"{n}", env)
+            peaks[n] = r["rss"]
+            print(f"{n:>9,} rows: batchrun {r['wall']:.1f} s, peak RSS {r['rss']:.0f} MiB, state file "
+                  f"{r['state_mb']:.0f} MB; stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()),
+                  flush=True)
+        print("\npeak RSS of batchrun: " + ", ".join(f"{n:,} rows {peaks[n]:.0f} MiB" for n in sorted(peaks)))
+        if 20_000 in peaks and 100_000 in peaks:
+            print(f"  peak(100k) / peak(20k) = {peaks[100_000] / peaks[20_000]:.2f} (target <= 1.3)")
+        if 1_000_000 in peaks:
+            print(f"  peak(1M) = {peaks[1_000_000]:.0f} MiB (target < 500 MB = {500e6 / 2**20:.0f} MiB)")
+        if args.profile:
+            emu.reset()
+            profile(dataset(args.compare or 100_000, work), work, env, Path(args.profile))
+    finally:
+        emu.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -71,7 +71,8 @@ class Estimator:
         """Tokens per character of request body, from a sample of this job's requests."""
         if self._ratio is None:
             rows = self.runner.store.conn.execute(
-                "SELECT body FROM requests WHERE job_id = ? ORDER BY row_index LIMIT 2000",
+                "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+                "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 2000",
                 (self.runner.job.id,)).fetchall()
             sample = random.Random(0).sample(rows, min(len(rows), 20))
             tokens = sum(self._count(b) for (b,) in sample)
@@ -107,10 +108,11 @@ class Estimator:
         jid = runner.job.id
         store = runner.store
         counts = store.counts(jid)
-        pending = store.conn.execute("SELECT body FROM requests WHERE job_id = ? AND state = 'pending' "
-                                     "ORDER BY row_index", (jid,))
+        pending = store.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+                                     "WHERE r.job_id = ? AND r.state = 'pending' ORDER BY r.row_index", (jid,))
         bodies_n = counts.get("pending", 0)
-        first = store.one("SELECT body FROM requests WHERE job_id = ? ORDER BY row_index LIMIT 1", (jid,))
+        first = store.one("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+                          "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 1", (jid,))
         sys_tokens = self.system_tokens(runner.full_body(first["body"])) if first else 0
         cacheable = self.cacheable(sys_tokens)
         low = high = Decimal(0)

@@ -115,8 +115,8 @@ class MessagesDriver:
         last = -1
         while True:
             page = self.store.conn.execute(
-                "SELECT row_index, custom_id, body FROM requests WHERE job_id = ? AND state = 'pending' "
-                "AND row_index > ? ORDER BY row_index LIMIT ?", (self.job_id, last, PAGE)).fetchall()
+                "SELECT r.row_index, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+                "WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? ORDER BY r.row_index LIMIT ?", (self.job_id, last, PAGE)).fetchall()
             if not page:
                 break
             for _, custom_id, body in page:

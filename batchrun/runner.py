@@ -366,14 +366,15 @@ class Runner:
                 raw_ids = None
                 ids = [f"row-{index + i}" for i in range(n)]
             rows = batch.select(builder.needed_columns).to_pylist() if builder.needed_columns else [{}] * n
-            records = []
+            records, bodies = [], []
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
                 part = builder.row_part(rows[i], where)
                 if i == 0 and index == 0:
                     self._check_params({**builder.base, **part})
                 body = canonical_json(part)
-                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash), body))
+                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash)))
+                bodies.append(body)
             if len(set(ids)) != n:
                 seen: dict = {}
                 for i, cid in enumerate(ids):
@@ -381,8 +382,11 @@ class Runner:
                         raise self._duplicate(raw_ids[i] if raw_ids else cid, seen[cid], index + i)
                     seen[cid] = index + i
             try:
-                conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body) "
-                                 "VALUES (?, ?, ?, ?, ?)", records)
+                # bodies get consecutive ids after the largest one (inside the plan's transaction)
+                base = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM bodies").fetchone()[0]
+                conn.executemany("INSERT INTO bodies (id, body) VALUES (?, ?)", zip(range(base, base + n), bodies))
+                conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body_id) "
+                                 "VALUES (?, ?, ?, ?, ?)", [(*r, base + i) for i, r in enumerate(records)])
             except sqlite3.IntegrityError:
                 for i, cid in enumerate(ids):
                     prior = conn.execute("SELECT row_index FROM requests WHERE job_id = ? AND custom_id = ?",
@@ -470,8 +474,8 @@ class Runner:
 
     def check_budget(self) -> None:
         """Refuse, before sending anything more, when the rows still to send may exceed the budget."""
-        pending = self.store.conn.execute("SELECT body FROM requests WHERE job_id = ? AND state = 'pending'",
-                                          (self.job.id,))
+        pending = self.store.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+                                          "WHERE r.job_id = ? AND r.state = 'pending'", (self.job.id,))
         total = Decimal(0)
         n = 0
         for (body,) in pending:
@@ -506,8 +510,8 @@ class Runner:
         after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
             rows = store.conn.execute(
-                f"SELECT custom_id, body, row_index FROM requests r WHERE job_id = ? AND state = 'pending' "
-                f"AND row_index > ? {twins} ORDER BY row_index LIMIT ?",
+                f"SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
+                f"WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {twins} ORDER BY r.row_index LIMIT ?",
                 (job.id, after, *(live if twins else ()), self._chunk)).fetchall()
             if not rows:
                 return created

@@ -29,7 +29,7 @@ def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_u
 
 @migration
 def m001_initial(db: sqlite_utils.Database) -> None:
-    db.executescript("""
+    _script(db, """
     CREATE TABLE jobs (
         id TEXT PRIMARY KEY,
         name TEXT,
@@ -111,6 +111,69 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 def m002_shared_params(db: sqlite_utils.Database) -> None:
     """Requests store only their own part; the part every request shares is kept once per job."""
     db.execute("ALTER TABLE jobs ADD COLUMN shared_params TEXT")
+
+
+_REQUEST_COLUMNS = (
+    "job_id, custom_id, row_index, params_hash, max_cost, state, attempts, batch_id, result_type, text, parsed, "
+    "stop_reason, model, input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens, "
+    "cost_usd, error_type, error_message, api_batch_id, reused_from, finished_at")
+
+
+@migration
+def m003_bodies_apart(db: sqlite_utils.Database) -> None:
+    """Request bodies move to their own table, written once and never rewritten.
+
+    In one table with the request's state, every state change and every recorded result rewrote the
+    whole record, body included (a 100k-row job wrote its bodies to disk six times over). Now the
+    requests table holds small rows that change; `bodies` holds the large ones that do not.
+    """
+    order = "row_number() OVER (ORDER BY job_id, row_index)"
+    script = f"""
+    CREATE TABLE bodies (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+    INSERT INTO bodies (id, body) SELECT {order}, body FROM requests;
+    CREATE TABLE requests_v3 (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        custom_id TEXT NOT NULL,
+        row_index INTEGER NOT NULL,
+        params_hash TEXT NOT NULL,
+        body_id INTEGER NOT NULL,
+        max_cost REAL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        batch_id INTEGER,
+        result_type TEXT,
+        text TEXT,
+        parsed TEXT,
+        stop_reason TEXT,
+        model TEXT,
+        input_tokens INTEGER,
+        output_tokens INTEGER,
+        cache_creation_input_tokens INTEGER,
+        cache_read_input_tokens INTEGER,
+        cost_usd REAL,
+        error_type TEXT,
+        error_message TEXT,
+        api_batch_id TEXT,
+        reused_from TEXT,
+        finished_at TEXT,
+        PRIMARY KEY (job_id, custom_id)
+    ) WITHOUT ROWID;
+    INSERT INTO requests_v3 (body_id, {_REQUEST_COLUMNS}) SELECT {order}, {_REQUEST_COLUMNS} FROM requests;
+    DROP TABLE requests;
+    ALTER TABLE requests_v3 RENAME TO requests;
+    CREATE UNIQUE INDEX requests_row ON requests(job_id, row_index);
+    CREATE INDEX requests_batch ON requests(batch_id);
+    CREATE INDEX requests_params ON requests(params_hash);
+    """
+    _script(db, script)
+
+
+def _script(db: sqlite_utils.Database, script: str) -> None:
+    """Run statements one by one inside the migration's transaction (executescript would commit it
+    half-way, and a second process creating the same state file could then see half a schema)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
 
 
 def now_iso() -> str:
@@ -221,11 +284,11 @@ class Store:
         from .requests import full_body, splice_prefix
         prefixes = {j["id"]: (splice_prefix(json.loads(j["shared_params"])) if j["shared_params"] else None)
                     for j in self.q("SELECT id, shared_params FROM jobs")}
-        sql = "SELECT job_id, custom_id, body FROM requests"
+        sql = "SELECT r.job_id, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id"
         args: tuple = ()
         if job_id:
-            sql, args = sql + " WHERE job_id = ?", (job_id,)
-        for jid, cid, body in self.conn.execute(sql + " ORDER BY job_id, row_index", args):
+            sql, args = sql + " WHERE r.job_id = ?", (job_id,)
+        for jid, cid, body in self.conn.execute(sql + " ORDER BY r.job_id, r.row_index", args):
             yield jid, cid, json.loads(full_body(prefixes.get(jid), body))
 
     def counts(self, job_id: str) -> dict:

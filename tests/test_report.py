@@ -141,10 +141,11 @@ def hand_state(path, *, spec: dict, rows: list[dict], batches: list[dict] = (), 
                       (b["id"], jid, b.get("api_id"), b.get("state", "collected"), b.get("requests", 1),
                        b.get("created_at") or now_iso(), b.get("created_at"), b.get("ended_at")))
         for i, r in enumerate(rows):
-            c.execute("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body, state, attempts, "
+            c.execute("INSERT INTO bodies (id, body) VALUES (?, '{}')", (i + 1,))
+            c.execute("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body_id, state, attempts, "
                       "parsed, input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens, "
                       "cost_usd, error_type, error_message, batch_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (jid, r.get("custom_id", f"row-{i}"), i, f"h{i}", "{}", r.get("state", "succeeded"),
+                      (jid, r.get("custom_id", f"row-{i}"), i, f"h{i}", i + 1, r.get("state", "succeeded"),
                        r.get("attempts", 1), json.dumps(r["parsed"]) if "parsed" in r else None,
                        r.get("input_tokens"), r.get("output_tokens"), r.get("cache_write"), r.get("cache_read"),
                        r.get("cost_usd"), r.get("error_type"), r.get("error_message"), r.get("batch_id")))

@@ -1,0 +1,76 @@
+"""The state file's schema: older state files open, migrate and resume their jobs."""
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pyarrow.parquet as pq
+
+from batchrun.errors import ExitCode
+from batchrun.store import MIGRATIONS, Store
+from tests.test_pipeline import check_output, run_args, source_rows
+
+
+def downgrade_to_v2(path: str) -> None:
+    """Rewrite a current state file as the first two migrations left it: bodies inside `requests`."""
+    c = sqlite3.connect(path, isolation_level=None)
+    cols = [r[1] for r in c.execute("PRAGMA table_info(requests)") if r[1] != "body_id"]
+    c.execute("BEGIN")
+    c.execute("CREATE TABLE old AS SELECT r.*, b.body FROM requests r JOIN bodies b ON b.id = r.body_id")
+    c.execute("DROP TABLE requests")
+    c.execute("DROP TABLE bodies")
+    ddl = ", ".join(f"{col} {'INTEGER' if col in ('row_index', 'attempts', 'batch_id') else 'TEXT'}"
+                    for col in cols)
+    c.execute(f"CREATE TABLE requests ({ddl}, body TEXT NOT NULL, PRIMARY KEY (job_id, custom_id)) WITHOUT ROWID")
+    c.execute(f"INSERT INTO requests ({', '.join(cols)}, body) SELECT {', '.join(cols)}, body FROM old")
+    c.execute("DROP TABLE old")
+    c.execute("CREATE UNIQUE INDEX requests_row ON requests(job_id, row_index)")
+    c.execute("DELETE FROM _batchrun_migrations WHERE name = 'm003_bodies_apart'")
+    c.execute("COMMIT")
+    c.close()
+
+
+def test_a_v2_state_file_with_batches_in_flight_migrates_and_finishes(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 1.0
+    out, state = tmp_path / "out.parquet", tmp_path / "state.sqlite"
+    r = cli(*run_args(tickets_csv, out, "--state", state, "--no-wait"))
+    assert r.exit_code == ExitCode.IN_PROGRESS, r.output
+    assert emu.stats.batches_created == 2
+    downgrade_to_v2(str(state))
+    with sqlite3.connect(state) as c:
+        assert "body" in [r[1] for r in c.execute("PRAGMA table_info(requests)")]
+        before = dict(c.execute("SELECT custom_id, body FROM requests"))
+    time.sleep(1.0)
+    r = cli(*run_args(tickets_csv, out, "--state", state))     # the same job, after the upgrade
+    assert r.exit_code == 0, r.output
+    assert emu.stats.batches_created == 2                        # nothing sent again
+    check_output(out, source_rows(tickets_csv))
+    with Store(str(state)) as s:
+        done = {r["name"] for r in s.q("SELECT name FROM _batchrun_migrations")}
+        assert done == {fn.__name__ for fn in MIGRATIONS}
+        after = dict(s.conn.execute("SELECT r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id"))
+        assert after == before                                    # every body kept, with its own row
+        assert "body" not in [r[1] for r in s.conn.execute("PRAGMA table_info(requests)")]
+
+
+def test_two_jobs_in_one_state_keep_their_own_bodies(emu, cli, tmp_path, tickets_csv):
+    state = tmp_path / "state.sqlite"
+    for n, name in ((120, "a"), (80, "b")):
+        r = cli(*run_args(tickets_csv, tmp_path / f"{name}.parquet", "--state", state, "--limit", n,
+                          "--max-tokens", 100 + n))
+        assert r.exit_code == 0, r.output
+    with Store(str(state)) as s:
+        assert s.one("SELECT count(*) AS n FROM bodies")["n"] == 200
+        assert s.one("SELECT count(DISTINCT body_id) AS n FROM requests")["n"] == 200
+    for n, name in ((120, "a"), (80, "b")):
+        rows = pq.read_table(tmp_path / f"{name}.parquet").to_pylist()
+        assert len(rows) == n and all(r["status"] == "succeeded" for r in rows)
+
+
+def test_a_fresh_state_file_is_created_whole(tmp_path):
+    path = str(tmp_path / "new.sqlite")
+    with Store(path) as s:
+        tables = {r["name"] for r in s.q("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"jobs", "requests", "bodies", "batches", "events", "_batchrun_migrations"} <= tables
+    with Store(path) as s:                                        # opening again applies nothing twice
+        assert s.one("SELECT count(*) AS n FROM _batchrun_migrations")["n"] == len(MIGRATIONS)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -23,7 +24,11 @@ CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json")
 BATCH_ROWS = 8192
-_CSV_BLOCK = 4 << 20
+# CSV/JSONL blocks: pyarrow's streaming readers hold a few dozen blocks at once, so the block size
+# sets their memory (1 MiB: ~40 MB; 4 MiB: ~130 MB). A row larger than a block is read by trying
+# again with larger blocks (see _grow_blocks).
+_CSV_BLOCK = 1 << 20
+_MAX_BLOCK = 1 << 30
 
 
 class ColumnTypeConflict(Exception):
@@ -35,18 +40,36 @@ class ColumnTypeConflict(Exception):
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path for a local path or a URI."""
+    """The pyarrow filesystem and path for a local path or a URI.
+
+    pyarrow's own filesystems first (file://, s3://, gs://, abfs://, hdfs://; credentials and
+    endpoints as their SDKs read them, e.g. AWS_* variables, or in the URI's query string), then
+    any fsspec protocol (memory://, gcs through gcsfs, az, ...) when fsspec is installed.
+    """
     if "://" not in uri:
         return pafs.LocalFileSystem(), uri
+    scheme = uri.split("://", 1)[0].lower()
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as first:
-        try:  # any fsspec protocol (memory://, gcs via gcsfs, ...)
-            import fsspec
-        except ImportError:
-            raise InputError(f"{uri}: unsupported filesystem ({first}); install fsspec or the matching extra") from None
+        pyarrow_error = first
+    except OSError as exc:  # the store answered (or could not be reached) while resolving the bucket
+        raise InputError(f"{uri}: cannot reach the store: {_short(exc)}") from None
+    try:  # any fsspec protocol (memory://, gcs via gcsfs, ...)
+        import fsspec
+    except ImportError:
+        raise InputError(f"{uri}: unsupported filesystem ({_short(pyarrow_error)}); install fsspec, or the "
+                         f"matching extra (batchrun[s3], batchrun[gcs])") from None
+    try:
         fs, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    except ImportError as exc:  # a known protocol whose package is missing (gcsfs, adlfs, ...)
+        extra = {"gs": "batchrun[gcs]", "gcs": "batchrun[gcs]", "s3": "batchrun[s3]", "s3a": "batchrun[s3]"}
+        hint = f"pip install '{extra[scheme]}'" if scheme in extra else "install the fsspec package for it"
+        raise InputError(f"{uri}: the {scheme}:// filesystem needs a package that is not installed "
+                         f"({_short(exc)}); {hint}") from None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{uri}: unsupported filesystem: {_short(exc)}") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def input_format(path: str) -> str:
@@ -67,6 +90,9 @@ class InputSource:
     uri: str
     column_types: dict = field(default_factory=dict)
     limit: Optional[int] = None
+    shard: Optional[tuple[int, int]] = None   # (K, N): only the rows of shard K of N
+    shard_key: Optional[str] = None           # the column whose value picks a row's shard (else its position)
+    block_size: int = _CSV_BLOCK              # CSV/JSONL read block; grows when a row does not fit
 
     def __post_init__(self) -> None:
         self.fs, self.path = filesystem_for(self.uri)
@@ -85,7 +111,10 @@ class InputSource:
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Record batches of at most BATCH_ROWS rows, in input order, honouring `limit`."""
         remaining = self.limit
+        position = 0
         for batch in self._raw_batches():
+            if self.shard is not None:
+                position, batch = position + batch.num_rows, self._shard_rows(batch, position)
             if remaining is not None:
                 if remaining <= 0:
                     return
@@ -94,6 +123,22 @@ class InputSource:
                 remaining -= batch.num_rows
             for start in range(0, batch.num_rows, BATCH_ROWS):
                 yield batch.slice(start, BATCH_ROWS)
+
+    def _shard_rows(self, batch: pa.RecordBatch, position: int) -> pa.RecordBatch:
+        """The rows of `batch` in this source's shard: by a stable hash (CRC-32) of the key column's
+        value, so a row stays in its shard when rows are added or removed elsewhere; by input
+        position when there is no key column."""
+        k, n = self.shard
+        if self.shard_key is not None:
+            if self.shard_key not in batch.schema.names:
+                raise InputError(f"id_column: column {self.shard_key!r} is not in {self.uri} "
+                                 f"(columns: {', '.join(batch.schema.names[:12])})")
+            keys = batch.column(self.shard_key).to_pylist()
+            # an empty id is kept in every shard, where planning reports it
+            mask = [v is None or v == "" or zlib.crc32(str(v).encode("utf-8")) % n == k - 1 for v in keys]
+        else:
+            mask = [(position + i) % n == k - 1 for i in range(batch.num_rows)]
+        return batch.filter(pa.array(mask, type=pa.bool_()))
 
     @property
     def schema(self) -> pa.Schema:
@@ -120,15 +165,45 @@ class InputSource:
         compression = "gzip" if self.path.lower().endswith(".gz") else None
         return self.fs.open_input_stream(self.path, compression=compression)
 
+    def _grow_blocks(self, read: Callable[[int, Optional[pa.Schema]], Iterator[pa.RecordBatch]]
+                     ) -> Iterator[pa.RecordBatch]:
+        """Batches of `read(block_size, schema)`; when a row does not fit in a block ("straddling
+        object"), read again with blocks 8x larger, skipping the rows already given and keeping the
+        column types they had (a larger first block could infer others)."""
+        given, schema = 0, None
+        while True:
+            try:
+                skip = given
+                for batch in read(self.block_size, schema):
+                    schema = schema or batch.schema
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    if skip:
+                        batch, skip = batch.slice(skip), 0
+                    given += batch.num_rows
+                    yield batch
+                return
+            except pa.ArrowInvalid as exc:
+                if "straddl" not in str(exc) or self.block_size >= _MAX_BLOCK:
+                    raise
+                self.block_size = min(self.block_size * 8, _MAX_BLOCK)
+
     def _csv_batches(self) -> Iterator[pa.RecordBatch]:
+        return self._grow_blocks(self._csv_read)
+
+    def _csv_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
         delimiter = "\t" if ".tsv" in self.path.lower() else ","
+        types = dict(self.column_types)
+        if schema is not None:
+            types = {**{f.name: f.type for f in schema}, **types}
         stream = self._open()
         try:
             reader = pacsv.open_csv(
                 stream,
-                read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK),
+                read_options=pacsv.ReadOptions(block_size=block_size),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(column_types=self.column_types),
+                convert_options=pacsv.ConvertOptions(column_types=types),
             )
         except pa.ArrowInvalid as exc:
             if "Empty CSV file" in str(exc):
@@ -159,8 +234,13 @@ class InputSource:
             yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
 
     def _jsonl_batches(self) -> Iterator[pa.RecordBatch]:
+        return self._grow_blocks(self._jsonl_read)
+
+    def _jsonl_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
         stream = self._open()
-        reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=_CSV_BLOCK))
+        parse = pajson.ParseOptions(explicit_schema=schema) if schema is not None else None
+        reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
+                                  parse_options=parse)
         yield from reader
 
     # ---- identity --------------------------------------------------------------------------
@@ -186,6 +266,8 @@ class InputSource:
                 h.update(str(info.mtime_ns).encode())
         if self.limit is not None:
             h.update(f"limit={self.limit}".encode())
+        if self.shard is not None:
+            h.update(f"shard={self.shard[0]}/{self.shard[1]}".encode())
         return h.hexdigest()
 
 

@@ -138,7 +138,7 @@ class Job:
         if self.model is None and not allow_unknown_model:
             raise InputError(f"model: unknown model {spec.model!r} (not in the model catalog; add it with "
                              "--models FILE, or pass --allow-unknown-model to run it with cost unknown)")
-        self.source = InputSource(spec.input, limit=spec.limit)
+        self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
         self.fingerprint = self.source.fingerprint()
         self.id = spec.identity(self.fingerprint)
         self.store = Store(spec.state_path)
@@ -396,6 +396,9 @@ class Runner:
                 raise
             index += n
         if index == 0:
+            if spec.shard:
+                raise InputError(f"{spec.input}: shard {spec.shard} has no rows (the input has fewer rows than "
+                                 "shards, or none)")
             raise InputError(f"{spec.input}: input is empty (no rows)")
         return index
 
@@ -799,7 +802,8 @@ class Runner:
     def write_output(self) -> int:
         row = self.store.job(self.job.id)
         types = json.loads(row["column_types"] or "{}")
-        source = InputSource(self.spec.input, column_types={k: pa.string() for k in types}, limit=self.spec.limit)
+        source = InputSource(self.spec.input, column_types={k: pa.string() for k in types}, limit=self.spec.limit,
+                             shard=self.spec.shard_pair, shard_key=self.spec.id_column)
         writer = OutputWriter(self.store, self.job.id, self.builder.schema if hasattr(self, "builder") else None)
         n = writer.write(source, self.spec.output, partition_by=self.spec.partition_by)
         log.info("job %s: wrote %d rows to %s", self.job.short_id, n, self.spec.output)

@@ -88,6 +88,7 @@ class JobSpec:
     # cost and limits
     max_cost: Optional[float] = None
     limit: Optional[int] = None
+    shard: Optional[str] = None          # "K/N": only this shard's rows (see shard_of)
     # messages mode and gateways
     concurrency: int = 8
     rpm: Optional[int] = None
@@ -110,9 +111,19 @@ class JobSpec:
         "prefill", "image_column", "max_tokens_column", "limit",
     )
 
+    @property
+    def shard_pair(self) -> Optional[tuple[int, int]]:
+        """(K, N) of `shard`, or None."""
+        if self.shard is None:
+            return None
+        k, n = self.shard.split("/")
+        return int(k), int(n)
+
     def identity(self, input_fingerprint: str) -> str:
         shaped = {k: getattr(self, k) for k in self.IDENTITY_FIELDS}
         shaped["input"] = input_fingerprint
+        if self.shard is not None:   # only when set: jobs from before sharding keep their identity
+            shaped["shard"] = self.shard
         blob = json.dumps(shaped, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]   # 80 bits: ample for the jobs of one state file
 
@@ -225,6 +236,11 @@ class JobSpec:
         if self.limit is not None:
             self.limit = _as_int(self.limit, "limit", where)
             need(self.limit >= 1, "limit", "must be at least 1")
+        if self.shard is not None:
+            shard = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(self.shard))
+            need(shard is not None and 1 <= int(shard[1]) <= int(shard[2]), "shard",
+                 "expected K/N with 1 <= K <= N (e.g. 3/16: the third of sixteen shards)")
+            self.shard = f"{int(shard[1])}/{int(shard[2])}"
         self.concurrency = _as_int(self.concurrency, "concurrency", where)
         need(1 <= self.concurrency <= 512, "concurrency", "must be between 1 and 512")
         for key in ("rpm", "tpm"):

@@ -69,6 +69,8 @@ JOB_OPTIONS = [
     click.option("--max-tokens-column", metavar="COL", help="Column with a per-row max_tokens."),
     click.option("--max-cost", type=float, metavar="USD", help="Budget: never spend more than this on the job."),
     click.option("--limit", type=int, metavar="N", help="Only the first N rows (a smoke run)."),
+    click.option("--shard", metavar="K/N", help="Only shard K of N (rows split by a hash of the id column, or "
+                 "by position without one); run each shard as its own job with its own state and output."),
     click.option("--concurrency", type=int, metavar="N", help="Messages mode: requests in flight at once."),
     click.option("--rpm", type=int, help="Messages mode: cap on requests per minute."),
     click.option("--tpm", type=int, help="Messages mode: cap on tokens per minute."),
@@ -89,7 +91,7 @@ SPEC_KEYS = ("input", "output", "id_column", "prompt", "prompt_file", "system", 
              "max_tokens", "batch_size", "poll_interval", "state", "max_attempts", "api_version", "mode",
              "output_schema", "labels", "multi_label", "cache_system", "cache_ttl", "temperature", "top_p",
              "top_k", "thinking", "effort", "stop_sequences", "prefill", "image_column", "max_tokens_column",
-             "max_cost", "limit", "concurrency", "rpm", "tpm", "auth_header", "partition_by", "models_file", "name")
+             "max_cost", "limit", "shard", "concurrency", "rpm", "tpm", "auth_header", "partition_by", "models_file", "name")
 
 
 def spec_from_options(job_file: Optional[str], options: dict) -> JobSpec:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -49,8 +51,18 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
         return pafs.LocalFileSystem(), uri
     scheme = uri.split("://", 1)[0].lower()
+    parts = urlsplit(uri)
+    secrets = _SECRET_PARAMS.intersection(k.lower() for k in parse_qs(parts.query))
+    if parts.password:
+        secrets.add("a password before '@'")
+        uri = f"{parts.scheme}://{parts.hostname}{parts.path}"
+    if secrets:
+        raise InputError(f"{_redact(uri)}: put the store's credentials ({', '.join(sorted(secrets))}) in the "
+                         "environment (e.g. AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS), not in the "
+                         "URI: batchrun records URIs in its state file and logs")
     try:
-        return pafs.FileSystem.from_uri(uri)
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return _bounded(fs), path
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as first:
         pyarrow_error = first
     except OSError as exc:  # the store answered (or could not be reached) while resolving the bucket
@@ -58,7 +70,7 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     try:  # any fsspec protocol (memory://, gcs via gcsfs, ...)
         import fsspec
     except ImportError:
-        raise InputError(f"{uri}: unsupported filesystem ({_short(pyarrow_error)}); install fsspec, or the "
+        raise InputError(f"{uri}: unsupported filesystem ({_short(pyarrow_error)}); pip install 'batchrun[fsspec]', or the "
                          f"matching extra (batchrun[s3], batchrun[gcs])") from None
     try:
         fs, path = fsspec.core.url_to_fs(uri)
@@ -70,6 +82,29 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     except (ValueError, OSError) as exc:
         raise InputError(f"{uri}: unsupported filesystem: {_short(exc)}") from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+# Query-string keys of pyarrow/fsspec URIs that hold credentials.
+_SECRET_PARAMS = {"secret_key", "access_key", "session_token", "access_token", "token", "password",
+                  "account_key", "sas_token", "client_secret"}
+# How long pyarrow's GCS client retries an operation (its default is 15 minutes per call, which
+# looks like a hang when the store cannot be reached or no credentials are found).
+GCS_RETRY_SECONDS = 60
+
+
+def _bounded(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same filesystem with bounded retries where pyarrow's default would wait for minutes."""
+    if type(fs).__name__ == "GcsFileSystem":
+        rebuild, (options,) = fs.__reduce__()
+        if options.get("retry_time_limit") is None:
+            options["retry_time_limit"] = timedelta(seconds=GCS_RETRY_SECONDS)
+            return rebuild(options)
+    return fs
+
+
+def _redact(uri: str) -> str:
+    """A URI without its query string (which may hold credentials)."""
+    return uri.split("?", 1)[0] + ("?…" if "?" in uri else "")
 
 
 def input_format(path: str) -> str:
@@ -99,7 +134,7 @@ class InputSource:
         try:
             info = self.fs.get_file_info(self.path)
         except OSError as exc:
-            raise InputError(f"{self.uri}: cannot open input: {exc}") from None
+            raise InputError(f"{self.uri}: cannot open input: {_short(exc)[:300]}") from None
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"{self.uri}: input file not found")
         self.is_dir = info.type == pafs.FileType.Directory
@@ -225,9 +260,12 @@ class InputSource:
     def _parquet_batches(self) -> Iterator[pa.RecordBatch]:
         if self.is_dir:
             import pyarrow.dataset as pads  # imported here: it is slow to import and only directories need it
-            dataset = pads.dataset(self.path, filesystem=self.fs, format="parquet")
+            # a Hive-partitioned dataset (col=value/ directories, e.g. a --partition-by output)
+            # gets its partition columns back; plain directories of files are read as they are
+            dataset = pads.dataset(self.path, filesystem=self.fs, format="parquet", partitioning="hive")
             files = sorted(dataset.files)  # a stable order, whatever the listing order
-            dataset = pads.dataset(files, filesystem=self.fs, format="parquet", schema=dataset.schema)
+            dataset = pads.dataset(files, filesystem=self.fs, format="parquet", schema=dataset.schema,
+                                   partitioning="hive", partition_base_dir=self.path)
             yield from dataset.to_batches(batch_size=BATCH_ROWS, fragment_readahead=1, batch_readahead=2)
             return
         with self.fs.open_input_file(self.path) as f:

@@ -1,17 +1,20 @@
 """Writing the output: the input streamed again, each record batch joined to its rows' results.
 
 One output row per input row, in input order: every input column, then the result columns, then
-one typed column per top-level property of the output schema. Written to a temporary file and
-renamed into place, so a reader (or a killed run) never sees half a file.
+one typed column per top-level property of the output schema. One Parquet file, or a Hive-partitioned
+dataset with `partition_by`; written under a temporary name and swapped into place, so a reader (or
+a killed run) never sees half of it. Local paths and filesystem URIs (see inputs.filesystem_for).
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import uuid
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import failpoints
@@ -83,14 +86,37 @@ def check_column_names(input_columns: Iterable[str], output_schema: Optional[dic
             for w, n in zip(wanted, names) if w != n]
 
 
-def check_writable(output: str) -> None:
+def check_partition(input_schema: pa.Schema, output_schema: Optional[dict], column: Optional[str],
+                    input_name: str = "the input") -> None:
+    """Refuse, before anything is sent, a partition column the output will not have or cannot split by."""
+    if not column:
+        return
+    extra = schema_columns(output_schema)
+    types = dict(zip(input_schema.names, input_schema.types))
+    types.update(zip(output_names(input_schema.names, output_schema),
+                     [t for _, t in RESULT_COLUMNS] + [t for _, t in extra]))
+    if column not in types:
+        close = difflib.get_close_matches(column, list(types), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"partition_by: column {column!r} is neither in {input_name} nor a result or schema "
+                         f"column{hint}")
+    typ = types[column]
+    if pa.types.is_nested(typ) or pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_null(typ):
+        raise InputError(f"partition_by: column {column!r} holds {typ} values; partition by a column of single "
+                         "values (text, number, date or flag)")
+
+
+def check_writable(output: str, partition_by: Optional[str] = None) -> None:
     """Fail before the first request is sent when the output cannot be written."""
     fs, path = filesystem_for(output)
-    if "://" in output:
+    if not isinstance(fs, pafs.LocalFileSystem):
         return  # remote stores are checked when written; credentials may be lazy
+    path = path.rstrip("/") or path
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
-        raise InputError(f"output {output}: is a directory, expected a .parquet file path")
+        if partition_by is None and not _dataset_dir(fs, path):
+            raise InputError(f"output {output}: is a directory, expected a .parquet file path")
+        _check_replaceable(fs, path, output)
     try:
         os.makedirs(parent, exist_ok=True)
         probe = os.path.join(parent, f".batchrun-probe-{uuid.uuid4().hex}")
@@ -99,6 +125,25 @@ def check_writable(output: str) -> None:
         os.remove(probe)
     except OSError as exc:
         raise InputError(f"output {output}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _dataset_dir(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether a directory holds only what a partitioned output holds: `col=value` directories
+    (and files a dataset reader skips: names starting with `_` or `.`). Only such a directory is
+    ever replaced, so an output pointed at a directory of other files cannot delete them."""
+    for entry in fs.get_file_info(pafs.FileSelector(path)):
+        if entry.type == pafs.FileType.Directory and "=" in entry.base_name:
+            continue
+        if entry.type == pafs.FileType.File and entry.base_name.startswith(("_", ".")):
+            continue
+        return False
+    return True
+
+
+def _check_replaceable(fs: pafs.FileSystem, path: str, output: str) -> None:
+    if fs.get_file_info(path).type == pafs.FileType.Directory and not _dataset_dir(fs, path):
+        raise InputError(f"output {output}: is a directory that holds other files than a partitioned output; "
+                         "batchrun replaces the whole directory, so name a new one")
 
 
 class OutputWriter:
@@ -138,50 +183,146 @@ class OutputWriter:
         return pa.RecordBatch.from_arrays(arrays, names=names)
 
     def write(self, source: InputSource, output: str, partition_by: Optional[str] = None) -> int:
-        """Write the whole output atomically; returns the number of rows written."""
+        """Write the whole output, then put it in place at once; returns the number of rows written.
+
+        One Parquet file, or with `partition_by` a Hive-partitioned dataset (a directory of
+        `col=value/part-N.parquet`). Either is written beside the output under a temporary name
+        and swapped in when complete, so a reader or a killed run never sees half of it (on an
+        object store, which cannot rename, the last step moves the finished files one by one).
+        """
         fs, path = filesystem_for(output)
+        local = isinstance(fs, pafs.LocalFileSystem)
+        path = path.rstrip("/") or path
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if "://" not in output:
+        if local:
             os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
             _remove_stale_temps(path)
-        writer = None
-        start = 0
-        try:
+        else:
+            _create_parent(fs, path)
+        _check_replaceable(fs, path, output)
+        counted = [0]
+
+        def joined_batches():
             for batch in source.batches():
-                joined = self.joined(batch, start)
-                start += batch.num_rows
-                if writer is None:
-                    sink = fs.open_output_stream(tmp)
-                    writer = pq.ParquetWriter(sink, joined.schema, compression="zstd")
-                writer.write_batch(joined)
-            if writer is None:
-                raise InputError(f"{source.uri}: input is empty (no rows)")
-            writer.close()
-            sink.close()
-            writer = None
-            failpoints.hit("before_rename")
-            if "://" not in output:
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                joined = self.joined(batch, counted[0])
+                counted[0] += batch.num_rows
+                yield joined
+
+        batches = joined_batches()
+        first = next(batches, None)
+        if first is None:
+            raise InputError(f"{source.uri}: input is empty (no rows)")
+        try:
+            if partition_by:
+                _write_dataset(fs, tmp, first, batches, partition_by)
             else:
-                fs.move(tmp, path)
-        finally:
-            if writer is not None:
-                writer.close()
-                sink.close()
-                try:
-                    fs.delete_file(tmp)
-                except OSError:
-                    pass
-        return start
+                _write_file(fs, tmp, first, batches)
+            failpoints.hit("before_rename")
+            _swap(fs, local, tmp, path)
+        except BaseException:
+            _delete(fs, tmp)
+            raise
+        return counted[0]
+
+
+def _write_file(fs: pafs.FileSystem, tmp: str, first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> None:
+    with fs.open_output_stream(tmp) as sink, pq.ParquetWriter(sink, first.schema, compression="zstd") as writer:
+        writer.write_batch(first)
+        for batch in rest:
+            writer.write_batch(batch)
+
+
+# Rows a partition collects before they become a row group: fewer, larger row groups, while the
+# memory held stays bounded by the open partitions (many small partitions are written as they come).
+_PARTITION_ROW_GROUP = 8192
+
+
+def _write_dataset(fs: pafs.FileSystem, tmp: str, first: pa.RecordBatch, rest: Iterator[pa.RecordBatch],
+                   column: str) -> None:
+    """A Hive-partitioned dataset from a stream of record batches (never all in memory)."""
+    import itertools
+
+    import pyarrow.dataset as ds
+
+    schema = first.schema
+    reader = pa.RecordBatchReader.from_batches(schema, itertools.chain([first], rest))
+    partitioning = ds.partitioning(pa.schema([schema.field(column)]), flavor="hive")
+    ds.write_dataset(
+        reader, tmp, format="parquet", filesystem=fs, partitioning=partitioning,
+        file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
+        basename_template="part-{i}.parquet", preserve_order=True, use_threads=False,
+        max_partitions=1 << 20, min_rows_per_group=_PARTITION_ROW_GROUP, max_rows_per_group=1 << 20,
+        existing_data_behavior="overwrite_or_ignore")
+
+
+def _create_parent(fs: pafs.FileSystem, path: str) -> None:
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        try:
+            fs.create_dir(parent, recursive=True)
+        except OSError:
+            pass  # object stores have no directories (and a bucket is not ours to create)
+
+
+def _swap(fs: pafs.FileSystem, local: bool, tmp: str, path: str) -> None:
+    """Put the finished output (a file or a directory) where the old one was."""
+    if local:
+        _fsync_tree(tmp)
+        if os.path.isdir(tmp) or os.path.isdir(path):
+            old = f"{path}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            if os.path.lexists(path):
+                os.rename(path, old)
+                failpoints.hit("mid_swap")   # old output moved aside, new one not yet in place
+            os.rename(tmp, path)
+            _delete(fs, old)
+        else:
+            os.replace(tmp, path)
+        return
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        _delete(fs, path)
+    if fs.get_file_info(tmp).type == pafs.FileType.File:
+        fs.move(tmp, path)
+        return
+    for entry in fs.get_file_info(pafs.FileSelector(tmp, recursive=True)):
+        if entry.type == pafs.FileType.File:
+            target = path + entry.path[len(tmp):]
+            _create_parent(fs, target)
+            fs.move(entry.path, target)
+    _delete(fs, tmp)
+
+
+def _fsync_tree(path: str) -> None:
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    for name in files:
+        with open(name, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError:
+        pass
 
 
 def _remove_stale_temps(path: str) -> None:
-    """Temp files a killed run left beside the output (the job lock is held, so none is live)."""
+    """What a killed run left beside the output: temp files or datasets, and a dataset it was
+    replacing (the job lock is held, so none is live)."""
     import glob
-    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+    import re
+    import shutil
+    ours = re.compile(re.escape(os.path.basename(path)) + r"\.(tmp|old)-\d+-[0-9a-f]{8}")
+    for stale in glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".old-*"):
+        if not ours.fullmatch(os.path.basename(stale)):
+            continue
         try:
-            os.remove(stale)
+            if os.path.isdir(stale) and not os.path.islink(stale):
+                shutil.rmtree(stale)
+            else:
+                os.remove(stale)
         except OSError:
             pass

@@ -35,7 +35,7 @@ from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, B
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
-from .output import OutputWriter, check_column_names, check_writable
+from .output import OutputWriter, check_column_names, check_partition, check_writable
 from .requests import RequestBuilder, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
 from .results import ResultParser, is_retryable
 from .spec import JobSpec
@@ -218,7 +218,7 @@ class Runner:
     def run(self, wait: bool = True) -> RunResult:
         spec, store, job = self.spec, self.store, self.job
         self.check_connection_settings()
-        check_writable(spec.output)
+        check_writable(spec.output, spec.partition_by)
         with self.locked():
             self.plan()
             if self.resume_canceled:
@@ -319,15 +319,17 @@ class Runner:
     def _load_plan(self, row: dict) -> None:
         types = json.loads(row["column_types"] or "{}")
         self.job.source.column_types = {k: pa.string() for k in types}
-        self._builder_for(self.job.source.schema.names)
+        self._builder_for(self.job.source.schema)
         self.prefix = splice_prefix(json.loads(row["shared_params"])) if row["shared_params"] else None
 
     def full_body(self, row_body: str) -> str:
         """The full params JSON of a stored request."""
         return full_body(self.prefix, row_body)
 
-    def _builder_for(self, columns: list) -> RequestBuilder:
+    def _builder_for(self, input_schema: pa.Schema) -> RequestBuilder:
+        columns = input_schema.names
         builder = RequestBuilder(self.spec, self.job.model, columns, input_name=self.spec.input)
+        check_partition(input_schema, builder.schema, self.spec.partition_by, self.spec.input)
         for note in check_column_names(columns, builder.schema):
             if note not in self.notes:
                 self.notes.append(note)
@@ -351,7 +353,7 @@ class Runner:
                 if spec.id_column and spec.id_column not in batch.schema.names:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
                                      f"(columns: {', '.join(batch.schema.names[:12])})")
-                builder = self._builder_for(batch.schema.names)
+                builder = self._builder_for(batch.schema)
                 shared_hash = params_hash(canonical_json(builder.shared))
                 self.prefix = splice_prefix(builder.shared)
             n = batch.num_rows

@@ -158,3 +158,26 @@ def test_state_records_no_partition_in_the_job_identity(emu, cli, tmp_path, tick
         r = cli(*run_args(tickets_csv, tmp_path / ("p" if extra else "f.parquet"), "--state", state, *extra))
         assert r.exit_code == 0, r.output
     assert sqlite3.connect(state).execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+
+
+def test_many_partitions_with_few_open_files_keep_every_row_in_order(emu, cli, tmp_path, tickets_csv,
+                                                                    tickets_parquet, monkeypatch):
+    """More values than open files, small input batches and tiny buffers: partitions are closed and
+    reopened as part-1, part-2, …; read in part order, each still holds its rows once, in input order."""
+    import batchrun.inputs
+    from batchrun.output import PartitionedWriter
+    monkeypatch.setattr(batchrun.inputs, "BATCH_ROWS", 20)
+    monkeypatch.setattr(PartitionedWriter, "MAX_OPEN", 2)
+    monkeypatch.setattr(PartitionedWriter, "ROW_GROUP", 7)
+    monkeypatch.setattr(PartitionedWriter, "BUFFER_BYTES", 4096)
+    out = tmp_path / "by-customer"
+    r = cli(*run_args(tickets_parquet, out, "--partition-by", "customer", "--batch-size", 450))
+    assert r.exit_code == 0, r.output
+    source = source_rows(tickets_csv)
+    parts = partitions(out)
+    assert max(len(os.listdir(out / name)) for name in parts) > 3          # reopened many times
+    from urllib.parse import unquote
+    for name, rows in parts.items():
+        value = unquote(name.split("=", 1)[1])
+        assert [row["ticket_id"] for row in rows] == [s["ticket_id"] for s in source if (s["customer"] or "") == value]
+    assert sum(len(rows) for rows in parts.values()) == len(source)

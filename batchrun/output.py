@@ -259,8 +259,8 @@ class PartitionedWriter:
     is closed; that partition's later rows go to its next part file).
     """
 
-    ROW_GROUP = 64 * 1024
-    BUFFER_BYTES = 64 << 20
+    ROW_GROUP = 32 * 1024
+    BUFFER_BYTES = 32 << 20
     MAX_OPEN = 64
     NULL = "__HIVE_DEFAULT_PARTITION__"
 

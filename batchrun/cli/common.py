@@ -39,7 +39,7 @@ def _labels(ctx, param, value):
 JOB_OPTIONS = [
     click.argument("job_file", metavar="[JOB.toml]", required=False, type=click.Path(dir_okay=False)),
     click.option("--input", "input", metavar="PATH", help="CSV, Parquet (file or directory) or JSONL to read; local path or URI."),
-    click.option("--output", metavar="PATH", help="Parquet file to write (default: <input>.results.parquet)."),
+    click.option("--output", metavar="PATH", help="Parquet file (a directory with --partition-by) to write; local path or URI (default: <input>.results.parquet)."),
     click.option("--id-column", metavar="COL", help="Column whose values become custom_ids (default: row position)."),
     click.option("--prompt", metavar="TEMPLATE", help="Jinja2 template over the row's columns, e.g. 'Classify: {{ text }}'."),
     click.option("--prompt-file", metavar="PATH", help="Read the prompt template from a file."),
@@ -49,7 +49,7 @@ JOB_OPTIONS = [
     click.option("--max-tokens", type=int, metavar="N", help="Max output tokens per request (default: 1024)."),
     click.option("--batch-size", type=int, metavar="N", help="Requests per batch (default: 10000; max 100000)."),
     click.option("--poll-interval", metavar="DURATION", help="Longest wait between polls, e.g. 30, 2m (default: 60s)."),
-    click.option("--state", metavar="PATH", help="SQLite state file (default: batchrun-state.sqlite next to the output)."),
+    click.option("--state", metavar="PATH", help="SQLite state file, a local path (default: batchrun-state.sqlite next to the output; in the working directory when the output is a URI)."),
     click.option("--max-attempts", type=int, metavar="N", help="Attempts per row for transient failures (default: 3)."),
     click.option("--api-version", type=click.Choice(["2023-06-01", "2026-10-21"]), help="anthropic-version header."),
     click.option("--mode", type=click.Choice(["batch", "messages"]), help="Message Batches (default) or plain Messages."),
@@ -75,7 +75,7 @@ JOB_OPTIONS = [
     click.option("--rpm", type=int, help="Messages mode: cap on requests per minute."),
     click.option("--tpm", type=int, help="Messages mode: cap on tokens per minute."),
     click.option("--auth-header", type=click.Choice(["x-api-key", "bearer"])),
-    click.option("--partition-by", metavar="COL", help="Write a Hive-partitioned Parquet dataset by this column."),
+    click.option("--partition-by", metavar="COL", help="Write a Hive-partitioned Parquet dataset (OUTPUT/COL=value/part-N.parquet) by this input, result or schema column."),
     click.option("--models", "models_file", metavar="FILE", help="Extra model catalog (TOML) to extend or override the built-in one."),
     click.option("--name", metavar="NAME", help="A name for the job (shown by status)."),
 ]

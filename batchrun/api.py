@@ -55,6 +55,25 @@ def check_secure_url(url: str, what: str = "ANTHROPIC_BASE_URL") -> None:
                      "across the network in clear text; http is allowed only to loopback)")
 
 
+def endpoint_key(base_url: Optional[str]) -> Optional[str]:
+    """Which service answers a job, as part of its identity: None for the Anthropic API itself.
+
+    Answers from one service are never taken for another's: a job run on the emulator and then
+    against the real API (or through another gateway) is a new job, and the requests it shares with
+    the first are sent, not answered from the first one's replies. Loopback URLs are one service
+    whatever their port (the emulator starts on a free port each time).
+    """
+    parts = urlsplit((base_url or DEFAULT_BASE_URL).strip())
+    host = (parts.hostname or "").lower()
+    path = parts.path.rstrip("/")
+    if is_loopback(host):
+        host = "loopback"
+    elif parts.port is not None and parts.port != {"https": 443, "http": 80}.get(parts.scheme):
+        host = f"{host}:{parts.port}"
+    key = f"{parts.scheme.lower()}://{host}{path}"
+    return None if key == DEFAULT_BASE_URL else key
+
+
 @dataclass
 class RetryPolicy:
     max_retries: int = 8            # per call

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from .api import ApiClient, DEFAULT_BASE_URL
+from .api import ApiClient, DEFAULT_BASE_URL, endpoint_key
 from . import failpoints
 from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, BudgetError, ExitCode, InputError,
                      NotFoundError,
@@ -128,8 +128,10 @@ class Job:
     Nothing here touches the network.
     """
 
-    def __init__(self, spec: JobSpec, *, catalog: Optional[Catalog] = None, allow_unknown_model: bool = False):
+    def __init__(self, spec: JobSpec, *, catalog: Optional[Catalog] = None, allow_unknown_model: bool = False,
+                 endpoint: Optional[str] = None):
         self.spec = spec
+        self.endpoint = endpoint   # endpoint_key() of the service the job is sent to
         try:
             self.catalog = catalog or load_catalog(spec.models_file)
         except CatalogError as exc:
@@ -140,7 +142,7 @@ class Job:
                              "--models FILE, or pass --allow-unknown-model to run it with cost unknown)")
         self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
         self.fingerprint = self.source.fingerprint()
-        self.id = spec.identity(self.fingerprint)
+        self.id = spec.identity(self.fingerprint, endpoint)
         self.store = Store(spec.state_path)
 
     @property
@@ -161,7 +163,8 @@ class Runner:
                  on_progress: Optional[Callable[[Progress], None]] = None,
                  sleep: Callable[[float], None] = time.sleep, retry=None):
         self.spec = spec
-        self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model)
+        base = client.base_url if client is not None else resolve_connection(api_key, base_url)[2]
+        self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model, endpoint=endpoint_key(base))
         self.store = self.job.store
         self.resume_canceled = resume_canceled
         self.wait_lock = wait_lock
@@ -354,7 +357,8 @@ class Runner:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
                                      f"(columns: {', '.join(batch.schema.names[:12])})")
                 builder = self._builder_for(batch.schema)
-                shared_hash = params_hash(canonical_json(builder.shared))
+                # the endpoint is hashed in too: an answer is reused only from the same service
+                shared_hash = params_hash(canonical_json(builder.shared) + (job.endpoint or ""))
                 self.prefix = splice_prefix(builder.shared)
             n = batch.num_rows
             if spec.id_column:

@@ -119,11 +119,15 @@ class JobSpec:
         k, n = self.shard.split("/")
         return int(k), int(n)
 
-    def identity(self, input_fingerprint: str) -> str:
+    def identity(self, input_fingerprint: str, endpoint: Optional[str] = None) -> str:
+        """The job's id: everything that shapes its requests, its input's fingerprint, and the service
+        it is sent to when that is not the Anthropic API (see `endpoint_key`)."""
         shaped = {k: getattr(self, k) for k in self.IDENTITY_FIELDS}
         shaped["input"] = input_fingerprint
         if self.shard is not None:   # only when set: jobs from before sharding keep their identity
             shaped["shard"] = self.shard
+        if endpoint is not None:     # likewise: jobs sent to the Anthropic API keep their identity
+            shaped["endpoint"] = endpoint
         blob = json.dumps(shaped, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]   # 80 bits: ample for the jobs of one state file
 

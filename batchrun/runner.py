@@ -17,6 +17,7 @@ be killed at any moment and called again (from cron, say) to pick up exactly whe
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 from decimal import Decimal
 import logging
@@ -46,7 +47,8 @@ log = logging.getLogger("batchrun")
 
 MAX_BATCH_BYTES = 256 * 1000 * 1000 - 64 * 1024   # the API's 256 MB, with room for the envelope
 MAX_DOWNLOADS = 6                                  # attempts to get a complete results file
-ADOPT_WINDOW = 600.0                               # seconds of clock skew tolerated when adopting
+ADOPT_WINDOW = 600.0                               # seconds of clock skew tolerated when the API's clock is unknown
+CLOCK_TOLERANCE = 3.0                              # the Date header's 1 s resolution, plus latency
 
 
 @dataclass
@@ -181,6 +183,8 @@ class Runner:
         self.batches_created = 0
         self._chunk = spec.batch_size
         self._started = time.monotonic()
+        self._server_offset: Optional[float] = None   # the API's clock minus ours, from its Date header
+        self._watching_clock = False
 
     # ---- the client, created only when needed -----------------------------------------------------
     @property
@@ -192,7 +196,20 @@ class Runner:
                                      api_version=self.spec.api_version, auth_header=self.spec.auth_header,
                                      extra_headers=self.spec.headers, transport=a["transport"],
                                      retry=a["retry"], sleep=self.sleep)
+        if not self._watching_clock:
+            self._client.http.event_hooks["response"].append(self._watch_server_clock)
+            self._watching_clock = True
         return self._client
+
+    def _watch_server_clock(self, response) -> None:
+        """Keep the API's clock (its Date header) against ours: a lost create's batch is looked for
+        at the time the API stamped it (see resolve_intent)."""
+        date = response.headers.get("date")
+        if date:
+            try:
+                self._server_offset = email.utils.parsedate_to_datetime(date).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError):
+                pass
 
     def check_connection_settings(self) -> None:
         """Fail fast on a missing key or an insecure base URL (before reading the input)."""
@@ -551,7 +568,7 @@ class Runner:
                 failpoints.hit("after_create")
             except AmbiguousCreateError as exc:
                 log.warning("job %s: %s; looking for it before sending again", job.short_id, exc)
-                if self.resolve_intent(local):
+                if self.resolve_intent(local, sent_by=time.time()):
                     created += 1
                     after = sent_through
                 continue
@@ -627,24 +644,40 @@ class Runner:
         for b in self.store.q("SELECT id FROM batches WHERE job_id = ? AND state = 'intent'", (self.job.id,)):
             self.resolve_intent(b["id"])
 
-    def resolve_intent(self, local: int) -> bool:
-        """Find the batch an unanswered create may have made; adopt it, or else abandon the intent."""
+    def resolve_intent(self, local: int, sent_by: Optional[float] = None) -> bool:
+        """Find the batch an unanswered create may have made; adopt it, or else abandon the intent.
+
+        The batch, if it exists, was created after the intent was committed and before the create
+        call ended: `sent_by` (now, when the create failed in this run) or, after a crash, at most
+        the longest a create call may last. Only a batch with the intent's request count, created in
+        that window by the API's clock and not known to this state file, is adopted — the earliest
+        such one; once it ends, its custom_ids must prove it ours (_verify_adopted).
+        """
         b = self.store.one("SELECT * FROM batches WHERE id = ?", (local,))
         known = {r["api_id"] for r in self.store.q("SELECT api_id FROM batches WHERE api_id IS NOT NULL")}
-        since = parse_iso(b["intent_at"]).timestamp() - ADOPT_WINDOW
-        for item in self.client.list_batches():
+        intent = parse_iso(b["intent_at"]).timestamp()
+        if sent_by is None:
+            sent_by = intent + self.client.retry.max_elapsed + (self.client.http.timeout.read or 600.0)
+        found = None
+        for item in self.client.list_batches():   # newest first; its first page tells the API's clock
+            offset = self._server_offset
+            if offset is None:
+                since, until = intent - ADOPT_WINDOW, sent_by + ADOPT_WINDOW
+            else:
+                since, until = intent + offset - CLOCK_TOLERANCE, sent_by + offset + CLOCK_TOLERANCE
             created = parse_iso(item["created_at"]).timestamp()
             if created < since:
                 break
-            if item["id"] in known:
+            if created > until or item["id"] in known:
                 continue
-            total = sum((item.get("request_counts") or {}).values())
-            if total == b["request_count"]:
-                self._submitted(local, item, adopted=True)
-                self.store.event(self.job.id, "warning", f"adopted batch {item['id']} whose create reply was lost")
-                log.warning("job %s: adopted batch %s (its create reply was lost); nothing sent twice",
-                            self.job.short_id, item["id"])
-                return True
+            if sum((item.get("request_counts") or {}).values()) == b["request_count"]:
+                found = item   # keep looking: the earliest match in the window is the one sent first
+        if found is not None:
+            self._submitted(local, found, adopted=True)
+            self.store.event(self.job.id, "warning", f"adopted batch {found['id']} whose create reply was lost")
+            log.warning("job %s: adopted batch %s (its create reply was lost); nothing sent twice",
+                        self.job.short_id, found["id"])
+            return True
         self._abandon(local, "create reply lost and no such batch exists: requests are pending again")
         log.info("job %s: the lost create made no batch; its requests will be sent again", self.job.short_id)
         return False

@@ -6,6 +6,7 @@ its processing time; its results file is generated line by line when downloaded.
 """
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
@@ -239,7 +240,8 @@ class Emulator:
                        scope.get("scheme", "http"), host, request_id)
 
     async def _send(self, send, req: Request, reply: Reply) -> None:
-        headers = [(b"content-type", reply.content_type.encode()), (b"request-id", req.request_id.encode())]
+        headers = [(b"content-type", reply.content_type.encode()), (b"request-id", req.request_id.encode()),
+                   (b"date", email.utils.formatdate(self.clock(), usegmt=True).encode())]   # the API's clock
         headers += [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in reply.headers]
         if reply.stream is None:
             headers.append((b"content-length", str(len(reply.body)).encode()))

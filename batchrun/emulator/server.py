@@ -71,7 +71,7 @@ def serve_in_thread(app: Optional[Emulator] = None, host: str = "127.0.0.1", por
         app = Emulator()
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level=log_level, log_config=None, lifespan="off", access_log=False,
-                            timeout_graceful_shutdown=1, timeout_keep_alive=30)
+                            date_header=False, timeout_graceful_shutdown=1, timeout_keep_alive=30)
     install_log_filter()
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="batchrun-emulator",
@@ -98,7 +98,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8765, config: Optional[Emula
     app = Emulator(config)
     sock = _bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False,
-                                           timeout_graceful_shutdown=1))
+                                           date_header=False, timeout_graceful_shutdown=1))
     install_log_filter()
     app.base_url = _base_url(sock, host)
     if on_ready is not None:

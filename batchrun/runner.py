@@ -184,6 +184,7 @@ class Runner:
         self._chunk = spec.batch_size
         self._started = time.monotonic()
         self._server_offset: Optional[float] = None   # the API's clock minus ours, from its Date header
+        self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
         self._watching_clock = False
 
     # ---- the client, created only when needed -----------------------------------------------------
@@ -297,7 +298,7 @@ class Runner:
     def _report(self, counts: dict) -> None:
         if self.on_progress is None:
             return
-        b = self.store.one("SELECT count(*) AS total, count(*) FILTER (WHERE state IN ('intent','submitted','ended')) "
+        b = self.store.one("SELECT count(api_id) AS total, count(*) FILTER (WHERE state IN ('intent','submitted','ended')) "
                            "AS live FROM batches WHERE job_id = ?", (self.job.id,))
         total = sum(counts.values())
         self.on_progress(Progress(job_id=self.job.id, total=total, counts=counts, batches_in_flight=b["live"],
@@ -572,13 +573,22 @@ class Runner:
                     created += 1
                     after = sent_through
                 continue
-            except RequestTooLargeError:
+            except RequestTooLargeError as exc:
+                if len(ids) == 1:   # alone and still too large for this endpoint: it can never be sent
+                    self._too_large(local, ids[0], exc)
+                    after = sent_through
+                    continue
                 self._abandon(local, "413 request_too_large: splitting the batch")
                 self._chunk = max(1, len(ids) // 2)
                 continue
             except TransientApiError as exc:
+                # the client retried for a bounded time and the API still did not take the batch (a
+                # full batch queue, an outage): wait while our batches in flight can still end, else stop
                 self._abandon(local, f"not created: {exc}")
-                log.warning("job %s: batch not created (%s); will try again", job.short_id, exc)
+                if not self._in_flight():
+                    raise
+                log.warning("job %s: batch not created (%s); trying again after the batches in flight",
+                            job.short_id, exc)
                 return created
             except ApiError:
                 self._abandon(local, "refused by the API")
@@ -630,6 +640,23 @@ class Runner:
                  json.dumps(info.get("request_counts")), int(adopted), local))
             self.store.conn.execute("UPDATE requests SET api_batch_id = ? WHERE batch_id = ?", (info["id"], local))
         self.batches_created += 1
+
+    def _in_flight(self) -> int:
+        return self.store.one("SELECT count(*) AS n FROM batches WHERE job_id = ? AND state IN ('submitted', 'ended')",
+                              (self.job.id,))["n"]
+
+    def _too_large(self, local: int, custom_id: str, exc: ApiError) -> None:
+        """One request the API refuses as too large even alone: final, errored, never sent again."""
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
+                                    ("413 request_too_large for a single request", local))
+            self.store.conn.execute(
+                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'request_too_large', "
+                "error_message = ?, batch_id = NULL, finished_at = ? WHERE job_id = ? AND custom_id = ?",
+                (f"the API refused this request as too large even alone ({exc.message})", now_iso(), self.job.id,
+                 custom_id))
+        log.error("job %s: request %s is too large for the API even alone; it ends errored", self.job.short_id,
+                  custom_id)
 
     def _abandon(self, local: int, note: str) -> None:
         """The batch of this intent does not exist: its requests are pending again, unpaid."""
@@ -720,10 +747,12 @@ class Runner:
         members = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ?", (b["id"],))["n"]
         if b["adopted"] and not self._verify_adopted(b):
             return
-        missing = members
+        # the API's count of the batch's results: a file with fewer lines was cut short
+        expected = sum((json.loads(b["request_counts"] or "null") or {}).values()) or members
         for attempt in range(MAX_DOWNLOADS):
+            lines = None
             try:
-                self._download(b)
+                lines = self._download(b)
             except TransientApiError as exc:
                 log.warning("job %s: results of %s cut short (%s); downloading again", job.short_id, b["api_id"], exc)
             except ResultsGoneError as exc:
@@ -731,11 +760,20 @@ class Runner:
                 return
             missing = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'",
                                 (b["id"],))["n"]
-            if missing == 0:
-                break
+            if missing == 0 or (lines is not None and lines >= expected):
+                break   # every row has its result, or the whole file came and some rows have none
             log.warning("job %s: results of %s lack %d of %d rows; downloading again", job.short_id,
                         b["api_id"], missing, members)
             self.sleep(min(2.0 ** attempt * 0.25, 5.0))
+        else:
+            # never whole: the rows without a result were still paid for, so they are not sent again;
+            # the batch stays ended and is downloaded again next round (or by the next run)
+            failures = self._incomplete_downloads[b["id"]] = self._incomplete_downloads.get(b["id"], 0) + 1
+            if failures >= 3:
+                raise TransientApiError(
+                    f"the results of batch {b['api_id']} could not be downloaded whole ({failures * MAX_DOWNLOADS} "
+                    f"tries; {missing} of {members} rows still lack theirs); the results recorded so far are kept")
+            return
         self._finalize(b, missing)
 
     # Each result makes its row final at once — or pending again when it failed in a way worth another
@@ -774,11 +812,20 @@ class Runner:
         if final or retry:
             flush()
 
-    def _download(self, b: dict) -> None:
+    def _download(self, b: dict) -> int:
+        """Download and record a batch's results; returns the number of result lines (a whole file)."""
         self.store.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (b["id"],))
         parse = self.parser.parse
-        self._record(b, ((line.get("custom_id"), parse(line.get("result") or {}))
-                         for line in self.client.iter_results(b["results_url"])))
+        lines = 0
+
+        def results():
+            nonlocal lines
+            for line in self.client.iter_results(b["results_url"]):
+                lines += 1
+                yield line.get("custom_id"), parse(line.get("result") or {})
+
+        self._record(b, results())
+        return lines
 
     def _verify_adopted(self, b: dict) -> bool:
         """An adopted batch must hold exactly our custom_ids; otherwise it was someone else's."""

@@ -419,6 +419,15 @@ class Emulator:
         api_version = req.headers.get("anthropic-version", "2023-06-01")
         with self._lock:
             now = self.clock()
+            if cfg.max_queued_requests is not None:   # the organisation's batch queue is full: not created
+                queued = 0
+                for other in self._batches.values():
+                    self._advance(other, now)
+                    queued += len(other.requests) if other.ended_at is None else 0
+                if queued + len(items) > cfg.max_queued_requests:
+                    return req.error(429, "rate_limit_error", f"Number of batch requests waiting in the queue "
+                                     f"would exceed your limit ({queued} + {len(items)} > "
+                                     f"{cfg.max_queued_requests})", _retry_headers(cfg.retry_after)), None
             batch = _Batch(self._new_id("msgbatch_"), now, items, hashes, api_version,
                            self._random().getrandbits(64))
             self._batches[batch.id] = batch

@@ -15,6 +15,7 @@ class EmulatorConfig:
     archive_after_seconds: Optional[float] = None   # then the batch gets archived_at; its results answer 404
     max_requests: int = 100_000          # per batch; more -> 413 request_too_large
     max_body_bytes: int = 256 * 1024 * 1024          # per create call; more -> 413 request_too_large
+    max_queued_requests: Optional[int] = None       # requests of unended batches; a create past it -> 429
     # behaviour
     seed: int = 0                        # every random choice comes from random.Random(seed)
     api_key: Optional[str] = None        # when set, any other key -> 401
@@ -54,8 +55,8 @@ class EmulatorConfig:
                     raise ValueError(f"{key} must be true or false")
             elif key in ("api_key",):
                 value = str(value)
-            elif key in ("seed", "max_requests", "max_body_bytes", "drop_after_create", "rpm",
-                         "input_tpm", "output_tpm"):
+            elif key in ("seed", "max_requests", "max_body_bytes", "max_queued_requests", "drop_after_create",
+                         "rpm", "input_tpm", "output_tpm"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
                     raise ValueError(f"{key} must be an integer")
                 value = int(value)

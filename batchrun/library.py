@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .runner import Runner, RunResult
-from .spec import JobSpec
+from .spec import JobSpec, merge
 
 
 def load_spec(job: Union[str, os.PathLike, Mapping[str, Any], JobSpec], **overrides: Any) -> JobSpec:
     if isinstance(job, JobSpec):
         if overrides:
-            return JobSpec.from_mapping({**_fields(job), **overrides})
+            return JobSpec.from_mapping(merge(_fields(job), overrides))
         return job
     if isinstance(job, Mapping):
-        return JobSpec.load(None, {**job, **overrides})
+        return JobSpec.load(None, merge(job, overrides))
     return JobSpec.load(str(job), overrides)
 
 
@@ -37,7 +37,7 @@ def run(job: Union[str, os.PathLike, Mapping[str, Any], JobSpec], *, wait: bool 
     """Run a job to the end (or, with wait=False, as far as it can go now). Raises BatchrunError."""
     spec = load_spec(job, **overrides)
     runner = Runner(spec, api_key=api_key, base_url=base_url, transport=transport, async_transport=async_transport,
-                    allow_unknown_model=allow_unknown_model, on_progress=on_progress)
+                    allow_unknown_model=allow_unknown_model or spec.allow_unknown_model, on_progress=on_progress)
     try:
         return runner.run(wait=wait)
     finally:

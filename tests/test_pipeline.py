@@ -152,3 +152,45 @@ def test_library_in_process_and_dataframe(emulator_server, tmp_path, tickets_csv
                                  transport=emulator.sync_transport())
     assert list(out["n"]) == [1, 2, 3]
     assert [t.startswith(f"Reply to: Sentiment of: {w}") for t, w in zip(out["text"], df["review"])] == [True] * 3
+
+
+# ---- run_dataframe: a persistent default state, the caller's index ---------------------------------
+
+def test_dataframe_twice_without_state_pays_once_and_keeps_the_index(emu, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import pandas as pd
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    df = pd.DataFrame({"review": ["good", "bad", "meh"], "n": [1, 2, 3]}, index=[10, 20, 30])
+    kw = dict(prompt="Sentiment of: {{ review }}", model=MODEL, max_tokens=50, poll_interval=0.05)
+    first = batchrun.run_dataframe(df, **kw)
+    assert emu.stats.batches_created == 1
+    assert list(first.index) == [10, 20, 30]
+    assert [t.startswith(f"Reply to: Sentiment of: {w}") for t, w in zip(first["text"], df["review"])] == [True] * 3
+    state = tmp_path / "cache" / "batchrun" / "dataframe-state.sqlite"
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    second = batchrun.run_dataframe(df, **kw)                     # a second identical call: nothing sent
+    assert emu.stats.create_calls == 1 and emu.stats.batches_created == 1
+    assert list(second.index) == [10, 20, 30]
+    assert second["text"].tolist() == first["text"].tolist()
+    assert second.attrs["batchrun"]["job_id"] == first.attrs["batchrun"]["job_id"]
+    # the same rows under another index and a smoke run of the first two: answers reused, index kept
+    again = batchrun.run_dataframe(df.set_axis(["a", "b", "c"]), limit=2, **kw)
+    assert list(again.index) == ["a", "b"] and emu.stats.create_calls == 1
+    assert again["text"].tolist() == first["text"].tolist()[:2]
+
+
+# ---- refused at plan: nothing sent -----------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", ['""', '"   "'])
+def test_a_row_rendering_an_empty_prompt_is_refused_before_sending(emu, cli, tmp_path, cell):
+    inp = tmp_path / "in.csv"
+    inp.write_text(f"id,text\na,hello\nb,{cell}\nc,bye\n", encoding="utf-8")
+    r = cli("run", "--input", inp, "--output", tmp_path / "o.parquet", "--id-column", "id",
+            "--prompt", "{{ text }}", "--model", MODEL, "--max-tokens", 50)
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    assert "Traceback" not in r.output
+    (line,) = [l for l in r.output.splitlines() if l.startswith("batchrun: error:")]
+    assert "row 2" in line and "'b'" in line and "'{{ text }}'" in line and "empty" in line
+    assert emu.stats.create_calls == 0

@@ -17,7 +17,9 @@ CONNECTION_OPTIONS = [
     click.option("--api-key", envvar=None, metavar="KEY", help="API key (default: $ANTHROPIC_API_KEY). Never stored."),
     click.option("--base-url", metavar="URL", help="API base URL (default: $ANTHROPIC_BASE_URL or https://api.anthropic.com)."),
     click.option("--emulator", "use_emulator", is_flag=True,
-                 help="Run against the built-in API emulator on loopback (no key needed, nothing is billed)."),
+                 help="Run against the built-in API emulator on loopback (no key needed, nothing is billed). "
+                 "Its replies go to batchrun-emulator-state.sqlite where the default state file would be, "
+                 "unless --state (or the job's state) names one."),
     click.option("-v", "--verbose", is_flag=True, help="More log lines."),
     click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
 ]

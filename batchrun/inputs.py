@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
@@ -34,7 +35,8 @@ _MAX_BLOCK = 1 << 30
 
 
 class ColumnTypeConflict(Exception):
-    """A CSV column's type, inferred from the first rows, does not fit a later row."""
+    """A CSV column's type, inferred from the first rows, does not fit a later row (or would change
+    its text there, like 007 read as 7): the column must be read as text from the start."""
 
     def __init__(self, column: str):
         super().__init__(column)
@@ -120,13 +122,17 @@ def input_format(path: str) -> str:
 
 @dataclass
 class InputSource:
-    """One input table. `column_types` pins CSV columns whose inferred type did not hold."""
+    """One input table. `column_types` pins CSV columns whose inferred type did not hold.
+
+    `shard_key` is the job's id column: read as text from CSV and JSONL (custom_ids are its exact
+    text: 007 stays 007, and 1 and 01 are two ids), and its value picks a row's shard.
+    """
 
     uri: str
     column_types: dict = field(default_factory=dict)
     limit: Optional[int] = None
     shard: Optional[tuple[int, int]] = None   # (K, N): only the rows of shard K of N
-    shard_key: Optional[str] = None           # the column whose value picks a row's shard (else its position)
+    shard_key: Optional[str] = None           # the id column (see above); without one, position picks the shard
     block_size: int = _CSV_BLOCK              # CSV/JSONL read block; grows when a row does not fit
 
     def __post_init__(self) -> None:
@@ -228,23 +234,21 @@ class InputSource:
         return self._grow_blocks(self._csv_read)
 
     def _csv_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
+        """CSV batches with pyarrow's types, except that a number column is read as numbers only when
+        that keeps every value (see _as_numbers): those columns are read as text and converted here."""
         delimiter = "\t" if ".tsv" in self.path.lower() else ","
-        types = dict(self.column_types)
-        if schema is not None:
-            types = {**{f.name: f.type for f in schema}, **types}
-        stream = self._open()
-        try:
-            reader = pacsv.open_csv(
-                stream,
-                read_options=pacsv.ReadOptions(block_size=block_size),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(column_types=types),
-            )
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc):
-                raise InputError(f"{self.uri}: input is empty (no header, no rows)") from None
-            raise
+        pinned = dict(self.column_types)
+        if self.shard_key is not None:
+            pinned[self.shard_key] = pa.string()
+        if schema is None:   # pyarrow's inference over the first block (then read again from the start)
+            probe = self._open_csv(block_size, delimiter, pinned)
+            schema = probe.schema
+            probe.close()
+        types = {**{f.name: f.type for f in schema}, **pinned}
+        numeric = {name: t for name, t in types.items() if t in (pa.int64(), pa.float64())}
+        reader = self._open_csv(block_size, delimiter, {**types, **{name: pa.string() for name in numeric}})
         names = reader.schema.names
+        first = True
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -255,7 +259,33 @@ class InputSource:
                 if m and int(m.group(1)) < len(names):
                     raise ColumnTypeConflict(names[int(m.group(1))]) from None
                 raise
-            yield batch
+            columns = batch.columns
+            for name, type_ in list(numeric.items()):
+                i = names.index(name)
+                numbers = _as_numbers(columns[i], type_)
+                if numbers is not None:
+                    columns[i] = numbers
+                elif first:       # nothing given yet: the column is text from the start
+                    del numeric[name]
+                else:
+                    raise ColumnTypeConflict(name)
+            first = False
+            yield pa.RecordBatch.from_arrays(columns, names=names)
+
+    def _open_csv(self, block_size: int, delimiter: str, types: dict) -> pacsv.CSVStreamingReader:
+        stream = self._open()
+        try:
+            return pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=block_size),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types=types),
+            )
+        except pa.ArrowInvalid as exc:
+            stream.close()
+            if "Empty CSV file" in str(exc):
+                raise InputError(f"{self.uri}: input is empty (no header, no rows)") from None
+            raise
 
     def _parquet_batches(self) -> Iterator[pa.RecordBatch]:
         if self.is_dir:
@@ -276,10 +306,21 @@ class InputSource:
 
     def _jsonl_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
         stream = self._open()
+        key = self.shard_key
+        names = None
+        if schema is not None and key in schema.names:
+            # the id is read as JSON typed it (then made text, below), in the column order given
+            names = schema.names
+            schema = schema.remove(schema.get_field_index(key))
         parse = pajson.ParseOptions(explicit_schema=schema) if schema is not None else None
         reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
                                   parse_options=parse)
-        yield from reader
+        for batch in reader:
+            # the id column as text: custom_ids are the id's text whatever JSON type it has
+            if key in batch.schema.names and batch.schema.field(key).type != pa.string():
+                i = batch.schema.get_field_index(key)
+                batch = batch.set_column(i, key, pc.cast(batch.column(i), pa.string()))
+            yield batch if names is None else batch.select(names)
 
     # ---- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -307,6 +348,30 @@ class InputSource:
         if self.shard is not None:
             h.update(f"shard={self.shard[0]}/{self.shard[1]}".encode())
         return h.hexdigest()
+
+
+_CSV_NULLS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
+# Values whose text a float would not keep: a leading zero (007.5, 00), a '+' on a whole number (+44),
+# a whole number past a float's 15 exact digits (a long id). 1.50 -> 1.5 is the same number: kept.
+_LOSSY_FLOAT = r"^(?:\+\d+|[+-]?0\d.*|[+-]?\d{16,})$"
+
+
+def _as_numbers(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:
+    """CSV cells (as text) as int64 or float64 numbers, or None when a cell does not fit the type or
+    its number would not keep its text: an int64 column only of canonical integers (not 007, +1, -0),
+    a float64 column without the values of _LOSSY_FLOAT. Spaces around a number and pyarrow's null
+    markers ("", NA, null, ...) are allowed, as pyarrow's own conversion allows them."""
+    trimmed = pc.utf8_trim_whitespace(text)
+    trimmed = pc.if_else(pc.is_in(trimmed, value_set=_CSV_NULLS), pa.scalar(None, pa.string()), trimmed)
+    try:
+        numbers = pc.cast(trimmed, type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if type_ == pa.int64():
+        kept = pc.all(pc.equal(pc.cast(numbers, pa.string()), trimmed)).as_py() is not False
+    else:
+        kept = not pc.any(pc.match_substring_regex(trimmed, _LOSSY_FLOAT)).as_py()
+    return numbers if kept else None
 
 
 def _short(exc: Exception) -> str:

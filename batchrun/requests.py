@@ -187,10 +187,13 @@ class RequestBuilder:
             except jinja2.TemplateError as exc:
                 raise InputError(f"prompt: cannot render {where}: {exc}") from None
         content: Any = text
-        if spec.image_column:
-            image = image_block(row.get(spec.image_column), where, spec.image_column)
-            if image is not None:
-                content = [image, {"type": "text", "text": text}]
+        image = image_block(row.get(spec.image_column), where, spec.image_column) if spec.image_column else None
+        if image is not None:
+            content = [image, {"type": "text", "text": text}] if text.strip() else [image]
+        elif not text.strip():   # the API refuses an empty message, a whole batch later
+            shown = spec.prompt if len(spec.prompt) <= 80 else spec.prompt[:77] + "..."
+            raise InputError(f"prompt: {where} renders an empty message from the template {shown!r} "
+                             "(fill the row's cells, or leave the row out)")
         messages = []
         for example in spec.few_shot or ():
             messages.append({"role": "user", "content": example["user"]})

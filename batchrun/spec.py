@@ -97,7 +97,9 @@ class JobSpec:
     headers: Optional[dict] = None
     # output
     partition_by: Optional[str] = None
+    # models
     models_file: Optional[str] = None
+    allow_unknown_model: bool = False    # run a model the catalog does not know (its cost stays unknown)
     # where the spec came from (not part of the job's identity)
     source: Optional[str] = field(default=None, compare=False)
 
@@ -170,11 +172,10 @@ class JobSpec:
                 raise SpecError(f"{job_file}: not valid TOML: {exc}") from None
             base = path.resolve().parent
             raw = _resolve_paths(raw, base, job_file)
-        for key, value in (overrides or {}).items():
-            if value is None or value == () or value == []:
-                continue
-            raw[key] = _resolve_paths({key: value}, Path.cwd(), None)[key]
-        return cls.from_mapping(raw, source=source)
+            _check_alternatives(raw, f"{job_file}: ")
+        overrides = _resolve_paths(dict(overrides or {}), Path.cwd(), None)
+        _check_alternatives(overrides, "")
+        return cls.from_mapping(merge(raw, overrides), source=source)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], source: Optional[str] = None) -> "JobSpec":
@@ -186,11 +187,10 @@ class JobSpec:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise SpecError(f"{where}unknown key {key!r}{hint}")
+        _check_alternatives(raw, where)
         # *_file keys hold text read from a file
         for key, target in _FILE_KEYS.items():
             if key in raw:
-                if target in raw and raw[target] is not None:
-                    raise SpecError(f"{where}give either {target!r} or {key!r}, not both")
                 raw[target] = _read_text(raw.pop(key), key, where)
         if isinstance(raw.get("output_schema"), str):
             raw["output_schema"] = _read_json(raw["output_schema"], "output_schema", where)
@@ -227,7 +227,7 @@ class JobSpec:
         need(self.api_version in API_VERSIONS, "api_version", f"must be one of {', '.join(API_VERSIONS)}")
         need(self.mode in ("batch", "messages"), "mode", "must be 'batch' or 'messages'")
         need(self.cache_ttl in ("5m", "1h"), "cache_ttl", "must be '5m' or '1h'")
-        for key in ("multi_label", "cache_system"):
+        for key in ("multi_label", "cache_system", "allow_unknown_model"):
             need(isinstance(getattr(self, key), bool), key, "expected true or false")
         for key in ("temperature", "top_p", "max_cost"):
             value = getattr(self, key)
@@ -279,8 +279,6 @@ class JobSpec:
             need(isinstance(self.labels, list) and len(self.labels) >= 2 and
                  all(isinstance(x, str) and x for x in self.labels) and len(set(self.labels)) == len(self.labels),
                  "labels", "expected a list of at least two distinct non-empty strings")
-            if self.output_schema is not None:
-                raise SpecError(f"{where}give either 'labels' or 'output_schema', not both")
         if self.multi_label and self.labels is None:
             raise SpecError(f"{where}multi_label: needs 'labels'")
         if self.output_schema is not None:
@@ -297,6 +295,42 @@ class JobSpec:
 
 
 _FILE_KEYS = {"prompt_file": "prompt", "system_file": "system"}
+# Keys that say the same thing two ways: a job gives at most one of each group, and an override of
+# one replaces the others (a flag --prompt-file replaces the file's prompt; --output-schema its labels).
+_ALTERNATIVES = (("prompt", "prompt_file"), ("system", "system_file"), ("labels", "output_schema"))
+# what goes with a key an override replaces (multi_label belongs to labels)
+_REPLACES = {"labels": ("multi_label",)}
+
+
+def _given(value: Any) -> bool:
+    return not (value is None or value == () or value == [])
+
+
+def _check_alternatives(raw: Mapping[str, Any], where: str) -> None:
+    for group in _ALTERNATIVES:
+        present = [key for key in group if _given(raw.get(key))]
+        if len(present) > 1:
+            raise SpecError(f"{where}give either {present[0]!r} or {present[1]!r}, not both")
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """`base` (a job file's keys) with `overrides` (flags) on top. An override replaces the base's
+    alternatives too: --prompt-file drops the file's prompt, --labels its output_schema. Both keys of
+    one group among the overrides stay an error (from_mapping reports it). None (or an empty list)
+    is no override."""
+    overrides = {k: v for k, v in overrides.items() if _given(v)}
+    out = dict(base)
+    for key in overrides:
+        for group in _ALTERNATIVES:
+            if key in group:
+                for other in group:
+                    if other != key and other not in overrides:
+                        out.pop(other, None)
+                        for extra in _REPLACES.get(other, ()):
+                            if extra not in overrides:
+                                out.pop(extra, None)
+    out.update(overrides)
+    return out
 _PATH_KEYS = ("input", "output", "state", "prompt_file", "system_file", "models_file")
 
 

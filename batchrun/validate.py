@@ -23,7 +23,7 @@ def validate_job(spec: JobSpec, *, show: int = 2, allow_unknown_model: bool = Fa
     try:
         with tempfile.TemporaryDirectory(prefix="batchrun-validate-") as tmp:
             spec = dataclasses.replace(spec, state=os.path.join(tmp, "validate.sqlite"))
-            runner = Runner(spec, allow_unknown_model=allow_unknown_model)
+            runner = Runner(spec, allow_unknown_model=allow_unknown_model or spec.allow_unknown_model)
             try:
                 runner.plan()
                 job_id = runner.job.id

@@ -152,3 +152,150 @@ def test_library_in_process_and_dataframe(emulator_server, tmp_path, tickets_csv
                                  transport=emulator.sync_transport())
     assert list(out["n"]) == [1, 2, 3]
     assert [t.startswith(f"Reply to: Sentiment of: {w}") for t, w in zip(out["text"], df["review"])] == [True] * 3
+
+
+# ---- run_dataframe: a persistent default state, the caller's index ---------------------------------
+
+def test_dataframe_twice_without_state_pays_once_and_keeps_the_index(emu, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import pandas as pd
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    df = pd.DataFrame({"review": ["good", "bad", "meh"], "n": [1, 2, 3]}, index=[10, 20, 30])
+    kw = dict(prompt="Sentiment of: {{ review }}", model=MODEL, max_tokens=50, poll_interval=0.05)
+    first = batchrun.run_dataframe(df, **kw)
+    assert emu.stats.batches_created == 1
+    assert list(first.index) == [10, 20, 30]
+    assert [t.startswith(f"Reply to: Sentiment of: {w}") for t, w in zip(first["text"], df["review"])] == [True] * 3
+    state = tmp_path / "cache" / "batchrun" / "dataframe-state.sqlite"
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    second = batchrun.run_dataframe(df, **kw)                     # a second identical call: nothing sent
+    assert emu.stats.create_calls == 1 and emu.stats.batches_created == 1
+    assert list(second.index) == [10, 20, 30]
+    assert second["text"].tolist() == first["text"].tolist()
+    assert second.attrs["batchrun"]["job_id"] == first.attrs["batchrun"]["job_id"]
+    # the same rows under another index and a smoke run of the first two: answers reused, index kept
+    again = batchrun.run_dataframe(df.set_axis(["a", "b", "c"]), limit=2, **kw)
+    assert list(again.index) == ["a", "b"] and emu.stats.create_calls == 1
+    assert again["text"].tolist() == first["text"].tolist()[:2]
+
+
+# ---- refused at plan: nothing sent -----------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", ['""', '"   "'])
+def test_a_row_rendering_an_empty_prompt_is_refused_before_sending(emu, cli, tmp_path, cell):
+    inp = tmp_path / "in.csv"
+    inp.write_text(f"id,text\na,hello\nb,{cell}\nc,bye\n", encoding="utf-8")
+    r = cli("run", "--input", inp, "--output", tmp_path / "o.parquet", "--id-column", "id",
+            "--prompt", "{{ text }}", "--model", MODEL, "--max-tokens", 50)
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    assert "Traceback" not in r.output
+    (line,) = [l for l in r.output.splitlines() if l.startswith("batchrun: error:")]
+    assert "row 2" in line and "'b'" in line and "'{{ text }}'" in line and "empty" in line
+    assert emu.stats.create_calls == 0
+
+
+@pytest.mark.parametrize("prompt", ["{{ ''.__class__.__mro__ }}", "{{ customer.__class__ }}",
+                                    "{{ cycler.__init__.__globals__ }}", "{{ row.__class__.__subclasses__() }}"])
+def test_unsafe_template_is_refused_by_the_sandbox(emu, cli, tmp_path, tickets_csv, prompt):
+    r = cli("run", "--input", tickets_csv, "--output", tmp_path / "o.parquet", "--id-column", "ticket_id",
+            "--prompt", prompt, "--model", MODEL, "--max-tokens", 50)
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    assert "Traceback" not in r.output
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("batchrun: error: prompt:") and "unsafe" in lines[0], r.output
+    assert emu.stats.create_calls == 0
+
+
+# ---- custom_ids derived from ids the API does not accept ---------------------------------------------
+
+def test_derived_custom_ids_are_stable_unique_and_in_the_output(emu, cli, tmp_path):
+    import csv
+    import re
+    ids = ["abc def", "x/y", "é", "n" * 70, "n" * 69, "ok-1", "x_y"]
+    inp = tmp_path / "ids.csv"
+    with open(inp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "body"])
+        w.writerows([i, f"body {n}"] for n, i in enumerate(ids))
+    outputs = []
+    for run_no in range(2):   # two runs with their own state: the same custom_ids
+        out = tmp_path / f"out{run_no}.parquet"
+        r = cli("run", "--input", inp, "--output", out, "--state", tmp_path / f"s{run_no}.sqlite", "--id-column",
+                "id", "--prompt", "{{ body }}", "--model", MODEL, "--max-tokens", 50, "--poll-interval", "0.05")
+        assert r.exit_code == 0, r.output
+        outputs.append(pq.read_table(out).to_pylist())
+    first, second = outputs
+    cids = [row["custom_id"] for row in first]
+    assert [row["id"] for row in first] == ids
+    assert cids == [row["custom_id"] for row in second]
+    assert len(set(cids)) == len(ids) and all(re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", c) for c in cids)
+    assert cids[5:] == ["ok-1", "x_y"] and all(c not in ids for c in cids[:5])
+    assert set(emu.stats.submitted_custom_ids) == set(cids)
+    assert [row["text"].split(" #")[0] for row in first] == [f"Reply to: body {n}" for n in range(len(ids))]
+
+
+# ---- an unknown model: cost null, said once -----------------------------------------------------------
+
+def test_unknown_model_costs_null_and_warns_once(emu, cli, tmp_path, tickets_csv):
+    emu.config.extra_models = ("claude-nonexistent-9",)
+    out = tmp_path / "o.parquet"
+    r = cli("run", "--input", tickets_csv, "--output", out, "--id-column", "ticket_id", "--prompt", PROMPT,
+            "--model", "claude-nonexistent-9", "--allow-unknown-model", "--max-tokens", 50, "--batch-size", 150,
+            "--poll-interval", "0.05")
+    assert r.exit_code == 0, r.output
+    assert emu.stats.batches_created == 3
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 450 and all(row["status"] == "succeeded" for row in rows)
+    assert all(row["cost_usd"] is None for row in rows)
+    warnings = [l for l in r.output.splitlines() if "WARNING" in l or "warning" in l]
+    assert len(warnings) == 1 and "claude-nonexistent-9" in warnings[0] and "cost" in warnings[0], r.output
+    assert "cost: unknown" in r.output
+
+
+# ---- the connection: a base URL with a path prefix, the anthropic-version header -------------------------
+
+def test_base_url_with_a_path_prefix_in_batch_mode(emu, cli, tmp_path, tickets_csv, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", emu.base_url + "/gateway/anthropic/")
+    out = tmp_path / "o.parquet"
+    r = cli(*run_args(tickets_csv, out, "--limit", 40))
+    assert r.exit_code == 0, r.output
+    assert emu.stats.batches_created == 1
+    assert set(emu.stats.prefixes) == {"/gateway/anthropic"}      # every call (create, poll, results) under it
+    assert emu.stats.results_downloads >= 1
+    assert all(row["status"] == "succeeded" for row in pq.read_table(out).to_pylist())
+
+
+@pytest.mark.parametrize("version", ["2023-06-01", "2026-10-21"])
+def test_the_api_version_header_is_sent(emu, cli, tmp_path, tickets_csv, version):
+    r = cli(*run_args(tickets_csv, tmp_path / "o.parquet", "--limit", 20, "--api-version", version))
+    assert r.exit_code == 0, r.output
+    assert set(emu.stats.api_versions) == {version} and sum(emu.stats.api_versions.values()) >= 3
+
+
+# ---- cost with prompt caching ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_cost_with_a_cached_system_prompt(emu, cli, tmp_path, tickets_csv, ttl):
+    system = tmp_path / "guide.txt"
+    system.write_text("\n".join(f"Rule {i}: answer support tickets politely, briefly and in the customer's "
+                                f"language; quote the ticket number {i} when useful." for i in range(250)),
+                      encoding="utf-8")                                 # ~30k characters: past 4,096 tokens
+    out = tmp_path / "o.parquet"
+    r = cli(*run_args(tickets_csv, out, "--limit", 60, "--system-file", system, "--cache-system",
+                      "--cache-ttl", ttl, "--batch-size", 30))
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(out).to_pylist()
+    writes = [row for row in rows if row["cache_creation_input_tokens"]]
+    reads = [row for row in rows if row["cache_read_input_tokens"]]
+    assert writes and len(reads) >= 50                        # the cache was written, then read
+    assert all(row["cache_read_input_tokens"] > 4096 for row in reads)
+    p = load_catalog().resolve(MODEL).prices
+    write_rate = p.cache_write_5m if ttl == "5m" else p.cache_write_1h
+    assert write_rate > p.input > p.cache_read               # the test tells the rates apart
+    for row in rows:
+        full = (Decimal(row["input_tokens"]) * p.input + Decimal(row["output_tokens"]) * p.output
+                + Decimal(row["cache_creation_input_tokens"]) * write_rate
+                + Decimal(row["cache_read_input_tokens"]) * p.cache_read)
+        assert row["cost_usd"] == float(full / 1_000_000 / 2)      # exact: Decimal arithmetic, then a float

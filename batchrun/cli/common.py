@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from ..errors import ApiError, AuthError, BatchrunError, ExitCode
+from ..errors import ApiError, AuthError, BatchrunError, ExitCode, SpecError
 from ..spec import JobSpec
 
 EXIT_CODES_HELP = """\b
@@ -63,7 +63,9 @@ JOB_OPTIONS = [
     click.option("--top-k", type=int),
     click.option("--thinking", metavar="adaptive|disabled|N", help="Thinking mode, or a budget of N tokens."),
     click.option("--effort", type=click.Choice(["low", "medium", "high", "xhigh", "max"])),
-    click.option("--stop-sequence", "stop_sequences", multiple=True, metavar="TEXT"),
+    click.option("--stop-sequences", "stop_sequences", multiple=True, metavar="TEXT",
+                 help="Stop generating at this text (repeat for several)."),
+    click.option("--stop-sequence", "stop_sequence_alias", multiple=True, hidden=True),   # the old spelling
     click.option("--prefill", metavar="TEXT", help="Start of the reply; the model continues it."),
     click.option("--image-column", metavar="COL", help="Column with an image path, URL or bytes per row."),
     click.option("--max-tokens-column", metavar="COL", help="Column with a per-row max_tokens."),
@@ -76,7 +78,10 @@ JOB_OPTIONS = [
     click.option("--tpm", type=int, help="Messages mode: cap on tokens per minute."),
     click.option("--auth-header", type=click.Choice(["x-api-key", "bearer"])),
     click.option("--partition-by", metavar="COL", help="Write a Hive-partitioned Parquet dataset (OUTPUT/COL=value/part-N.parquet) by this input, result or schema column."),
-    click.option("--models", "models_file", metavar="FILE", help="Extra model catalog (TOML) to extend or override the built-in one."),
+    click.option("--models-file", metavar="FILE", help="Extra model catalog (TOML) to extend or override the built-in one."),
+    click.option("--models", "models_file_alias", hidden=True),                          # the old spelling
+    click.option("--allow-unknown-model", is_flag=True, default=None,
+                 help="Run a model the catalog does not know (its cost stays unknown)."),
     click.option("--name", metavar="NAME", help="A name for the job (shown by status)."),
 ]
 
@@ -91,10 +96,23 @@ SPEC_KEYS = ("input", "output", "id_column", "prompt", "prompt_file", "system", 
              "max_tokens", "batch_size", "poll_interval", "state", "max_attempts", "api_version", "mode",
              "output_schema", "labels", "multi_label", "cache_system", "cache_ttl", "temperature", "top_p",
              "top_k", "thinking", "effort", "stop_sequences", "prefill", "image_column", "max_tokens_column",
-             "max_cost", "limit", "shard", "concurrency", "rpm", "tpm", "auth_header", "partition_by", "models_file", "name")
+             "max_cost", "limit", "shard", "concurrency", "rpm", "tpm", "auth_header", "partition_by", "models_file",
+             "allow_unknown_model", "name")
+# Old flag spellings, kept (hidden) so that existing command lines still work: flag -> job key.
+FLAG_ALIASES = {"stop_sequence_alias": "stop_sequences", "models_file_alias": "models_file"}
 
 
 def spec_from_options(job_file: Optional[str], options: dict) -> JobSpec:
+    for alias, key in FLAG_ALIASES.items():
+        value = options.pop(alias, None)
+        if not value:
+            continue
+        if isinstance(value, tuple):      # a repeatable flag: both spellings add up
+            options[key] = tuple(options.get(key) or ()) + value
+        elif options.get(key):
+            raise SpecError(f"--{key.replace('_', '-')} is given twice (once by its old name)")
+        else:
+            options[key] = value
     overrides: dict[str, Any] = {k: options.get(k) for k in SPEC_KEYS}
     if overrides.get("stop_sequences"):
         overrides["stop_sequences"] = list(overrides["stop_sequences"])

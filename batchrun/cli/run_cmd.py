@@ -17,11 +17,15 @@ CONNECTION_OPTIONS = [
     click.option("--api-key", envvar=None, metavar="KEY", help="API key (default: $ANTHROPIC_API_KEY). Never stored."),
     click.option("--base-url", metavar="URL", help="API base URL (default: $ANTHROPIC_BASE_URL or https://api.anthropic.com)."),
     click.option("--emulator", "use_emulator", is_flag=True,
-                 help="Run against the built-in API emulator on loopback (no key needed, nothing is billed)."),
-    click.option("--allow-unknown-model", is_flag=True, help="Run a model the catalog does not know (its cost stays unknown)."),
+                 help="Run against the built-in API emulator on loopback (no key needed, nothing is billed). "
+                 "Its replies go to batchrun-emulator-state.sqlite where the default state file would be, "
+                 "unless --state (or the job's state) names one."),
     click.option("-v", "--verbose", is_flag=True, help="More log lines."),
     click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
 ]
+
+
+EMULATOR_STATE = "batchrun-emulator-state.sqlite"
 
 
 def connection_options(fn):
@@ -53,12 +57,16 @@ def make_runner(job_file, options: dict, base_url_override: Optional[str] = None
     base_url = options.get("base_url")
     if base_url_override:
         base_url, api_key = base_url_override, api_key or "emulator"
-        if not options.get("state"):
+        if not spec.state:
+            # a state file of its own (its answers are the emulator's, not a model's), where the
+            # default one would be; a state given by the job file or a flag is used as given
             from pathlib import Path
-            if "://" not in spec.output:
-                spec.state = str(Path(spec.output).parent / "batchrun-emulator-state.sqlite")
-    return Runner(spec, api_key=api_key, base_url=base_url,
-                  allow_unknown_model=options.get("allow_unknown_model", False), **kw)
+            spec.state = str(Path(spec.state_path).with_name(EMULATOR_STATE))
+        else:
+            click.echo(f"batchrun: warning: the emulator's replies are recorded in {spec.state}; a real run with "
+                       "this state file would reuse them for the same requests (leave state unset to keep "
+                       f"them apart, in {EMULATOR_STATE})", err=True)
+    return Runner(spec, api_key=api_key, base_url=base_url, allow_unknown_model=spec.allow_unknown_model, **kw)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -133,14 +141,13 @@ def print_summary(runner, result) -> None:
 @click.command()
 @job_options
 @click.option("--show", type=int, default=2, show_default=True, metavar="N", help="Rendered requests to print.")
-@click.option("--allow-unknown-model", is_flag=True)
 @handle_errors
-def validate(job_file, show, allow_unknown_model, **options):
+def validate(job_file, show, **options):
     """Check a job without sending anything: read the whole input, check the spec against the model
     catalog, and print the first rendered requests."""
     from ..validate import validate_job
     spec = spec_from_options(job_file, options)
-    report = validate_job(spec, show=show, allow_unknown_model=allow_unknown_model)
+    report = validate_job(spec, show=show)
     for warning in report["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"ok: {report['rows']} rows, model {spec.model}, job {report['job_id'][:12]}")

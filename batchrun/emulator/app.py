@@ -269,6 +269,9 @@ class Emulator:
         if isinstance(route, Reply):
             return route
         name, batch_id = route
+        with self._lock:
+            self.stats.api_versions[req.headers.get("anthropic-version")] += 1
+            self.stats.prefixes[req.prefix] += 1
         cfg = self.config
         if cfg.api_key is not None:
             key = req.headers.get("x-api-key")

@@ -88,6 +88,8 @@ class EmulatorStats:
     submitted_custom_ids: Counter = field(default_factory=Counter)   # custom_id -> times in created batches
     params_submitted: Counter = field(default_factory=Counter)       # hash of params -> times in created batches
     billed: Counter = field(default_factory=Counter)                 # hash of params -> succeeded (billed) results
+    api_versions: Counter = field(default_factory=Counter)   # anthropic-version header sent -> API calls
+    prefixes: Counter = field(default_factory=Counter)       # path prefix before /v1/ ("" for none) -> API calls
 
     def __getitem__(self, key: str) -> Any:  # dict-like access too
         return getattr(self, key)
@@ -106,4 +108,6 @@ class EmulatorStats:
             "submitted_custom_ids": dict(self.submitted_custom_ids),
             "params_submitted": dict(self.params_submitted),
             "billed": dict(self.billed),
+            "api_versions": dict(self.api_versions),
+            "prefixes": dict(self.prefixes),
         }

@@ -1,0 +1,116 @@
+"""Input columns keep their values: a CSV number column is read as numbers only when that keeps
+every value's text (007 and 02134 stay text), the id column is always text, JSONL keeps its types."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.errors import ExitCode
+from batchrun.inputs import InputSource
+
+MODEL = "claude-haiku-4-5"
+
+
+def run(cli, inp, out, *extra, prompt="Where is {{ zip }}?"):
+    return cli("run", "--input", inp, "--output", out, "--prompt", prompt, "--model", MODEL,
+               "--max-tokens", 50, "--poll-interval", "0.05", *extra)
+
+
+def test_leading_zeros_keep_their_text_and_numbers_stay_numbers(emu, cli, tmp_path):
+    inp, out = tmp_path / "people.csv", tmp_path / "out.parquet"
+    inp.write_text("id,zip,phone_code,age,score,big\n"
+                   "007,02134,+44,31,1.50,123456789012345678901\n"
+                   "1,10001,+1,42,2,123456789012345678902\n"
+                   "01,94105,+33,,3.25,123456789012345678903\n", encoding="utf-8")
+    r = run(cli, inp, out, "--id-column", "id")
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    rows = table.to_pylist()
+    assert [row["id"] for row in rows] == ["007", "1", "01"]           # 1 and 01 are two ids
+    assert [row["custom_id"] for row in rows] == ["007", "1", "01"]
+    assert [row["zip"] for row in rows] == ["02134", "10001", "94105"]
+    assert [row["phone_code"] for row in rows] == ["+44", "+1", "+33"]
+    assert [row["big"] for row in rows] == ["123456789012345678901", "123456789012345678902",
+                                            "123456789012345678903"]   # no float rounding of long ids
+    assert table.schema.field("age").type == pa.int64() and [row["age"] for row in rows] == [31, 42, None]
+    assert table.schema.field("score").type == pa.float64() and [row["score"] for row in rows] == [1.5, 2.0, 3.25]
+    assert rows[0]["text"].startswith("Reply to: Where is 02134?")     # the prompt saw the text too
+    assert emu.stats.submitted_custom_ids.keys() == {"007", "1", "01"}
+
+
+def test_an_id_column_of_numbers_is_text(emu, cli, tmp_path):
+    inp, out = tmp_path / "n.csv", tmp_path / "out.parquet"
+    inp.write_text("n,zip\n3,1\n1,2\n2,3\n", encoding="utf-8")
+    assert run(cli, inp, out, "--id-column", "n").exit_code == 0
+    table = pq.read_table(out)
+    assert table.schema.field("n").type == pa.string() and table.column("n").to_pylist() == ["3", "1", "2"]
+    assert table.schema.field("zip").type == pa.int64()                # not the id: numbers as before
+
+
+def test_leading_zero_after_the_first_block_keeps_the_column_text(emu, cli, tmp_path):
+    # the first 1 MiB block has only five-digit zips; a leading zero comes later
+    inp, out = tmp_path / "late.csv", tmp_path / "out.parquet"
+    filler = "x" * 8000
+    with open(inp, "w", encoding="utf-8") as f:
+        f.write("id,zip,note\n")
+        for i in range(200):
+            f.write(f"r{i},{10000 + i},{filler}\n")
+        f.write(f"late,00501,{filler}\n")
+    blocks = list(InputSource(str(inp), column_types={"zip": pa.string()}).batches())
+    assert len(blocks) > 1 and blocks[0].num_rows <= 200                                            # the test needs a later block
+    r = run(cli, inp, out, "--id-column", "id")
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    assert table.schema.field("zip").type == pa.string()
+    assert table.column("zip").to_pylist()[-1] == "00501"
+    assert table.column("zip").to_pylist()[0] == "10000"
+    assert emu.stats.batches_created == 1 and emu.stats.requests_created == 201
+
+
+def test_duplicate_ids_are_compared_as_text(emu, cli, tmp_path):
+    inp = tmp_path / "dup.csv"
+    inp.write_text("id,zip\n01,1\n1,2\n01,3\n", encoding="utf-8")
+    r = run(cli, inp, tmp_path / "o.parquet", "--id-column", "id")
+    assert r.exit_code == ExitCode.BAD_INPUT
+    assert "duplicate id '01'" in r.output and "rows 1 and 3" in r.output
+    assert emu.stats.create_calls == 0
+
+
+def test_jsonl_end_to_end_keeps_lists_structs_and_numbers(emu, cli, tmp_path):
+    inp, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
+    rows = [{"doc_id": 10 + i, "title": f"doc {i}", "tags": ["a", "b"][: i % 3],
+             "meta": {"pages": i, "lang": "en"}, "score": i / 4} for i in range(7)]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    r = run(cli, inp, out, "--id-column", "doc_id", prompt="Title: {{ title }} ({{ meta.pages }} pages)")
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    schema = table.schema
+    assert schema.field("doc_id").type == pa.string()                  # the id as its text
+    assert pa.types.is_list(schema.field("tags").type)
+    assert pa.types.is_struct(schema.field("meta").type)
+    assert schema.field("score").type == pa.float64()
+    got = table.to_pylist()
+    assert [g["doc_id"] for g in got] == [str(r["doc_id"]) for r in rows]
+    assert [g["tags"] for g in got] == [r["tags"] for r in rows]
+    assert [g["meta"] for g in got] == [r["meta"] for r in rows]
+    assert [g["custom_id"] for g in got] == [str(r["doc_id"]) for r in rows]
+    assert got[3]["text"].startswith("Reply to: Title: doc 3 (3 pages)")
+    assert all(g["status"] == "succeeded" for g in got)
+
+
+def test_jsonl_numeric_ids_across_a_line_larger_than_a_block(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(2000):
+            f.write(json.dumps({"n": i, "text": f"t{i}", "pages": i}) + "\n")
+        f.write(json.dumps({"n": 2000, "text": "y" * 3_000_000, "pages": 1}) + "\n")
+        f.write(json.dumps({"n": 2001, "text": "last", "pages": 2}) + "\n")
+    batches = list(InputSource(str(path), shard_key="n").batches())
+    assert len({b.schema for b in batches}) == 1
+    assert batches[0].schema.names == ["n", "text", "pages"]
+    assert batches[0].schema.field("n").type == pa.string()
+    assert batches[0].schema.field("pages").type == pa.int64()
+    ids = [v for b in batches for v in b.column("n").to_pylist()]
+    assert ids == [str(i) for i in range(2002)]

@@ -36,7 +36,7 @@ from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, B
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
 from .output import OutputWriter, check_column_names, check_partition, check_writable
-from .requests import RequestBuilder, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
+from .requests import RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
 from .results import ResultParser, is_retryable
 from .spec import JobSpec
 from .status import job_cost
@@ -354,6 +354,7 @@ class Runner:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
                                      f"(columns: {', '.join(batch.schema.names[:12])})")
                 builder = self._builder_for(batch.schema)
+                check = RowCheck(builder, job.model, spec.api_version)
                 shared_hash = params_hash(canonical_json(builder.shared))
                 self.prefix = splice_prefix(builder.shared)
             n = batch.num_rows
@@ -372,8 +373,7 @@ class Runner:
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
                 part = builder.row_part(rows[i], where)
-                if i == 0 and index == 0:
-                    self._check_params({**builder.base, **part})
+                check(part, where)
                 body = canonical_json(part)
                 records.append((job.id, ids[i], index + i, params_hash(body, shared_hash)))
                 bodies.append(body)

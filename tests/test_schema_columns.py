@@ -3,6 +3,7 @@ top-level property a typed column, and every reply that cannot fill its columns 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -130,7 +131,7 @@ def test_schema_sent_as_the_official_sdk_sends_it(schema):
 
 
 def test_schema_sent_for_the_ready_label_job_is_the_sdks():
-    spec = JobSpec.load("jobs/label-tickets.toml")
+    spec = JobSpec.load(str(Path(__file__).resolve().parent.parent / "jobs" / "label-tickets.toml"))
     assert api_schema(spec.output_schema) == transform_schema(spec.output_schema)
 
 

@@ -334,6 +334,15 @@ def _refuses_sampling(api_version: str) -> bool:
     return bool(_DATE.match(api_version)) and api_version >= NO_SAMPLING_VERSION
 
 
+def thinking_on(thinking: Any) -> bool:
+    """Whether a `thinking` param asks the model to think (enabled or adaptive).
+
+    A model that thinks by default (thinking_default "adaptive") while no `thinking` is sent is not
+    counted: the checks that depend on thinking refuse only what the API certainly refuses.
+    """
+    return isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive")
+
+
 def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list:
     """Problems the API would answer with a 400 (an `errored` batch result): one message per problem."""
     name = model.id
@@ -368,6 +377,9 @@ def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list:
         problems.append(f"tool_choice type {tool_choice.get('type')!r} is not accepted by {name} "
                         f"(it refuses forced tool use{hint})")
 
+    if thinking_on(thinking):
+        problems += _check_with_thinking(model, params)
+
     output_config = params.get("output_config")
     if isinstance(output_config, Mapping):
         if output_config.get("format") is not None and not model.structured_output:
@@ -380,6 +392,31 @@ def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list:
             elif effort not in EFFORT_LEVELS:
                 problems.append(f"output_config.effort {effort!r} is not accepted by {name} "
                                 f"(use one of {', '.join(EFFORT_LEVELS)})")
+    return problems
+
+
+def _check_with_thinking(model: ModelInfo, params: Mapping) -> list:
+    """What the API refuses while the model thinks (the extended thinking docs: no forced tool use, no
+    prefill, temperature only 1, no top_k, top_p only from 0.95 to 1)."""
+    name = model.id
+    why = f"thinking is {params['thinking']['type']}"
+    problems = []
+    tool_choice = params.get("tool_choice")
+    if isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("tool", "any") and model.forced_tool:
+        problems.append(f"tool_choice type {tool_choice.get('type')!r} is not accepted by {name} while it thinks "
+                        f"(thinking allows only tool_choice auto or none; {why})")
+    messages = params.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping) \
+            and messages[-1].get("role") == "assistant":
+        problems.append(f"a prefill (a final assistant message) is not accepted by {name} while it thinks ({why})")
+    if model.sampling:   # (a model without sampling parameters refuses them anyway)
+        temperature, top_p, top_k = params.get("temperature"), params.get("top_p"), params.get("top_k")
+        if temperature is not None and temperature != 1:
+            problems.append(f"temperature {temperature} is not accepted by {name} while it thinks (only 1; {why})")
+        if top_k is not None:
+            problems.append(f"top_k is not accepted by {name} while it thinks ({why})")
+        if isinstance(top_p, (int, float)) and top_p < 0.95:
+            problems.append(f"top_p {top_p} is not accepted by {name} while it thinks (only 0.95 to 1; {why})")
     return problems
 
 

@@ -11,7 +11,7 @@ import difflib
 import json
 import os
 import uuid
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -35,34 +35,202 @@ _SELECT = ("custom_id, state, text, stop_reason, model, input_tokens, output_tok
 
 
 def arrow_type(schema: dict) -> pa.DataType:
-    """The Arrow type for a JSON Schema: scalars, enums, lists and nested objects."""
+    """The Arrow type for a JSON Schema: scalars, enums, lists and nested objects (see `column_for`)."""
+    return column_for(schema)[0]
+
+
+def column_for(schema: Any, root: Any = None) -> tuple:
+    """(Arrow type, convert) for the values a JSON Schema admits.
+
+    integer → int64, number → float64, boolean → bool, string → string, an array → a list of its
+    items' type, an object with properties → a struct; an enum or const follows its values (all
+    whole numbers → int64, all numbers → float64, all strings → string, all booleans → bool); a
+    nullable type (`["string", "null"]`, an anyOf with {"type": "null"}) is its other type; a union
+    (type lists, anyOf, oneOf) is its branches' common type (int64 with float64 → float64). Anything
+    else — mixed unions or enums, objects without properties, arrays without items, empty schemas —
+    is a string column holding each value as JSON text.
+
+    `convert(value)` turns one (schema-valid) value into what the column holds, and raises
+    ColumnError when it cannot (e.g. 2**70 in an int64 column): the result parser turns that into
+    `invalid_output`, so the writer only ever sees values that fit.
+    """
+    typ, convert, _ = _column(schema, schema if root is None else root)
+    return typ, convert
+
+
+def _column(schema: Any, root: Any, refs: tuple = ()) -> tuple:
+    """(Arrow type, convert, shape): `shape` tells apart columns of the same Arrow type whose values
+    differ (a string column and a column of JSON text). `refs`: the $refs being expanded (a
+    recursive schema becomes JSON text where it recurses)."""
     if not isinstance(schema, dict):
-        return pa.string()
+        return _JSON
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        target = None if ref in refs else _resolve_ref(root, ref)
+        return _JSON if target is None else _column(target, root, (*refs, ref))
+    for key in ("enum", "const"):
+        if key in schema:
+            values = schema[key] if key == "enum" else [schema[key]]
+            return _literal_column(values) if isinstance(values, list) else _JSON
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            branches = [b for b in schema[key] if not (isinstance(b, dict) and b.get("type") == "null")]
+            return _union([_column(b, root, refs) for b in branches])
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) == 1 and len(schema) == 1:
+        return _column(schema["allOf"][0], root, refs)
     kind = schema.get("type")
     if isinstance(kind, list):
         kinds = [k for k in kind if k != "null"]
-        kind = kinds[0] if len(kinds) == 1 else None
-    if kind is None and "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
-        kind = "string"
-    if kind == "string":
-        return pa.string()
-    if kind == "integer":
-        return pa.int64()
-    if kind == "number":
-        return pa.float64()
-    if kind == "boolean":
-        return pa.bool_()
+        return _union([_column({**schema, "type": k}, root, refs) for k in kinds])
+    if kind is None and "allOf" not in schema:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else None
+    if kind in _SCALARS:
+        return _SCALARS[kind]
     if kind == "array" and isinstance(schema.get("items"), dict):
-        return pa.list_(arrow_type(schema["items"]))
+        item_type, convert_item, shape = _column(schema["items"], root, refs)
+        return pa.list_(item_type), _list_converter(convert_item), ("list", shape)
     if kind == "object" and isinstance(schema.get("properties"), dict) and schema["properties"]:
-        return pa.struct([pa.field(k, arrow_type(v)) for k, v in schema["properties"].items()])
-    return pa.string()  # anything else: the JSON text
+        fields = [(name, *_column(sub, root, refs)) for name, sub in schema["properties"].items()]
+        return (pa.struct([pa.field(name, typ) for name, typ, _, _ in fields]), _struct_converter(fields),
+                ("struct", tuple((name, shape) for name, _, _, shape in fields)))
+    return _JSON
+
+
+def _resolve_ref(root: Any, ref: str) -> Any:
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in ref[1:].split("/"):
+        if part:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+    return node
+
+
+def _literal_column(values: list) -> tuple:
+    values = [v for v in values if v is not None]
+    if values and all(isinstance(v, bool) for v in values):
+        return _SCALARS["boolean"]
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return _SCALARS["integer"]
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return _SCALARS["number"]
+    if values and all(isinstance(v, str) for v in values):
+        return _SCALARS["string"]
+    return _JSON
+
+
+def _union(columns: list) -> tuple:
+    """The one column of several alternatives: their common type, else JSON text."""
+    if not columns:
+        return _JSON
+    shapes = {shape for _, _, shape in columns}
+    if len(shapes) == 1:
+        return columns[0]
+    if shapes == {"integer", "number"}:
+        return _SCALARS["number"]
+    return _JSON
+
+
+class ColumnError(ValueError):
+    """A value that does not fit its column; `path` is where in the value (list indexes, field names)."""
+
+    def __init__(self, reason: str, path: tuple = ()):
+        super().__init__(reason)
+        self.reason, self.path = reason, path
+
+    def within(self, step: Any) -> "ColumnError":
+        return ColumnError(self.reason, (step, *self.path))
+
+
+def _to_string(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    raise ColumnError(f"expected a string, got {_json(value)[:60]}")
+
+
+def _to_int(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ColumnError(f"expected a whole number, got {_json(value)[:60]}")
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ColumnError(f"{_json(value)[:60]} does not fit a 64-bit integer column")
+    return value
+
+
+def _to_float(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ColumnError(f"expected a number, got {_json(value)[:60]}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ColumnError(f"{_json(value)[:60]} does not fit a 64-bit float column") from None
+
+
+def _to_bool(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ColumnError(f"expected true or false, got {_json(value)[:60]}")
+
+
+def _json(value: Any) -> Any:
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _list_converter(convert_item):
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise ColumnError(f"expected a list, got {_json(value)[:60]}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(convert_item(item))
+            except ColumnError as exc:
+                raise exc.within(i) from None
+        return out
+    return convert
+
+
+def _struct_converter(fields: list):
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ColumnError(f"expected an object, got {_json(value)[:60]}")
+        out = {}
+        for name, _, convert_field, _ in fields:
+            try:
+                out[name] = convert_field(value.get(name))
+            except ColumnError as exc:
+                raise exc.within(name) from None
+        return out
+    return convert
+
+
+_SCALARS = {"string": (pa.string(), _to_string, "string"), "integer": (pa.int64(), _to_int, "integer"),
+            "number": (pa.float64(), _to_float, "number"), "boolean": (pa.bool_(), _to_bool, "boolean")}
+_JSON = (pa.string(), _json, "json")   # a column of JSON text
 
 
 def schema_columns(output_schema: Optional[dict]) -> list[tuple[str, pa.DataType]]:
+    return [(name, typ) for name, typ, _ in schema_converters(output_schema)]
+
+
+def schema_converters(output_schema: Optional[dict]) -> list[tuple]:
+    """(name, Arrow type, convert) for each top-level property of the output schema."""
     if not output_schema:
         return []
-    return [(name, arrow_type(sub)) for name, sub in output_schema.get("properties", {}).items()]
+    return [(name, *column_for(sub, output_schema))
+            for name, sub in (output_schema.get("properties") or {}).items()]
 
 
 def output_names(input_columns: Iterable[str], output_schema: Optional[dict]) -> list[str]:
@@ -152,7 +320,7 @@ class OutputWriter:
         self.store = store
         self.job_id = job_id
         self.output_schema = output_schema
-        self.extra = schema_columns(output_schema)
+        self.extra = schema_converters(output_schema)
 
     def rows(self, start: int, count: int) -> list[tuple]:
         cur = self.store.conn.execute(
@@ -173,12 +341,9 @@ class OutputWriter:
             arrays.append(pa.array(cols[i], type=typ))
             names.append(next(out_names))
         if self.extra:
-            parsed = [json.loads(p) if p else None for p in cols[14]]
-            for (name, typ), out_name in zip(self.extra, out_names):
-                values = [p.get(name) if isinstance(p, dict) else None for p in parsed]
-                if typ == pa.string():
-                    values = [v if (v is None or isinstance(v, str)) else json.dumps(v, ensure_ascii=False)
-                              for v in values]
+            parsed = [_loads(p) for p in cols[14]]
+            for (name, typ, convert), out_name in zip(self.extra, out_names):
+                values = [_converted(convert, p.get(name)) if isinstance(p, dict) else None for p in parsed]
                 arrays.append(pa.array(values, type=typ))
                 names.append(out_name)
         return pa.RecordBatch.from_arrays(arrays, names=names)
@@ -224,6 +389,23 @@ class OutputWriter:
             _delete(fs, tmp)
             raise
         return counted[0]
+
+
+def _loads(text: Optional[str]) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _converted(convert, value: Any) -> Any:
+    """A stored value as its column holds it. Replies whose values do not fit their columns end as
+    invalid_output when parsed (and store no value); this only guards the writer against a state
+    written otherwise (an older batchrun, another schema), which must never stop the output."""
+    try:
+        return convert(value)
+    except (ColumnError, TypeError, RecursionError):
+        return None
 
 
 def _write_file(fs: pafs.FileSystem, tmp: str, first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> None:

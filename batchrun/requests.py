@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import mimetypes
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -19,12 +18,11 @@ from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import InputError
-from .models import ModelInfo
+from .models import ModelInfo, check_params, thinking_on
 from .spec import JobSpec
 
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 OUTPUT_TOOL = "record_output"
-IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 
 
 def custom_id_for(value: Any) -> str:
@@ -75,34 +73,125 @@ def output_schema_for(spec: JobSpec) -> Optional[dict]:
             "additionalProperties": False}
 
 
-# JSON Schema keywords that structured output (output_config.format) does not accept; the schema sent
-# carries them as a note in the description instead (as the official SDKs do), and every reply is
-# still validated locally against the full schema.
-UNSUPPORTED_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-                        "minLength", "maxLength", "maxItems", "uniqueItems", "minProperties", "maxProperties")
+# How the schema is sent as output_config.format: as the official SDK's `transform_schema` sends it
+# (anthropic.lib._parse._transform; tests compare the two). Every object gets additionalProperties:
+# false; keywords structured output does not take (minimum, maxLength, pattern, an unsupported string
+# format, minItems above 1, ...) move into the description as a note like "{minimum: 1, maximum: 5}",
+# which the model follows; oneOf becomes anyOf. Replies are still validated locally against the full
+# schema. Beyond the SDK: a type list (["string", "null"]) becomes an anyOf of single types (the SDK
+# cannot send one), and a subschema without a type gets "object" / "array" when its keywords say so.
+SUPPORTED_STRING_FORMATS = {"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4",
+                            "ipv6", "uuid"}
+_TYPE_KEYWORDS = {
+    "object": ("properties", "required", "additionalProperties", "patternProperties", "propertyNames",
+               "minProperties", "maxProperties", "dependentRequired", "dependentSchemas",
+               "unevaluatedProperties"),
+    "array": ("items", "prefixItems", "contains", "minContains", "maxContains", "minItems", "maxItems",
+              "uniqueItems", "unevaluatedItems"),
+    "string": ("format", "pattern", "minLength", "maxLength", "contentEncoding", "contentMediaType"),
+    "integer": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+    "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+}
 
 
-def api_schema(schema: Any) -> Any:
-    """The schema as structured output accepts it: unsupported constraints moved into descriptions."""
-    if isinstance(schema, list):
-        return [api_schema(s) for s in schema]
+def api_schema(schema: dict, where: str = "output_schema") -> dict:
+    """The schema as structured output takes it (see above); InputError names a subschema it cannot send."""
     if not isinstance(schema, dict):
-        return schema
+        raise InputError(f"{where}: expected a JSON Schema object, got {schema!r}"[:200])
+    schema = dict(schema)
     out: dict = {}
-    notes = []
-    for key, value in schema.items():
-        if key in UNSUPPORTED_KEYWORDS or (key == "minItems" and isinstance(value, int) and value > 1):
-            notes.append(f"{key}: {json.dumps(value)}")
-        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
-            out[key] = {k: api_schema(v) for k, v in value.items()}
-        elif key in ("items", "anyOf", "allOf", "oneOf", "additionalProperties", "not"):
-            out[key] = api_schema(value)
+    for key in ("$defs", "definitions"):   # (the SDK knows only $defs: it would send "definitions" as a note)
+        defs = schema.pop(key, None)
+        if isinstance(defs, dict):
+            out[key] = {name: api_schema(sub, f"{where}/{key}/{name}") for name, sub in defs.items()}
+    ref = schema.pop("$ref", None)
+    if ref is not None:
+        out["$ref"] = ref
+        return out
+    kind = schema.pop("type", None)
+    if isinstance(kind, list):
+        kinds = list(dict.fromkeys(kind))
+        if len(kinds) == 1:
+            kind = kinds[0]
         else:
+            return _type_list(schema, kinds, out, where)
+    any_of, one_of, all_of = schema.pop("anyOf", None), schema.pop("oneOf", None), schema.pop("allOf", None)
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(_primitive(v) for v in enum):
+        out["enum"] = list(schema.pop("enum"))
+    if "const" in schema and _primitive(schema["const"]):
+        out["const"] = schema.pop("const")
+    literal = "enum" in out or "const" in out
+    if literal:
+        kind = None
+    if kind is None and not literal and not (any_of or one_of or all_of):
+        kind = "object" if "properties" in schema else "array" if "items" in schema else None
+        if kind is None:
+            raise InputError(f"{where}: needs a 'type' (or enum, const, anyOf) to be sent as structured output")
+    if isinstance(any_of, list):
+        out["anyOf"] = [api_schema(s, f"{where}/anyOf/{i}") for i, s in enumerate(any_of)]
+    elif isinstance(one_of, list):
+        out["anyOf"] = [api_schema(s, f"{where}/oneOf/{i}") for i, s in enumerate(one_of)]
+    elif isinstance(all_of, list):
+        out["allOf"] = [api_schema(s, f"{where}/allOf/{i}") for i, s in enumerate(all_of)]
+    elif not literal:
+        out["type"] = kind
+    for key in ("description", "title"):
+        value = schema.pop(key, None)
+        if value is not None:
             out[key] = value
-    if notes:
-        note = "{" + ", ".join(notes) + "}"
-        out["description"] = f"{out['description']}\n\n{note}" if out.get("description") else note
+    if kind == "object":
+        out["properties"] = {name: api_schema(sub, f"{where}/properties/{name}")
+                             for name, sub in (schema.pop("properties", None) or {}).items()}
+        schema.pop("additionalProperties", None)
+        out["additionalProperties"] = False
+        required = schema.pop("required", None)
+        if required is not None:
+            out["required"] = list(required)
+    elif kind == "string":
+        fmt = schema.pop("format", None)
+        if fmt in SUPPORTED_STRING_FORMATS:
+            out["format"] = fmt
+        elif fmt:
+            schema["format"] = fmt
+    elif kind == "array":
+        items = schema.pop("items", None)
+        if items is not None:
+            out["items"] = api_schema(items, f"{where}/items")
+        min_items = schema.pop("minItems", None)
+        if min_items in (0, 1) and not isinstance(min_items, bool):
+            out["minItems"] = min_items
+        elif min_items is not None:
+            schema["minItems"] = min_items
+    if schema:   # what is left is not supported: a note the model reads, as the SDK writes it
+        note = "{" + ", ".join(f"{key}: {value}" for key, value in schema.items()) + "}"
+        out["description"] = f"{out['description']}\n\n{note}" if out.get("description") is not None else note
     return out
+
+
+def _type_list(schema: dict, kinds: list, out: dict, where: str) -> dict:
+    """{"type": [a, b], ...} as {"anyOf": [{"type": a, ...}, {"type": b, ...}]}, each branch with the
+    keywords of its own type; description and title stay outside."""
+    for key in ("description", "title"):
+        if schema.get(key) is not None:
+            out[key] = schema.pop(key)
+    if "enum" in schema or "const" in schema:   # literals fix the values whatever the types say
+        return {**out, **api_schema(schema, where)}
+    branches = []
+    for i, kind in enumerate(kinds):
+        own = _TYPE_KEYWORDS.get(kind, ())
+        branches.append(api_schema({"type": kind, **{k: v for k, v in schema.items() if k in own}},
+                                   f"{where}/type/{i}"))
+    out["anyOf"] = branches
+    rest = {k: v for k, v in schema.items() if not any(k in keys for keys in _TYPE_KEYWORDS.values())}
+    if rest:
+        note = "{" + ", ".join(f"{key}: {value}" for key, value in rest.items()) + "}"
+        out["description"] = f"{out['description']}\n\n{note}" if out.get("description") is not None else note
+    return out
+
+
+def _primitive(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 class RequestBuilder:
@@ -161,15 +250,20 @@ class RequestBuilder:
         if spec.effort:
             output_config["effort"] = spec.effort
         if self.schema is not None:
+            key = "labels" if spec.labels is not None else "output_schema"
             if self.model is None or self.model.structured_output:
-                output_config["format"] = {"type": "json_schema", "schema": api_schema(self.schema)}
-            elif self.model.forced_tool:
+                output_config["format"] = {"type": "json_schema", "schema": api_schema(self.schema, key)}
+            elif not self.model.forced_tool:
+                raise InputError(f"{key}: {spec.model} supports neither structured output nor "
+                                 "forced tool use, so it cannot return a schema")
+            elif thinking_on(spec.thinking):
+                raise InputError(f"{key}: {spec.model} has no structured output, and the forced tool that asks "
+                                 "for a schema instead cannot be used while it thinks; turn thinking off, or use "
+                                 "a model with structured output")
+            else:
                 params["tools"] = [{"name": OUTPUT_TOOL, "description": "Record the answer for this row.",
                                     "input_schema": self.schema}]
                 params["tool_choice"] = {"type": "tool", "name": OUTPUT_TOOL}
-            else:
-                raise InputError(f"output_schema: {spec.model} supports neither structured output nor "
-                                 "forced tool use, so it cannot return a schema")
         if output_config:
             params["output_config"] = output_config
         return params
@@ -225,6 +319,37 @@ class RequestBuilder:
         return base
 
 
+class RowCheck:
+    """The model's checks (models.check_params) on every row's params, before anything is sent.
+
+    The shared params are checked once, with the first row; after that only what a row sets itself
+    is looked at (today its max_tokens, from max_tokens_column), and each value only once — so a
+    plan of 100k rows costs a dict lookup per row, and a bad row is named before any batch is made.
+    """
+
+    def __init__(self, builder: RequestBuilder, model: Optional[ModelInfo], api_version: str):
+        self.builder, self.model, self.api_version = builder, model, api_version
+        self.column = builder.spec.max_tokens_column
+        self.seen: set = set()
+
+    def __call__(self, part: dict, where: str) -> None:
+        if self.model is None:
+            return
+        base = self.builder.base
+        if not self.seen:   # the shared params, with the job's own max_tokens
+            self._raise({**base, **part, "max_tokens": base["max_tokens"]}, None)
+            self.seen.add(base["max_tokens"])
+        value = part.get("max_tokens", base["max_tokens"])
+        if value not in self.seen:
+            self._raise({**base, **part}, where)
+            self.seen.add(value)
+
+    def _raise(self, params: dict, where: Optional[str]) -> None:
+        problems = check_params(self.model, params, self.api_version)
+        if problems:
+            raise InputError(problems[0] if where is None else f"{self.column}: {where}: {problems[0]}")
+
+
 def simple_parts(ast: jinja2.nodes.Template) -> Optional[list]:
     """[(is_text, text or column)] for a template made only of text and `{{ column }}`; else None.
 
@@ -265,9 +390,10 @@ def image_block(value: Any, where: str, column: str) -> Optional[dict]:
             raise InputError(f"{column}: {where}: cannot read image {value!r}: {exc.strerror or exc}") from None
     else:
         raise InputError(f"{column}: {where}: expected an image path, URL or bytes, got {type(value).__name__}")
-    media = sniff_image(data) or (mimetypes.guess_type(value)[0] if isinstance(value, str) else None)
-    if media not in IMAGE_TYPES:
-        raise InputError(f"{column}: {where}: not a PNG, JPEG, GIF or WebP image")
+    media = sniff_image(data)   # the content decides, never the file name: a text file named x.png is refused
+    if media is None:
+        what = f"{value!r} is" if isinstance(value, str) else f"the {len(data)} bytes are"
+        raise InputError(f"{column}: {where}: {what} not a PNG, JPEG, GIF or WebP image")
     return {"type": "image", "source": {"type": "base64", "media_type": media,
                                         "data": base64.b64encode(data).decode("ascii")}}
 

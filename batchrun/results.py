@@ -13,7 +13,10 @@ from typing import Any, Optional
 import jsonschema
 
 from .models import Catalog
+from .output import ColumnError, schema_converters
 from .requests import OUTPUT_TOOL
+
+SCHEMA_VALIDATOR = jsonschema.Draft202012Validator   # the job's schema is checked with it before sending
 
 TRANSIENT_ERRORS = {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
 
@@ -22,12 +25,22 @@ class ResultParser:
     def __init__(self, catalog: Catalog, model: str, *, schema: Optional[dict], batch: bool, cache_ttl: str):
         self.catalog = catalog
         self.model = model
-        self.schema = schema
         self.batch = batch
         self.cache_ttl = cache_ttl
-        self.validator = jsonschema.Draft202012Validator(schema) if schema is not None else None
+        self.schema = schema
         self.unpriced = False
         self._costs: dict = {}
+
+    @property
+    def schema(self) -> Optional[dict]:
+        return self._schema
+
+    @schema.setter
+    def schema(self, schema: Optional[dict]) -> None:
+        """The output schema: replies are validated against it and must fit its typed columns."""
+        self._schema = schema
+        self.validator = SCHEMA_VALIDATOR(schema) if schema is not None else None
+        self.columns = schema_converters(schema)
 
     def parse(self, result: dict) -> dict:
         """Fields for the requests table from `result` (the `result` object of a JSONL line)."""
@@ -104,13 +117,31 @@ class ResultParser:
                 fields.update(state="invalid_output", error_type="invalid_output",
                               error_message=f"reply is not JSON{cut}: {exc.msg} at char {exc.pos}")
                 return
-        error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-            fields.update(state="invalid_output", error_type="invalid_output",
-                          error_message=f"reply does not fit the schema at {where}: {error.message}"[:500])
+        problem = self._problem(value)
+        if problem is not None:
+            fields.update(state="invalid_output", error_type="invalid_output", error_message=problem[:500])
             return
         fields["parsed"] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+    def _problem(self, value: Any) -> Optional[str]:
+        """Why a parsed reply cannot be kept — it breaks the schema, or a value does not fit its typed
+        column (a number too large for int64, say) — or None."""
+        try:
+            error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
+        except Exception as exc:  # a schema jsonschema cannot apply: never a crash after the reply was paid for
+            return f"reply cannot be checked against the schema: {str(exc).splitlines()[0]}"
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            return f"reply does not fit the schema at {where}: {error.message}"
+        if not isinstance(value, dict):
+            return f"reply does not fit the schema at (root): expected a JSON object, got {type(value).__name__}"
+        for name, typ, convert in self.columns:
+            try:
+                convert(value.get(name))
+            except ColumnError as exc:
+                where = "/".join(str(p) for p in (name, *exc.path))
+                return f"reply value at {where} does not fit column {name!r} ({typ}): {exc.reason}"
+        return None
 
 
 def is_retryable(fields: dict) -> bool:

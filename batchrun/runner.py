@@ -31,13 +31,12 @@ import pyarrow as pa
 
 from .api import ApiClient, DEFAULT_BASE_URL, endpoint_key
 from . import failpoints
-from .errors import (AmbiguousCreateError, ApiError, AuthError, BatchrunError, BudgetError, ExitCode, InputError,
-                     NotFoundError,
+from .errors import (AmbiguousCreateError, ApiError, BudgetError, ExitCode, InputError, NotFoundError,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
-from .models import Catalog, CatalogError, ModelInfo, check_params, load_catalog
+from .models import Catalog, CatalogError, ModelInfo, load_catalog
 from .output import OutputWriter, check_column_names, check_partition, check_writable
-from .requests import RequestBuilder, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
+from .requests import RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
 from .results import ResultParser, is_retryable
 from .spec import JobSpec
 from .status import job_cost
@@ -375,6 +374,7 @@ class Runner:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
                                      f"(columns: {', '.join(batch.schema.names[:12])})")
                 builder = self._builder_for(batch.schema)
+                check = RowCheck(builder, job.model, spec.api_version)
                 # the endpoint is hashed in too: an answer is reused only from the same service
                 shared_hash = params_hash(canonical_json(builder.shared) + (job.endpoint or ""))
                 self.prefix = splice_prefix(builder.shared)
@@ -394,8 +394,7 @@ class Runner:
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
                 part = builder.row_part(rows[i], where)
-                if i == 0 and index == 0:
-                    self._check_params({**builder.base, **part})
+                check(part, where)
                 body = canonical_json(part)
                 records.append((job.id, ids[i], index + i, params_hash(body, shared_hash)))
                 bodies.append(body)
@@ -429,14 +428,6 @@ class Runner:
     def _duplicate(self, value, first: int, second: int) -> InputError:
         return InputError(f"{self.spec.input}: duplicate id {value!r} in column {self.spec.id_column!r} "
                           f"(rows {first + 1} and {second + 1})")
-
-    def _check_params(self, params: dict) -> None:
-        model = self.job.model
-        if model is None:
-            return
-        problems = check_params(model, params, self.spec.api_version)
-        if problems:
-            raise InputError(problems[0])
 
     # ---- answers already paid for ----------------------------------------------------------------
     def _alone(self) -> bool:

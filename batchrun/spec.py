@@ -264,6 +264,13 @@ class JobSpec:
                  "stop_sequences", "expected a list of non-empty strings")
         if self.metadata is not None:
             need(isinstance(self.metadata, dict), "metadata", "expected a table such as {user_id = \"...\"}")
+            for key, value in self.metadata.items():
+                if key != "user_id":
+                    raise SpecError(f"{where}metadata: unknown key {key!r} (the API accepts only user_id, "
+                                    "an opaque id of the end user)")
+                if value is not None and not (isinstance(value, str) and len(value) <= 256):
+                    raise SpecError(f"{where}metadata: user_id must be a string of at most 256 characters, "
+                                    f"got {value!r}"[:200])
         if self.thinking is not None:
             if isinstance(self.thinking, str):
                 self.thinking = {"type": self.thinking}
@@ -285,6 +292,16 @@ class JobSpec:
             need(isinstance(self.output_schema, dict) and self.output_schema.get("type", "object") == "object"
                  and isinstance(self.output_schema.get("properties"), dict) and self.output_schema["properties"],
                  "output_schema", "expected a JSON Schema object with 'properties'")
+            problem = schema_problem(self.output_schema)
+            if problem:
+                raise SpecError(f"{where}output_schema: {problem}")
+        if self.prefill is not None:
+            need(self.prefill == self.prefill.rstrip(), "prefill",
+                 "must not end with whitespace (the API refuses a final assistant message that does)")
+            if self.output_schema is not None or self.labels is not None:
+                raise SpecError(f"{where}prefill: cannot be used with {'labels' if self.labels else 'output_schema'} "
+                                "(the API refuses a prefill with structured output, and the reply must be the "
+                                "JSON alone); drop the prefill")
         if self.few_shot is not None:
             ok = isinstance(self.few_shot, list) and all(
                 isinstance(ex, dict) and set(ex) == {"user", "assistant"}
@@ -292,6 +309,49 @@ class JobSpec:
             need(ok, "few_shot", "expected a list of {user = \"...\", assistant = \"...\"} tables")
         if self.mode == "batch" and self.output.startswith(("http://", "https://")):
             raise SpecError(f"{where}output: cannot write to a web address")
+
+
+def schema_problem(schema: dict) -> Optional[str]:
+    """What makes `schema` unusable as an output schema, naming where in it; None when it is fine.
+
+    Checked with the validator class replies are checked with, so a schema that passes here never
+    fails while results are read (after they were paid for).
+    """
+    import jsonschema
+    from .results import SCHEMA_VALIDATOR
+    meta = SCHEMA_VALIDATOR(SCHEMA_VALIDATOR.META_SCHEMA, format_checker=SCHEMA_VALIDATOR.FORMAT_CHECKER)
+    error = jsonschema.exceptions.best_match(meta.iter_errors(schema))   # as check_schema, with the path
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        message = error.message
+        if error.absolute_path and error.absolute_path[-1] == "type" and error.validator == "anyOf":
+            message = (f"{error.instance!r} is not a JSON Schema type (use string, integer, number, boolean, "
+                       "array, object or null)")
+        return f"not a valid JSON Schema at {where}: {message}"
+    for where, ref in _refs(schema, ()):
+        if not ref.startswith("#"):
+            return f"$ref {ref!r} at {where}: only references inside the schema (#/...) can be used"
+        node: Any = schema
+        for part in ref[1:].split("/"):
+            if part:
+                part = part.replace("~1", "/").replace("~0", "~")
+                node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, (dict, bool)):
+            return f"$ref {ref!r} at {where}: the schema has nothing there"
+    return None
+
+
+def _refs(node: Any, path: tuple):
+    """(where, ref) of every $ref in a schema."""
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield "/".join(map(str, path)) or "(root)", node["$ref"]
+        for key, value in node.items():
+            if key not in ("enum", "const", "default", "examples"):
+                yield from _refs(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _refs(value, (*path, i))
 
 
 _FILE_KEYS = {"prompt_file": "prompt", "system_file": "system"}

@@ -314,9 +314,26 @@ def test_valid_params_have_no_problems(catalog):
     assert _check(catalog, "claude-haiku-5-5", "2026-10-21",
                   output_config={"effort": "low", "format": {"type": "json_schema", "schema": {}}},
                   thinking={"type": "disabled"}, tool_choice={"type": "auto"}) == []
-    assert _check(catalog, "claude-haiku-4-5", temperature=0, top_p=0.9,
-                  thinking={"type": "enabled", "budget_tokens": 1024},
+    assert _check(catalog, "claude-haiku-4-5", temperature=0, top_p=0.9, top_k=5,
                   tool_choice={"type": "tool", "name": "label"}) == []
+    assert _check(catalog, "claude-haiku-4-5", temperature=1, top_p=0.95,
+                  thinking={"type": "enabled", "budget_tokens": 1024}, tool_choice={"type": "auto"}) == []
+
+
+@pytest.mark.parametrize("extra,named", [
+    ({"tool_choice": {"type": "tool", "name": "label"}}, "tool_choice"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"temperature": 0.5}, "temperature"),
+    ({"top_k": 5}, "top_k"),
+    ({"top_p": 0.9}, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The"}]}, "prefill"),
+])
+def test_what_thinking_refuses(catalog, extra, named):
+    """The extended thinking docs: no forced tool use, no prefill, temperature only 1, no top_k,
+    top_p only from 0.95."""
+    assert _check(catalog, "claude-haiku-4-5", **extra) == []                 # thinking off: fine
+    (problem,) = _check(catalog, "claude-haiku-4-5", thinking={"type": "enabled", "budget_tokens": 1024}, **extra)
+    assert named in problem and "thinks" in problem
 
 
 def test_temperature_refused_by_a_model_without_sampling(catalog):

@@ -93,6 +93,35 @@ def test_image_column_paths_urls_and_a_bad_file(emu, cli, tmp_path):
     assert "image" in r.output and "row 1" in r.output and "PNG" in r.output
 
 
+def test_image_bytes_from_a_column_and_a_text_file_named_png(emu, cli, tmp_path):
+    gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
+    table = pa.table({"id": ["a", "b", "c"], "image": pa.array([PNG, gif, None], pa.binary()),
+                      "caption": ["one", "two", "three"]})
+    pq.write_table(table, tmp_path / "imgs.parquet")
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    r = cli("run", "--input", tmp_path / "imgs.parquet", "--output", out, "--state", state, "--id-column", "id",
+            "--prompt", "Describe: {{ caption }}", "--image-column", "image", "--model", "claude-haiku-4-5",
+            "--max-tokens", "50", "--poll-interval", "0.1")
+    assert r.exit_code == 0, r.output
+    sent = bodies(state)
+    for body, data, media in ((sent[0], PNG, "image/png"), (sent[1], gif, "image/gif")):
+        source = body["messages"][0]["content"][0]["source"]
+        assert source["media_type"] == media and base64.b64decode(source["data"]) == data
+        assert_sdk_accepts(body)
+    assert sent[2]["messages"][0]["content"] == "Describe: three"
+    assert pq.read_table(out).column("status").to_pylist() == ["succeeded"] * 3
+    # the content decides, not the name: a text file called .png, and bytes that are no image
+    (tmp_path / "fake.png").write_text("not an image at all")
+    for cells in ([str(tmp_path / "fake.png")], pa.array([b"just some bytes"], pa.binary())):
+        pq.write_table(pa.table({"id": ["a"], "image": cells, "caption": ["x"]}), tmp_path / "bad.parquet")
+        r = cli("run", "--input", tmp_path / "bad.parquet", "--output", out, "--state", tmp_path / "s2.sqlite",
+                "--prompt", "{{ caption }}", "--image-column", "image", "--model", "claude-haiku-4-5")
+        assert r.exit_code == ExitCode.BAD_INPUT
+        (line,) = [l for l in r.output.splitlines() if l.startswith("batchrun: error:")]
+        assert "image: row 1:" in line and "not a PNG, JPEG, GIF or WebP image" in line
+    assert emu.stats.create_calls == 1
+
+
 def test_thinking_blocks_stay_out_of_text(emu, cli, tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("id,msg\n1,hello\n2,world\n")
@@ -135,3 +164,15 @@ def test_bodies_of_the_ready_jobs_validate_against_the_sdk(emu, cli, tmp_path, j
     for item in shown:
         assert_sdk_accepts(item["params"])
         TypeAdapter(MessageCreateParams).validate_python(item["params"])
+
+
+def test_thinking_budget_with_little_room_warns(emu, cli, tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("id,text\n1,hello\n")
+    args = ["validate", "--input", csv, "--prompt", "{{ text }}", "--model", "claude-haiku-4-5", "--thinking", "2000"]
+    r = cli(*args, "--max-tokens", "2100")      # 100 tokens left for the answer
+    assert r.exit_code == 0, r.output
+    assert "leave room for the answer" in r.output and "(enabled)" in r.output
+    r = cli(*args, "--max-tokens", "4000")
+    assert r.exit_code == 0, r.output
+    assert "leave room" not in r.output

@@ -30,10 +30,11 @@ def bodies(state):
         return {cid: params for _, cid, params in s.params()}
 
 
-def exact_cost(model, row):
+def exact_cost(model, row, ttl="5m"):
     p = load_catalog().resolve(model).prices
+    write = p.cache_write_1h if ttl == "1h" else p.cache_write_5m
     total = (Decimal(row["input_tokens"]) * p.input + Decimal(row["output_tokens"]) * p.output
-             + Decimal(row["cache_creation_input_tokens"] or 0) * p.cache_write_5m
+             + Decimal(row["cache_creation_input_tokens"] or 0) * write
              + Decimal(row["cache_read_input_tokens"] or 0) * p.cache_read)
     return float(total / Decimal(1_000_000) * Decimal("0.5"))
 
@@ -138,3 +139,195 @@ def test_small_system_prompt_with_cache_warns(emu, cli, tmp_path):
             "--model", "claude-haiku-4-5")
     assert r.exit_code == 0, r.output
     assert "will not be cached" in r.output
+
+
+# ------------------------------------------------------------------------------ typed columns end to end
+
+MIXED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "who": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                "required": ["name", "age"]},
+        "items": {"type": "array", "items": {"type": "object", "properties": {
+            "k": {"type": "string"}, "v": {"type": "integer"}}, "required": ["k", "v"]}},
+        "level": {"enum": [1, 2, 3]},
+        "scores": {"type": "array", "items": {"enum": [1, 2, 3]}},
+        "note": {"type": ["string", "null"]},
+        "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    },
+    "required": ["score", "who", "items", "level", "scores", "note", "either"],
+}
+MIXED_TYPES = {
+    "score": pa.float64(), "who": pa.struct([("name", pa.string()), ("age", pa.int64())]),
+    "items": pa.list_(pa.struct([("k", pa.string()), ("v", pa.int64())])), "level": pa.int64(),
+    "scores": pa.list_(pa.int64()), "note": pa.string(), "either": pa.string(),
+}
+
+
+@pytest.mark.parametrize("how", ["flag", "job file"])
+def test_output_schema_file_gives_typed_columns_holding_each_reply(emu, cli, tmp_path, how):
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "row.json").write_text(json.dumps(MIXED_SCHEMA))
+    (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n2,bravo\n3,cedar\n4,delta\n")
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    if how == "flag":
+        r = cli("run", "--input", tmp_path / "t.csv", "--output", out, "--state", state, "--prompt", "{{ msg }}",
+                "--model", "claude-haiku-4-5", "--output-schema", tmp_path / "schemas" / "row.json",
+                "--poll-interval", "0.1")
+    else:   # the path in a job file is relative to the job file
+        (tmp_path / "jobs").mkdir()
+        (tmp_path / "jobs" / "j.toml").write_text(
+            'input = "../t.csv"\noutput = "../o.parquet"\nstate = "../s.sqlite"\nprompt = "{{ msg }}"\n'
+            'model = "claude-haiku-4-5"\noutput_schema = "../schemas/row.json"\n')
+        r = cli("run", tmp_path / "jobs" / "j.toml", "--poll-interval", "0.1")
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    for name, typ in MIXED_TYPES.items():
+        assert table.schema.field(name).type == typ, name
+    sent = bodies(state)
+    for row in table.to_pylist():
+        assert row["status"] == "succeeded"
+        params = sent[row["custom_id"]]
+        assert params["output_config"]["format"]["schema"]["properties"]["note"]["anyOf"] == [
+            {"type": "string"}, {"type": "null"}]
+        reply = json.loads(reply_for(params)["content"][-1]["text"])
+        expected = {**reply, "score": float(reply["score"]), "either": json.dumps(reply["either"])}
+        assert {k: row[k] for k in MIXED_TYPES} == expected
+
+
+@pytest.mark.parametrize("model", ["claude-haiku-4-5", "claude-sonnet-4"])   # structured output; forced tool
+def test_reply_that_breaks_the_schema_is_invalid_output_with_its_raw_text(emu, cli, tmp_path, model):
+    emu.config.off_schema_rate = 1.0    # every reply breaks a constraint (sent as a note to structured output)
+    r, out, state = run_job(cli, "label-tickets", tmp_path, "--model", model, "--limit", "8")
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 8
+    for row in rows:
+        assert row["status"] == "invalid_output"
+        assert "at tags" in row["error_message"] and "is too long" in row["error_message"]
+        assert len(json.loads(row["text"])["tags"]) > 5                    # the raw reply kept
+        assert row["urgency"] is None and row["category"] is None          # nothing half-parsed
+
+
+def test_valid_reply_too_big_for_its_column_is_invalid_output_not_a_crash(emu, cli, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1e30}, "s": {"type": "string"}},
+              "required": ["n", "s"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n2,bravo\n")
+    out = tmp_path / "o.parquet"
+    r = cli("run", "--input", tmp_path / "t.csv", "--output", out, "--state", tmp_path / "s.sqlite",
+            "--prompt", "{{ msg }}", "--model", "claude-haiku-4-5", "--output-schema", tmp_path / "schema.json",
+            "--poll-interval", "0.1")
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    table = pq.read_table(out)
+    assert table.schema.field("n").type == pa.int64()
+    for row in table.to_pylist():
+        assert row["status"] == "invalid_output" and "does not fit column 'n' (int64)" in row["error_message"]
+        assert json.loads(row["text"])["n"] >= 10 ** 30 and row["n"] is None and row["s"] is None
+
+
+# ------------------------------------------------------------------------------ refused before sending
+
+def refused_line(r):
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    assert "Traceback" not in r.output
+    (line,) = [l for l in r.output.splitlines() if l.startswith("batchrun: error:")]
+    return line
+
+
+def test_bad_json_schema_refused_before_sending(emu, cli, tmp_path):
+    (tmp_path / "schema.json").write_text(json.dumps({"type": "object", "properties": {"x": {"type": "strng"}}}))
+    (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n")
+    for command in ("validate", "run"):
+        r = cli(command, "--input", tmp_path / "t.csv", "--prompt", "{{ msg }}", "--model", "claude-haiku-4-5",
+                "--output-schema", tmp_path / "schema.json")
+        line = refused_line(r)
+        assert "output_schema" in line and "properties/x/type" in line and "'strng'" in line
+    assert emu.stats.create_calls == 0
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--model", "claude-sonnet-4", "--thinking", "2000", "--max-tokens", "4000"],
+     ["labels", "claude-sonnet-4", "no structured output", "turn thinking off", "model with structured output"]),
+    (["--model", "claude-haiku-4-5", "--thinking", "2000", "--max-tokens", "4000", "--temperature", "0.5"],
+     ["temperature", "while it thinks"]),
+    (["--model", "claude-haiku-4-5", "--thinking", "2000", "--max-tokens", "4000", "--top-k", "5"],
+     ["top_k", "while it thinks"]),
+])
+def test_combinations_the_api_refuses_are_refused_before_sending(emu, cli, tmp_path, extra, needles):
+    r, _, _ = run_job(cli, "classify-reviews", tmp_path, "--thinking", "adaptive", *extra)
+    line = refused_line(r)
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert emu.stats.create_calls == 0
+
+
+def test_prefill_with_thinking_refused_before_sending(emu, cli, tmp_path):
+    (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n")
+    r = cli("run", "--input", tmp_path / "t.csv", "--output", tmp_path / "o.parquet", "--prompt", "{{ msg }}",
+            "--model", "claude-haiku-4-5", "--thinking", "2000", "--max-tokens", "4000", "--prefill", "The answer:")
+    line = refused_line(r)
+    assert "prefill" in line and "while it thinks" in line
+    r = cli("run", "--input", tmp_path / "t.csv", "--output", tmp_path / "o.parquet", "--prompt", "{{ msg }}",
+            "--model", "claude-haiku-4-5", "--labels", "a,b", "--prefill", '{"label": "')
+    assert "prefill: cannot be used with labels" in refused_line(r)
+    assert emu.stats.create_calls == 0
+
+
+def test_every_rows_max_tokens_is_checked_before_sending(emu, cli, tmp_path):
+    rows = "\n".join(f"{i},text {i},{100 if i != 70 else 100000}" for i in range(1, 101))
+    (tmp_path / "t.csv").write_text("id,msg,budget\n" + rows + "\n")
+    args = ["run", "--input", tmp_path / "t.csv", "--output", tmp_path / "o.parquet", "--id-column", "id",
+            "--prompt", "{{ msg }}", "--model", "claude-haiku-4-5", "--max-tokens-column", "budget"]
+    line = refused_line(cli(*args))
+    assert "budget: row 70 (id 70): max_tokens 100000" in line and "64000" in line
+    (tmp_path / "t.csv").write_text("id,msg,budget\n1,a,3000\n2,b,3000\n3,c,1500\n")
+    line = refused_line(cli(*args, "--thinking", "2000", "--max-tokens", "3000"))
+    assert "budget: row 3 (id 3)" in line and "budget_tokens 2000" in line and "less than max_tokens 1500" in line
+    assert emu.stats.create_calls == 0
+
+
+def test_metadata_other_than_user_id_refused_before_sending(emu, cli, tmp_path):
+    (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n")
+    (tmp_path / "j.toml").write_text('input = "t.csv"\nprompt = "{{ msg }}"\nmodel = "claude-haiku-4-5"\n'
+                                     'metadata = {team = "a", user_id = "u-1"}\n')
+    assert "metadata: unknown key 'team'" in refused_line(cli("run", tmp_path / "j.toml"))
+    (tmp_path / "j.toml").write_text('input = "t.csv"\nprompt = "{{ msg }}"\nmodel = "claude-haiku-4-5"\n'
+                                     'metadata = {user_id = 5}\n')
+    assert "metadata: user_id must be a string" in refused_line(cli("run", tmp_path / "j.toml"))
+    assert emu.stats.create_calls == 0
+
+
+# ------------------------------------------------------------------------------ caching and the catalog
+
+def test_cache_ttl_1h_end_to_end(emu, cli, tmp_path):
+    r, out, state = run_job(cli, "label-tickets", tmp_path, "--cache-ttl", "1h", "--limit", "30")
+    assert r.exit_code == 0, r.output
+    sent = bodies(state)
+    assert all(p["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"} for p in sent.values())
+    rows = pq.read_table(out).to_pylist()
+    writes = [row for row in rows if row["cache_creation_input_tokens"]]
+    assert writes and sum(1 for row in rows if row["cache_read_input_tokens"]) >= len(rows) - len(writes) - 1
+    for row in rows:
+        assert row["cost_usd"] == pytest.approx(exact_cost("claude-haiku-4-5", row, "1h"), rel=1e-12)
+    assert exact_cost("claude-haiku-4-5", writes[0], "1h") > exact_cost("claude-haiku-4-5", writes[0], "5m")
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_catalog_decides_how_the_schema_is_asked_for(emu, cli, tmp_path, structured):
+    models = tmp_path / "models.toml"
+    models.write_text(f'[models.acme-labeller]\nlike = "claude-haiku-4-5"\nforced_tool = true\n'
+                      f'structured_output = {str(structured).lower()}\nprices = {{ input = 1.0, output = 5.0 }}\n')
+    emu.config.extra_models = ("acme-labeller",)
+    r, out, state = run_job(cli, "label-tickets", tmp_path, "--model", "acme-labeller", "--models", models,
+                            "--limit", "5")
+    assert r.exit_code == 0, r.output
+    params = next(iter(bodies(state).values()))
+    if structured:
+        assert params["output_config"]["format"]["type"] == "json_schema" and "tools" not in params
+    else:
+        assert params["tool_choice"] == {"type": "tool", "name": "record_output"} and "output_config" not in params
+        assert params["tools"][0]["input_schema"]["properties"]["urgency"]["maximum"] == 5   # the full schema
+    rows = pq.read_table(out).to_pylist()
+    assert all(row["status"] == "succeeded" and 1 <= row["urgency"] <= 5 for row in rows)

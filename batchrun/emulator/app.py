@@ -575,7 +575,8 @@ class Emulator:
             kind, n, ttl = batch.cache.get(i, (None, 0, "5m"))
             message = replies.reply_for(
                 params, cache_write=n if kind == "write" else 0, cache_read=n if kind == "read" else 0,
-                cache_ttl=ttl, service_tier="batch", message_id=self._message_id(batch, i))
+                cache_ttl=ttl, service_tier="batch", message_id=self._message_id(batch, i),
+                off_schema=self.config.off_schema_rate)
             result: dict = {"type": "succeeded", "message": message}
         elif code == EXPIRED:
             result = {"type": "expired"}
@@ -808,7 +809,7 @@ class Emulator:
             message_id = self._new_id("msg_")
             self.stats.billed[params_hash(params)] += 1
         message = replies.reply_for(params, cache_write=write, cache_read=read, cache_ttl=ttl,
-                                    service_tier="standard", message_id=message_id)
+                                    service_tier="standard", message_id=message_id, off_schema=cfg.off_schema_rate)
         with self._lock:
             out = message["usage"]["output_tokens"]
             if entry[3]:

@@ -27,6 +27,9 @@ class EmulatorConfig:
     errored_rate: float = 0.0            # fraction of requests ending errored (overloaded_error / api_error)
     expired_rate: float = 0.0            # fraction of requests ending expired
     truncate_rate: float = 0.0           # fraction of results downloads cut short
+    off_schema_rate: float = 0.0         # fraction of schema replies (output_config.format, forced tool) that
+                                         # break their schema: a constraint the API only passes on as a note
+                                         # (maximum, maxItems, maxLength), else a value's type; by request hash
     retry_after: float = 0.01            # seconds advertised on injected 429s
     # the Messages endpoint
     rpm: Optional[int] = None            # requests per window on POST /v1/messages

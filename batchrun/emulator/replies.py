@@ -520,17 +520,47 @@ def reply_text(params: Mapping) -> str:
     return full
 
 
+def _off_schema(messages_hash: str, rate: float) -> bool:
+    return rate > 0 and int(messages_hash[:8], 16) / 0x100000000 < rate
+
+
+def breaks_schema(value: Any, schema: Mapping) -> Any:
+    """`value` (an object valid against `schema`) made to break it, as a reply can: the first property
+    with a constraint that structured output passes on only as a description note (maximum, maxItems,
+    maxLength) goes past it; without one, the first property gets a value of the wrong type."""
+    if not isinstance(value, dict) or not value:
+        return ["not", "an", "object"]
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    out = dict(value)
+    for name in out:
+        sub = props.get(name) if isinstance(props.get(name), dict) else {}
+        hints = {**description_hints(sub.get("description")), **sub}
+        if isinstance(hints.get("maximum"), (int, float)) and not isinstance(hints["maximum"], bool):
+            out[name] = hints["maximum"] + 1
+            return out
+        if isinstance(hints.get("maxItems"), int) and isinstance(out[name], list):
+            out[name] = (out[name] or ["x"]) * (hints["maxItems"] + 1)
+            return out
+        if isinstance(hints.get("maxLength"), int) and isinstance(out[name], str):
+            out[name] = "x" * (hints["maxLength"] + 1)
+            return out
+    name = next(iter(out))
+    out[name] = 12345 if isinstance(out[name], str) else "not the schema's type"
+    return out
+
+
 def _signature(seed: str) -> str:
     return base64.b64encode(hashlib.sha256(("sig:" + seed).encode()).digest() * 2).decode()
 
 
 def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cache_ttl: str = "5m",
-              service_tier: str = "batch", message_id: Optional[str] = None) -> dict:
+              service_tier: str = "batch", message_id: Optional[str] = None, off_schema: float = 0.0) -> dict:
     """The Message the emulated model answers to `params` (assumed valid and accepted).
 
     A pure function of `params`: ``cache_write`` / ``cache_read`` move that many input tokens into
     the cache fields (the emulator decides them from its cache state); ``message_id`` defaults to
-    one derived from the params.
+    one derived from the params. ``off_schema``: the fraction of schema replies that break their
+    schema (see `breaks_schema`), chosen by the messages' hash.
     """
     info = model_info(params.get("model"))
     new = _new_tokenizer(info)
@@ -567,6 +597,8 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
     elif tool is not None:
         schema = tool.get("input_schema") if isinstance(tool.get("input_schema"), dict) else {"type": "object"}
         value = schema_value(schema, f"{messages_hash}:tool:{tool['name']}")
+        if _off_schema(messages_hash, off_schema):
+            value = breaks_schema(value, schema)
         n = scale(tokens(canonical(value)), new)
         tool_id = "toolu_" + _alnum(sha256_hex(f"{messages_hash}:toolu"), 24)
         if n <= budget:
@@ -580,8 +612,10 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
     else:
         schema = _output_schema(params)
         if schema is not None:
-            text = json.dumps(schema_value(schema, f"{messages_hash}:json"), ensure_ascii=False,
-                              separators=(",", ":"))
+            value = schema_value(schema, f"{messages_hash}:json")
+            if _off_schema(messages_hash, off_schema):
+                value = breaks_schema(value, schema)
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         else:
             text = reply_text(params)
         stops = params.get("stop_sequences")

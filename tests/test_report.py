@@ -207,7 +207,7 @@ def test_report_of_a_job_not_yet_run(tmp_path):
                        rows=[{"state": "pending", "attempts": 0} for _ in range(5)])
     job = find_job(store, None)
     data = build_report_data(store, job)
-    assert data["counts"]["pending"] == 5 and data["job"]["status"] == "in progress"
+    assert data["counts"]["pending"] == 5 and data["job"]["status"] == "planned"
     assert data["cost_usd"] == 0 and data["cost_by_kind"] == {k: 0.0 for k in data["cost_by_kind"]}
     assert data["output_tokens"]["rows"] == 0 and data["output_tokens"]["bins"] == []
     assert data["batches"] == [] and data["failed"] == {"total": 0, "rows": [], "more": 0}

@@ -246,8 +246,8 @@ def test_jobs_and_status_in_plain_text(emu, cli, tmp_path, tickets_csv):
     assert sorted(text) == sorted([
         f"{live['job_id'][:12]}  tickets               claude-haiku-4-5       100/200 rows  in progress  "
         f"${live['cost_usd']:.4f}",
-        f"{planned['job_id'][:12]}  -                     claude-haiku-4-5       0/50 rows  planned (nothing sent yet)  "
-        "$0.0000"])
+        f"{planned['job_id'][:12]}  -                     claude-haiku-4-5       0/50 rows  "
+        "planned (nothing sent yet)  $0.0000"])
 
     out = cli("status", "--state", state).output.splitlines()
     at = out.index(f"job {live['job_id'][:12]} (tickets): in progress")

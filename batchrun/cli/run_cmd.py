@@ -191,8 +191,9 @@ def estimate(job_file, as_json, **options):
     Token counts come from the API's count_tokens endpoint with the job's own model: every request
     for small jobs, a random sample extrapolated by characters for large ones (said so). The cost is
     a bracket: minimum (input only, cache reads where the system prompt is cached) to maximum (every
-    request using its full max_tokens, cache writes), batch discount applied. For a job already
-    partly done, only the rows still to send are priced.
+    request using its full max_tokens, cache writes), batch discount applied, rounded outwards: a
+    --max-cost of the maximum shown is never refused up front. For a job already partly done, only
+    the rows still to send are priced.
     """
     setup_logging(options.get("verbose"), True if as_json else options.get("quiet"))
     with maybe_emulator(options.pop("use_emulator"), options) as emu_url:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Optional
 
-from .errors import BudgetError, InputError
+from .errors import InputError
 
 EXACT_LIMIT = 200       # count every request up to this many
 SAMPLE_SIZE = 60        # otherwise count this many, chosen at random (seeded)
-MARGIN = Decimal("1.10")  # extrapolated token counts are padded by this much for the budget
+MARGIN = Decimal("1.10")  # a reservation pads input tokens extrapolated (not counted) by this much
+CENT_MILLIONTH = Decimal("0.00000001")   # the estimate's dollars are given to 8 decimals
 
 
 @dataclass
@@ -49,10 +50,17 @@ class Estimator:
         self.catalog = runner.job.catalog
         self._ratio: Optional[Decimal] = None
         self._system_tokens: Optional[int] = None
+        self._counted: dict = {}
 
     # ---- counting --------------------------------------------------------------------------------
     def _count(self, body: str) -> int:
-        return self.runner.client.count_tokens(json.loads(self.runner.full_body(body)))
+        """Tokens of a stored request, counted by the API once per body (a run estimates again as it goes)."""
+        known = self._counted
+        if body not in known:
+            if len(known) >= 20_000:
+                known.clear()
+            known[body] = self.runner.client.count_tokens(json.loads(self.runner.full_body(body)))
+        return known[body]
 
     def system_tokens(self, sample_body: str) -> int:
         """Tokens of the system prompt alone (the part that can be cached)."""
@@ -120,14 +128,18 @@ class Estimator:
         total_tokens = 0
         if bodies_n <= EXACT_LIMIT:
             method, sample_n = "exact", bodies_n
+            chars = 0
             for (body,) in pending:
                 tokens = self._count(body)
                 total_tokens += tokens
+                chars += len(body) + len(runner.prefix or "")
                 lo, hi = self.bracket(tokens, sys_tokens, json.loads(runner.full_body(body))["max_tokens"], cacheable)
                 if lo is None or hi is None:
                     unknown = True
                 else:
                     low, high = low + lo, high + hi
+            if chars:
+                self._ratio = Decimal(total_tokens) / Decimal(chars)
         else:
             method = "sampled"
             lengths, max_tokens, bodies = [], [], []
@@ -144,7 +156,7 @@ class Estimator:
             sample_n = len(bodies)
             counted = {i: self._count(b) for i, b in bodies}
             chars = sum(len(b) + len(runner.prefix or "") for _, b in bodies)
-            ratio = Decimal(sum(counted.values())) / Decimal(chars)
+            ratio = self._ratio = Decimal(sum(counted.values())) / Decimal(chars)
             for i, (length, mt) in enumerate(zip(lengths, max_tokens)):
                 tokens = counted.get(i)
                 if tokens is None:
@@ -164,18 +176,28 @@ class Estimator:
         failed = sum(n for s, n in counts.items() if s in ("errored", "expired", "canceled", "invalid_output"))
         return Estimate(
             requests=bodies_n, input_tokens=total_tokens, system_tokens=sys_tokens,
-            cost_usd_min=None if unknown else float(round(low, 8)),
-            cost_usd_max=None if unknown else float(round(high, 8)),
+            # rounded outwards: a budget of the maximum shown covers every request of it
+            cost_usd_min=None if unknown else float(low.quantize(CENT_MILLIONTH, rounding=ROUND_FLOOR)),
+            cost_usd_max=None if unknown else float(high.quantize(CENT_MILLIONTH, rounding=ROUND_CEILING)),
             method=method, sample_size=sample_n, done=counts.get("succeeded", 0), failed=failed,
             in_flight=counts.get("in_flight", 0), remaining=bodies_n, spent_usd=runner.cost(),
             max_tokens=spec.max_tokens, model=spec.model, batch=spec.mode == "batch")
 
     # ---- the budget while running -------------------------------------------------------------------
     def request_max(self, body: str) -> Decimal:
-        """An upper estimate of what one request can cost (its input from the job's token ratio)."""
-        params = json.loads(body)
-        tokens = int((Decimal(len(body)) * self.ratio() * MARGIN).to_integral_value()) + 1
-        sys_tokens = self.system_tokens(body)
+        """The most one request (its stored row body) may cost, which its batch reserves before it is sent.
+
+        Its input tokens as an estimate of this run counted them (then the figure is exactly the
+        estimate's), or else extrapolated from the latest estimate's tokens per character and padded by
+        MARGIN; its full max_tokens of output; cache writes where the system prompt is cached.
+        """
+        full = self.runner.full_body(body)
+        params = json.loads(full)
+        tokens = self._counted.get(body)
+        if tokens is None:
+            chars = Decimal(len(body) + len(self.runner.prefix or ""))
+            tokens = int((chars * self.ratio() * MARGIN).to_integral_value()) + 1
+        sys_tokens = self.system_tokens(full)
         lo, hi = self.bracket(tokens, sys_tokens, params["max_tokens"], self.cacheable(sys_tokens))
         if hi is None:
             raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "

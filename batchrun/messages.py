@@ -23,6 +23,7 @@ import concurrent.futures
 import json
 import logging
 import time
+from decimal import Decimal
 from typing import Optional
 
 import httpx
@@ -77,6 +78,9 @@ class MessagesDriver:
         self.limiter: Optional[RateLimiter] = None
         self._buffer: list = []
         self.recorded = 0
+        # with max_cost: what is left of the budget less the maximum of every request on the wire
+        self.room: Optional[Decimal] = None
+        self.sending = 0
 
     def run_pending(self) -> int:
         """Send every pending row; returns how many rows got their result in this call."""
@@ -91,6 +95,8 @@ class MessagesDriver:
     async def _run(self) -> int:
         spec, sync = self.spec, self.client.http
         self.limiter = RateLimiter(spec.concurrency, spec.rpm, spec.tpm)
+        if spec.max_cost is not None:
+            self.room = self.runner.budget_left()[0]
         started = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue(maxsize=spec.concurrency)
         limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
@@ -123,19 +129,52 @@ class MessagesDriver:
             if not page:
                 break
             for _, custom_id, body in page:
-                await queue.put((custom_id, self.runner.full_body(body)))
+                reserved = await self._reserve(body)
+                if reserved is None:      # over the budget: send no more (the run says why)
+                    page = None
+                    break
+                await queue.put((custom_id, self.runner.full_body(body), reserved))
+            if page is None:
+                break
             last = page[-1][0]
         for _ in range(self.spec.concurrency):
             await queue.put(None)
 
     async def _worker(self, http: httpx.AsyncClient, queue: asyncio.Queue) -> None:
         while (item := await queue.get()) is not None:
-            custom_id, body = item
+            custom_id, body, reserved = item
             fields, sends = await self._send(http, body)
             self._buffer.append((fields["state"], *(fields.get(f) for f in FIELDS), sends, now_iso(),
                                  self.job_id, custom_id))
             if len(self._buffer) >= FLUSH_ROWS:
                 self._flush()
+            self._settle(reserved, fields)
+
+    # ---- the budget: each request reserves its maximum cost before it is sent ----------------------
+    async def _reserve(self, body: str) -> Optional[Decimal]:
+        """Reserve what the request (its stored row body) may cost at most; None (it is not sent) when
+        that does not fit what is left of the budget, even once the requests on the wire have settled."""
+        if self.room is None:
+            return Decimal(0)
+        need = self.runner.estimator.request_max(body)
+        while need > self.room and self.sending:   # replies settle their reservations to what they cost
+            await asyncio.sleep(0.02)
+        if need > self.room:
+            self._flush()
+            self.runner._held = self.runner._over_budget(need, "the next request (reserved at its maximum "
+                                                               "before it is sent)")
+            return None
+        self.room -= need
+        self.sending += 1
+        return need
+
+    def _settle(self, reserved: Decimal, fields: dict) -> None:
+        if self.room is None:
+            return
+        paid = fields["state"] in ("succeeded", "invalid_output")   # errors are not billed
+        cost = fields.get("cost_usd")
+        self.room += reserved - (Decimal(0) if not paid else reserved if cost is None else Decimal(str(cost)))
+        self.sending -= 1
 
     async def _tick(self) -> None:
         last_report = time.monotonic()

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from .requests import output_schema_for
-from .status import ROW_STATES, cost_by_kind, failures_by_cause, job_status
+from .status import ROW_STATES, budget_text, cost_by_kind, failures_by_cause, job_status
 from .store import Store, now_iso, parse_iso
 
 FAILED_STATES = ("errored", "expired", "canceled", "invalid_output")
@@ -74,13 +74,9 @@ def _spec(job: dict) -> dict:
 
 
 def _status_word(st: dict) -> str:
-    if st["finished"]:
-        return "finished"
-    if st["canceled"]:
-        return "canceled"
-    if st["rows"] == 0 and not any(st["counts"].values()):
+    if st["state"] == "planned" and st["rows"] == 0 and not any(st["counts"].values()):
         return "not planned"
-    return "in progress"
+    return st["state"]   # finished, canceled, planned (nothing sent yet) or in progress
 
 
 def _cost_by_kind(store: Store, job: dict, spec: dict, mode: str, cache_ttl: str) -> Optional[dict]:
@@ -330,6 +326,7 @@ def render_report(data: dict) -> str:
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["money"] = _money
+    env.filters["budget"] = budget_text
     env.filters["num"] = _num
     env.filters["duration"] = _duration
     env.filters["when"] = _when_text

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 import logging
 import os
 import sqlite3
@@ -39,7 +39,7 @@ from .output import OutputWriter, check_column_names, check_partition, check_wri
 from .requests import RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
 from .results import ResultParser, is_retryable
 from .spec import JobSpec
-from .status import job_cost
+from .status import PAID, budget_text, job_cost
 from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
@@ -243,21 +243,28 @@ class Runner:
             self.plan()
             if self.resume_canceled:
                 self._resume_canceled()
-            if spec.max_cost is not None:
-                self.check_budget()
+            self._record_max_cost()
             backoff = 1.0
             while True:
+                self._held = None   # why a reservation stopped sending this round (see "budget")
                 if spec.mode == "messages":
-                    changed = self.messages_step()
+                    self.reuse_answers()
+                    over = self.check_budget()
+                    changed = False if over else self.messages_step()
                 else:
                     self.resolve_intents()
                     changed = self.poll()
                     self.reuse_answers()
-                    self.submit()
+                    over = self.check_budget()
+                    if not over:
+                        self.submit()
                 counts = store.counts(job.id)
                 self._report(counts)
                 if not counts.get("pending") and not counts.get("in_flight"):
                     break
+                stop = over or self._held
+                if stop and (not counts.get("in_flight") or (over and not wait)):
+                    raise BudgetError(self._budget_stop(stop, counts))
                 if not wait:
                     return self._result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
                 self.sleep(min(backoff, spec.poll_interval))
@@ -483,32 +490,103 @@ class Runner:
             self._estimator = Estimator(self)
         return self._estimator
 
-    def budget_left(self) -> tuple[Decimal, Decimal]:
-        """What is left of max_cost after what was spent and what batches in flight may still cost."""
-        row = self.store.one("SELECT coalesce(sum(max_cost), 0) AS r FROM batches WHERE job_id = ? "
-                             "AND state IN ('intent', 'submitted', 'ended')", (self.job.id,))
+    # max_cost holds in two steps. (1) Before anything more is sent, in every round of a run, the rows
+    # still to send, priced at the maximum `batchrun estimate` prints for them (cost_usd_max: a budget
+    # read off the estimate passes), must fit in what is left: max_cost minus what was spent (from the
+    # results) minus what the batches in flight may still cost; otherwise nothing more is sent.
+    # (2) Each batch (in messages mode, each request) reserves before it is sent the maximum of its
+    # requests (`Estimator.request_max`: the estimate's own figure for a row it counted, and for a row
+    # it extrapolated the same figure with its input tokens padded by 10%; every request at its full
+    # max_tokens); a batch that does not fit whole is cut to the rows that do. So what was spent plus
+    # the reservations in flight never passes the budget.
+    # A refusal stops sending, never collecting: batches in flight are still polled and collected
+    # (their reservation then settles to what they cost) and the budget is checked again; the job
+    # stops (BudgetError, exit code 7) only when the rest still does not fit once nothing is in
+    # flight, or, with --no-wait, once what has ended is collected.
+    def budget_left(self) -> tuple[Decimal, Decimal, Decimal]:
+        """(left, spent, reserved): max_cost minus what was spent and what batches in flight may still cost."""
+        reserved = Decimal(0)
+        for b in self.store.q("SELECT id, max_cost FROM batches WHERE job_id = ? "
+                              "AND state IN ('intent', 'submitted', 'ended')", (self.job.id,)):
+            reserved += Decimal(str(b["max_cost"])) if b["max_cost"] is not None else self._unreserved(b["id"])
         spent = Decimal(str(self.cost() or 0.0))
-        return Decimal(str(self.spec.max_cost)) - spent - Decimal(str(row["r"])), spent
+        return Decimal(str(self.spec.max_cost)) - spent - reserved, spent, reserved
 
-    def check_budget(self) -> None:
-        """Refuse, before sending anything more, when the rows still to send may exceed the budget."""
-        pending = self.store.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-                                          "WHERE r.job_id = ? AND r.state = 'pending'", (self.job.id,))
+    def _unreserved(self, local: int) -> Decimal:
+        """A batch sent before the job had a budget reserved nothing: its rows in flight at their maximum."""
+        known = self.__dict__.setdefault("_unreserved_cache", {})
+        n = self.store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'",
+                           (local,))["n"]
+        if local not in known or known[local][0] != n:
+            bodies = self.store.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+                                             "WHERE r.batch_id = ? AND r.state = 'in_flight'", (local,)).fetchall()
+            known[local] = (n, sum((self.estimator.request_max(body) for (body,) in bodies),
+                                   Decimal(0)))
+        return known[local][1]
+
+    def check_budget(self) -> Optional[str]:
+        """Why nothing more may be sent now; None when the rows still to send fit what is left of the budget."""
+        if self.spec.max_cost is None:
+            return None
+        row = self.store.one("SELECT count(*) AS n, coalesce(sum(row_index), 0) AS s FROM requests "
+                             "WHERE job_id = ? AND state = 'pending'", (self.job.id,))
+        if not row["n"]:
+            return None
+        key = (row["n"], row["s"])
+        if getattr(self, "_gate", (None,))[0] != key:   # the same rows are not estimated twice
+            est = self.estimator.estimate()
+            if est.cost_usd_max is None:
+                raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
+                                 "cannot be enforced; add its prices with --models FILE")
+            self._gate = (key, Decimal(str(est.cost_usd_max)))
+        return self._over_budget(self._gate[1], f"the {row['n']} rows still to send (at the maximum "
+                                                "`batchrun estimate` gives)")
+
+    def _over_budget(self, cost: Decimal, what: str) -> Optional[str]:
+        """Why `cost` does not fit what is left of the budget (None when it does)."""
+        left, spent, reserved = self.budget_left()
+        if cost <= left:
+            return None
+        self._need = spent + reserved + cost
+        in_flight = f", ${reserved:.6f} reserved by batches in flight" if reserved else ""
+        return (f"max_cost: {what} may cost up to ${cost:.6f}, but only ${max(left, Decimal(0)):.6f} of the "
+                f"{budget_text(self.spec.max_cost)} budget is left (spent ${spent:.6f}{in_flight})")
+
+    def _reserve(self, bodies: list) -> tuple[int, Decimal]:
+        """How many of these requests, from the first, fit in what is left of the budget, and their reservation."""
+        left = self.budget_left()[0]
         total = Decimal(0)
-        n = 0
-        for (body,) in pending:
-            total += self.estimator.request_max(self.full_body(body))
-            n += 1
-        if n:
-            self._require_budget(total, f"the {n} rows still to send", "nothing more was sent. Raise --max-cost, "
-                                 "or send fewer rows with --limit, and run again")
+        for n, body in enumerate(bodies):
+            cost = self.estimator.request_max(body)
+            if total + cost > left:
+                if n == 0:
+                    self._held = self._over_budget(cost, "the next request (reserved at its maximum before it "
+                                                         "is sent)")
+                else:
+                    log.info("job %s: budget: sending %d of %d requests now, the rest once what is in flight has "
+                             "cost what it costs", self.job.short_id, n, len(bodies))
+                return n, total
+            total += cost
+        return len(bodies), total
 
-    def _require_budget(self, cost: Decimal, what: str, then: str) -> None:
-        left, spent = self.budget_left()
-        if cost > left:
-            raise BudgetError(f"max_cost: {what} may cost up to ${cost:.4f}, but only "
-                              f"${max(left, Decimal(0)):.4f} of the ${self.spec.max_cost:.2f} budget is left "
-                              f"(spent ${spent:.4f}); {then}")
+    def _budget_stop(self, why: str, counts: dict) -> str:
+        """The line a budget stop ends with: why, what was spent, and how to continue."""
+        need = self._need.quantize(Decimal("0.0001"), rounding=ROUND_CEILING)
+        paid = self.store.one(f"SELECT count(*) AS n FROM requests WHERE job_id = ? AND {PAID}", (self.job.id,))["n"]
+        flying = counts.get("in_flight", 0)
+        sent = (f"{flying} rows still in flight: the next run collects them" if flying
+                else "nothing is in flight")
+        return (f"{why}; {paid} rows paid so far, {counts.get('pending', 0)} not sent, {sent}. To continue, run "
+                f"again with --max-cost {need} or more")
+
+    def _record_max_cost(self) -> None:
+        """The stored spec keeps the budget of the job's latest run: status and report show that one."""
+        stored = json.loads(self.store.job(self.job.id)["spec"])
+        if stored.get("max_cost") != self.spec.max_cost:
+            stored["max_cost"] = self.spec.max_cost
+            with self.store.transaction():
+                self.store.conn.execute("UPDATE jobs SET spec = ? WHERE id = ?",
+                                        (json.dumps(stored, sort_keys=True), self.job.id))
 
     # ---- submit --------------------------------------------------------------------------------
     def submit(self) -> int:
@@ -543,13 +621,13 @@ class Runner:
                 parts.append(piece)
                 ids.append(cid)
                 size += piece_size
-            payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
             reserve = None
-            if spec.max_cost is not None:
-                reserve = sum((self.estimator.request_max(self.full_body(body)) for _, body, _ in rows[:len(ids)]),
-                              Decimal(0))
-                self._require_budget(reserve, "the next batch", "batches in flight are collected by the next "
-                                     "run. Raise --max-cost to continue")
+            if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
+                fit, reserve = self._reserve([body for _, body, _ in rows[:len(ids)]])
+                if not fit:
+                    return created
+                del parts[fit:], ids[fit:]
+            payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
             sent_through = rows[len(ids) - 1][2]
             # without twin filtering, the chunk is every pending row in its row range
             span = None if twins else (rows[0][2], sent_through)

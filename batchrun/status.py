@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Optional
 
 from .errors import InputError
@@ -23,6 +24,23 @@ def job_cost(store: Store, job_id: str) -> Optional[float]:
     return round(row["c"] or 0.0, 10)
 
 
+def budget_text(max_cost: float) -> str:
+    """A budget as given, with every digit it has: $5.00, $0.16, $0.001."""
+    d = Decimal(str(max_cost))
+    return f"${d:.2f}" if d == d.quantize(Decimal("0.01")) else f"${d.normalize():f}"
+
+
+def job_state(finished: bool, canceled: bool, counts: dict, sent: bool) -> str:
+    """finished, canceled, planned (nothing sent yet: only planned or estimated) or in progress."""
+    if finished:
+        return "finished"
+    if canceled:
+        return "canceled"
+    if not sent and not counts.get("in_flight"):
+        return "planned"
+    return "in progress"
+
+
 def job_status(store: Store, job: dict) -> dict:
     jid = job["id"]
     counts = {s: 0 for s in ROW_STATES}
@@ -42,12 +60,17 @@ def job_status(store: Store, job: dict) -> dict:
         for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state != 'abandoned' ORDER BY id", (jid,))]
     spec = json.loads(job["spec"])
     finished = bool(job["finished_at"]) and counts["pending"] == 0 and counts["in_flight"] == 0
+    # sent: a batch was created (or tried) for the job, or a row of it was sent (messages mode)
+    sent = store.one("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ?) OR "
+                     "EXISTS (SELECT 1 FROM requests WHERE job_id = ? AND attempts > 0) AS sent", (jid, jid))["sent"]
     return {
         "job_id": jid, "name": job["name"], "model": job["model"], "mode": job["mode"],
         "input": job["input"], "output": job["output"], "rows": job["rows"] or 0,
         "created_at": job["created_at"], "finished_at": job["finished_at"], "finished": finished,
+        "state": job_state(finished, bool(job["canceled_at"]), counts, bool(sent)),
         "canceled": bool(job["canceled_at"]), "counts": counts,
         "tokens": {k: tokens[k] for k in ("input", "output", "cache_write", "cache_read")},
+        # the budget of the job's latest run (each run records the max_cost it ran with)
         "cost_usd": job_cost(store, jid), "reused_rows": reused, "max_cost": spec.get("max_cost"), "batches": batches,
     }
 

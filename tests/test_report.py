@@ -4,11 +4,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
-import struct
 import subprocess
-import zlib
 from collections import Counter
+from html import unescape as html_unescape
 from html.parser import HTMLParser
 
 import pytest
@@ -87,19 +87,62 @@ def assert_self_contained(html: str, tags: Tags) -> None:
     assert "@import" not in html
 
 
-def png_pixels(path) -> tuple[int, int, bytes]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, width, height = 8, b"", 0, 0
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + length]
-        if kind == b"IHDR":
-            width, height = struct.unpack(">II", chunk[:8])
-        elif kind == b"IDAT":
-            idat += chunk
-        pos += 12 + length
-    return width, height, zlib.decompress(idat)
+class Charts(HTMLParser):
+    """Every <svg class="chart"> by its aria-label: its bars (<rect> attributes and <title> text) and labels."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.charts: dict[str, dict] = {}
+        self._svg: dict | None = None
+        self._rect: dict | None = None
+        self._title: list[str] | None = None
+        self._text: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "svg" and "chart" in (a.get("class") or "").split():
+            self._svg = self.charts.setdefault(a["aria-label"], {"rects": [], "texts": []})
+        elif self._svg is not None and tag == "rect":
+            self._rect = {**a, "title": ""}
+            self._svg["rects"].append(self._rect)
+        elif self._svg is not None and tag == "title" and self._rect is not None:
+            self._title = []
+        elif self._svg is not None and tag == "text":
+            self._text = []
+
+    def handle_endtag(self, tag):
+        if tag == "svg":
+            self._svg = None
+        elif tag == "rect":
+            self._rect = None
+        elif tag == "title" and self._title is not None:
+            self._rect["title"] = "".join(self._title)
+            self._title = None
+        elif tag == "text" and self._text is not None:
+            self._svg["texts"].append("".join(self._text).strip())
+            self._text = None
+
+    def handle_data(self, data):
+        if self._title is not None:
+            self._title.append(data)
+        elif self._text is not None:
+            self._text.append(data)
+
+
+def charts(html: str) -> dict[str, dict]:
+    p = Charts()
+    p.feed(html)
+    p.close()
+    return p.charts
+
+
+def bar_titles(chart: dict) -> dict[str, str]:
+    """{label: value text} of a bar chart, from each bar's tooltip "label: value"."""
+    return dict(r["title"].split(": ", 1) for r in chart["rects"])
+
+
+def dollars(text: str) -> float:
+    return float(re.match(r"\$([0-9.,]+)", text).group(1).replace(",", ""))
 
 
 def write_csv(path, n: int) -> None:
@@ -207,7 +250,7 @@ def test_report_of_a_job_not_yet_run(tmp_path):
                        rows=[{"state": "pending", "attempts": 0} for _ in range(5)])
     job = find_job(store, None)
     data = build_report_data(store, job)
-    assert data["counts"]["pending"] == 5 and data["job"]["status"] == "in progress"
+    assert data["counts"]["pending"] == 5 and data["job"]["status"] == "planned"
     assert data["cost_usd"] == 0 and data["cost_by_kind"] == {k: 0.0 for k in data["cost_by_kind"]}
     assert data["output_tokens"]["rows"] == 0 and data["output_tokens"]["bins"] == []
     assert data["batches"] == [] and data["failed"] == {"total": 0, "rows": [], "more": 0}
@@ -249,7 +292,7 @@ def test_schema_job_values_unpriced_model_and_running_batch(tmp_path):
     assert by["needs_human"]["counts"] == {"true": 10, "false": 10}
     assert by["tags"]["counts"] == {"crash": 10, "ios": 10, "(none)": 5}
     assert by["summary"]["free_text"] and by["summary"]["values"] == []
-    assert data["cost_by_kind"] is None and data["cost_usd"] is None or data["cost_usd"] == 0
+    assert data["cost_by_kind"] is None and data["cost_usd"] is None     # unpriced: unknown, never 0
     (b,) = data["batches"]
     assert b["running"] and b["seconds"] > 0
     html = render_report(data)
@@ -288,13 +331,58 @@ def test_report_command_writes_a_self_contained_page(label_state, cli, tmp_path)
     assert "wrote" in result.stderr
     html = out.read_text(encoding="utf-8")
     tags = parse(html)
-    assert tags.names()["svg"] >= 4
     assert_self_contained(html, tags)
     with Store(str(state)) as store:
         job = find_job(store, None)
-        failed = store.q("SELECT custom_id, state, error_type, error_message, attempts FROM requests "
-                         "WHERE job_id = ? AND state NOT IN ('succeeded', 'pending', 'in_flight') ORDER BY row_index",
-                         (job["id"],))
+        reqs = store.q("SELECT * FROM requests WHERE job_id = ? ORDER BY row_index", (job["id"],))
+        batches = store.q("SELECT * FROM batches WHERE job_id = ? ORDER BY id", (job["id"],))
+    failed = [r for r in reqs if r["state"] not in ("succeeded", "pending", "in_flight")]
+    paid = [r for r in reqs if r["state"] in ("succeeded", "invalid_output")]
+    drawn = charts(html)
+    assert set(drawn) == {"Cost by token kind", "Rows by status", "Histogram of output tokens", "Batch latency",
+                          "Values of label"}
+
+    # cost by token kind: the four figures add up to the job's cost; the token counts are the job's
+    cost = bar_titles(drawn["Cost by token kind"])
+    assert list(cost) == ["input", "output", "cache write", "cache read"]
+    assert sum(dollars(v) for v in cost.values()) == pytest.approx(sum(r["cost_usd"] for r in paid), abs=4e-6)
+    for kind, column, price in (("input", "input_tokens", 1.0), ("output", "output_tokens", 5.0)):  # $ / M tokens
+        tokens = sum(r[column] for r in paid)
+        assert cost[kind].endswith(f" · {tokens:,} tokens")
+        assert dollars(cost[kind]) == pytest.approx(tokens * price / 1e6 / 2, abs=1e-6)   # batch: half price
+    assert cost["cache write"] == "$0.0000 · 0 tokens" and cost["cache read"] == "$0.0000 · 0 tokens"
+
+    # rows by status: a bar per status with the job's counts, lengths in proportion
+    by_status = bar_titles(drawn["Rows by status"])
+    counts = Counter(r["state"] for r in reqs)
+    assert {k: int(v) for k, v in by_status.items()} == {s.replace("_", " "): counts.get(s, 0) for s in
+                                                           ("pending", "in_flight", "succeeded", "errored", "expired",
+                                                            "canceled", "invalid_output")}
+    widths = {r["title"].split(": ")[0]: float(r["width"]) for r in drawn["Rows by status"]["rects"]}
+    assert widths["errored"] / widths["succeeded"] == pytest.approx(counts["errored"] / counts["succeeded"], abs=0.01)
+    assert widths["pending"] == 0
+
+    # output tokens: the bins hold every reply once, each the replies of its range
+    bins = [re.fullmatch(r"(\d+)(?:–(\d+))? tokens: (\d+) rows", r["title"]).groups()
+            for r in drawn["Histogram of output tokens"]["rects"]]
+    assert sum(int(n) for _, _, n in bins) == len(paid) > 0
+    for low, high, n in bins:
+        high = high or low
+        assert int(n) == sum(1 for r in paid if int(low) <= r["output_tokens"] <= int(high))
+
+    # latency: one bar per batch, named by its id, with its request count
+    bars = drawn["Batch latency"]["rects"]
+    assert len(bars) == len(batches) == 3
+    assert [r["title"].split(":")[0] for r in bars] == [b["api_id"] for b in batches]
+    assert all(": 30 requests, " in r["title"] and float(r["width"]) >= 2 for r in bars)
+
+    # labels: the counts of the replies' labels, every allowed value shown
+    labels = {k: int(v) for k, v in bar_titles(drawn["Values of label"]).items()}
+    assert labels == {"positive": 0, "negative": 0, "neutral": 0,
+                      **Counter(json.loads(r["parsed"])["label"] for r in reqs if r["state"] == "succeeded")}
+    assert sum(labels.values()) == counts["succeeded"]
+
+    # failed rows, each with its error
     assert tags.failed_rows == len(failed) > 0
     assert tags.failed_cells == [[r["custom_id"], r["state"], r["error_type"], r["error_message"], str(r["attempts"])]
                                  for r in failed]
@@ -304,15 +392,51 @@ def test_report_command_writes_a_self_contained_page(label_state, cli, tmp_path)
     assert cli("report", "reviews <b>", "--state", state, "--html", tmp_path / "a.html").exit_code == 0
     assert cli("report", job["id"][:8], "--state", state, "--html", tmp_path / "b.html").exit_code == 0
 
-    if shutil.which("chromium"):
-        png = tmp_path / "r.png"
-        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
-                        "--window-size=1200,2000", out.resolve().as_uri()], check=True, timeout=120,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        width, height, pixels = png_pixels(png)
-        assert (width, height) == (1200, 2000)
-        assert png.stat().st_size > 20_000
-        assert len(set(pixels)) > 50                          # not a blank page
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# appended to a copy of the page: the rendered size of every chart and of each of its bars and labels
+MEASURE = """<script>
+const charts = [...document.querySelectorAll("svg.chart")].map(svg => {
+  const box = e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; };
+  return {label: svg.getAttribute("aria-label"), box: box(svg),
+          rects: [...svg.querySelectorAll("rect")].map(r => [parseFloat(r.getAttribute("width")), ...box(r)]),
+          texts: [...svg.querySelectorAll("text")].map(box)};
+});
+document.body.setAttribute("data-measured", JSON.stringify(charts));
+</script>"""
+
+
+def test_report_renders_in_a_real_browser(label_state, cli, tmp_path):
+    """Opened in headless Chromium: every chart and every bar with a value has a rendered size, every
+    label has been laid out, and the page logs nothing to the console."""
+    browser = next((b for b in BROWSERS if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium found (apt-get install chromium): the page is checked by parsing only")
+    state, _ = label_state
+    page = tmp_path / "r.html"
+    assert cli("report", "--state", state, "--html", page).exit_code == 0
+    html = page.read_text(encoding="utf-8")
+    measured = tmp_path / "measured.html"
+    measured.write_text(html.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    run = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,2000",
+                          "--enable-logging=stderr", "--v=0", "--dump-dom", measured.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = re.search(r'data-measured="([^"]*)"', run.stdout)
+    assert found, run.stdout[:2000]
+    rendered = json.loads(html_unescape(found.group(1)))
+    expected = charts(html)
+    assert [c["label"] for c in rendered] == list(expected)
+    for chart in rendered:
+        width, height = chart["box"]
+        assert width > 300 and height > 20, chart["label"]
+        for (declared, w, h), rect in zip(chart["rects"], expected[chart["label"]]["rects"]):
+            assert declared == float(rect["width"])
+            assert (w > 0 and h > 0) == (declared > 0), (chart["label"], rect["title"], w, h)
+        assert chart["texts"] and all(w > 0 and h > 0 for w, h in chart["texts"]), chart["label"]
+    drawn = [c for c in rendered if any(d > 0 for d, _, _ in c["rects"])]
+    assert len(drawn) == 5                                  # every chart has bars on screen
+    assert "CONSOLE" not in run.stderr, run.stderr[-2000:]
 
 
 def test_report_command_errors(cli, tmp_path, label_state):

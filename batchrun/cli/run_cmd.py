@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Iterator, Optional
 
 import click
@@ -197,8 +198,9 @@ def estimate(job_file, as_json, **options):
     Token counts come from the API's count_tokens endpoint with the job's own model: every request
     for small jobs, a random sample extrapolated by characters for large ones (said so). The cost is
     a bracket: minimum (input only, cache reads where the system prompt is cached) to maximum (every
-    request using its full max_tokens, cache writes), batch discount applied. For a job already
-    partly done, only the rows still to send are priced.
+    request using its full max_tokens, cache writes), batch discount applied, rounded outwards: a
+    --max-cost of the maximum shown is never refused up front. For a job already partly done, only
+    the rows still to send are priced.
     """
     setup_logging(options.get("verbose"), True if as_json else options.get("quiet"))
     with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
@@ -211,6 +213,8 @@ def estimate(job_file, as_json, **options):
         click.echo(json.dumps(est.as_dict(), indent=2))
         return
     money = lambda v: f"${v:,.4f}" if v is not None else "unknown (model not priced)"
+    # the bracket to 4 decimals, rounded outwards: a --max-cost of the maximum shown is never refused
+    out = lambda v, way: None if v is None else float(Decimal(str(v)).quantize(Decimal("0.0001"), rounding=way))
     counted = "counted exactly" if est.method == "exact" else f"sampled {est.sample_size}, extrapolated by characters"
     lines = [
         ("model", f"{est.model} ({'batch, 50% off' if est.batch else 'messages, standard prices'})"),
@@ -218,7 +222,8 @@ def estimate(job_file, as_json, **options):
         ("requests to send", f"{est.requests}"),
         ("input tokens", f"{est.input_tokens:,} ({counted})"),
         ("max output tokens", f"{est.max_tokens:,} per request"),
-        ("cost (min … max)", f"{money(est.cost_usd_min)} … {money(est.cost_usd_max)}"),
+        ("cost (min … max)", f"{money(out(est.cost_usd_min, ROUND_FLOOR))} … "
+                             f"{money(out(est.cost_usd_max, ROUND_CEILING))}"),
         ("spent so far", money(est.spent_usd)),
     ]
     width = max(len(k) for k, _ in lines)

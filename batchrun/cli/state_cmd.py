@@ -7,9 +7,12 @@ import os
 import click
 
 from ..errors import InputError
-from ..status import ROW_STATES, job_status
+from ..status import ROW_STATES, budget_text, job_status
 from ..store import Store
 from .common import handle_errors
+
+STATE_WORDS = {"finished": "finished", "canceled": "canceled", "in progress": "in progress",
+               "planned": "planned (nothing sent yet)"}
 
 STATE_OPTION = click.option("--state", metavar="PATH", default="batchrun-state.sqlite", show_default=True,
                             help="The SQLite state file.")
@@ -37,7 +40,7 @@ def status(job, state, as_json):
         click.echo(json.dumps(reports if not job else reports[0], indent=2))
         return
     for r in reports:
-        flag = "finished" if r["finished"] else ("canceled" if r["canceled"] else "in progress")
+        flag = STATE_WORDS[r["state"]]
         name = f" ({r['name']})" if r["name"] else ""
         click.echo(f"job {r['job_id'][:12]}{name}: {flag}")
         click.echo(f"  input {r['input']} → output {r['output']}, model {r['model']}, mode {r['mode']}")
@@ -47,7 +50,7 @@ def status(job, state, as_json):
         cost = f"${r['cost_usd']:.6f}" if r["cost_usd"] is not None else "unknown"
         click.echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
                    f"{t['cache_read']:,} cache read; cost {cost}"
-                   + (f" (budget ${r['max_cost']:.2f})" if r["max_cost"] is not None else ""))
+                   + (f" (budget {budget_text(r['max_cost'])})" if r["max_cost"] is not None else ""))
         for b in r["batches"]:
             click.echo(f"  batch {b['batch_id'] or '(creating)'}: {b['api_status'] or b['state']}, "
                        f"{b['requests']} requests{', adopted' if b['adopted'] else ''}")
@@ -62,11 +65,11 @@ def jobs(state, as_json):
     with open_store(state) as store:
         reports = [job_status(store, j) for j in store.find_jobs()]
     if as_json:
-        click.echo(json.dumps([{k: r[k] for k in ("job_id", "name", "model", "rows", "finished", "counts",
-                                                   "cost_usd", "created_at")} for r in reports], indent=2))
+        click.echo(json.dumps([{k: r[k] for k in ("job_id", "name", "model", "rows", "state", "finished", "counts",
+                                                   "cost_usd", "max_cost", "created_at")} for r in reports], indent=2))
         return
     for r in reports:
         done = sum(r["counts"][s] for s in ROW_STATES if s not in ("pending", "in_flight"))
         cost = f"${r['cost_usd']:.4f}" if r["cost_usd"] is not None else "cost unknown"
         click.echo(f"{r['job_id'][:12]}  {r['name'] or '-':20}  {r['model']:22} {done}/{r['rows']} rows  "
-                   f"{'finished' if r['finished'] else 'in progress'}  {cost}")
+                   f"{STATE_WORDS[r['state']]}  {cost}")

@@ -2,8 +2,13 @@
 
 Rules (the tests of batchrun rely on them, so they are part of the emulator's contract):
 
-- Tokens: ``tokens(text) = ceil(len(text) / 4)`` (so >= 1 for any non-empty text). Models whose
-  catalog entry has ``new_tokenizer`` count ``ceil(n * 1.3)`` of that (applied to a whole sum).
+- Tokens: ``tokens(text)`` counts words, not characters: each run of ASCII letters counts one token
+  per 4 letters or part of 4 (``ceil(run / 4)``), each run of digits one per 3 digits or part of 3,
+  every other character that is not whitespace (punctuation, symbols, any non-ASCII character) one,
+  and whitespace nothing. So ``"x" * 400`` is 100 tokens, ``"a b c d"`` 4, ``"café"`` 2: the count
+  is deterministic but not proportional to the characters (an estimate extrapolated by characters
+  is really tested). Models whose catalog entry has ``new_tokenizer`` count ``ceil(n * 1.3)`` of
+  that (applied to a whole sum).
 - ``input_tokens`` (and the count_tokens endpoint) = scale(system text + the text of every message
   block + canonical JSON of ``tools`` + canonical JSON of the output schema); an image counts
   ``IMAGE_TOKENS``; a ``tool_use`` block counts its input's canonical JSON. Cached prefix tokens are
@@ -53,9 +58,13 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# one match per token: a piece of up to 4 ASCII letters, up to 3 digits, or one other visible character
+_TOKEN = re.compile(r"[A-Za-z]{1,4}|[0-9]{1,3}|[^A-Za-z0-9\s]")
+
+
 def tokens(text: str) -> int:
-    """ceil(len(text) / 4): 0 for "", at least 1 for any other text."""
-    return (len(text) + 3) // 4
+    """Tokens of a text (see the rules above): 0 for "" or whitespace, at least 1 for any other text."""
+    return len(_TOKEN.findall(text))
 
 
 def scale(n: int, new_tokenizer: bool) -> int:
@@ -63,10 +72,13 @@ def scale(n: int, new_tokenizer: bool) -> int:
     return (n * 13 + 9) // 10 if new_tokenizer else n
 
 
-def _fit_chars(budget: int, new_tokenizer: bool) -> int:
-    """The most characters whose scaled token count stays within `budget`."""
-    raw = (budget * 10) // 13 if new_tokenizer else budget
-    return max(0, raw) * 4
+def _fit(text: str, budget: int, new_tokenizer: bool) -> str:
+    """The longest start of `text` whose scaled token count stays within `budget`."""
+    raw = max(0, (budget * 10) // 13 if new_tokenizer else budget)
+    for i, match in enumerate(_TOKEN.finditer(text)):
+        if i == raw:
+            return text[:match.start()]
+    return text
 
 
 # ------------------------------------------------------------------------------------ the catalog
@@ -579,7 +591,7 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
         n = scale(tokens(text), new)
         if n <= budget:
             return text, n, False
-        text = text[:_fit_chars(budget, new)]
+        text = _fit(text, budget, new)
         return text, scale(tokens(text), new), True
 
     if thinking_on(params, info):

@@ -221,7 +221,13 @@ class Runner:
     def locked(self):
         """Hold this job's lock: one run (or cancel, or estimate) at a time per job and state file."""
         lock = JobLock(self.spec.state_path, self.job.id)
-        lock.acquire(wait=self.wait_lock)
+        try:
+            lock.acquire()
+        except LockedError:
+            if not self.wait_lock:
+                raise
+            log.info("job %s: another run holds this job; waiting for it to finish (--wait-lock)", self.job.short_id)
+            lock.acquire(wait=True)
         try:
             yield
         finally:

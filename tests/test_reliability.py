@@ -337,6 +337,18 @@ def test_cancel_no_wait_then_rows_that_would_be_retried_end_canceled(emu, cli, t
     assert_sent_as_attempts(emu, rows)
 
 
+def test_cancel_by_id_records_structured_replies_as_a_run_would(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 0.2
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    labeled = args(tickets_csv, out, state, "--labels", "billing,bug,other", "--limit", "40")
+    assert cli(*labeled, "--no-wait").exit_code == ExitCode.IN_PROGRESS
+    time.sleep(0.4)                                                     # the batch ended before the cancel
+    r = cli("cancel", job_status(cli, state)["job_id"][:12], "--state", state)
+    assert r.exit_code == 0 and "rows: 40 succeeded" in r.output, r.output
+    assert cli(*labeled).exit_code == 0
+    assert {row["label"] in ("billing", "bug", "other") for row in pq.read_table(out).to_pylist()} == {True}
+
+
 def test_cancel_refuses_while_a_run_holds_the_job(emu, cli, tmp_path, tickets_csv):
     out, state, gate = tmp_path / "o.parquet", tmp_path / "s.sqlite", tmp_path / "gate"
     first = paused(emu, args(tickets_csv, out, state), gate)

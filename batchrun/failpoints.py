@@ -1,19 +1,30 @@
-"""Failpoints: named places where a test can make batchrun die as if killed (SIGKILL).
+"""Failpoints: named places where a test can make batchrun die as if killed (SIGKILL), or pause.
 
 Set BATCHRUN_FAILPOINT=name (or name:N to die at the N-th hit). Used by the crash tests to hit the
 exact windows that matter (between a batch create and recording its id, mid-download, mid-write);
-the crash tests also kill at random moments. Costs one dict lookup when unset.
+the crash tests also kill at random moments.
+
+Set BATCHRUN_PAUSE=name=PATH to stop at the first hit of `name`: batchrun creates PATH.paused, then
+waits until PATH exists (at most a minute) and goes on. Tests use it to hold a run at a known point
+(with the job's lock held) while they start another command.
+
+Both cost one dict lookup when unset.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 _hits: dict = {}
 _SPEC = os.environ.get("BATCHRUN_FAILPOINT")
+_PAUSE = os.environ.get("BATCHRUN_PAUSE")
+PAUSE_LIMIT = 60.0
 
 
 def hit(name: str) -> None:
+    if _PAUSE:
+        _pause(name)
     spec = _SPEC
     if not spec:
         return
@@ -23,3 +34,14 @@ def hit(name: str) -> None:
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] >= int(count or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause(name: str) -> None:
+    want, _, gate = _PAUSE.partition("=")
+    if want != name or ("pause", name) in _hits:
+        return
+    _hits["pause", name] = 1
+    open(gate + ".paused", "w").close()
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -31,15 +31,17 @@ import pyarrow as pa
 
 from .api import ApiClient, DEFAULT_BASE_URL, endpoint_key
 from . import failpoints
-from .errors import (AmbiguousCreateError, ApiError, BudgetError, ExitCode, InputError, NotFoundError,
+from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, InputError, LockedError,
+                     NotFoundError,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
 from .output import OutputWriter, check_column_names, check_partition, check_writable
-from .requests import RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, params_hash, splice_prefix
+from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, output_schema_for,
+                       params_hash, splice_prefix)
 from .results import ResultParser, is_retryable
 from .spec import JobSpec
-from .status import PAID, budget_text, job_cost
+from .status import PAID, budget_text, find_job, job_cost
 from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
@@ -87,6 +89,14 @@ class RunResult:
         return sum(n for s, n in self.counts.items() if s not in ("succeeded", "pending", "in_flight"))
 
 
+@dataclass
+class CancelResult:
+    job_id: str
+    batches_canceled: int       # batches a cancel was sent for
+    batches_running: int        # batches of the job not ended yet (the wait ran out, or was skipped)
+    counts: dict                # rows by state after the cancel
+
+
 def resolve_connection(api_key: Optional[str], base_url: Optional[str]) -> tuple[Optional[str], str, str]:
     """Key and base URL as the official SDK reads them; returns (key, key_source, base_url)."""
     if api_key:
@@ -130,7 +140,7 @@ class Job:
     """
 
     def __init__(self, spec: JobSpec, *, catalog: Optional[Catalog] = None, allow_unknown_model: bool = False,
-                 endpoint: Optional[str] = None):
+                 endpoint: Optional[str] = None, job_id: Optional[str] = None):
         self.spec = spec
         self.endpoint = endpoint   # endpoint_key() of the service the job is sent to
         try:
@@ -141,9 +151,12 @@ class Job:
         if self.model is None and not allow_unknown_model:
             raise InputError(f"model: unknown model {spec.model!r} (not in the model catalog; add it with "
                              "--models FILE, or pass --allow-unknown-model to run it with cost unknown)")
-        self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
-        self.fingerprint = self.source.fingerprint()
-        self.id = spec.identity(self.fingerprint, endpoint)
+        if job_id is None:
+            self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
+            self.fingerprint = self.source.fingerprint()
+            self.id = spec.identity(self.fingerprint, endpoint)
+        else:  # a job already in the state file, its input not read (see Runner.for_stored_job)
+            self.source, self.fingerprint, self.id = None, None, job_id
         self.store = Store(spec.state_path)
 
     @property
@@ -162,10 +175,11 @@ class Runner:
                  catalog: Optional[Catalog] = None,
                  allow_unknown_model: bool = False, resume_canceled: bool = False, wait_lock: bool = False,
                  on_progress: Optional[Callable[[Progress], None]] = None,
-                 sleep: Callable[[float], None] = time.sleep, retry=None):
+                 sleep: Callable[[float], None] = time.sleep, retry=None, job_id: Optional[str] = None):
         self.spec = spec
         base = client.base_url if client is not None else resolve_connection(api_key, base_url)[2]
-        self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model, endpoint=endpoint_key(base))
+        self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model, endpoint=endpoint_key(base),
+                       job_id=job_id)
         self.store = self.job.store
         self.resume_canceled = resume_canceled
         self.wait_lock = wait_lock
@@ -176,8 +190,8 @@ class Runner:
         # async_transport: the same for messages mode, which sends with an async client
         self._client_args = dict(api_key=api_key, base_url=base_url, transport=transport,
                                  async_transport=async_transport, retry=retry)
-        self.parser = ResultParser(self.job.catalog, spec.model, schema=None, batch=spec.mode == "batch",
-                                   cache_ttl=spec.cache_ttl)
+        self.parser = ResultParser(self.job.catalog, spec.model, schema=output_schema_for(spec),
+                                   batch=spec.mode == "batch", cache_ttl=spec.cache_ttl)
         self.notes: list[str] = []
         self.batches_created = 0
         self._chunk = spec.batch_size
@@ -228,7 +242,13 @@ class Runner:
     def locked(self):
         """Hold this job's lock: one run (or cancel, or estimate) at a time per job and state file."""
         lock = JobLock(self.spec.state_path, self.job.id)
-        lock.acquire(wait=self.wait_lock)
+        try:
+            lock.acquire()
+        except LockedError:
+            if not self.wait_lock:
+                raise
+            log.info("job %s: another run holds this job; waiting for it to finish (--wait-lock)", self.job.short_id)
+            lock.acquire(wait=True)
         try:
             yield
         finally:
@@ -593,6 +613,7 @@ class Runner:
         """Send pending requests in batches. Returns the number of batches created."""
         store, job, spec = self.store, self.job, self.spec
         if store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]:
+            self._cancel_pending()  # rows a canceled batch gave back for another attempt are not sent
             return 0
         created = 0
         live = self._live_twin_jobs()
@@ -965,23 +986,97 @@ class Runner:
         return n
 
     # ---- cancel --------------------------------------------------------------------------------
-    def cancel(self) -> int:
-        """Cancel the job's batches in flight; rows not yet sent end canceled. Returns batches canceled."""
+    CANCEL_WAIT = 60.0   # seconds `cancel` waits, by default, for the batches it canceled to end
+
+    @classmethod
+    def for_stored_job(cls, state_path: str, ref: str, **kw) -> "Runner":
+        """A runner for a job of a state file (by id, id prefix or name), built from the spec stored there.
+
+        The job's input is not read (it may have changed, or be gone): such a runner can poll, collect
+        and cancel the job's batches, but not plan the job or write its output.
+        """
+        if not os.path.exists(state_path):
+            raise InputError(f"state file {state_path} does not exist (pass --state PATH)")
+        with Store(state_path) as store:
+            row = find_job(store, ref)
+        raw = json.loads(row["spec"])
+        if raw.get("headers"):  # stored by name only (their values may be secrets)
+            log.warning("job %s: its extra headers (%s) are not stored, so none are sent; if the endpoint needs "
+                        "them, give the job file instead of the job id", row["id"][:12], ", ".join(raw["headers"]))
+            raw["headers"] = None
+        raw["state"] = state_path
+        kw.setdefault("allow_unknown_model", True)  # the job was accepted when it was planned
+        return cls(JobSpec.from_mapping(raw), job_id=row["id"], **kw)
+
+    def cancel(self, wait: float = CANCEL_WAIT) -> CancelResult:
+        """Cancel the job: its batches in flight are canceled, its rows not yet sent end canceled.
+
+        Then, for up to `wait` seconds, the job's batches are polled until they end and their results
+        are recorded as a run would: rows end canceled, or succeeded if they ran before the cancel.
+        Rows that would have been retried end canceled too. Batches still running after `wait` are
+        collected by the next run (or the next cancel).
+        """
         store, job = self.store, self.job
         if not store.job(job.id):
             raise InputError("this job has not been started in this state file: nothing to cancel")
-        with self.locked():
+        lock = JobLock(self.spec.state_path, job.id)
+        try:
+            lock.acquire(wait=self.wait_lock)
+        except LockedError:
+            raise LockedError("another batchrun run holds this job: stop that run (Ctrl-C; the job stays "
+                              "resumable), then cancel again") from None
+        try:
             self.resolve_intents()
             with store.transaction():
-                store.conn.execute("UPDATE jobs SET canceled_at = ? WHERE id = ?", (now_iso(), job.id))
-                store.conn.execute("UPDATE requests SET state = 'canceled', result_type = 'canceled', "
-                                   "error_type = 'canceled', error_message = 'canceled before it was sent' "
-                                   "WHERE job_id = ? AND state = 'pending'", (job.id,))
+                store.conn.execute("UPDATE jobs SET canceled_at = coalesce(canceled_at, ?) WHERE id = ?",
+                                   (now_iso(), job.id))
+            self._cancel_pending()
             n = 0
-            for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state = 'submitted'", (job.id,)):
-                info = self.client.cancel_batch(b["api_id"])
+            for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state = 'submitted' "
+                             "AND coalesce(api_status, '') NOT IN ('canceling', 'ended') ORDER BY id", (job.id,)):
+                try:
+                    info = self.client.cancel_batch(b["api_id"])
+                except (AuthError, TransientApiError):
+                    raise
+                except ApiError as exc:  # ended meanwhile, or gone (404): the poll below finds out which
+                    log.warning("job %s: could not cancel batch %s: %s", job.short_id, b["api_id"], exc)
+                    continue
                 with store.transaction():
                     store.conn.execute("UPDATE batches SET api_status = ? WHERE id = ?",
                                        (info.get("processing_status"), b["id"]))
                 n += 1
-            return n
+            running = self._settle(wait)
+            self._cancel_pending()
+            return CancelResult(job_id=job.id, batches_canceled=n, batches_running=running,
+                                counts=store.counts(job.id))
+        finally:
+            lock.release()
+
+    def _settle(self, wait: float) -> int:
+        """Poll and collect the job's batches until none is running, for up to `wait` seconds (with
+        backoff, capped at poll_interval). Returns how many are still running."""
+        def running() -> int:
+            return self.store.one("SELECT count(*) AS n FROM batches WHERE job_id = ? "
+                                  "AND state IN ('submitted', 'ended')", (self.job.id,))["n"]
+
+        deadline = time.monotonic() + wait
+        delay = min(0.5, self.spec.poll_interval)
+        left = running()
+        while left and wait > 0:
+            self.poll()
+            left = running()
+            if not left or time.monotonic() >= deadline:
+                break
+            self.sleep(min(delay, deadline - time.monotonic()))
+            delay = min(delay * 2, self.spec.poll_interval)
+        return left
+
+    def _cancel_pending(self) -> int:
+        """Rows of a canceled job that are waiting to be sent (or sent again) end canceled."""
+        with self.store.transaction():
+            return self.store.conn.execute(
+                "UPDATE requests SET state = 'canceled', result_type = 'canceled', error_type = 'canceled', "
+                "error_message = CASE WHEN attempts = 0 THEN 'canceled before it was sent' ELSE "
+                "'canceled before it was sent again (attempt ' || attempts || ' ended ' || "
+                "coalesce(error_type, result_type, 'without a result') || ')' END, finished_at = ? "
+                "WHERE job_id = ? AND state = 'pending'", (now_iso(), self.job.id)).rowcount

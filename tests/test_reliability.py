@@ -1,12 +1,15 @@
 """Issue 4: faults, crashes, locks, cancel and secrets — every row once, nothing paid twice."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,12 +28,31 @@ def args(inp, out, state, *extra):
             "--poll-interval", "0.1", *extra]
 
 
-def spawn(emu, argv, failpoint=None):
+_spawned: list = []
+
+
+@pytest.fixture(autouse=True)
+def no_stray_runs():
+    """A run left behind by a failed test is killed, not left to poll an emulator that has gone."""
+    yield
+    while _spawned:
+        p = _spawned.pop()
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def spawn(emu, argv, failpoint=None, pause=None):
     env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": emu.base_url}
     env.pop("BATCHRUN_FAILPOINT", None)
+    env.pop("BATCHRUN_PAUSE", None)
     if failpoint:
         env["BATCHRUN_FAILPOINT"] = failpoint
-    return subprocess.Popen(CLI + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if pause:
+        env["BATCHRUN_PAUSE"] = pause
+    p = subprocess.Popen(CLI + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _spawned.append(p)
+    return p
 
 
 def assert_complete(out, source_csv, emu):
@@ -41,8 +63,34 @@ def assert_complete(out, source_csv, emu):
     for r, s in zip(rows, src):
         assert r["status"] == "succeeded", (r["ticket_id"], r["status"], r["error_message"])
         assert r["text"].startswith("Reply to: " + render(s)[:120])
-    # nothing paid twice: no request got more than one billed (succeeded) result from the API
-    assert max(emu.stats.billed.values()) == 1
+    assert_sent_as_attempts(emu, rows)
+
+
+def sent_copies(emu) -> dict:
+    """custom_id -> [(params hash, result type or None while its batch has not ended)], one per time the
+    emulator accepted the request in a batch, oldest first: every batch, read by anyone or not."""
+    copies: dict = defaultdict(list)
+    for batch_id, items in emu.stats.accepted.items():
+        ends = emu.stats.outcomes.get(batch_id) or [None] * len(items)
+        for (custom_id, params_hash), end in zip(items, ends):
+            copies[custom_id].append((params_hash, end))
+    return copies
+
+
+def assert_sent_as_attempts(emu, rows):
+    """Nothing paid twice: each row's request was accepted by the API exactly as many times as the row's
+    attempts, and each copy but the last ended failed (a retry follows a failed result, never a lost one)."""
+    copies = sent_copies(emu)
+    assert set(copies) == {r["custom_id"] for r in rows if r["attempts"]}
+    for r in rows:
+        sent = copies.get(r["custom_id"], [])
+        assert len(sent) == r["attempts"], (r["custom_id"], r["attempts"], sent)
+        if not sent:
+            continue
+        assert len({h for h, _ in sent}) == 1, (r["custom_id"], sent)           # one request per row
+        assert all(end not in (None, "succeeded") for _, end in sent[:-1]), (r["custom_id"], sent)
+        if r["status"] == "succeeded":
+            assert sent[-1][1] == "succeeded", (r["custom_id"], sent)
 
 
 def test_transient_faults_errored_expired_and_cut_downloads(emu, cli, tmp_path, tickets_csv):
@@ -54,9 +102,45 @@ def test_transient_faults_errored_expired_and_cut_downloads(emu, cli, tmp_path, 
     r = cli(*args(tickets_csv, out, tmp_path / "s.sqlite", "--max-attempts", "6"))
     assert r.exit_code == 0, r.output
     assert emu.stats.batches_created >= 5                                    # 450 rows / 100, plus retries
+    faults = emu.stats.faults
+    assert all(faults[k] for k in ("429", "500", "529", "drop")) and faults["truncate_drop"] + faults["truncate_short"]
     assert_complete(out, tickets_csv, emu)
+    # the attempts column tells the faults: each row was sent once more for every failed result it got
     rows = pq.read_table(out).to_pylist()
-    assert any(row["attempts"] > 1 for row in rows)                         # some rows were retried
+    failed = [end for sent in sent_copies(emu).values() for _, end in sent if end != "succeeded"]
+    assert set(failed) == {"errored", "expired"}
+    assert sum(row["attempts"] - 1 for row in rows) == len(failed)
+    assert 1 < max(row["attempts"] for row in rows) <= 6
+
+
+def test_invalid_request_results_are_final(emu, cli, tmp_path, tickets_csv):
+    emu.config.errored_rate = 0.2
+    emu.config.errored_types = ("invalid_request_error",)
+    out = tmp_path / "o.parquet"
+    r = cli(*args(tickets_csv, out, tmp_path / "s.sqlite"))
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    rows = pq.read_table(out).to_pylist()
+    failed = [row for row in rows if row["status"] != "succeeded"]
+    assert 40 < len(failed) < 140
+    assert {(row["status"], row["error_type"], row["attempts"]) for row in failed} == {
+        ("errored", "invalid_request_error", 1)}                       # never sent again
+    assert {row["attempts"] for row in rows} == {1}
+    assert_sent_as_attempts(emu, rows)
+    assert "invalid request" in r.output                                # the failures by cause
+
+
+def test_default_max_attempts_caps_retries(emu, cli, tmp_path, tickets_csv):
+    emu.config.errored_rate = 0.5
+    emu.config.expired_rate = 0.5                                       # every result fails, transiently
+    out = tmp_path / "o.parquet"
+    r = cli(*args(tickets_csv, out, tmp_path / "s.sqlite", "--limit", "60", "--batch-size", "20"))
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 60 and {row["attempts"] for row in rows} == {3}
+    assert {row["status"] for row in rows} <= {"errored", "expired"}
+    assert {row["error_type"] for row in rows if row["status"] == "errored"} <= {"overloaded_error", "api_error"}
+    assert_sent_as_attempts(emu, rows)                                  # each request accepted 3 times, no more
+    assert emu.stats.requests_created == 180
 
 
 def test_lost_create_reply_is_adopted_not_resent(emu, cli, tmp_path, tickets_csv):
@@ -85,33 +169,96 @@ def test_kill_at_each_window_then_rerun(emu, tmp_path, tickets_csv, failpoint):
     assert not list(tmp_path.glob("*.tmp-*"))                                 # no temp file left behind
 
 
+def progress(state) -> int:
+    """How far the job in a state file has come: rows sent at least once plus rows final (0 … 2 × rows)."""
+    if not os.path.exists(state):
+        return 0
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT count(*) FILTER (WHERE attempts > 0) + count(*) FILTER (WHERE state NOT IN "
+                          "('pending', 'in_flight')) FROM requests").fetchone()[0]
+    except sqlite3.OperationalError:   # no tables yet
+        return 0
+    finally:
+        db.close()
+
+
 def test_six_random_kills_then_one_run(emu, tmp_path, tickets_csv):
-    emu.config.processing_seconds = 0.3
+    # 15 batches of 30 rows, each in progress for 0.4 s, under faults and cut downloads. While the six runs
+    # are killed, most results fail (errored or expired) and go back for another attempt, so each run has
+    # work left whatever it got done: a run can end only after a round with no failed result, and every
+    # round takes 0.4 s, more than the longest delay before a kill. Each run is killed at a random moment
+    # (seeded) once it has moved the job on (state file): while it creates, polls, downloads and records.
+    emu.config.processing_seconds = 0.4
     emu.config.fault_rate = 0.05
+    emu.config.errored_rate = 0.4
+    emu.config.expired_rate = 0.2
+    emu.config.truncate_rate = 0.2
     out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    run = args(tickets_csv, out, state, "--batch-size", "30", "--max-attempts", "20")
     rnd = random.Random(1234)
     for _ in range(6):
-        p = spawn(emu, args(tickets_csv, out, state))
-        time.sleep(rnd.uniform(0.2, 1.5))
+        before = progress(state)
+        p = spawn(emu, run)
+        deadline = time.monotonic() + 60
+        while progress(state) <= before and p.poll() is None:   # wait until this run is at work
+            assert time.monotonic() < deadline, "the run made no progress in 60 s"
+            time.sleep(0.01)
+        time.sleep(0.3 * rnd.random() ** 2)                     # most of a run's work is early on
+        assert p.poll() is None, f"the run ended before its kill: {p.communicate()[1]}"
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)
-    p = spawn(emu, args(tickets_csv, out, state, "--max-attempts", "6"))
+        assert p.returncode == -signal.SIGKILL
+        assert progress(state) < 900                             # work remained (of 450 sends + 450 final rows)
+    emu.config.errored_rate = emu.config.expired_rate = emu.config.truncate_rate = 0.0   # then let it finish
+    p = spawn(emu, run)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr
     assert_complete(out, tickets_csv, emu)
 
 
+def paused(emu, argv, gate, point="after_create"):
+    """A run spawned to stop at `point` (holding the job's lock) until the file `gate` exists."""
+    p = spawn(emu, argv, pause=f"{point}={gate}")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(f"{gate}.paused"):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
+        time.sleep(0.01)
+    return p
+
+
 def test_two_runs_of_one_job_at_once(emu, tmp_path, tickets_csv):
-    emu.config.processing_seconds = 1.5
-    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
-    first = spawn(emu, args(tickets_csv, out, state))
-    time.sleep(0.8)
+    out, state, gate = tmp_path / "o.parquet", tmp_path / "s.sqlite", tmp_path / "gate"
+    first = paused(emu, args(tickets_csv, out, state), gate)       # holds the lock, one batch created
     second = spawn(emu, args(tickets_csv, out, state))
-    _, err2 = second.communicate(timeout=30)
+    _, err2 = second.communicate(timeout=60)
     assert second.returncode == ExitCode.LOCKED, err2
     assert "another batchrun run holds this job" in err2 and "Traceback" not in err2
+    assert emu.stats.batches_created == 1                          # the second sent nothing
+    gate.touch()
     _, err1 = first.communicate(timeout=60)
     assert first.returncode == 0, err1
+    assert_complete(out, tickets_csv, emu)
+
+
+def test_wait_lock_queues_behind_the_run_then_finds_the_job_done(emu, tmp_path, tickets_csv):
+    out, state, gate = tmp_path / "o.parquet", tmp_path / "s.sqlite", tmp_path / "gate"
+    first = paused(emu, args(tickets_csv, out, state), gate)
+    second = spawn(emu, args(tickets_csv, out, state, "--wait-lock"))
+    waiting = ""
+    while "waiting for it to finish" not in waiting:                 # it logs that it waits, then blocks
+        line = second.stderr.readline()
+        assert line, f"the second run ended without waiting: {waiting}"
+        waiting += line
+    assert second.poll() is None and emu.stats.batches_created == 1
+    gate.touch()
+    _, err1 = first.communicate(timeout=60)
+    assert first.returncode == 0, err1
+    accepted = dict(emu.stats.accepted)
+    _, err2 = second.communicate(timeout=60)
+    assert second.returncode == 0, waiting + err2
+    assert "450 succeeded" in err2
+    assert emu.stats.accepted == accepted                          # the second sent nothing again
     assert_complete(out, tickets_csv, emu)
 
 
@@ -126,11 +273,108 @@ def test_cancel_then_resume(emu, cli, tmp_path, tickets_csv):
     r = cli(*args(tickets_csv, out, state))
     assert r.exit_code == ExitCode.FAILED_ROWS, r.output
     rows = pq.read_table(out).to_pylist()
-    assert len(rows) == 450 and {row["status"] for row in rows} == {"canceled"}
+    assert len(rows) == 450 and {row["status"] for row in rows} <= {"canceled", "succeeded"}
+    assert sum(row["status"] == "canceled" for row in rows) > 400         # 1 s of a batch's 30 s had run
     emu.config.processing_seconds = 0.05
     r = cli(*args(tickets_csv, out, state, "--resume-canceled"))
     assert r.exit_code == 0, r.output
-    assert {row["status"] for row in pq.read_table(out).to_pylist()} == {"succeeded"}
+    assert_complete(out, tickets_csv, emu)
+
+
+def job_status(cli, state, job=None) -> dict:
+    r = cli("status", *([job] if job else []), "--state", state, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output) if job else json.loads(r.output)[0]
+
+
+def test_cancel_by_job_id_needs_no_input_and_records_what_ended(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 30
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    assert cli(*args(tickets_csv, out, state, "--no-wait")).exit_code == ExitCode.IN_PROGRESS
+    job = job_status(cli, state)["job_id"]
+    moved = tickets_csv.rename(tmp_path / "elsewhere.csv")             # cancel by id reads no input
+    r = cli("cancel", job[:12], "--state", state)
+    assert r.exit_code == 0, r.output
+    assert f"job {job[:12]}: canceled 5 batch(es) in flight" in r.output
+    st = job_status(cli, state, job[:12])
+    ran = sum(end == "succeeded" for ends in emu.stats.outcomes.values() for end in ends)
+    assert len(emu.stats.outcomes) == 5                                 # every batch ended, its results read
+    assert st["canceled"] and st["counts"]["in_flight"] == st["counts"]["pending"] == 0
+    assert st["counts"]["canceled"] == 450 - ran and st["counts"]["succeeded"] == ran
+    assert {b["api_status"] for b in st["batches"]} == {"ended"}
+    text = cli("status", "--state", state).output
+    assert "canceled" in text and "in flight" not in text
+    moved.rename(tickets_csv)
+    accepted = dict(emu.stats.accepted)
+    r = cli(*args(tickets_csv, out, state))                             # writes the output, sends nothing
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    assert emu.stats.accepted == accepted
+    rows = pq.read_table(out).to_pylist()
+    assert sum(row["status"] == "canceled" for row in rows) == 450 - ran
+    assert_sent_as_attempts(emu, rows)
+    emu.config.processing_seconds = 0.05
+    assert cli(*args(tickets_csv, out, state, "--resume-canceled")).exit_code == 0
+    assert_complete(out, tickets_csv, emu)
+
+
+def test_cancel_no_wait_then_rows_that_would_be_retried_end_canceled(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 1.0
+    emu.config.errored_rate = 1.0                                       # every request that runs fails
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    assert cli(*args(tickets_csv, out, state, "--no-wait")).exit_code == ExitCode.IN_PROGRESS
+    time.sleep(0.5)                                                     # half of each batch has run
+    r = cli("cancel", job_status(cli, state)["job_id"][:12], "--state", state, "--no-wait")
+    assert r.exit_code == 0, r.output
+    assert "have not ended yet" in r.output
+    assert job_status(cli, state)["counts"]["in_flight"] == 450
+    p = spawn(emu, args(tickets_csv, out, state))                       # collects; sends nothing more
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == ExitCode.FAILED_ROWS, err
+    rows = pq.read_table(out).to_pylist()
+    assert {row["status"] for row in rows} == {"canceled"} and {row["attempts"] for row in rows} == {1}
+    again = [row for row in rows if "before it was sent again" in row["error_message"]]
+    assert 100 < len(again) < 350                                       # the half that ran and failed
+    assert_sent_as_attempts(emu, rows)
+
+
+def test_cancel_by_id_records_structured_replies_as_a_run_would(emu, cli, tmp_path, tickets_csv):
+    emu.config.processing_seconds = 0.2
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    labeled = args(tickets_csv, out, state, "--labels", "billing,bug,other", "--limit", "40")
+    assert cli(*labeled, "--no-wait").exit_code == ExitCode.IN_PROGRESS
+    time.sleep(0.4)                                                     # the batch ended before the cancel
+    r = cli("cancel", job_status(cli, state)["job_id"][:12], "--state", state)
+    assert r.exit_code == 0 and "rows: 40 succeeded" in r.output, r.output
+    assert cli(*labeled).exit_code == 0
+    assert {row["label"] in ("billing", "bug", "other") for row in pq.read_table(out).to_pylist()} == {True}
+
+
+def test_cancel_refuses_while_a_run_holds_the_job(emu, cli, tmp_path, tickets_csv):
+    out, state, gate = tmp_path / "o.parquet", tmp_path / "s.sqlite", tmp_path / "gate"
+    first = paused(emu, args(tickets_csv, out, state), gate)
+    r = cli("cancel", job_status(cli, state)["job_id"][:12], "--state", state)
+    assert r.exit_code == ExitCode.LOCKED and "stop that run" in r.output, r.output
+    gate.touch()
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert_complete(out, tickets_csv, emu)
+
+
+def test_cancel_refusals_are_one_line(emu, cli, tmp_path, tickets_csv):
+    state = tmp_path / "s.sqlite"
+    assert cli(*args(tickets_csv, tmp_path / "o.parquet", state)).exit_code == 0
+    job = job_status(cli, state)["job_id"]
+    for argv, message in [
+        ((job[:8], "--state", state, "--model", "claude-opus-4-5"), "--model: '" + job[:8] + "' names a stored job"),
+        (("nosuchjob", "--state", state), "no job 'nosuchjob'"),
+        ((job[:8], "--state", tmp_path / "none.sqlite"), "no state file"),
+        (("missing.toml", "--state", state), "missing.toml: job file not found"),
+        ((job[:8], "--state", state, "--emulator"), "No such option"),
+    ]:
+        r = cli("cancel", *argv)
+        assert r.exit_code == ExitCode.BAD_INPUT and message in r.output, (argv, r.output)
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "none.sqlite").exists()
 
 
 def test_key_is_written_nowhere_and_state_is_private(emu, cli, tmp_path, tickets_csv):

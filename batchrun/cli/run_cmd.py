@@ -3,24 +3,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Iterator, Optional
 
 import click
 
-from ..errors import ExitCode
+from ..errors import ExitCode, InputError
 from ..runner import Runner
-from .common import (EXIT_CODES_HELP, ProgressPrinter, handle_errors, job_options, setup_logging,
-                     spec_from_options)
+from .common import (EXIT_CODES_HELP, JOB_OPTIONS, SPEC_KEYS, ProgressPrinter, handle_errors, job_options,
+                     setup_logging, spec_from_options)
 
+EMULATOR_OPTION = click.option("--emulator", "use_emulator", is_flag=True,
+                               help="Run against the built-in API emulator on loopback (no key needed, nothing is "
+                               "billed). Its replies go to batchrun-emulator-state.sqlite where the default state "
+                               "file would be, unless --state (or the job's state) names one.")
 CONNECTION_OPTIONS = [
     click.option("--api-key", envvar=None, metavar="KEY", help="API key (default: $ANTHROPIC_API_KEY). Never stored."),
     click.option("--base-url", metavar="URL", help="API base URL (default: $ANTHROPIC_BASE_URL or https://api.anthropic.com)."),
-    click.option("--emulator", "use_emulator", is_flag=True,
-                 help="Run against the built-in API emulator on loopback (no key needed, nothing is billed). "
-                 "Its replies go to batchrun-emulator-state.sqlite where the default state file would be, "
-                 "unless --state (or the job's state) names one."),
+    EMULATOR_OPTION,
     click.option("-v", "--verbose", is_flag=True, help="More log lines."),
     click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
 ]
@@ -167,23 +169,60 @@ def _shorten(value, limit: int = 600):
     return value
 
 
-@click.command()
-@job_options
-@connection_options
-@handle_errors
-def cancel(job_file, **options):
-    """Cancel a job: its batches in flight are canceled and rows not yet sent end canceled.
+def cancel_options(fn):
+    """The job options of `run` behind a JOB argument, and the connection options but --emulator (an
+    emulator started for one command knows no batches to cancel)."""
+    options = [click.argument("job", metavar="[JOB]", required=False), *JOB_OPTIONS[1:],
+               *(o for o in CONNECTION_OPTIONS if o is not EMULATOR_OPTION)]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
-    `batchrun run --resume-canceled` sends the canceled rows again later.
+
+@click.command()
+@cancel_options
+@click.option("--no-wait", is_flag=True, help="Send the cancels and exit, without waiting for the batches to end "
+              "(the next run, or cancel, records their results).")
+@handle_errors
+def cancel(job, no_wait, **options):
+    """Cancel a job: its batches in flight are canceled and its rows not yet sent end canceled.
+
+    JOB is the job's id, a unique prefix of it, or its name, as `batchrun status` shows them, in the
+    state file --state (default: batchrun-state.sqlite); the job's input is not needed. JOB can also
+    be a job file (JOB.toml), or left out, with the flags given to `run`.
+
+    Then cancel waits (up to a minute; not with --no-wait) for the canceled batches to end and records
+    their results: rows end canceled, or succeeded if they ran before the cancel. `batchrun run
+    --resume-canceled` sends the canceled rows again later.
+
+    \b
+    Examples:
+      batchrun cancel c95fcc6007ce --state runs/state.sqlite
+      batchrun cancel jobs/classify-reviews.toml
     """
     setup_logging(options.get("verbose"), options.get("quiet"))
-    options.pop("use_emulator", None)
-    runner = make_runner(job_file, options)
+    if job is not None and not (os.path.exists(job) or job.endswith(".toml")):
+        flags = [k for k in SPEC_KEYS if k != "state" and options.get(k) not in (None, (), [])]
+        if flags:
+            raise InputError(f"--{flags[0].replace('_', '-')}: {job!r} names a stored job by its id; flags that "
+                             "describe a job go with a job file or with no JOB")
+        state = options.get("state") or "batchrun-state.sqlite"
+        if not os.path.exists(state):
+            raise InputError(f"{job}: no such job file, and no state file {state} to find a job {job!r} in "
+                             "(pass --state PATH)")
+        runner = Runner.for_stored_job(state, job, api_key=options.get("api_key"), base_url=options.get("base_url"))
+    else:
+        runner = make_runner(job, options)
     try:
-        n = runner.cancel()
+        result = runner.cancel(wait=0.0 if no_wait else Runner.CANCEL_WAIT)
     finally:
         runner.close()
-    click.echo(f"job {runner.job.short_id}: cancel requested for {n} batch(es) in flight", err=True)
+    rows = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(result.counts.items()) if n)
+    click.echo(f"job {result.job_id[:12]}: canceled {result.batches_canceled} batch(es) in flight; rows: {rows}",
+               err=True)
+    if result.batches_running:
+        click.echo(f"  {result.batches_running} batch(es) have not ended yet: the next `batchrun run` (or cancel) "
+                   "records their results", err=True)
     sys.exit(ExitCode.OK)
 
 

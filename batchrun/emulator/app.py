@@ -23,7 +23,7 @@ import anyio
 import httpx
 
 from . import replies
-from .config import EmulatorConfig, EmulatorStats
+from .config import ERROR_TYPES, EmulatorConfig, EmulatorStats
 from .validation import Invalid, check_batch_request, check_message_params, semantic_problem
 
 log = logging.getLogger("batchrun.emulator")
@@ -38,6 +38,7 @@ _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SUCCEEDED, ERR_OVERLOADED, ERR_API, ERR_INVALID, ERR_NOT_FOUND, EXPIRED, CANCELED = range(7)
 _TRANSIENT = {ERR_OVERLOADED: ("overloaded_error", "Overloaded"),
               ERR_API: ("api_error", "Internal server error")}
+_ERROR_CODES = {"overloaded_error": ERR_OVERLOADED, "api_error": ERR_API}
 
 
 class DroppedConnection(httpx.RemoteProtocolError):
@@ -441,6 +442,7 @@ class Emulator:
             stats.requests_created += len(items)
             stats.submitted_custom_ids.update(cid for cid, _ in items)
             stats.params_submitted.update(hashes)
+            stats.accepted[batch.id] = [(cid, h) for (cid, _), h in zip(items, hashes)]
             return json_reply(200, self._batch_json(batch, req, advance=False)), batch
 
     def _get(self, req: Request, batch_id: str):
@@ -667,6 +669,7 @@ class Emulator:
         errored_rate = max(0.0, cfg.errored_rate or 0.0)
         expired_rate = max(0.0, cfg.expired_rate or 0.0)
         randomize = errored_rate > 0 or expired_rate > 0
+        types = cfg.errored_types
         outcomes = bytearray(len(batch.requests))
         memo: dict = {}
         for i, (_, params) in enumerate(batch.requests):
@@ -681,7 +684,10 @@ class Emulator:
             if randomize:
                 r = rng.random()
                 if r < errored_rate:
-                    outcomes[i] = ERR_OVERLOADED if rng.random() < 0.5 else ERR_API
+                    error_type = types[int(rng.random() * len(types))] if len(types) > 1 else types[0]
+                    outcomes[i] = _ERROR_CODES.get(error_type, ERR_INVALID)
+                    if outcomes[i] == ERR_INVALID:
+                        batch.errors[i] = (error_type, ERROR_TYPES[error_type])
                     continue
                 if r < errored_rate + expired_rate:
                     outcomes[i] = EXPIRED
@@ -699,6 +705,7 @@ class Emulator:
         batch.outcomes = outcomes
         batch.counts = counts
         self.stats.billed.update(h for h, code in zip(batch.hashes, outcomes) if code == SUCCEEDED)
+        self.stats.outcomes[batch.id] = [names.get(code, "errored") for code in outcomes]
         batch.ended_at = at
 
     def _touch_cache(self, key: str, ttl: str, at: float) -> str:

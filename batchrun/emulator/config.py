@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+# error types an errored batch result can carry (errored_types), with the message each comes with
+ERROR_TYPES = {"overloaded_error": "Overloaded", "api_error": "Internal server error",
+               "rate_limit_error": "Rate limited", "invalid_request_error": "Invalid request (injected)",
+               "not_found_error": "Not found (injected)", "permission_error": "Permission denied (injected)"}
+
+
 @dataclass
 class EmulatorConfig:
     # batches
@@ -24,7 +30,8 @@ class EmulatorConfig:
     # faults
     fault_rate: float = 0.0              # fraction of API calls answered with 429 / 500 / 529 / a dropped connection
     drop_after_create: int = 0           # the next N creates create the batch, then drop the connection
-    errored_rate: float = 0.0            # fraction of requests ending errored (overloaded_error / api_error)
+    errored_rate: float = 0.0            # fraction of requests ending errored, with a type from errored_types
+    errored_types: tuple = ("overloaded_error", "api_error")   # picked evenly (e.g. "invalid_request_error")
     expired_rate: float = 0.0            # fraction of requests ending expired
     truncate_rate: float = 0.0           # fraction of results downloads cut short
     off_schema_rate: float = 0.0         # fraction of schema replies (output_config.format, forced tool) that
@@ -50,6 +57,11 @@ class EmulatorConfig:
                 if isinstance(value, str) or not isinstance(value, (list, tuple)):
                     raise ValueError("extra_models must be a list of model names")
                 value = tuple(str(v) for v in value)
+            elif key == "errored_types":
+                if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+                        or any(v not in ERROR_TYPES for v in value):
+                    raise ValueError(f"errored_types must be a non-empty list of: {', '.join(ERROR_TYPES)}")
+                value = tuple(value)
             elif value is None:
                 if names[key].default is not None:
                     raise ValueError(f"{key} cannot be null")
@@ -72,6 +84,7 @@ class EmulatorConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["extra_models"] = list(self.extra_models)
+        out["errored_types"] = list(self.errored_types)
         if out["api_key"] is not None:
             out["api_key"] = "***"
         return out
@@ -93,6 +106,10 @@ class EmulatorStats:
     billed: Counter = field(default_factory=Counter)                 # hash of params -> succeeded (billed) results
     api_versions: Counter = field(default_factory=Counter)   # anthropic-version header sent -> API calls
     prefixes: Counter = field(default_factory=Counter)       # path prefix before /v1/ ("" for none) -> API calls
+    # every request accepted in a batch, per batch id in creation order: [(custom_id, hash of params)],
+    # kept whether or not anyone reads the batch (a batch nobody polls is paid all the same)
+    accepted: dict = field(default_factory=dict)
+    outcomes: dict = field(default_factory=dict)   # batch id -> each request's result type, once the batch ended
 
     def __getitem__(self, key: str) -> Any:  # dict-like access too
         return getattr(self, key)
@@ -113,4 +130,6 @@ class EmulatorStats:
             "billed": dict(self.billed),
             "api_versions": dict(self.api_versions),
             "prefixes": dict(self.prefixes),
+            "accepted": {b: [list(item) for item in items] for b, items in self.accepted.items()},
+            "outcomes": dict(self.outcomes),
         }

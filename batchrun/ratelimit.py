@@ -127,7 +127,7 @@ class RateLimiter:
         self.last_decrease = float("-inf")
         self.last_sent = float("-inf")
         self.refusals = 0
-        self.waited = 0.0                               # seconds the head of the queue waited for quota
+        self.waited = 0.0                               # seconds the head waited for quota (not for a slot)
         self._queue: list = []                          # heap of waiting requests' (rank, arrival)
         self._arrivals = itertools.count()
         self._changed = asyncio.Event()
@@ -144,7 +144,6 @@ class RateLimiter:
         costs = {"requests": 1, "input": input_tokens, "output": max_tokens, "tokens": input_tokens + max_tokens}
         me = (0 if again else 1, next(self._arrivals))
         heapq.heappush(self._queue, me)
-        started = self.clock()
         try:
             while True:
                 now = self.clock()
@@ -158,11 +157,12 @@ class RateLimiter:
                     await asyncio.wait_for(self._changed.wait(), None if wait in (None, math.inf) else wait)
                 except asyncio.TimeoutError:
                     pass
+                if wait is not None:     # the head waited for quota (not for a free slot)
+                    self.waited += self.clock() - now
         finally:
             self._queue.remove(me)
             heapq.heapify(self._queue)
             self._changed.set()                         # the next in line
-        self.waited += now - max(started, self.last_sent)
         ticket = Ticket(costs, now, {k: w.take(costs[k], now) for k, w in self.caps.items()})
         self.in_flight.update(costs)
         for name, quota in self.server.items():

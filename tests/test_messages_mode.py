@@ -27,6 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Optional
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -282,7 +283,6 @@ def test_same_job_through_a_wrapping_gateway_under_a_limit_gives_the_same_output
 
 def test_in_process_async_transport(emu, tmp_path):
     """An async transport (httpx.ASGITransport) runs the job against the emulator in process, no sockets."""
-    import httpx
     rows = make_tickets(12)
     inp = write_csv(tmp_path / "t.csv", rows)
     out = tmp_path / "o.parquet"
@@ -516,6 +516,30 @@ def test_estimate_is_twice_the_batch_figure_and_the_budget_holds_before_sending(
     assert r.exit_code == ExitCode.BUDGET, r.output
     assert "max_cost" in r.output and "Traceback" not in r.output
     assert emu.stats.messages_calls == 0 and not (tmp_path / "o.parquet").exists()
+
+
+# ---- (6) the emulator's limits by hand ---------------------------------------------------------------
+def test_emulator_command_takes_the_rate_limits(tmp_path):
+    """`batchrun emulator` serves the three Messages limits, per a --rate-window shorter than a minute."""
+    p = subprocess.Popen([sys.executable, "-c", "from batchrun.cli import main; main()", "emulator", "--port", "0",
+                          "--rpm", "2", "--input-tpm", "5000", "--output-tpm", "900", "--rate-window", "10"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = p.stdout.readline()
+        base = re.search(r"listening on (http://\S+)", line)
+        assert base, line + p.stderr.read() if p.poll() is not None else line
+        params = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=base.group(1), headers={"x-api-key": "k", "anthropic-version": "2023-06-01"}) as http:
+            replies = [http.post("/v1/messages", json=params) for _ in range(3)]
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+    assert [r.status_code for r in replies] == [200, 200, 429]
+    limits = {k: replies[0].headers[f"anthropic-ratelimit-{k}-limit"] for k in ("requests", "input-tokens", "output-tokens")}
+    assert limits == {"requests": "2", "input-tokens": "5000", "output-tokens": "900"}
+    assert replies[1].headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert 4.0 < float(replies[2].headers["retry-after"]) <= 5.0      # one request refills in 10 s / 2
 
 
 # ---- the limiter alone, on a fake clock ---------------------------------------------------------------

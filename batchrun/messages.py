@@ -10,7 +10,8 @@ Rows are never marked in flight: a run killed mid-way loses only the requests on
 The Messages API has no idempotency key, so those few are the only requests that can be paid twice.
 
 Errors, per request: transient ones (429, 529, 5xx, timeouts, dropped connections) are retried
-with backoff that honours retry-after, and a 429/529 also slows every worker down. A row is sent
+with backoff that honours retry-after; a 429/529 slows every worker down (the limiter's shared
+cooldown, which the refused request waits for too, at the head of the queue). A row is sent
 at most `max_attempts` times counting only the sends that may have run (a 429 or 529 proves the
 request did not), and at most as often and as long as the client's RetryPolicy allows; then it ends
 errored with the last error. Any other 4xx ends the row errored (final). 401/403 stop the job (every
@@ -44,7 +45,7 @@ PAGE = 500                    # pending rows read from the state at a time
 FLUSH_ROWS = 1
 FLUSH_SECONDS = 0.5           # the progress tick
 REPORT_SECONDS = 2.0          # progress
-DEFAULT_COOLDOWN = 1.0        # after a 429/529 without retry-after
+DEFAULT_COOLDOWN = 1.0        # after a 429/529 without retry-after (doubled for each refusal of the same row)
 NOT_RUN = CREATE_NOT_CREATED  # replies that prove the request was not processed (408, 409, 429, 529)
 SLOW_DOWN = {429, 529}        # replies that slow every worker down
 
@@ -206,15 +207,20 @@ class MessagesDriver:
         content = body.encode("utf-8")
         estimate = (len(body) // 4, int(json.loads(body).get("max_tokens") or 0))   # for the limiter
         policy, max_attempts = self.client.retry, self.spec.max_attempts
-        tries = {"sent": 0, "counted": 0}
+        tries = {"sent": 0, "counted": 0, "refused": 0}
         started = time.monotonic()
 
         def stop(state: tenacity.RetryCallState) -> bool:
             return (tries["counted"] >= max_attempts or tries["sent"] > policy.max_retries
                     or time.monotonic() - started >= policy.max_elapsed)
 
+        def wait(state: tenacity.RetryCallState) -> float:
+            if getattr(state.outcome.exception(), "status", None) in SLOW_DOWN:
+                return 0.0      # the limiter's shared cooldown holds it, at the head of the queue
+            return self.client._wait(state)
+
         retrying = tenacity.AsyncRetrying(retry=tenacity.retry_if_exception_type(TransientApiError),
-                                          wait=self.client._wait, stop=stop, reraise=True)
+                                          wait=wait, stop=stop, reraise=True)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -227,7 +233,7 @@ class MessagesDriver:
 
     async def _post(self, http: httpx.AsyncClient, content: bytes, estimate: tuple, tries: dict) -> dict:
         """One exchange, admitted by the limiter and reported back to it."""
-        ticket = await self.limiter.acquire(*estimate)
+        ticket = await self.limiter.acquire(*estimate, again=tries["refused"] > 0)
         tries["sent"] += 1
         headers = usage = refused_for = status = None
         try:
@@ -243,7 +249,10 @@ class MessagesDriver:
             error = exc.error if isinstance(exc, _RowFailed) else exc
             status = error.status
             if status in SLOW_DOWN:
-                wait = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN
+                tries["refused"] += 1
+                wait = error.retry_after
+                if wait is None:     # no retry-after: back off more the more often this row was refused
+                    wait = DEFAULT_COOLDOWN * 2 ** (tries["refused"] - 1)
                 refused_for = min(wait, self.client.retry.max_wait)
             raise
         finally:

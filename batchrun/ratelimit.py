@@ -7,25 +7,29 @@ A request is admitted when all of these allow it:
 * the user's caps (`rpm`, `tpm`) — at most that many requests / tokens in any 60 seconds. A request
   reserves its estimated input tokens plus its `max_tokens` (as the API itself does for output
   limits) and is settled to the usage its reply reports;
-* the server's limits — every reply's `anthropic-ratelimit-*-remaining` and `-reset` headers: what
-  is left is spread evenly over the time to the reset once less than a fifth of the limit is left,
-  so sending slows down before the server refuses anything; when nothing is left it waits for the
-  reset, then sends one request at a time until a reply tells what the server allows again;
+* the server's limits — every reply's `anthropic-ratelimit-*-limit`, `-remaining` and `-reset`
+  headers, read as the API's token buckets: `remaining` now, refilling steadily until the bucket is
+  full at `reset`. Once less than a fifth of a limit is left, requests go no faster than it refills,
+  so sending slows down before the server refuses anything; when too little is left, the request
+  waits until enough has refilled;
 * one shared cooldown after a 429/529, as long as its `retry-after` says.
 
-Only the request at the head of the queue waits for these; the others queue behind it.
+Only the request at the head of the queue waits for these; the others queue behind it, in arrival
+order, except that a request refused with 429/529 is sent again before any request not sent yet.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import datetime as dt
+import heapq
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-SPAN = 60.0          # the user's caps are per minute
+SPAN = 60.0          # the user's caps are per minute (tests scale this down; not a setting)
 MAX_RESET = 60.0     # a reset further away counts as this far (clock skew, odd gateways)
 LOW_WATER = 0.2      # pace requests once less than this share of a server limit is left
 
@@ -81,27 +85,33 @@ class SlidingWindow:
 
 @dataclass
 class ServerQuota:
-    """What the last reply said about one of the server's limits."""
+    """What the last reply said about one of the server's limits, read as the API's limits work: a
+    token bucket holding `remaining` when the reply was made, refilling steadily until it is full
+    (`limit`) at `reset_at`."""
     limit: Optional[float]
     remaining: float
+    seen_at: float
     reset_at: float
     used: float          # our reservations since (in flight or sent after that reply)
 
     def delay(self, cost: float, now: float, last_sent: float, active: int) -> float:
         if cost <= 0:
             return 0.0
-        left = self.reset_at - now
-        if left <= 0:
-            # Past the reset, what the server allows is unknown until a reply tells (a bucket is full
-            # again, a sliding window has freed a slot): one request at a time until then.
-            return 0.0 if active == 0 else math.inf
-        available = self.remaining - self.used
-        if available < cost:
-            return left                                  # nothing left: wait for the reset
+        if not self.limit or self.limit <= self.remaining or self.reset_at <= self.seen_at:
+            rate = 0.0                                   # full, or how fast it refills is unknown
+        else:
+            rate = (self.limit - self.remaining) / (self.reset_at - self.seen_at)
+        available = self.remaining + rate * (min(now, self.reset_at) - self.seen_at) - self.used
         if self.limit and available - cost >= LOW_WATER * self.limit:
             return 0.0                                   # plenty left: no need to pace
-        gap = left * cost / available                    # spread what is left over the time left
-        return max(0.0, last_sent + gap - now)
+        if available < cost:
+            if rate > 0 and now < self.reset_at:
+                return (cost - available) / rate         # until enough has refilled
+            # what the server allows now is unknown until a reply tells: one request at a time
+            return 0.0 if active == 0 else math.inf
+        if rate <= 0:                                    # little left and no refill known: spread it
+            return max(0.0, last_sent + max(0.0, self.reset_at - now) * cost / available - now)
+        return max(0.0, last_sent + cost / rate - now)   # little left: no faster than it refills
 
 
 class RateLimiter:
@@ -110,15 +120,16 @@ class RateLimiter:
         self.max_window = float(concurrency)
         self.window = float(concurrency)
         self.clock, self.wall = clock, wall
-        self.caps = {k: SlidingWindow(v) for k, v in (("requests", rpm), ("tokens", tpm)) if v}
+        self.caps = {k: SlidingWindow(v, SPAN) for k, v in (("requests", rpm), ("tokens", tpm)) if v}
         self.server: dict[str, ServerQuota] = {}
         self.in_flight: dict = collections.Counter()    # cost name -> reserved by requests in flight
         self.cooldown_until = 0.0
         self.last_decrease = float("-inf")
         self.last_sent = float("-inf")
         self.refusals = 0
-        self.waited = 0.0                               # seconds the head of the queue waited for quota
-        self._fifo = asyncio.Lock()                     # FIFO: waiters acquire in arrival order
+        self.waited = 0.0                               # seconds the head waited for quota (not for a slot)
+        self._queue: list = []                          # heap of waiting requests' (rank, arrival)
+        self._arrivals = itertools.count()
         self._changed = asyncio.Event()
 
     @property
@@ -126,27 +137,38 @@ class RateLimiter:
         return self.in_flight["requests"]
 
     # ---- admission ---------------------------------------------------------------------------
-    async def acquire(self, input_tokens: int, max_tokens: int) -> Ticket:
+    async def acquire(self, input_tokens: int, max_tokens: int, *, again: bool = False) -> Ticket:
+        """Wait for this request's turn, then for quota. Turns go in arrival order, except that a
+        request refused with 429/529 (`again`) goes before any not sent yet: else it could lose the
+        first free slot after every cooldown to a newer one, and be refused until it gives up."""
         costs = {"requests": 1, "input": input_tokens, "output": max_tokens, "tokens": input_tokens + max_tokens}
-        async with self._fifo:
-            started = self.clock()
+        me = (0 if again else 1, next(self._arrivals))
+        heapq.heappush(self._queue, me)
+        try:
             while True:
                 now = self.clock()
-                wait = self._delay(costs, now) if self.active < max(1, int(self.window)) else None
-                if wait is not None and wait <= 0:
-                    break
+                wait = None      # not our turn, or the window is full: until something changes
+                if self._queue[0] == me and self.active < max(1, int(self.window)):
+                    wait = self._delay(costs, now)
+                    if wait <= 0:
+                        break
                 self._changed.clear()
-                try:     # until the wait is over, or something changed (a reply, a slot freed)
+                try:     # until the wait is over, or something changed (a reply, a slot freed, a turn)
                     await asyncio.wait_for(self._changed.wait(), None if wait in (None, math.inf) else wait)
                 except asyncio.TimeoutError:
                     pass
-            self.waited += now - started
-            ticket = Ticket(costs, now, {k: w.take(costs[k], now) for k, w in self.caps.items()})
-            self.in_flight.update(costs)
-            for name, quota in self.server.items():
-                quota.used += costs[SERVER_LIMITS[name]]
-            self.last_sent = now
-            return ticket
+                if wait is not None:     # the head waited for quota (not for a free slot)
+                    self.waited += self.clock() - now
+        finally:
+            self._queue.remove(me)
+            heapq.heapify(self._queue)
+            self._changed.set()                         # the next in line
+        ticket = Ticket(costs, now, {k: w.take(costs[k], now) for k, w in self.caps.items()})
+        self.in_flight.update(costs)
+        for name, quota in self.server.items():
+            quota.used += costs[SERVER_LIMITS[name]]
+        self.last_sent = now
+        return ticket
 
     def _delay(self, costs: dict, now: float) -> float:
         waits = [self.cooldown_until - now]
@@ -182,7 +204,7 @@ class RateLimiter:
             if remaining is None or reset_in is None:
                 continue
             limit = _number(headers.get(f"anthropic-ratelimit-{name}-limit"))
-            self.server[name] = ServerQuota(limit, remaining, now + min(reset_in, MAX_RESET),
+            self.server[name] = ServerQuota(limit, remaining, now, now + min(reset_in, MAX_RESET),
                                             float(self.in_flight[cost]))
 
     def _seconds_until(self, value: Optional[str]) -> Optional[float]:

@@ -1,11 +1,12 @@
-"""Messages mode at full scale: 150 rows under a real 100-requests-per-minute limit (about a minute).
+"""Messages mode at full scale: 150 rows under a real 100-requests-per-minute limit (about 45 s).
 
     .venv/bin/python benchmarks/messages_rpm.py [--rows 150] [--rpm 100] [--wrap]
 
 The test suite checks the same behaviour with the emulator's rate-limit window scaled down to
 seconds (tests/test_messages_mode.py); this runs it in real time against `batchrun emulator --rpm N`
 in its own process and prints how often batchrun ran into the limit (429 replies), how long it took,
-whether any batch was created, and whether every row came back joined to its own reply.
+whether any batch was created, and whether every row came back joined to its own reply. The
+emulator's limit is a token bucket, as the API's: 100 at once, then 100 a minute as it refills.
 """
 from __future__ import annotations
 

@@ -541,18 +541,17 @@ def test_truncated_downloads(emu, sdk, http):
 
 
 def test_rpm_limit_gives_429_with_retry_after(emu, http):
-    emu.config.rpm, emu.config.rate_window = 2, 0.15
+    emu.config.rpm, emu.config.rate_window = 2, 0.6      # a bucket of 2, refilling one every 0.3 s
     assert [http.post("/v1/messages", json=params("hi")).status_code for _ in range(2)] == [200, 200]
     limited = http.post("/v1/messages", json=params("hi"))
     assert limited.status_code == 429 and limited.json()["error"]["type"] == "rate_limit_error"
-    assert 0 < float(limited.headers["retry-after"]) <= 0.15 and int(limited.headers["retry-after-ms"]) <= 150
+    assert 0 < float(limited.headers["retry-after"]) <= 0.3 and int(limited.headers["retry-after-ms"]) <= 300
     assert limited.headers["anthropic-ratelimit-requests-limit"] == "2"
     assert limited.headers["anthropic-ratelimit-requests-remaining"] == "0"
     assert emu.stats.messages_429 == 1 and emu.stats.messages_calls == 3
     time.sleep(float(limited.headers["retry-after"]) + 0.01)
     assert http.post("/v1/messages", json=params("hi")).status_code == 200
-    emu.config.rpm, emu.config.input_tpm = None, 10
-    time.sleep(0.16)
+    emu.config.rpm, emu.config.input_tpm, emu.config.rate_window = None, 10, 10.0   # refills 1 a second
     assert http.post("/v1/messages", json=params("x" * 36)).status_code == 200     # 9 tokens
     assert http.post("/v1/messages", json=params("x" * 8)).status_code == 429      # 9 + 2 > 10
 

@@ -22,12 +22,18 @@ import click
 @click.option("--api-key", metavar="KEY", default=None,
               help="Accept only this key (x-api-key or Authorization: Bearer); default: any key.")
 @click.option("--rpm", type=int, default=None, help="Requests per minute allowed on POST /v1/messages.")
+@click.option("--input-tpm", type=int, default=None, help="Input tokens per minute allowed on POST /v1/messages.")
+@click.option("--output-tpm", type=int, default=None, help="Output tokens per minute allowed on POST /v1/messages.")
+@click.option("--rate-window", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="The 'minute' of --rpm / --input-tpm / --output-tpm, to try limits faster. Limits are "
+                   "token buckets, as the API's: each refills fully in this time.")
 @click.option("--wrap-messages", is_flag=True,
               help='Answer POST /v1/messages as some gateways do: {"code": 200, "data": <Message>}.')
 @click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 def emulator(host: str, port: int, processing_seconds: float, fault_rate: float, errored_rate: float,
              expired_rate: float, truncate_rate: float, api_key: Optional[str], rpm: Optional[int],
+             input_tpm: Optional[int], output_tpm: Optional[int], rate_window: float,
              wrap_messages: bool, no_validate: bool, seed: int) -> None:
     """Serve the built-in emulator of the Message Batches API (no network, nothing billed).
 
@@ -58,11 +64,16 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
         raise click.BadParameter("must not be negative", param_hint="--processing-seconds")
     if rpm is not None and rpm < 1:
         raise click.BadParameter("must be at least 1", param_hint="--rpm")
+    for name, value in (("--input-tpm", input_tpm), ("--output-tpm", output_tpm)):
+        if value is not None and value < 1:
+            raise click.BadParameter("must be at least 1", param_hint=name)
+    if not rate_window > 0:
+        raise click.BadParameter("must be more than 0", param_hint="--rate-window")
 
     config = EmulatorConfig(processing_seconds=processing_seconds, fault_rate=fault_rate,
                             errored_rate=errored_rate, expired_rate=expired_rate, truncate_rate=truncate_rate,
                             api_key=api_key, rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate,
-                            seed=seed)
+                            seed=seed, input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window)
 
     def ready(base_url: str) -> None:
         click.echo(f"batchrun emulator listening on {base_url}  (Ctrl-C to stop)")

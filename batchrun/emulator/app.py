@@ -10,10 +10,10 @@ import email.utils
 import hashlib
 import json
 import logging
+import math
 import random
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Optional
@@ -32,6 +32,7 @@ FAULT_KINDS = ("429", "500", "529", "drop")
 EXPIRY_SECONDS = 24 * 3600
 RESULTS_KEPT_SECONDS = 29 * 24 * 3600
 DEFAULT_LIMITS = {"requests": 4000, "input": 2_000_000, "output": 400_000}
+BUCKETS = {"requests": "requests", "input": "input tokens", "output": "output tokens"}
 _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 # outcome codes of one request of an ended batch
@@ -158,16 +159,15 @@ class Emulator:
 
     # ------------------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forget all batches, caches, rate-limit windows and stats."""
+        """Forget all batches, caches, rate-limit use and stats (the buckets start full)."""
         with self._lock:
             self.stats = EmulatorStats()
             self._batches: dict = {}       # id -> _Batch (live ones)
             self._order: list = []         # every batch id ever created, oldest first
             self._seq: dict = {}           # id -> position in _order (deleted ones too, for pagination)
             self._cache: dict = {}         # cache key -> expiry time
-            self._window: deque = deque()  # [time, input tokens, output tokens] of recent messages calls
-            self._window_in = 0
-            self._window_out = 0
+            self._spent = dict.fromkeys(BUCKETS, 0.0)   # how far each rate-limit bucket is below full
+            self._refilled_at = self.clock()
             self._rng_seed = self.config.seed
             self._rng = random.Random(self._rng_seed)
 
@@ -797,9 +797,8 @@ class Emulator:
                 wait, what = refusal
                 return req.error(429, "rate_limit_error", f"This request would exceed your rate limit of {what} "
                                  f"(emulator)", _retry_headers(wait) + self._ratelimit_headers(now))
-            entry = [now, input_tokens, 0, True]   # time, input, output, still in the window
-            self._window.append(entry)
-            self._window_in += input_tokens
+            self._spent["requests"] += 1
+            self._spent["input"] += input_tokens
         if cfg.latency and cfg.latency > 0:
             await anyio.sleep(cfg.latency)
         with self._lock:
@@ -818,59 +817,57 @@ class Emulator:
         message = replies.reply_for(params, cache_write=write, cache_read=read, cache_ttl=ttl,
                                     service_tier="standard", message_id=message_id, off_schema=cfg.off_schema_rate)
         with self._lock:
-            out = message["usage"]["output_tokens"]
-            if entry[3]:
-                entry[2] = out
-                self._window_out += out
-            headers = self._ratelimit_headers(self.clock())
+            now = self.clock()
+            self._refill(now)
+            self._spent["output"] += message["usage"]["output_tokens"]   # counted once known
+            headers = self._ratelimit_headers(now)
         body = {"code": 200, "data": message} if cfg.wrap_messages else message
         return json_reply(200, body, headers)
 
-    def _purge_window(self, now: float) -> None:
-        horizon = now - max(0.0, float(self.config.rate_window))
-        window = self._window
-        while window and window[0][0] <= horizon:
-            entry = window.popleft()
-            entry[3] = False
-            self._window_in -= entry[1]
-            self._window_out -= entry[2]
+    # Rate limits are token buckets, as the API's are: each holds up to its limit and refills
+    # continuously at limit / rate_window per second (not all at once at the end of a window).
+    def _capacities(self) -> dict:
+        cfg = self.config
+        return {"requests": cfg.rpm, "input": cfg.input_tpm, "output": cfg.output_tpm}
+
+    def _refill(self, now: float) -> None:
+        window = max(1e-6, float(self.config.rate_window))
+        elapsed = max(0.0, now - self._refilled_at)
+        self._refilled_at = max(now, self._refilled_at)
+        for name, limit in self._capacities().items():
+            limit = limit if limit is not None else DEFAULT_LIMITS[name]
+            self._spent[name] = max(0.0, self._spent[name] - elapsed * limit / window)
 
     def _rate_check(self, now: float, input_tokens: int) -> Optional[tuple]:
         """(seconds to wait, which limit) when this request would exceed a limit, else None."""
-        self._purge_window(now)
-        cfg = self.config
-        window = self._window
-        if not window:
-            return None
-        wait = max(0.0, window[0][0] + float(cfg.rate_window) - now)
-        if cfg.rpm is not None and len(window) >= cfg.rpm:
-            return wait, f"{cfg.rpm} requests per {_fmt_seconds(cfg.rate_window)} s"
-        if cfg.input_tpm is not None and self._window_in + input_tokens > cfg.input_tpm:
-            return wait, f"{cfg.input_tpm} input tokens per {_fmt_seconds(cfg.rate_window)} s"
-        if cfg.output_tpm is not None and self._window_out >= cfg.output_tpm:
-            return wait, f"{cfg.output_tpm} output tokens per {_fmt_seconds(cfg.rate_window)} s"
+        self._refill(now)
+        window = max(1e-6, float(self.config.rate_window))
+        # output tokens are counted when the reply is made: a request is refused once none are left
+        for name, need in (("requests", 1), ("input", input_tokens), ("output", 1)):
+            limit = self._capacities()[name]
+            if limit is None:
+                continue
+            short = self._spent[name] + min(need, limit) - limit    # a request over the limit fits a full bucket
+            if short > 0:
+                return short * window / limit, f"{limit} {BUCKETS[name]} per {_fmt_seconds(window)} s"
         return None
 
     def _ratelimit_headers(self, now: float) -> list:
-        self._purge_window(now)
-        cfg = self.config
-        reset = iso((self._window[0][0] + float(cfg.rate_window)) if self._window else now)
-        req_limit = cfg.rpm if cfg.rpm is not None else DEFAULT_LIMITS["requests"]
-        in_limit = cfg.input_tpm if cfg.input_tpm is not None else DEFAULT_LIMITS["input"]
-        out_limit = cfg.output_tpm if cfg.output_tpm is not None else DEFAULT_LIMITS["output"]
-        in_left = max(0, in_limit - self._window_in)
-        out_left = max(0, out_limit - self._window_out)
+        """As the API's: what is left of each limit, and when its bucket will be full again."""
+        self._refill(now)
+        window = max(1e-6, float(self.config.rate_window))
         h = "anthropic-ratelimit-"
-        return [
-            (h + "requests-limit", req_limit), (h + "requests-remaining", max(0, req_limit - len(self._window))),
-            (h + "requests-reset", reset),
-            (h + "input-tokens-limit", in_limit), (h + "input-tokens-remaining", in_left),
-            (h + "input-tokens-reset", reset),
-            (h + "output-tokens-limit", out_limit), (h + "output-tokens-remaining", out_left),
-            (h + "output-tokens-reset", reset),
-            (h + "tokens-limit", in_limit + out_limit), (h + "tokens-remaining", in_left + out_left),
-            (h + "tokens-reset", reset),
-        ]
+        headers, limits, left, full_at = [], {}, {}, {}
+        for name, limit in self._capacities().items():
+            limit = limits[name] = limit if limit is not None else DEFAULT_LIMITS[name]
+            left[name] = max(0, math.floor(limit - self._spent[name]))
+            full_at[name] = now + self._spent[name] * window / limit
+            header = BUCKETS[name].replace(" ", "-")
+            headers += [(h + header + "-limit", limit), (h + header + "-remaining", left[name]),
+                        (h + header + "-reset", iso(full_at[name]))]
+        return headers + [(h + "tokens-limit", limits["input"] + limits["output"]),
+                          (h + "tokens-remaining", left["input"] + left["output"]),
+                          (h + "tokens-reset", iso(max(full_at["input"], full_at["output"])))]
 
     # ------------------------------------------------------------------------------ control
     def _control(self, req: Request) -> Reply:

@@ -39,10 +39,11 @@ class EmulatorConfig:
                                          # (maximum, maxItems, maxLength), else a value's type; by request hash
     retry_after: float = 0.01            # seconds advertised on injected 429s
     # the Messages endpoint
+    # (limits are token buckets, as the API's: each holds its limit and refills at limit / rate_window a second)
     rpm: Optional[int] = None            # requests per window on POST /v1/messages
     input_tpm: Optional[int] = None      # input tokens per window
     output_tpm: Optional[int] = None     # output tokens per window
-    rate_window: float = 60.0            # the rate-limit window in seconds ("per minute")
+    rate_window: float = 60.0            # the rate-limit window in seconds ("per minute"; less to scale time)
     wrap_messages: bool = False          # reply {"code": 200, "data": <Message>} like some gateways
     latency: float = 0.0                 # seconds to wait before a messages reply
 

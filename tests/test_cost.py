@@ -13,7 +13,7 @@ import pytest
 
 import batchrun
 from batchrun.emulator.replies import count_tokens
-from batchrun.errors import ExitCode
+from batchrun.errors import ExitCode, TransientApiError
 from batchrun.store import Store
 from tests.conftest import PROMPT
 
@@ -124,9 +124,11 @@ def test_estimate_of_a_partly_done_job_prices_only_what_remains(emu, cli, tmp_pa
     spec = library_job(inp, tmp_path, max_attempts=1)
     assert batchrun.run(spec, wait=False, transport=RefuseCreates(1)).exit_code == ExitCode.IN_PROGRESS
     time.sleep(0.2)                                             # the batch ends (0.05 s)
-    result = batchrun.run(spec, wait=False, transport=RefuseCreates(0))
-    assert result.counts.get("pending") == 200 and not result.counts.get("in_flight")
-    succeeded, errored = result.counts["succeeded"], result.counts["errored"]
+    with pytest.raises(TransientApiError):           # collects the batch, then no create is taken
+        batchrun.run(spec, wait=False, transport=RefuseCreates(0))
+    result = json.loads(cli("status", "--state", tmp_path / "s.sqlite", "--json").output)[0]
+    assert result["counts"]["pending"] == 200 and not result["counts"]["in_flight"]
+    succeeded, errored = result["counts"]["succeeded"], result["counts"]["errored"]
     assert succeeded + errored == 100 and errored > 0
     calls = emu.stats.count_tokens_calls
 
@@ -143,7 +145,7 @@ def test_estimate_of_a_partly_done_job_prices_only_what_remains(emu, cli, tmp_pa
     assert emu.stats.count_tokens_calls - calls >= 200
     assert est["cost_usd_min"] == pytest.approx(tokens * 1.0 / 1e6 / 2, rel=1e-9)
     assert est["cost_usd_max"] == ceil8((Decimal(tokens) + 200 * 300 * 5) / Decimal(10 ** 6) / 2)
-    assert est["spent_usd"] == pytest.approx(result.cost_usd) and est["spent_usd"] > 0
+    assert est["spent_usd"] == pytest.approx(result["cost_usd"]) and est["spent_usd"] > 0
     text = cli("estimate", *args).output
     assert f"rows done / failed / in flight  {succeeded} / {errored} / 0" in text
     assert "requests to send                200" in text
@@ -227,7 +229,8 @@ def test_jobs_and_status_in_plain_text(emu, cli, tmp_path, tickets_csv):
     spec = library_job(inp, tmp_path, max_attempts=1, name="tickets")
     batchrun.run(spec, wait=False, transport=RefuseCreates(1))
     time.sleep(0.2)
-    batchrun.run(spec, wait=False, transport=RefuseCreates(0))  # collects the first batch, sends nothing
+    with pytest.raises(TransientApiError):                     # collects the first batch, sends nothing
+        batchrun.run(spec, wait=False, transport=RefuseCreates(0))
     emu.config.processing_seconds = 3600                        # the second batch stays in flight
     args = ["--input", inp, "--output", tmp_path / "o.parquet", "--state", state, "--id-column", "ticket_id",
             "--prompt", PROMPT, "--model", "claude-haiku-4-5", "--max-tokens", "300", "--batch-size", "100",

@@ -351,18 +351,19 @@ def done_ids(state) -> list:
 
 # ---- (4) errors --------------------------------------------------------------------------------------
 def test_a_400_ends_one_row_the_others_succeed(emu, tmp_path):
-    rows = [{**row, "budget": 100} for row in make_tickets(20)]
-    rows[5]["budget"] = 100_000             # past the model's 64,000 output tokens: the API answers 400
+    rows = make_tickets(20)
+    rows[5]["body"] = "REFUSE ME " + rows[5]["body"]   # the emulator answers 400 to this one row
+    emu.config.refuse_text = "REFUSE ME"
     inp = write_csv(tmp_path / "t.csv", rows)
     out = tmp_path / "o.parquet"
     r = cli("run", "--mode", "messages", "--input", inp, "--output", out, "--id-column", "ticket_id",
             "--prompt", "{{ customer }}{{ body }}", "--model", MODEL, "--max-tokens", "100",
-            "--max-tokens-column", "budget", "--state", tmp_path / "s.sqlite")
+            "--state", tmp_path / "s.sqlite")
     assert r.exit_code == ExitCode.FAILED_ROWS, r.output
     got = {g["ticket_id"]: g for g in pq.read_table(out).to_pylist()}
     bad = got.pop(rows[5]["ticket_id"])
     assert bad["status"] == "errored" and bad["error_type"] == "invalid_request_error"
-    assert "max_tokens" in bad["error_message"] and bad["attempts"] == 1      # final: not retried
+    assert "REFUSE ME" in bad["error_message"] and bad["attempts"] == 1      # final: not retried
     assert {g["status"] for g in got.values()} == {"succeeded"}
     assert emu.stats.messages_calls == 20
 

@@ -740,6 +740,9 @@ class Emulator:
         known, info = memo[key]
         if not known:
             return "not_found_error", f"model: {name}"
+        refuse = self.config.refuse_text
+        if refuse and refuse in json.dumps(params.get("messages"), ensure_ascii=False):
+            return "invalid_request_error", f"messages: this request holds {refuse!r}, which this emulator refuses"
         if self.config.validate:
             problem = semantic_problem(params)
             if problem:

@@ -34,6 +34,8 @@ class EmulatorConfig:
     errored_types: tuple = ("overloaded_error", "api_error")   # picked evenly (e.g. "invalid_request_error")
     expired_rate: float = 0.0            # fraction of requests ending expired
     truncate_rate: float = 0.0           # fraction of results downloads cut short
+    refuse_text: Optional[str] = None    # a request whose messages hold this text is refused (400 / errored
+                                         # invalid_request_error): what the API refuses that batchrun cannot foresee
     off_schema_rate: float = 0.0         # fraction of schema replies (output_config.format, forced tool) that
                                          # break their schema: a constraint the API only passes on as a note
                                          # (maximum, maxItems, maxLength), else a value's type; by request hash
@@ -69,7 +71,7 @@ class EmulatorConfig:
             elif isinstance(names[key].default, bool) or key in ("validate", "wrap_messages"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
-            elif key in ("api_key",):
+            elif key in ("api_key", "refuse_text"):
                 value = str(value)
             elif key in ("seed", "max_requests", "max_body_bytes", "max_queued_requests", "drop_after_create",
                          "rpm", "input_tpm", "output_tpm"):

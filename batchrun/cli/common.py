@@ -24,7 +24,7 @@ Exit codes:
   5  --no-wait: batches are still running; run the same command again later
   6  another run holds this job
   7  the budget (--max-cost) stops the job
-  130 interrupted (the job stays resumable)
+  130 interrupted by Ctrl-C or SIGTERM (the job stays resumable)
 """
 
 

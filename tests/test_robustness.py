@@ -171,7 +171,7 @@ def test_emulator_flag_drops_the_reply_of_a_create_and_the_run_adopts_the_batch(
 
 @pytest.mark.parametrize("flag, value", [("--drop-after-create", "-1"), ("--retry-after", "-2"),
                                          ("--archive-after", "-1"), ("--max-batch-requests", "0")])
-def test_emulator_fault_flags_refuse_bad_values(cli, flag, value):
+def test_emulator_fault_flags_refuse_bad_values(flag, value):
     from click.testing import CliRunner
     from batchrun.cli import main
     r = CliRunner().invoke(main, ["emulator", flag, value])

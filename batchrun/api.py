@@ -9,10 +9,13 @@ created the batch (a timeout, a dropped connection, a 5xx other than 529); it ra
 """
 from __future__ import annotations
 
+import datetime
 import email.utils
 import ipaddress
 import json
+import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -22,8 +25,8 @@ import httpx
 import tenacity
 
 from . import __version__
-from .errors import (AmbiguousCreateError, ApiError, AuthError, InputError, NotFoundError,
-                     RequestTooLargeError, ResultsGoneError, TransientApiError)
+from .errors import (AmbiguousCreateError, ApiError, AuthError, GaveUpError, InputError, NotFoundError,
+                     RequestTooLargeError, ResultsGoneError, TransientApiError, register_secret)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
@@ -89,23 +92,38 @@ class ApiClient:
                  extra_headers: Optional[dict] = None, transport: Optional[httpx.BaseTransport] = None,
                  timeout: float = 600.0, connect_timeout: float = 5.0,
                  retry: Optional[RetryPolicy] = None, key_source: str = "ANTHROPIC_API_KEY",
-                 sleep: Callable[[float], None] = time.sleep):
+                 base_url_source: Optional[str] = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        register_secret(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         if transport is None:
-            check_secure_url(self.base_url)
+            check_secure_url(self.base_url, base_url_source or _base_url_source(base_url))
+        api_key = (api_key or "").strip()   # a trailing newline from a file or a heredoc is not part of the key
         if not api_key:
-            raise InputError(f"no API key: set {key_source} (or pass --api-key)")
+            raise InputError(f"no API key: set {key_source} (or pass --api-key)" if key_source == "ANTHROPIC_API_KEY"
+                             else f"no API key: {key_source} is empty")
+        if not _HEADER_VALUE.match(api_key):
+            raise InputError(f"{key_source}: the API key holds a character that cannot be sent in an HTTP header "
+                             "(a control or non-ASCII character): check its value")
         self.key_source = key_source
         self.retry = retry or RetryPolicy()
         self.sleep = sleep
+        self.clock = clock
         headers = {"anthropic-version": api_version, "content-type": "application/json",
                    "user-agent": f"batchrun/{__version__}"}
-        headers.update(extra_headers or {})
+        for name, value in (extra_headers or {}).items():
+            value = str(value).strip()
+            if not _HEADER_VALUE.match(value):
+                raise InputError(f"headers: the value of {name!r} holds a character that cannot be sent in an HTTP "
+                                 "header (a control or non-ASCII character)")
+            headers[name] = value
         if auth_header == "bearer":
             headers["authorization"] = f"Bearer {api_key}"
         else:
             headers["x-api-key"] = api_key
         self._transport_injected = transport is not None
+        # httpx's own transport retries (HTTPTransport(retries=N)) stay at their default, 0: a create must
+        # never be re-sent behind our back (a transport of our own would also lose the HTTPS_PROXY support)
         self.http = httpx.Client(base_url=self.base_url + "/", headers=headers, transport=transport,
                                  timeout=httpx.Timeout(timeout, connect=connect_timeout))
 
@@ -126,7 +144,7 @@ class ApiClient:
         """One HTTP exchange; failures mapped to our exceptions (TransientApiError is retryable)."""
         try:
             response = self.http.request(method, self._url(path), **kw)
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise transport_error(exc, f"{method} {path}") from None
         if response.status_code >= 400:
             raise self._error(response, f"{method} {path}")
@@ -150,7 +168,7 @@ class ApiClient:
         request_id = response.headers.get("request-id")
         rid = f" [request-id {request_id}]" if request_id else ""
         retry_after = _retry_after(response.headers)
-        should_retry = response.headers.get("x-should-retry")
+        should_retry = (response.headers.get("x-should-retry") or "").strip().lower()
         kw = dict(status=status, error_type=error_type, request_id=request_id, retry_after=retry_after)
         if status in (401, 403):
             verb = "authentication failed" if status == 401 else "permission denied"
@@ -171,54 +189,70 @@ class ApiClient:
         return ApiError(text, **kw)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
+        """As the official SDK waits: as told by retry-after-ms / retry-after (capped at max_wait),
+        else 0.5 s × 2^retry capped at 8 s, times a jitter of 0.75–1."""
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, ApiError) and exc.retry_after is not None:
-            return min(max(exc.retry_after, 0.0), self.retry.max_wait)
+        if isinstance(exc, ApiError) and exc.retry_after is not None and exc.retry_after > 0:
+            return min(exc.retry_after, self.retry.max_wait)
         n = state.attempt_number - 1
         return min(0.5 * 2 ** n, 8.0) * random.uniform(0.75, 1.0)
 
+    def _retrying(self) -> tenacity.Retrying:
+        """Retries of TransientApiError, bounded by RetryPolicy: at most max_retries retries, and no
+        wait that would end past max_elapsed seconds after the first attempt; then GaveUpError."""
+        started = self.clock()
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            waited = self.clock() - started + (getattr(state, "upcoming_sleep", 0.0) or 0.0)
+            return state.attempt_number > self.retry.max_retries or waited > self.retry.max_elapsed
+
+        def give_up(state: tenacity.RetryCallState) -> Any:
+            exc = state.outcome.exception()
+            if not isinstance(exc, TransientApiError):
+                raise exc
+            raise GaveUpError(f"{exc.message}; gave up after {state.attempt_number} attempts in "
+                              f"{self.clock() - started:.0f} s", status=exc.status, error_type=exc.error_type,
+                              request_id=exc.request_id, retry_after=exc.retry_after) from None
+
+        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(TransientApiError), wait=self._wait,
+                                 stop=stop, sleep=self.sleep, retry_error_callback=give_up)
+
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """`_send` with retries on transient failures (never used for creating a batch)."""
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(TransientApiError),
-            wait=self._wait,
-            stop=(tenacity.stop_after_attempt(self.retry.max_retries + 1)
-                  | tenacity.stop_after_delay(self.retry.max_elapsed)),
-            sleep=self.sleep, reraise=True)
-        return retrying(self._send, method, path, **kw)
+        return self._retrying()(self._send, method, path, **kw)
 
     # ---- batches -------------------------------------------------------------------------------
     def create_batch(self, body: bytes) -> dict:
         """POST one batch. `body` is the JSON `{"requests": [...]}` already serialised.
 
-        Retries only the failures that prove the batch was not created (connection refused, 429,
-        529, 408, 409); anything ambiguous raises AmbiguousCreateError.
+        Retried (with the same waits and bounds as every call) only after a failure that proves the
+        batch was not created: no connection made, or a 408 / 409 / 429 / 529 reply. Anything else
+        after the request may have been sent — a timeout, a dropped connection, any other 5xx even
+        with `x-should-retry: false` — raises AmbiguousCreateError and is never re-sent here.
         """
-        attempt = 0
-        started = time.monotonic()
-        while True:
-            attempt += 1
+        return self._retrying()(self._create_once, body)
+
+    def _create_once(self, body: bytes) -> dict:
+        what = "POST v1/messages/batches"
+        try:
+            response = self.http.post(self._url("v1/messages/batches"), content=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:   # never sent
+            raise transport_error(exc, what) from None
+        except httpx.LocalProtocolError as exc:   # refused by our own client before sending
+            raise transport_error(exc, what) from None
+        except httpx.RequestError as exc:         # sent, and then no (whole) reply
+            raise AmbiguousCreateError(f"{what}: no reply ({type(exc).__name__}); the batch may exist") from None
+        if response.status_code < 400:
             try:
-                response = self.http.post(self._url("v1/messages/batches"), content=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:  # never reached the server
-                error: ApiError = TransientApiError(f"POST v1/messages/batches: cannot connect ({exc})")
-            except httpx.TransportError as exc:
-                raise AmbiguousCreateError(
-                    f"POST v1/messages/batches: no reply ({type(exc).__name__}); the batch may exist") from None
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                error = self._error(response, "POST v1/messages/batches")
-                if response.status_code not in CREATE_NOT_CREATED and isinstance(error, TransientApiError):
-                    raise AmbiguousCreateError(f"{error.message}; the batch may exist",
-                                               status=error.status, error_type=error.error_type,
-                                               request_id=error.request_id) from None
-                if not isinstance(error, TransientApiError):
-                    raise error
-            if attempt > self.retry.max_retries or time.monotonic() - started > self.retry.max_elapsed:
-                raise error
-            wait = error.retry_after if error.retry_after is not None else min(0.5 * 2 ** (attempt - 1), 8.0)
-            self.sleep(min(wait, self.retry.max_wait))
+                return response.json()
+            except (json.JSONDecodeError, ValueError, UnicodeDecodeError):
+                raise AmbiguousCreateError(f"{what}: {response.status_code} with a reply that is not JSON; "
+                                           "the batch may exist") from None
+        error = self._error(response, what)
+        if response.status_code >= 500 and response.status_code not in CREATE_NOT_CREATED:
+            raise AmbiguousCreateError(f"{error.message}; the batch may exist", status=error.status,
+                                       error_type=error.error_type, request_id=error.request_id) from None
+        raise error   # 408/409/429/529 are transient (retried) unless x-should-retry: false; 4xx are final
 
     def retrieve_batch(self, batch_id: str) -> dict:
         return self._call("GET", f"v1/messages/batches/{batch_id}").json()
@@ -249,12 +283,7 @@ class ApiClient:
         """
         if not self._transport_injected:
             check_secure_url(results_url, "results_url")
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(TransientApiError), wait=self._wait,
-            stop=(tenacity.stop_after_attempt(self.retry.max_retries + 1)
-                  | tenacity.stop_after_delay(self.retry.max_elapsed)),
-            sleep=self.sleep, reraise=True)
-        response = retrying(self._open_stream, results_url)
+        response = self._retrying()(self._open_stream, results_url)
         try:
             for line in response.iter_lines():
                 if line.strip():
@@ -299,8 +328,11 @@ class ApiClient:
 _COUNT_TOKENS_KEYS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")
 
 
-def transport_error(exc: httpx.TransportError, what: str) -> TransientApiError:
-    """A timeout or a failed connection, as a retryable error."""
+def transport_error(exc: httpx.RequestError, what: str) -> ApiError:
+    """A timeout or a failed connection, as a retryable error (a request our own client refused to
+    send, e.g. for a malformed header, is not retryable)."""
+    if isinstance(exc, httpx.LocalProtocolError):
+        return ApiError(f"{what}: the request could not be sent ({type(exc).__name__})")
     if isinstance(exc, httpx.TimeoutException):
         return TransientApiError(f"{what}: timed out ({type(exc).__name__})", error_type="timeout_error")
     return TransientApiError(f"{what}: connection failed ({type(exc).__name__}: {exc})",
@@ -312,6 +344,16 @@ def unwrap_gateway(reply: Any) -> Any:
     if isinstance(reply, dict) and "data" in reply and "code" in reply and isinstance(reply["data"], dict):
         return reply["data"]
     return reply
+
+
+def _base_url_source(base_url: Optional[str]) -> str:
+    """Where the base URL came from, for error messages, when the caller does not say."""
+    env = os.environ.get("ANTHROPIC_BASE_URL")
+    return "ANTHROPIC_BASE_URL" if base_url and env and base_url.rstrip("/") == env.rstrip("/") else "base URL"
+
+
+# What h11 accepts as a header value: printable ASCII, no leading/trailing space.
+_HEADER_VALUE = re.compile(r"^(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?$")
 
 
 def _retry_after(headers: httpx.Headers) -> Optional[float]:
@@ -329,6 +371,8 @@ def _retry_after(headers: httpx.Headers) -> Optional[float]:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time())
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:   # "-0000": UTC, not local time
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return max(0.0, when.timestamp() - time.time())

@@ -6,6 +6,8 @@ traceback.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 
 class ExitCode:
     """Exit codes of `batchrun` (documented in the README and `batchrun --help`)."""
@@ -27,11 +29,40 @@ class BatchrunError(Exception):
     exit_code = ExitCode.INTERNAL
 
     def __init__(self, message: str):
+        message = redact(message)
         super().__init__(message)
         self.message = message
 
     def __str__(self) -> str:  # one line, always
         return " ".join(self.message.split("\n"))
+
+
+# ---- secrets ----------------------------------------------------------------------------------
+# The API key never appears in what batchrun prints, logs or stores: the client registers it here, and
+# every BatchrunError message, CLI error line, log line and debug traceback goes through `redact`.
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: Optional[str]) -> None:
+    """Remember a secret (and the forms a message might quote it in) so `redact` hides it.
+
+    Keys that look like Anthropic's ("sk-…") always count; other values only from 16 characters on,
+    so that a stand-in like ANTHROPIC_API_KEY=emulator does not blank that word out of every message.
+    """
+    if not value:
+        return
+    for form in (value, value.strip(), repr(value)[1:-1], repr(value.encode("utf-8", "replace"))[2:-1]):
+        form = form.strip()
+        if len(form) >= 16 or (form.startswith("sk-") and len(form) >= 6):
+            _SECRETS.add(form)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced by a mask ("sk-ant-…")."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "sk-ant-…" if secret.startswith("sk-ant-") else "…")
+    return text
 
 
 class InputError(BatchrunError):
@@ -80,6 +111,11 @@ class ResultsGoneError(ApiError):
 
 class TransientApiError(ApiError):
     """Retryable: connection problems, timeouts, 408/409/429/5xx."""
+
+
+class GaveUpError(ApiError):
+    """A transient failure outlasted the retries (RetryPolicy: count and time): the run stops here, and
+    the job stays resumable. Not a TransientApiError, so that no caller retries it again."""
 
 
 class AmbiguousCreateError(ApiError):

@@ -6,6 +6,7 @@ never all in memory: every reader yields record batches of bounded size.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 import zlib
@@ -143,6 +144,8 @@ class InputSource:
             raise InputError(f"{self.uri}: cannot open input: {_short(exc)[:300]}") from None
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"{self.uri}: input file not found")
+        if info.type not in (pafs.FileType.File, pafs.FileType.Directory):   # a FIFO or a device would hang
+            raise InputError(f"{self.uri}: cannot open input: not a regular file")
         self.is_dir = info.type == pafs.FileType.Directory
         self.format = "parquet" if self.is_dir else input_format(self.path)
         if self.format == "unknown":
@@ -206,6 +209,17 @@ class InputSource:
         compression = "gzip" if self.path.lower().endswith(".gz") else None
         return self.fs.open_input_stream(self.path, compression=compression)
 
+    def _head(self) -> bytes:
+        """The first 64 KiB of the (decompressed) file."""
+        with self._open() as stream:
+            return stream.read(1 << 16)
+
+    def _check_text(self) -> None:
+        """Refuse a binary file named .csv (NUL bytes near its start) before pyarrow reads it as text."""
+        if b"\x00" in self._head():
+            raise InputError(f"{self.uri}: cannot read CSV input: binary data, not CSV text (a UTF-16 file must "
+                             "be saved as UTF-8)")
+
     def _grow_blocks(self, read: Callable[[int, Optional[pa.Schema]], Iterator[pa.RecordBatch]]
                      ) -> Iterator[pa.RecordBatch]:
         """Batches of `read(block_size, schema)`; when a row does not fit in a block ("straddling
@@ -241,6 +255,7 @@ class InputSource:
         if self.shard_key is not None:
             pinned[self.shard_key] = pa.string()
         if schema is None:   # pyarrow's inference over the first block (then read again from the start)
+            self._check_text()
             probe = self._open_csv(block_size, delimiter, pinned)
             schema = probe.schema
             probe.close()
@@ -283,8 +298,15 @@ class InputSource:
             )
         except pa.ArrowInvalid as exc:
             stream.close()
-            if "Empty CSV file" in str(exc):
-                raise InputError(f"{self.uri}: input is empty (no header, no rows)") from None
+            if "Empty CSV file" in str(exc):   # pyarrow says so of any bytes without a line end
+                head = self._head()
+                if not head.strip():
+                    raise InputError(f"{self.uri}: input is empty (no header, no rows)") from None
+                try:
+                    codecs.getincrementaldecoder("utf-8")().decode(head)
+                except UnicodeDecodeError:
+                    raise InputError(f"{self.uri}: cannot read CSV input: not UTF-8 text") from None
+                raise InputError(f"{self.uri}: input is empty (no rows)") from None
             raise
 
     def _parquet_batches(self) -> Iterator[pa.RecordBatch]:
@@ -325,6 +347,13 @@ class InputSource:
     # ---- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """A hash of the input's bytes (local files) or of its listing (remote URIs)."""
+        try:
+            return self._fingerprint()
+        except OSError as exc:   # unreadable: permissions, a directory or a FIFO inside a dataset, I/O errors
+            where = getattr(exc, "filename", None) or self.uri
+            raise InputError(f"{where}: cannot read input: {exc.strerror or _short(exc)}") from None
+
+    def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(self.format.encode())
         if self.is_dir:

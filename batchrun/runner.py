@@ -31,8 +31,8 @@ import pyarrow as pa
 
 from .api import ApiClient, DEFAULT_BASE_URL, endpoint_key
 from . import failpoints
-from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, InputError, LockedError,
-                     NotFoundError,
+from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError, InputError,
+                     LockedError, NotFoundError,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
@@ -671,7 +671,7 @@ class Runner:
                 self._abandon(local, "413 request_too_large: splitting the batch")
                 self._chunk = max(1, len(ids) // 2)
                 continue
-            except TransientApiError as exc:
+            except (TransientApiError, GaveUpError) as exc:
                 # the client retried for a bounded time and the API still did not take the batch (a
                 # full batch queue, an outage): wait while our batches in flight can still end, else stop
                 self._abandon(local, f"not created: {exc}")
@@ -860,7 +860,7 @@ class Runner:
             # the batch stays ended and is downloaded again next round (or by the next run)
             failures = self._incomplete_downloads[b["id"]] = self._incomplete_downloads.get(b["id"], 0) + 1
             if failures >= 3:
-                raise TransientApiError(
+                raise GaveUpError(
                     f"the results of batch {b['api_id']} could not be downloaded whole ({failures * MAX_DOWNLOADS} "
                     f"tries; {missing} of {members} rows still lack theirs); the results recorded so far are kept")
             return

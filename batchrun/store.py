@@ -191,6 +191,23 @@ RESULT_FIELDS = ("result_type",) + PARSED_FIELDS + ("api_batch_id",)
 FINAL_STATES = ("succeeded", "errored", "expired", "canceled", "invalid_output")
 
 
+def _make_private(fd: int, path: str) -> None:
+    """Mode 0600 for a state file made by an older version or another tool, and for its WAL files
+    (SQLite gives new ones the database's mode). Only the owner can change the mode: a shared file
+    owned by someone else is left as it is."""
+    if os.fstat(fd).st_mode & 0o077:
+        try:
+            os.fchmod(fd, 0o600)
+        except PermissionError:
+            return
+    for extra in (path + "-wal", path + "-shm"):
+        try:
+            if os.stat(extra).st_mode & 0o077:
+                os.chmod(extra, 0o600)
+        except (FileNotFoundError, PermissionError):
+            pass
+
+
 class Store:
     """One state file. Use as a context manager or call close()."""
 
@@ -200,7 +217,10 @@ class Store:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            try:
+                _make_private(fd, path)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise InputError(f"state file {path}: cannot create it ({exc.strerror or exc})") from None
         try:

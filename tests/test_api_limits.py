@@ -8,7 +8,7 @@ import pytest
 
 import batchrun
 from batchrun.api import RetryPolicy
-from batchrun.errors import ExitCode, TransientApiError
+from batchrun.errors import ExitCode, GaveUpError
 from batchrun.runner import Runner
 from tests.conftest import PROMPT
 
@@ -43,7 +43,7 @@ def test_a_full_batch_queue_waits_for_the_batches_in_flight(emu, tmp_path, ticke
 
 def test_a_queue_that_never_takes_the_batch_stops_the_run_in_bounded_time(emu, tmp_path, tickets_csv):
     emu.config.max_queued_requests = 50                           # a batch of 100 never fits
-    with pytest.raises(TransientApiError) as failure:
+    with pytest.raises(GaveUpError) as failure:
         run(emu, spec(tickets_csv, tmp_path), retry=RetryPolicy(max_retries=2, max_elapsed=2))
     assert "429" in str(failure.value) and failure.value.exit_code == ExitCode.API_ERROR
     assert emu.stats.batches_created == 0
@@ -74,7 +74,7 @@ def test_results_that_never_come_whole_are_not_sent_again(emu, tmp_path, tickets
     the run stops (exit 4) with the results it got kept, and the next run downloads the rest."""
     emu.config.truncate_rate = 1.0
     job = spec(tickets_csv, tmp_path, max_attempts=2)
-    with pytest.raises(TransientApiError) as failure:
+    with pytest.raises(GaveUpError) as failure:
         run(emu, job)
     assert "could not be downloaded whole" in str(failure.value)
     assert max(emu.stats.submitted_custom_ids.values()) == 1       # nothing sent twice

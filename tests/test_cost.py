@@ -13,7 +13,7 @@ import pytest
 
 import batchrun
 from batchrun.emulator.replies import count_tokens
-from batchrun.errors import ExitCode, TransientApiError
+from batchrun.errors import ExitCode, GaveUpError
 from batchrun.store import Store
 from tests.conftest import PROMPT
 
@@ -124,7 +124,7 @@ def test_estimate_of_a_partly_done_job_prices_only_what_remains(emu, cli, tmp_pa
     spec = library_job(inp, tmp_path, max_attempts=1)
     assert batchrun.run(spec, wait=False, transport=RefuseCreates(1)).exit_code == ExitCode.IN_PROGRESS
     time.sleep(0.2)                                             # the batch ends (0.05 s)
-    with pytest.raises(TransientApiError):           # collects the batch, then no create is taken
+    with pytest.raises(GaveUpError):           # collects the batch, then no create is taken
         batchrun.run(spec, wait=False, transport=RefuseCreates(0))
     result = json.loads(cli("status", "--state", tmp_path / "s.sqlite", "--json").output)[0]
     assert result["counts"]["pending"] == 200 and not result["counts"]["in_flight"]
@@ -229,7 +229,7 @@ def test_jobs_and_status_in_plain_text(emu, cli, tmp_path, tickets_csv):
     spec = library_job(inp, tmp_path, max_attempts=1, name="tickets")
     batchrun.run(spec, wait=False, transport=RefuseCreates(1))
     time.sleep(0.2)
-    with pytest.raises(TransientApiError):                     # collects the first batch, sends nothing
+    with pytest.raises(GaveUpError):                     # collects the first batch, sends nothing
         batchrun.run(spec, wait=False, transport=RefuseCreates(0))
     emu.config.processing_seconds = 3600                        # the second batch stays in flight
     args = ["--input", inp, "--output", tmp_path / "o.parquet", "--state", state, "--id-column", "ticket_id",

@@ -453,7 +453,7 @@ def test_rows_in_flight_in_a_dead_job_do_not_make_another_job_hang(emu, cli, tmp
 def test_an_api_that_stays_down_gives_up_in_bounded_time_and_resumes(emu, tmp_path, tickets_csv):
     import batchrun
     from batchrun.api import RetryPolicy
-    from batchrun.errors import TransientApiError
+    from batchrun.errors import GaveUpError
     from batchrun.runner import Runner
     spec = batchrun.JobSpec.from_mapping({"input": str(tickets_csv), "output": str(tmp_path / "o.parquet"),
                                           "id_column": "ticket_id", "prompt": PROMPT, "model": "claude-haiku-4-5",
@@ -461,7 +461,7 @@ def test_an_api_that_stays_down_gives_up_in_bounded_time_and_resumes(emu, tmp_pa
     emu.config.fault_rate = 1.0
     runner = Runner(spec, api_key=KEY, base_url=emu.base_url, retry=RetryPolicy(max_retries=2, max_elapsed=3))
     started = time.monotonic()
-    with pytest.raises(TransientApiError) as failure:
+    with pytest.raises(GaveUpError) as failure:
         runner.run()
     runner.close()
     assert time.monotonic() - started < 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -11,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from ..errors import ApiError, AuthError, BatchrunError, ExitCode, SpecError
+from ..errors import ApiError, AuthError, BatchrunError, ExitCode, SpecError, redact, register_secret
 from ..spec import JobSpec
 
 EXIT_CODES_HELP = """\b
@@ -23,7 +24,7 @@ Exit codes:
   5  --no-wait: batches are still running; run the same command again later
   6  another run holds this job
   7  the budget (--max-cost) stops the job
-  130 interrupted (the job stays resumable)
+  130 interrupted by Ctrl-C or SIGTERM (the job stays resumable)
 """
 
 
@@ -123,21 +124,45 @@ def spec_from_options(job_file: Optional[str], options: dict) -> JobSpec:
     return JobSpec.load(job_file, overrides)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM kills at once
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (kill, systemd, a container stopping) ends a run like Ctrl-C: cleanly, exit 130, resumable."""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (the CLI called from a test's thread): leave it be
+        pass
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn every user-facing failure into one line on stderr and a documented exit code."""
+    """Turn every user-facing failure into one line on stderr and a documented exit code.
+
+    The API key (from the environment or --api-key) never appears in that line, nor in a debug traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        register_secret(os.environ.get("ANTHROPIC_API_KEY"))
+        register_secret(kwargs.get("api_key"))
+        install_signal_handlers()
         try:
             return fn(*args, **kwargs)
         except BatchrunError as exc:
             hint = ""
             if isinstance(exc, ApiError) and not isinstance(exc, AuthError):
                 hint = " (the job is saved: run the same command again to resume)"
-            click.echo(f"batchrun: error: {exc}{hint}", err=True)
+            click.echo(redact(f"batchrun: error: {exc}{hint}"), err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("batchrun: interrupted; run the same command again to resume", err=True)
+        except KeyboardInterrupt as exc:
+            how = " by SIGTERM" if isinstance(exc, Terminated) else ""
+            click.echo(f"batchrun: interrupted{how}; the job is saved: run the same command again to resume", err=True)
             sys.exit(ExitCode.INTERRUPTED)
         except click.exceptions.Exit:
             raise
@@ -145,12 +170,19 @@ def handle_errors(fn: Callable) -> Callable:
             raise
         except Exception as exc:  # a bug: say so plainly, traceback only on request
             if os.environ.get("BATCHRUN_DEBUG"):
-                traceback.print_exc()
-            click.echo(f"batchrun: internal error: {type(exc).__name__}: {exc} "
-                       "(this is a bug in batchrun; set BATCHRUN_DEBUG=1 for a traceback)", err=True)
+                click.echo(redact(traceback.format_exc()).rstrip("\n"), err=True)
+            click.echo(redact(f"batchrun: internal error: {type(exc).__name__}: {exc} "
+                              "(this is a bug in batchrun; set BATCHRUN_DEBUG=1 for a traceback)"), err=True)
             sys.exit(ExitCode.INTERNAL)
 
     return wrapper
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines (and any traceback logged with them) without the API key."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
@@ -158,7 +190,7 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logger = logging.getLogger("batchrun")
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

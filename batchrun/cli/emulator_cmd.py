@@ -19,6 +19,15 @@ import click
               help="Fraction of batch requests that end expired.")
 @click.option("--truncate-rate", type=float, default=0.0, show_default=True,
               help="Fraction of results downloads cut short.")
+@click.option("--drop-after-create", type=int, default=0, show_default=True, metavar="N",
+              help="The next N batch creates create the batch, then drop the connection before the reply "
+              "(a lost reply: the client must find the batch, not create it again).")
+@click.option("--retry-after", type=float, default=0.01, show_default=True, metavar="SECONDS",
+              help="The wait advertised (retry-after, retry-after-ms) on injected 429 replies.")
+@click.option("--archive-after", "archive_after", type=float, default=None, metavar="SECONDS",
+              help="Archive batches this long after creation: their results then answer 404 (results gone).")
+@click.option("--max-batch-requests", type=int, default=100_000, show_default=True, metavar="N",
+              help="Requests per batch; a larger create answers 413 request_too_large.")
 @click.option("--api-key", metavar="KEY", default=None,
               help="Accept only this key (x-api-key or Authorization: Bearer); default: any key.")
 @click.option("--rpm", type=int, default=None, help="Requests per minute allowed on POST /v1/messages.")
@@ -32,7 +41,8 @@ import click
 @click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 def emulator(host: str, port: int, processing_seconds: float, fault_rate: float, errored_rate: float,
-             expired_rate: float, truncate_rate: float, api_key: Optional[str], rpm: Optional[int],
+             expired_rate: float, truncate_rate: float, drop_after_create: int, retry_after: float,
+             archive_after: Optional[float], max_batch_requests: int, api_key: Optional[str], rpm: Optional[int],
              input_tpm: Optional[int], output_tpm: Optional[int], rate_window: float,
              wrap_messages: bool, no_validate: bool, seed: int) -> None:
     """Serve the built-in emulator of the Message Batches API (no network, nothing billed).
@@ -69,11 +79,19 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
             raise click.BadParameter("must be at least 1", param_hint=name)
     if not rate_window > 0:
         raise click.BadParameter("must be more than 0", param_hint="--rate-window")
+    for name, value in (("--drop-after-create", drop_after_create), ("--retry-after", retry_after),
+                        ("--archive-after", archive_after or 0)):
+        if value < 0:
+            raise click.BadParameter("must not be negative", param_hint=name)
+    if max_batch_requests < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-batch-requests")
 
     config = EmulatorConfig(processing_seconds=processing_seconds, fault_rate=fault_rate,
                             errored_rate=errored_rate, expired_rate=expired_rate, truncate_rate=truncate_rate,
-                            api_key=api_key, rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate,
-                            seed=seed, input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window)
+                            drop_after_create=drop_after_create, retry_after=retry_after,
+                            archive_after_seconds=archive_after, max_requests=max_batch_requests, api_key=api_key,
+                            rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate, seed=seed,
+                            input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window)
 
     def ready(base_url: str) -> None:
         click.echo(f"batchrun emulator listening on {base_url}  (Ctrl-C to stop)")

@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 
 import click
 
+from ..api import check_secure_url
 from ..errors import ExitCode, InputError
 from ..runner import Runner
 from .common import (EXIT_CODES_HELP, JOB_OPTIONS, SPEC_KEYS, ProgressPrinter, handle_errors, job_options,
@@ -58,6 +59,8 @@ def make_runner(job_file, options: dict, base_url_override: Optional[str] = None
     spec = spec_from_options(job_file, options)
     api_key = options.get("api_key")
     base_url = options.get("base_url")
+    if base_url and not base_url_override:
+        check_secure_url(base_url, "--base-url")   # named as given (the client knows only the URL)
     if base_url_override:
         base_url, api_key = base_url_override, api_key or "emulator"
         if not spec.state:

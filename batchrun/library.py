@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from .api import RetryPolicy
 from .runner import Runner, RunResult
 from .spec import JobSpec, merge
 
@@ -33,11 +34,16 @@ def _fields(spec: JobSpec) -> dict:
 
 def run(job: Union[str, os.PathLike, Mapping[str, Any], JobSpec], *, wait: bool = True,
         api_key: Optional[str] = None, base_url: Optional[str] = None, transport=None, async_transport=None,
-        allow_unknown_model: bool = False, on_progress=None, **overrides: Any) -> RunResult:
-    """Run a job to the end (or, with wait=False, as far as it can go now). Raises BatchrunError."""
+        allow_unknown_model: bool = False, on_progress=None, retry: Optional[RetryPolicy] = None,
+        **overrides: Any) -> RunResult:
+    """Run a job to the end (or, with wait=False, as far as it can go now). Raises BatchrunError.
+
+    `retry` bounds how long each API call is retried (RetryPolicy: attempts, longest wait, give-up time).
+    """
     spec = load_spec(job, **overrides)
     runner = Runner(spec, api_key=api_key, base_url=base_url, transport=transport, async_transport=async_transport,
-                    allow_unknown_model=allow_unknown_model or spec.allow_unknown_model, on_progress=on_progress)
+                    allow_unknown_model=allow_unknown_model or spec.allow_unknown_model, on_progress=on_progress,
+                    retry=retry)
     try:
         return runner.run(wait=wait)
     finally:

@@ -3,6 +3,8 @@ that never download whole. The job waits where waiting can help, stops in bounde
 cannot, and never pays for a row twice."""
 from __future__ import annotations
 
+import time
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -75,7 +77,7 @@ def test_results_that_never_come_whole_are_not_sent_again(emu, tmp_path, tickets
     emu.config.truncate_rate = 1.0
     job = spec(tickets_csv, tmp_path, max_attempts=2)
     with pytest.raises(GaveUpError) as failure:
-        run(emu, job)
+        run(emu, job, sleep=lambda s: time.sleep(min(s, 0.01)))   # the waits between downloads, shortened
     assert "could not be downloaded whole" in str(failure.value)
     assert max(emu.stats.submitted_custom_ids.values()) == 1       # nothing sent twice
     emu.config.truncate_rate = 0.0

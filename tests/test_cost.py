@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchrun
+from batchrun.api import RetryPolicy
 from batchrun.emulator.replies import count_tokens
 from batchrun.errors import ExitCode, GaveUpError
 from batchrun.store import Store
@@ -70,6 +71,9 @@ def test_status_of_a_finished_job(emu, cli, tmp_path, tickets_csv):
 
 
 # ---- helpers for the tests below -------------------------------------------------------------------
+QUICK = RetryPolicy(max_retries=1, max_elapsed=2)   # a refused create gives up at once
+
+
 class RefuseCreates(httpx.BaseTransport):
     """Forwards to the emulator over loopback, but answers batch creates after the first `allow` with
     529 overloaded (a reply that proves no batch was made): their rows stay pending."""
@@ -122,10 +126,10 @@ def test_estimate_of_a_partly_done_job_prices_only_what_remains(emu, cli, tmp_pa
     inp = first_rows(tickets_csv, tmp_path, 300)
     emu.config.errored_rate = 0.2
     spec = library_job(inp, tmp_path, max_attempts=1)
-    assert batchrun.run(spec, wait=False, transport=RefuseCreates(1)).exit_code == ExitCode.IN_PROGRESS
+    assert batchrun.run(spec, wait=False, transport=RefuseCreates(1), retry=QUICK).exit_code == ExitCode.IN_PROGRESS
     time.sleep(0.2)                                             # the batch ends (0.05 s)
     with pytest.raises(GaveUpError):           # collects the batch, then no create is taken
-        batchrun.run(spec, wait=False, transport=RefuseCreates(0))
+        batchrun.run(spec, wait=False, transport=RefuseCreates(0), retry=QUICK)
     result = json.loads(cli("status", "--state", tmp_path / "s.sqlite", "--json").output)[0]
     assert result["counts"]["pending"] == 200 and not result["counts"]["in_flight"]
     succeeded, errored = result["counts"]["succeeded"], result["counts"]["errored"]
@@ -227,10 +231,10 @@ def test_jobs_and_status_in_plain_text(emu, cli, tmp_path, tickets_csv):
     state = tmp_path / "s.sqlite"
     emu.config.expired_rate = 0.3
     spec = library_job(inp, tmp_path, max_attempts=1, name="tickets")
-    batchrun.run(spec, wait=False, transport=RefuseCreates(1))
+    batchrun.run(spec, wait=False, transport=RefuseCreates(1), retry=QUICK)
     time.sleep(0.2)
     with pytest.raises(GaveUpError):                     # collects the first batch, sends nothing
-        batchrun.run(spec, wait=False, transport=RefuseCreates(0))
+        batchrun.run(spec, wait=False, transport=RefuseCreates(0), retry=QUICK)
     emu.config.processing_seconds = 3600                        # the second batch stays in flight
     args = ["--input", inp, "--output", tmp_path / "o.parquet", "--state", state, "--id-column", "ticket_id",
             "--prompt", PROMPT, "--model", "claude-haiku-4-5", "--max-tokens", "300", "--batch-size", "100",

@@ -283,7 +283,8 @@ def check_writable(output: str, partition_by: Optional[str] = None) -> None:
     path = path.rstrip("/") or path
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
-        if partition_by is None and not _dataset_dir(fs, path):
+        # a single file may replace a partitioned output written before, never any other directory
+        if partition_by is None and (not os.listdir(path) or not _dataset_dir(fs, path)):
             raise InputError(f"output {output}: is a directory, expected a .parquet file path")
         _check_replaceable(fs, path, output)
     try:

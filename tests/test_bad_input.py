@@ -112,26 +112,34 @@ def test_plain_http_to_a_remote_host_is_refused(emu, cli, tmp_path, tickets_csv,
     refused(cli(*base(tickets_csv, tmp_path)), ExitCode.BAD_INPUT, "https is required", "api.example.com")
 
 
-def test_unwritable_output_found_before_sending(emu, cli, tmp_path, tickets_csv):
+def test_output_in_a_read_only_directory_found_before_sending(emu, cli, tmp_path, tickets_csv):
     locked = tmp_path / "ro"
     locked.mkdir()
     os.chmod(locked, 0o500)
     try:
         if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
+            pytest.skip("running as a user who can write anywhere (root): the cases below hold for root too")
         r = cli("run", "--input", tickets_csv, "--output", locked / "o.parquet", "--prompt", "{{ body }}",
                 "--state", tmp_path / "s.sqlite")
         refused(r, ExitCode.BAD_INPUT, "cannot write")
     finally:
         os.chmod(locked, 0o700)
+    assert emu.stats.create_calls == 0
+
+
+def test_unwritable_output_found_before_sending(emu, cli, tmp_path, tickets_csv):
     # a path under a regular file cannot be written, even by root
     (tmp_path / "afile").write_text("x")
     refused(cli("run", "--input", tickets_csv, "--output", tmp_path / "afile" / "o.parquet", "--prompt", "{{ body }}",
                 "--state", tmp_path / "s.sqlite"), ExitCode.BAD_INPUT, "cannot write")
-    # a directory where the file should be
+    # a directory where the file should be: empty, or holding other files
     (tmp_path / "adir.parquet").mkdir()
     refused(cli("run", "--input", tickets_csv, "--output", tmp_path / "adir.parquet", "--prompt", "{{ body }}"),
             ExitCode.BAD_INPUT, "directory")
+    (tmp_path / "adir.parquet" / "notes.txt").write_text("mine")
+    refused(cli("run", "--input", tickets_csv, "--output", tmp_path / "adir.parquet", "--prompt", "{{ body }}"),
+            ExitCode.BAD_INPUT, "directory")
+    assert (tmp_path / "adir.parquet" / "notes.txt").read_text() == "mine"
     assert emu.stats.create_calls == 0
 
 

@@ -616,11 +616,11 @@ class Runner:
             self._cancel_pending()  # rows a canceled batch gave back for another attempt are not sent
             return 0
         created = 0
-        live = self._live_twin_jobs()
+        live = self._answering_twins()
         marks = ",".join("?" * len(live))
         twins = "" if self._alone() else (
             # not sent: rows another job has answered (reuse_answers takes them next round), and rows
-            # in flight in a job that a run is moving now (their answers are coming)
+            # in flight in another job whose answers are coming (_answering_twins)
             "AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
             "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR "
             f"(o.state = 'in_flight' AND o.job_id IN ({marks}))))")
@@ -688,11 +688,13 @@ class Runner:
             after = sent_through
             log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
 
-    def _live_twin_jobs(self) -> list:
-        """Other jobs of this state file that have our pending requests in flight and are running now.
+    def _answering_twins(self) -> list:
+        """Other jobs of this state file that have our pending requests in flight, whose answers are coming.
 
-        Those rows wait for that run's answers (reused when they land) instead of being paid twice.
-        A job nobody runs at the moment cannot answer them, so they are sent: waiting could be forever.
+        Those rows wait for that job's answers (reused when they land) instead of being paid twice. A job
+        that a run is moving now answers them; a job nobody runs at the moment (a --no-wait run that
+        exited, say) has its batches moved forward here, polled and collected under its lock as its own
+        run would. Only a job whose batches cannot be moved from here leaves our rows to be sent.
         """
         if self._alone():
             return []
@@ -700,7 +702,29 @@ class Runner:
             "SELECT DISTINCT o.job_id FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
             "AND o.state = 'in_flight' AND o.job_id != r.job_id WHERE r.job_id = ? AND r.state = 'pending'",
             (self.job.id,))]
-        return [j for j in others if JobLock(self.spec.state_path, j).held_elsewhere()]
+        return [j for j in others if self._advance_twin(j)]
+
+    def _advance_twin(self, job_id: str) -> bool:
+        """Poll and collect another job's batches (see _answering_twins); False if that cannot be done."""
+        lock = JobLock(self.spec.state_path, job_id)
+        try:
+            lock.acquire()
+        except LockedError:
+            return True   # a run is moving it: its answers are coming
+        try:
+            twin = Runner.for_stored_job(self.spec.state_path, job_id, client=self.client, sleep=self.sleep)
+            try:
+                twin.resolve_intents()
+                twin.poll()
+            finally:
+                twin.job.close()
+            return True
+        except InputError as exc:   # its stored job no longer loads here (a models file gone, say)
+            log.warning("job %s: cannot move job %s forward (%s): the rows it shares with this job are sent here",
+                        self.job.short_id, job_id[:12], exc)
+            return False
+        finally:
+            lock.release()
 
     def _intent(self, ids: list, nbytes: int, reserve: Optional[float] = None, span: Optional[tuple] = None) -> int:
         """Commit (and fsync) what is about to be sent, before it is sent: the batch's members and the time."""

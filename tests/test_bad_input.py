@@ -118,7 +118,7 @@ def test_output_in_a_read_only_directory_found_before_sending(emu, cli, tmp_path
     os.chmod(locked, 0o500)
     try:
         if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root): the cases below hold for root too")
+            pytest.skip("running as a user who can write anywhere (root)")
         r = cli("run", "--input", tickets_csv, "--output", locked / "o.parquet", "--prompt", "{{ body }}",
                 "--state", tmp_path / "s.sqlite")
         refused(r, ExitCode.BAD_INPUT, "cannot write")

@@ -440,14 +440,24 @@ def test_a_second_job_waits_for_a_running_job_that_has_its_rows_in_flight(emu, c
     assert len(pq.read_table(tmp_path / "b.parquet")) == 470
 
 
-def test_rows_in_flight_in_a_dead_job_do_not_make_another_job_hang(emu, cli, tmp_path, tickets_csv):
-    emu.config.processing_seconds = 30
+def test_rows_in_flight_in_a_job_nobody_runs_are_collected_not_paid_twice(emu, cli, tmp_path, tickets_csv):
+    """The first job was advanced by a --no-wait run that exited with its batches in flight; a second job
+    sharing its 450 requests moves the first job's batches forward itself (under that job's lock) and
+    reuses their answers: it sends only its 20 own rows, and never hangs on a job nobody runs."""
+    emu.config.processing_seconds = 1.0
     state = tmp_path / "s.sqlite"
     assert cli(*args(tickets_csv, tmp_path / "a.parquet", state, "--no-wait")).exit_code == ExitCode.IN_PROGRESS
-    emu.config.processing_seconds = 0.05
+    assert emu.stats.requests_created == 450
     r = cli(*args(_bigger(tickets_csv, tmp_path), tmp_path / "b.parquet", state))   # nobody runs the first job
     assert r.exit_code == 0, r.output
-    assert len(pq.read_table(tmp_path / "b.parquet")) == 470
+    assert emu.stats.requests_created == 470                  # the 450 shared rows were sent once
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    assert len(rows) == 470 and {r["status"] for r in rows} == {"succeeded"}
+    assert sum(1 for r in rows if r["cost_usd"] == 0.0) == 450   # answered by the first job's batches
+    # the first job's batches were collected on its behalf: its next run sends nothing and finishes
+    r = cli(*args(tickets_csv, tmp_path / "a.parquet", state))
+    assert r.exit_code == 0, r.output
+    assert emu.stats.requests_created == 470 and len(pq.read_table(tmp_path / "a.parquet")) == 450
 
 
 def test_an_api_that_stays_down_gives_up_in_bounded_time_and_resumes(emu, tmp_path, tickets_csv):

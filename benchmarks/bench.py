@@ -9,8 +9,9 @@ so its work is not counted in either contender's CPU, but both share the machine
 Every run is a child process; its wall time is taken around it and its peak RSS from `wait4`.
 
 * speed: at --compare rows, the floor (benchmarks/floor.py) and `batchrun run` alternately,
-  --rounds times each; batchrun's output is checked row by row against the floor's (same ids in
-  the same order, same reply text, same token counts). Medians and the ratio are printed.
+  --rounds times each; batchrun's output is checked row by row against the floor's (every input
+  column with its type, the same ids in the same order, reply text, stop reason, model, token counts,
+  cost and errors). Medians and the ratio are printed.
 * memory: batchrun's peak RSS at each of --rows (one run each; the 100k figure is the speed run's
   largest when the sizes overlap).
 * stages: read from batchrun's state file, not from added instrumentation:
@@ -151,13 +152,29 @@ def run_floor(data: Path, work: Path, tag: str, env: dict) -> dict:
     return {"wall": wall, "rss": rss, "output": out}
 
 
+RESULT_COLUMNS = ("custom_id", "status", "text", "stop_reason", "model", "input_tokens", "output_tokens",
+                  "error_type", "error_message")
+
+
 def same_rows(ours: Path, theirs: Path, rows: int) -> None:
-    a = pq.read_table(ours, columns=[floor.ID_COLUMN, "status", "text", "input_tokens", "output_tokens"])
-    b = pq.read_table(theirs, columns=[floor.ID_COLUMN, "status", "text", "input_tokens", "output_tokens"])
+    """batchrun's output against the floor's, row by row: every input column (values and types) and every
+    result column both write, but batch_id (each names its own batches); cost_usd to the last cent-millionth."""
+    a, b = pq.read_table(ours), pq.read_table(theirs)
     assert a.num_rows == b.num_rows == rows, (a.num_rows, b.num_rows, rows)
-    for col in (floor.ID_COLUMN, "text", "input_tokens", "output_tokens"):
-        if not a.column(col).equals(b.column(col)):
-            raise SystemExit(f"batchrun's output differs from the floor's in column {col!r}")
+    for col in b.column_names:
+        if col == "batch_id":
+            continue
+        if col not in a.column_names:
+            raise SystemExit(f"batchrun's output lacks the floor's column {col!r}")
+        if col == "cost_usd":
+            worst = max(abs(x - y) for x, y in zip(a.column(col).to_pylist(), b.column(col).to_pylist()))
+            if worst > 1e-12:
+                raise SystemExit(f"batchrun's cost_usd differs from the floor's by up to {worst}")
+        elif col in RESULT_COLUMNS:   # values (the floor's all-null columns have Arrow's null type)
+            if a.column(col).to_pylist() != b.column(col).to_pylist():
+                raise SystemExit(f"batchrun's output differs from the floor's in column {col!r}")
+        elif not a.column(col).equals(b.column(col)):   # input columns: values and types
+            raise SystemExit(f"batchrun's output differs from the floor's in input column {col!r}")
     if set(a.column("status").to_pylist()) != {"succeeded"}:
         raise SystemExit("batchrun's output has rows that did not succeed")
 

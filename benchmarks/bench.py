@@ -6,7 +6,8 @@
 
 The emulator runs in its own process (`batchrun emulator --no-validate --processing-seconds 0.2`),
 so its work is not counted in either contender's CPU, but both share the machine's cores with it.
-Every run is a child process; its wall time is taken around it and its peak RSS from `wait4`.
+Every run is a child process, started by a small spawner process (so that none inherits bench.py's
+memory); its wall time is taken around it and its peak RSS from `wait4`.
 
 * speed: at --compare rows, the floor (benchmarks/floor.py) and `batchrun run` alternately,
   --rounds times each; batchrun's output is checked row by row against the floor's (every input
@@ -96,18 +97,42 @@ class EmulatorProcess:
 
 
 # ---- one child process ------------------------------------------------------------------------------
+# Children are started by this small process, not by bench.py itself: Linux counts in a child's peak
+# RSS (ru_maxrss) the memory of the process it was forked from, and bench.py holds whole output tables
+# while it compares them, which would be counted as the peak of every run after it.
+SPAWNER = r"""
+import json, os, sys, time
+for line in sys.stdin:
+    req = json.loads(line)
+    with open(req["log"], "wb") as err:
+        started_at, t0 = time.time(), time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            os.dup2(err.fileno(), 2)
+            try:
+                os.execvpe(req["argv"][0], req["argv"], req["env"])
+            finally:
+                os._exit(127)
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - t0
+    print(json.dumps({"started_at": started_at, "wall": wall, "code": os.waitstatus_to_exitcode(status),
+                      "maxrss_kib": usage.ru_maxrss}), flush=True)
+"""
+_spawner = None
+
+
 def timed(argv: list, env: dict, log: Path) -> tuple[float, float, float]:
     """(started at, wall seconds, peak RSS in MiB) of one child process; stops the bench if it fails."""
-    with open(log, "wb") as err:
-        started_at = time.time()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, argv))}\n{log.read_text()[-3000:]}")
-    return started_at, wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    global _spawner
+    if _spawner is None:
+        _spawner = subprocess.Popen([PY, "-c", SPAWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _spawner.stdin.write(json.dumps({"argv": [str(a) for a in argv], "env": env, "log": str(log)}) + "\n")
+    _spawner.stdin.flush()
+    done = json.loads(_spawner.stdout.readline())
+    if done["code"] != 0:
+        raise SystemExit(f"failed ({done['code']}): {' '.join(map(str, argv))}\n{log.read_text()[-3000:]}")
+    return done["started_at"], done["wall"], done["maxrss_kib"] / 1024  # ru_maxrss is in KiB on Linux
 
 
 def batchrun_argv(data: Path, out: Path, state: Path, *, quiet: bool = True) -> list:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchrun.cli import main
+from batchrun.errors import ExitCode
 from batchrun.emulator import Emulator, EmulatorConfig, serve_in_thread
 
 FAST = dict(processing_seconds=0.05, retry_after=0.01)
@@ -36,6 +37,17 @@ def emu(emulator_server, monkeypatch):
     monkeypatch.delenv("BATCHRUN_MODELS", raising=False)
     emulator.base_url = handle.base_url
     return emulator
+
+
+def refused(result, code=ExitCode.BAD_INPUT, *needles) -> str:
+    """The command ended with `code` and printed one error line holding every needle, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("batchrun: error:")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 @pytest.fixture

@@ -6,17 +6,7 @@ import os
 import pytest
 
 from batchrun.errors import ExitCode
-from tests.conftest import PROMPT
-
-
-def refused(result, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("batchrun: error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+from tests.conftest import PROMPT, refused
 
 
 def base(inp, tmp_path, *extra):

@@ -6,7 +6,6 @@ claude-haiku-4-5 ($1 / $5 per million input / output tokens; half of that in bat
 """
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import re

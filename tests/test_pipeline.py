@@ -1,7 +1,6 @@
 """Issue 3: the core pipeline end to end, through the CLI and the library, against the emulator."""
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 
 import pyarrow.parquet as pq

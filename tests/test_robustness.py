@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.errors import ExitCode
-from tests.conftest import PROMPT
+from tests.conftest import PROMPT, refused
 
 KEY = "sk-ant-test-0123456789"
 CLI = [sys.executable, "-c", "from batchrun.cli import main; main()"]
@@ -74,15 +74,6 @@ def test_sigterm_in_messages_mode_keeps_the_replies_received(emu, cli, tmp_path,
 
 
 # ---- inputs that exist but cannot be read --------------------------------------------------------------
-def refused(result, *needles):
-    assert result.exit_code == ExitCode.BAD_INPUT, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and "internal error" not in result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("batchrun: error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def unreadable(path):
     """Make `path` a file this process cannot read. As root, chmod is no obstacle: point it at a
     write-only kernel file instead (root gets EACCES reading those)."""
@@ -103,21 +94,23 @@ def unreadable(path):
 
 def test_an_unreadable_input_file(emu, cli, tmp_path):
     path = unreadable(tmp_path / "in.csv")
-    refused(cli("run", "--input", path, "--prompt", "hi"), "in.csv", "cannot read input", "Permission denied")
+    refused(cli("run", "--input", path, "--prompt", "hi"), ExitCode.BAD_INPUT, "in.csv", "cannot read input",
+            "Permission denied")
     assert emu.stats.create_calls == 0
 
 
 def test_an_unreadable_file_inside_an_input_directory(emu, cli, tmp_path):
     (tmp_path / "data").mkdir()
     unreadable(tmp_path / "data" / "part-0.parquet")
-    refused(cli("run", "--input", tmp_path / "data", "--prompt", "hi"), "part-0.parquet", "Permission denied")
+    refused(cli("run", "--input", tmp_path / "data", "--prompt", "hi"), ExitCode.BAD_INPUT, "part-0.parquet",
+            "Permission denied")
     assert emu.stats.create_calls == 0
 
 
 def test_a_fifo_named_csv_is_refused_not_waited_on(emu, cli, tmp_path):
     path = tmp_path / "in.csv"
     os.mkfifo(path)
-    refused(cli("run", "--input", path, "--prompt", "hi"), "in.csv", "not a regular file")
+    refused(cli("run", "--input", path, "--prompt", "hi"), ExitCode.BAD_INPUT, "in.csv", "not a regular file")
 
 
 @pytest.mark.parametrize("content", [
@@ -131,7 +124,7 @@ def test_a_binary_file_named_csv_is_not_called_empty(emu, cli, tmp_path, content
     path = tmp_path / "in.csv"
     path.write_bytes(content)
     r = cli("run", "--input", path, "--prompt", "hi")
-    refused(r, "in.csv", "cannot read CSV input")
+    refused(r, ExitCode.BAD_INPUT, "in.csv", "cannot read CSV input")
     assert "empty" not in r.output
     assert emu.stats.create_calls == 0
 
@@ -139,7 +132,7 @@ def test_a_binary_file_named_csv_is_not_called_empty(emu, cli, tmp_path, content
 def test_a_blank_csv_is_still_empty(emu, cli, tmp_path):
     path = tmp_path / "in.csv"
     path.write_text("\n  \n\n")
-    refused(cli("run", "--input", path, "--prompt", "hi"), "empty")
+    refused(cli("run", "--input", path, "--prompt", "hi"), ExitCode.BAD_INPUT, "empty")
 
 
 # ---- the emulator's fault flags -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from batchrun.api import ApiClient
 from batchrun.errors import ApiError, ExitCode
-from tests.conftest import PROMPT
+from tests.conftest import PROMPT, refused
 
 KEY = "sk-ant-api03-secret-value-0123456789"
 
@@ -20,16 +20,6 @@ def base(inp, tmp_path, *extra):
     return ["run", "--input", inp, "--output", tmp_path / "o.parquet", "--state", tmp_path / "s.sqlite",
             "--prompt", PROMPT, "--id-column", "ticket_id", "--model", "claude-haiku-4-5", "--max-tokens", "100",
             "--batch-size", "200", "--poll-interval", "0.1", *extra]
-
-
-def one_error_line(result, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("batchrun: error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def assert_key_nowhere(key, result, tmp_path):
@@ -61,7 +51,7 @@ def test_a_key_that_cannot_be_a_header_is_refused_by_its_variable(emu, cli, tmp_
         monkeypatch.setenv("ANTHROPIC_API_KEY", raw)
         r = cli(*base(tickets_csv, tmp_path))
         source = "ANTHROPIC_API_KEY"
-    line = one_error_line(r, ExitCode.BAD_INPUT, source, "cannot be sent in an HTTP header")
+    line = refused(r, ExitCode.BAD_INPUT, source, "cannot be sent in an HTTP header")
     assert line.startswith(f"batchrun: error: {source}:")
     assert "UnicodeEncodeError" not in r.output and "internal error" not in r.output
     assert_key_nowhere(raw, r, tmp_path)
@@ -70,10 +60,10 @@ def test_a_key_that_cannot_be_a_header_is_refused_by_its_variable(emu, cli, tmp_
 
 def test_a_flag_key_is_refused_by_the_flag(emu, cli, tmp_path, tickets_csv):
     r = cli(*base(tickets_csv, tmp_path, "--api-key", "sk-ant-ünïcode-key"))
-    one_error_line(r, ExitCode.BAD_INPUT, "--api-key:")
+    refused(r, ExitCode.BAD_INPUT, "--api-key:")
     assert "ünïcode" not in r.output
     r = cli(*base(tickets_csv, tmp_path, "--api-key", "   "))
-    one_error_line(r, ExitCode.BAD_INPUT, "no API key", "--api-key")
+    refused(r, ExitCode.BAD_INPUT, "no API key", "--api-key")
 
 
 def test_an_error_reply_that_quotes_the_key_is_scrubbed(tmp_path):
@@ -130,7 +120,7 @@ def test_an_insecure_base_url_names_where_it_came_from(emu, cli, tmp_path, ticke
     else:
         monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
         r = cli(*base(tickets_csv, tmp_path))
-    one_error_line(r, ExitCode.BAD_INPUT, f"{source}: https is required for api.example.com")
+    refused(r, ExitCode.BAD_INPUT, f"{source}: https is required for api.example.com")
     assert emu.stats.create_calls == 0
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from batchrun.emulator.replies import reply_for
 from batchrun.errors import ExitCode
+from tests.conftest import refused
 from batchrun.models import load_catalog
 from batchrun.store import Store
 
@@ -229,20 +229,13 @@ def test_valid_reply_too_big_for_its_column_is_invalid_output_not_a_crash(emu, c
 
 # ------------------------------------------------------------------------------ refused before sending
 
-def refused_line(r):
-    assert r.exit_code == ExitCode.BAD_INPUT, r.output
-    assert "Traceback" not in r.output
-    (line,) = [l for l in r.output.splitlines() if l.startswith("batchrun: error:")]
-    return line
-
-
 def test_bad_json_schema_refused_before_sending(emu, cli, tmp_path):
     (tmp_path / "schema.json").write_text(json.dumps({"type": "object", "properties": {"x": {"type": "strng"}}}))
     (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n")
     for command in ("validate", "run"):
         r = cli(command, "--input", tmp_path / "t.csv", "--prompt", "{{ msg }}", "--model", "claude-haiku-4-5",
                 "--output-schema", tmp_path / "schema.json")
-        line = refused_line(r)
+        line = refused(r)
         assert "output_schema" in line and "properties/x/type" in line and "'strng'" in line
     assert emu.stats.create_calls == 0
 
@@ -257,7 +250,7 @@ def test_bad_json_schema_refused_before_sending(emu, cli, tmp_path):
 ])
 def test_combinations_the_api_refuses_are_refused_before_sending(emu, cli, tmp_path, extra, needles):
     r, _, _ = run_job(cli, "classify-reviews", tmp_path, "--thinking", "adaptive", *extra)
-    line = refused_line(r)
+    line = refused(r)
     for needle in needles:
         assert needle in line, (needle, line)
     assert emu.stats.create_calls == 0
@@ -267,11 +260,11 @@ def test_prefill_with_thinking_refused_before_sending(emu, cli, tmp_path):
     (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n")
     r = cli("run", "--input", tmp_path / "t.csv", "--output", tmp_path / "o.parquet", "--prompt", "{{ msg }}",
             "--model", "claude-haiku-4-5", "--thinking", "2000", "--max-tokens", "4000", "--prefill", "The answer:")
-    line = refused_line(r)
+    line = refused(r)
     assert "prefill" in line and "while it thinks" in line
     r = cli("run", "--input", tmp_path / "t.csv", "--output", tmp_path / "o.parquet", "--prompt", "{{ msg }}",
             "--model", "claude-haiku-4-5", "--labels", "a,b", "--prefill", '{"label": "')
-    assert "prefill: cannot be used with labels" in refused_line(r)
+    assert "prefill: cannot be used with labels" in refused(r)
     assert emu.stats.create_calls == 0
 
 
@@ -280,10 +273,10 @@ def test_every_rows_max_tokens_is_checked_before_sending(emu, cli, tmp_path):
     (tmp_path / "t.csv").write_text("id,msg,budget\n" + rows + "\n")
     args = ["run", "--input", tmp_path / "t.csv", "--output", tmp_path / "o.parquet", "--id-column", "id",
             "--prompt", "{{ msg }}", "--model", "claude-haiku-4-5", "--max-tokens-column", "budget"]
-    line = refused_line(cli(*args))
+    line = refused(cli(*args))
     assert "budget: row 70 (id '70'): max_tokens 100000" in line and "64000" in line
     (tmp_path / "t.csv").write_text("id,msg,budget\n1,a,3000\n2,b,3000\n3,c,1500\n")
-    line = refused_line(cli(*args, "--thinking", "2000", "--max-tokens", "3000"))
+    line = refused(cli(*args, "--thinking", "2000", "--max-tokens", "3000"))
     assert "budget: row 3 (id '3')" in line and "budget_tokens 2000" in line and "less than max_tokens 1500" in line
     assert emu.stats.create_calls == 0
 
@@ -292,10 +285,10 @@ def test_metadata_other_than_user_id_refused_before_sending(emu, cli, tmp_path):
     (tmp_path / "t.csv").write_text("id,msg\n1,alpha\n")
     (tmp_path / "j.toml").write_text('input = "t.csv"\nprompt = "{{ msg }}"\nmodel = "claude-haiku-4-5"\n'
                                      'metadata = {team = "a", user_id = "u-1"}\n')
-    assert "metadata: unknown key 'team'" in refused_line(cli("run", tmp_path / "j.toml"))
+    assert "metadata: unknown key 'team'" in refused(cli("run", tmp_path / "j.toml"))
     (tmp_path / "j.toml").write_text('input = "t.csv"\nprompt = "{{ msg }}"\nmodel = "claude-haiku-4-5"\n'
                                      'metadata = {user_id = 5}\n')
-    assert "metadata: user_id must be a string" in refused_line(cli("run", tmp_path / "j.toml"))
+    assert "metadata: user_id must be a string" in refused(cli("run", tmp_path / "j.toml"))
     assert emu.stats.create_calls == 0
 
 

@@ -124,8 +124,16 @@ class ApiClient:
         self._transport_injected = transport is not None
         # httpx's own transport retries (HTTPTransport(retries=N)) stay at their default, 0: a create must
         # never be re-sent behind our back (a transport of our own would also lose the HTTPS_PROXY support)
+        # the API's clock minus ours (seconds), from the Date header of its latest reply; None before one
+        self.server_offset: Optional[float] = None
         self.http = httpx.Client(base_url=self.base_url + "/", headers=headers, transport=transport,
-                                 timeout=httpx.Timeout(timeout, connect=connect_timeout))
+                                 timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                                 event_hooks={"response": [self._watch_clock]})
+
+    def _watch_clock(self, response: httpx.Response) -> None:
+        when = _http_date(response.headers.get("date"))
+        if when is not None:
+            self.server_offset = when - time.time()
 
     def close(self) -> None:
         self.http.close()
@@ -369,10 +377,18 @@ def _retry_after(headers: httpx.Headers) -> Optional[float]:
     try:
         return float(value)
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:   # "-0000": UTC, not local time
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        return max(0.0, when.timestamp() - time.time())
+        when = _http_date(value)
+        return None if when is None else max(0.0, when - time.time())
+
+
+def _http_date(value: Optional[str]) -> Optional[float]:
+    """An HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`) as a POSIX timestamp; None if it is not one."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:   # "-0000": UTC, not local time
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()

@@ -17,7 +17,6 @@ be killed at any moment and called again (from cron, say) to pick up exactly whe
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import json
 from decimal import ROUND_CEILING, Decimal
 import logging
@@ -50,6 +49,8 @@ MAX_BATCH_BYTES = 256 * 1000 * 1000 - 64 * 1024   # the API's 256 MB, with room 
 MAX_DOWNLOADS = 6                                  # attempts to get a complete results file
 ADOPT_WINDOW = 600.0                               # seconds of clock skew tolerated when the API's clock is unknown
 CLOCK_TOLERANCE = 3.0                              # the Date header's 1 s resolution, plus latency
+AMBIGUOUS_GRACE = 60.0                             # a create that failed ambiguously: how long its batch may
+                                                   # take to show in the list before its rows are sent again
 
 
 @dataclass
@@ -151,13 +152,19 @@ class Job:
         if self.model is None and not allow_unknown_model:
             raise InputError(f"model: unknown model {spec.model!r} (not in the model catalog; add it with "
                              "--models FILE, or pass --allow-unknown-model to run it with cost unknown)")
+        self.store = Store(spec.state_path)
         if job_id is None:
             self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
             self.fingerprint = self.source.fingerprint()
             self.id = spec.identity(self.fingerprint, endpoint)
+            if endpoint is not None and not self.store.job(self.id):
+                # planned before the endpoint was part of a job's identity (its endpoint not kept): it is
+                # this job, with its batches in flight and its answers, not a new one to pay for again
+                legacy = self.store.job(spec.identity(self.fingerprint))
+                if legacy is not None and legacy["endpoint"] is None:
+                    self.id = legacy["id"]
         else:  # a job already in the state file, its input not read (see Runner.for_stored_job)
             self.source, self.fingerprint, self.id = None, None, job_id
-        self.store = Store(spec.state_path)
 
     @property
     def short_id(self) -> str:
@@ -186,6 +193,7 @@ class Runner:
         self.on_progress = on_progress
         self.sleep = sleep
         self._client = client
+        self._owns_client = client is None   # a client given to it is closed by whoever gave it
         # transport: an httpx transport for batch mode (tests run the emulator in process with it);
         # async_transport: the same for messages mode, which sends with an async client
         self._client_args = dict(api_key=api_key, base_url=base_url, transport=transport,
@@ -196,9 +204,8 @@ class Runner:
         self.batches_created = 0
         self._chunk = spec.batch_size
         self._started = time.monotonic()
-        self._server_offset: Optional[float] = None   # the API's clock minus ours, from its Date header
         self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
-        self._watching_clock = False
+        self._twins: dict = {}                         # job id -> Runner of another job moved forward here
 
     # ---- the client, created only when needed -----------------------------------------------------
     @property
@@ -210,20 +217,7 @@ class Runner:
                                      api_version=self.spec.api_version, auth_header=self.spec.auth_header,
                                      extra_headers=self.spec.headers, transport=a["transport"],
                                      retry=a["retry"], sleep=self.sleep)
-        if not self._watching_clock:
-            self._client.http.event_hooks["response"].append(self._watch_server_clock)
-            self._watching_clock = True
         return self._client
-
-    def _watch_server_clock(self, response) -> None:
-        """Keep the API's clock (its Date header) against ours: a lost create's batch is looked for
-        at the time the API stamped it (see resolve_intent)."""
-        date = response.headers.get("date")
-        if date:
-            try:
-                self._server_offset = email.utils.parsedate_to_datetime(date).timestamp() - time.time()
-            except (TypeError, ValueError, IndexError):
-                pass
 
     def check_connection_settings(self) -> None:
         """Fail fast on a missing key or an insecure base URL (before reading the input)."""
@@ -234,7 +228,9 @@ class Runner:
         return time.monotonic() - self._started
 
     def close(self) -> None:
-        if self._client is not None:
+        for twin in self._twins.values():
+            twin.close()
+        if self._client is not None and self._owns_client:
             self._client.close()
         self.job.close()
 
@@ -345,9 +341,9 @@ class Runner:
                 with store.transaction():
                     store.conn.execute(
                         "INSERT OR REPLACE INTO jobs (id, name, spec, input, output, input_fingerprint, mode, model, "
-                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "endpoint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (job.id, spec.name, spec.to_json(), spec.input, spec.output, job.fingerprint, spec.mode,
-                         spec.model, now_iso()))
+                         spec.model, job.endpoint or "", now_iso()))
                     n = self._plan_rows(column_types)
                     failpoints.hit("plan")
                     store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ?, shared_params = ? "
@@ -381,11 +377,7 @@ class Runner:
             if note not in self.notes:
                 self.notes.append(note)
                 log.warning("%s", note)
-        self.parser.schema = builder.schema
-        self.parser.validator = None
-        if builder.schema is not None:
-            import jsonschema
-            self.parser.validator = jsonschema.Draft202012Validator(builder.schema)
+        self.parser.schema = builder.schema   # (its validator and column converters with it)
         self.builder = builder
         return builder
 
@@ -499,7 +491,6 @@ class Runner:
     def messages_step(self) -> bool:
         """Messages mode: send every pending row over POST /v1/messages, each reply committed at once."""
         from .messages import MessagesDriver
-        self.reuse_answers()
         return MessagesDriver(self).run_pending() > 0
 
     # ---- budget --------------------------------------------------------------------------------
@@ -658,14 +649,18 @@ class Runner:
                 info = self.client.create_batch(payload)
                 failpoints.hit("after_create")
             except AmbiguousCreateError as exc:
+                # the batch may exist, or appear in the list a little later (a gateway that timed out
+                # while the API went on): its rows stay in flight until it is found or the grace is over
                 log.warning("job %s: %s; looking for it before sending again", job.short_id, exc)
-                if self.resolve_intent(local, sent_by=time.time()):
+                self.store.conn.execute("UPDATE batches SET ambiguous_at = ? WHERE id = ?", (now_iso(), local))
+                if self.resolve_intent(local):
                     created += 1
-                    after = sent_through
+                after = sent_through
                 continue
             except RequestTooLargeError as exc:
                 if len(ids) == 1:   # alone and still too large for this endpoint: it can never be sent
                     self._too_large(local, ids[0], exc)
+                    self._chunk = spec.batch_size   # one outsized row does not make every later batch small
                     after = sent_through
                     continue
                 self._abandon(local, "413 request_too_large: splitting the batch")
@@ -712,12 +707,12 @@ class Runner:
         except LockedError:
             return True   # a run is moving it: its answers are coming
         try:
-            twin = Runner.for_stored_job(self.spec.state_path, job_id, client=self.client, sleep=self.sleep)
-            try:
-                twin.resolve_intents()
-                twin.poll()
-            finally:
-                twin.job.close()
+            twin = self._twins.get(job_id)
+            if twin is None:   # one per job for the run: its download rounds are counted as its own run would
+                twin = self._twins[job_id] = Runner.for_stored_job(self.spec.state_path, job_id, client=self.client,
+                                                                   sleep=self.sleep)
+            twin.resolve_intents()
+            twin.poll()
             return True
         except InputError as exc:   # its stored job no longer loads here (a models file gone, say)
             log.warning("job %s: cannot move job %s forward (%s): the rows it shares with this job are sent here",
@@ -772,10 +767,10 @@ class Runner:
         log.error("job %s: request %s is too large for the API even alone; it ends errored", self.job.short_id,
                   custom_id)
 
-    def _abandon(self, local: int, note: str) -> None:
-        """The batch of this intent does not exist: its requests are pending again, unpaid."""
+    def _abandon(self, local: int, note: str, state: str = "abandoned") -> None:
+        """The batch of this intent does not exist (or is not ours): its requests are pending again, unpaid."""
         with self.store.transaction():
-            self.store.conn.execute("UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?", (note, local))
+            self.store.conn.execute("UPDATE batches SET state = ?, note = ? WHERE id = ?", (state, note, local))
             self.store.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, "
                                     "attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = 'in_flight'",
                                     (local,))
@@ -785,23 +780,26 @@ class Runner:
         for b in self.store.q("SELECT id FROM batches WHERE job_id = ? AND state = 'intent'", (self.job.id,)):
             self.resolve_intent(b["id"])
 
-    def resolve_intent(self, local: int, sent_by: Optional[float] = None) -> bool:
+    def resolve_intent(self, local: int) -> bool:
         """Find the batch an unanswered create may have made; adopt it, or else abandon the intent.
 
         The batch, if it exists, was created after the intent was committed and before the create
-        call ended: `sent_by` (now, when the create failed in this run) or, after a crash, at most
-        the longest a create call may last. Only a batch with the intent's request count, created in
-        that window by the API's clock and not known to this state file, is adopted — the earliest
-        such one; once it ends, its custom_ids must prove it ours (_verify_adopted).
+        call ended: when the create failed ambiguously in a run, by then plus AMBIGUOUS_GRACE (the
+        intent waits that long for its batch to show); after a crash, at most the longest a create call
+        may last. Only a batch with the intent's request count, created in that window by the API's
+        clock and not known to this state file, is adopted — the earliest such one; once it ends, its
+        custom_ids must prove it ours (_verify_adopted). Returns whether it was adopted.
         """
         b = self.store.one("SELECT * FROM batches WHERE id = ?", (local,))
         known = {r["api_id"] for r in self.store.q("SELECT api_id FROM batches WHERE api_id IS NOT NULL")}
         intent = parse_iso(b["intent_at"]).timestamp()
-        if sent_by is None:
+        if b["ambiguous_at"]:
+            sent_by = parse_iso(b["ambiguous_at"]).timestamp() + AMBIGUOUS_GRACE
+        else:
             sent_by = intent + self.client.retry.max_elapsed + (self.client.http.timeout.read or 600.0)
         found = None
         for item in self.client.list_batches():   # newest first; its first page tells the API's clock
-            offset = self._server_offset
+            offset = self.client.server_offset
             if offset is None:
                 since, until = intent - ADOPT_WINDOW, sent_by + ADOPT_WINDOW
             else:
@@ -819,6 +817,8 @@ class Runner:
             log.warning("job %s: adopted batch %s (its create reply was lost); nothing sent twice",
                         self.job.short_id, found["id"])
             return True
+        if b["ambiguous_at"] and time.time() < sent_by:
+            return False   # it may still show: looked for again next round, its rows kept in flight
         self._abandon(local, "create reply lost and no such batch exists: requests are pending again")
         log.info("job %s: the lost create made no batch; its requests will be sent again", self.job.short_id)
         return False
@@ -952,12 +952,7 @@ class Runner:
             if theirs == ours:
                 return True
             if len(theirs) >= len(ours):
-                with self.store.transaction():
-                    self.store.conn.execute("UPDATE batches SET state = 'foreign', note = ? WHERE id = ?",
-                                            ("adopted by mistake: its custom_ids are not this batch's", b["id"]))
-                    self.store.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, "
-                                            "attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = 'in_flight'",
-                                            (b["id"],))
+                self._abandon(b["id"], "adopted by mistake: its custom_ids are not this batch's", state="foreign")
                 log.warning("job %s: batch %s was not ours after all; its rows are pending again",
                             self.job.short_id, b["api_id"])
                 return False
@@ -1030,7 +1025,13 @@ class Runner:
             raw["headers"] = None
         raw["state"] = state_path
         kw.setdefault("allow_unknown_model", True)  # the job was accepted when it was planned
-        return cls(JobSpec.from_mapping(raw), job_id=row["id"], **kw)
+        runner = cls(JobSpec.from_mapping(raw), job_id=row["id"], **kw)
+        sent_to, here = row["endpoint"], runner.job.endpoint or ""
+        if sent_to is not None and sent_to != here:   # its batches are not there: a 404 would read as "lost"
+            runner.close()
+            raise InputError(f"job {row['id'][:12]} was sent to {sent_to or DEFAULT_BASE_URL}, not to "
+                             f"{here or DEFAULT_BASE_URL}: set ANTHROPIC_BASE_URL (or --base-url) to its endpoint")
+        return runner
 
     def cancel(self, wait: float = CANCEL_WAIT) -> CancelResult:
         """Cancel the job: its batches in flight are canceled, its rows not yet sent end canceled.
@@ -1060,7 +1061,7 @@ class Runner:
                              "AND coalesce(api_status, '') NOT IN ('canceling', 'ended') ORDER BY id", (job.id,)):
                 try:
                     info = self.client.cancel_batch(b["api_id"])
-                except (AuthError, TransientApiError):
+                except (AuthError, TransientApiError, GaveUpError):
                     raise
                 except ApiError as exc:  # ended meanwhile, or gone (404): the poll below finds out which
                     log.warning("job %s: could not cancel batch %s: %s", job.short_id, b["api_id"], exc)
@@ -1079,10 +1080,7 @@ class Runner:
     def _settle(self, wait: float) -> int:
         """Poll and collect the job's batches until none is running, for up to `wait` seconds (with
         backoff, capped at poll_interval). Returns how many are still running."""
-        def running() -> int:
-            return self.store.one("SELECT count(*) AS n FROM batches WHERE job_id = ? "
-                                  "AND state IN ('submitted', 'ended')", (self.job.id,))["n"]
-
+        running = self._in_flight
         deadline = time.monotonic() + wait
         delay = min(0.5, self.spec.poll_interval)
         left = running()

@@ -176,6 +176,14 @@ def _script(db: sqlite_utils.Database, script: str) -> None:
             db.execute(statement)
 
 
+@migration
+def m004_endpoints(db: sqlite_utils.Database) -> None:
+    """The endpoint a job is sent to ("" for the Anthropic API; NULL: planned before this was kept), and
+    when a batch's create failed ambiguously in a run (its batch may still appear in the list)."""
+    db.execute("ALTER TABLE jobs ADD COLUMN endpoint TEXT")
+    db.execute("ALTER TABLE batches ADD COLUMN ambiguous_at TEXT")
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

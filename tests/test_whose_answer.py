@@ -1,10 +1,16 @@
 """Whose answer is it: a job is keyed by its endpoint, and a lost create adopts only its own batch."""
 from __future__ import annotations
 
+import threading
+import time
+
+import httpx
 import pyarrow.parquet as pq
+import pytest
 
 import batchrun
 from batchrun.api import endpoint_key
+from batchrun.errors import ExitCode, InputError
 
 from tests.conftest import PROMPT
 
@@ -60,9 +66,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
-import pytest  # noqa: E402
 
 CLI = [sys.executable, "-c", "from batchrun.cli import main; main()"]
 
@@ -123,3 +127,123 @@ def test_another_jobs_batch_of_the_same_size_is_not_adopted(skewable, tmp_path, 
     import pyarrow.parquet as pq
     texts = [r["text"] for r in pq.read_table(out).to_pylist()]
     assert len(texts) == 30 and all(t.startswith("Reply to: B: row") for t in texts), texts[:3]
+
+
+# ---- jobs planned before the endpoint was part of a job's identity ----------------------------------
+def test_a_job_planned_before_endpoints_were_kept_is_continued_not_paid_again(emulator_server, tmp_path,
+                                                                            tickets_csv, monkeypatch):
+    """A gateway job left with batches in flight by a version that did not key jobs by endpoint: the
+    new version finds that job (same spec and input, its endpoint not recorded) and continues it."""
+    import batchrun.runner as runner_mod
+    from batchrun.store import Store
+    emulator, _ = emulator_server
+    emulator.reset()
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    emulator.config.processing_seconds = 0.5
+    transport = emulator.sync_transport()
+    job = _job(tmp_path, tickets_csv, "a.parquet")
+    with monkeypatch.context() as old:   # the old version: no endpoint in the identity, none recorded
+        old.setattr(runner_mod, "endpoint_key", lambda base: None)
+        first = batchrun.run(job, wait=False, api_key="k", base_url="https://gw.example", transport=transport)
+    with Store(job["state"]) as store:
+        store.conn.execute("UPDATE jobs SET endpoint = NULL")
+    assert first.exit_code == ExitCode.IN_PROGRESS and emulator.stats.requests_created == 450
+    again = batchrun.run(job, api_key="k", base_url="https://gw.example", transport=transport)
+    assert again.job_id == first.job_id and again.exit_code == 0
+    assert emulator.stats.requests_created == 450                # nothing sent twice
+    emulator.config.processing_seconds = 0.05
+
+
+def test_cancel_by_id_refuses_another_endpoint(emulator_server, tmp_path, tickets_csv, monkeypatch):
+    """Cancelling (or collecting) a job through another endpoint would find none of its batches there
+    (404: "lost"), so it is refused, naming the endpoint the job was sent to."""
+    from batchrun.runner import Runner
+    emulator, _ = emulator_server
+    emulator.reset()
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    transport = emulator.sync_transport()
+    job = _job(tmp_path, tickets_csv, "a.parquet")
+    first = batchrun.run(job, api_key="k", base_url="https://gw-a.example", transport=transport)
+    with pytest.raises(InputError) as refused_:
+        Runner.for_stored_job(job["state"], first.job_id[:12], api_key="k", base_url="https://gw-b.example",
+                              transport=transport)
+    assert "was sent to https://gw-a.example" in str(refused_.value) and "ANTHROPIC_BASE_URL" in str(refused_.value)
+    Runner.for_stored_job(job["state"], first.job_id[:12], api_key="k", base_url="https://gw-a.example",
+                          transport=transport).close()
+
+
+# ---- a create that fails ambiguously while the API goes on creating ----------------------------------
+class LateCreates(httpx.BaseTransport):
+    """A gateway that times out (504) on every batch create while the API behind it goes on: the batch
+    is created `delay` seconds later, after the client was told the create failed."""
+
+    def __init__(self, inner: httpx.BaseTransport, delay: float):
+        self.inner, self.delay, self.threads = inner, delay, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/v1/messages/batches"):
+            body = request.read()
+            late = httpx.Request("POST", request.url, headers=request.headers, content=body)
+
+            def create_later():
+                time.sleep(self.delay)
+                self.inner.handle_request(late).read()
+
+            thread = threading.Thread(target=create_later)
+            thread.start()
+            self.threads.append(thread)
+            return httpx.Response(504, text="gateway timeout", request=request)
+        return self.inner.handle_request(request)
+
+
+def test_a_batch_that_shows_after_its_create_failed_is_adopted_not_sent_again(emulator_server, tmp_path,
+                                                                             tickets_csv, monkeypatch):
+    emulator, _ = emulator_server
+    emulator.reset()
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    transport = LateCreates(emulator.sync_transport(), delay=1.0)
+    job = {**_job(tmp_path, tickets_csv, "a.parquet"), "batch_size": 225}
+    result = batchrun.run(job, api_key="k", base_url="https://gw.example", transport=transport)
+    for thread in transport.threads:
+        thread.join()
+    assert result.exit_code == 0 and result.counts == {"succeeded": 450}
+    assert emulator.stats.batches_created == 2                      # each create reached the API once
+    assert max(emulator.stats.submitted_custom_ids.values()) == 1   # nothing sent twice
+
+
+def test_one_outsized_row_does_not_make_every_later_batch_one_request(emu, tmp_path):
+    csv = tmp_path / "in.csv"
+    csv.write_text("id,body\nbig," + "x" * 6000 + "\n" + "".join(f"r{i},short row {i}\n" for i in range(20)))
+    emu.config.max_body_bytes = 4000
+    job = batchrun.JobSpec.from_mapping({"input": str(csv), "output": str(tmp_path / "o.parquet"), "id_column": "id",
+                                         "prompt": "{{ body }}", "model": MODEL, "max_tokens": 50,
+                                         "batch_size": 10, "poll_interval": 0.05})
+    result = batchrun.run(job, api_key="k", base_url=emu.base_url)
+    assert result.exit_code == ExitCode.FAILED_ROWS and result.counts == {"succeeded": 20, "errored": 1}
+    assert emu.stats.batches_created == 2                           # the 20 short rows, 10 a batch
+
+
+def test_cancel_stops_when_the_api_stays_down(emu, tmp_path, tickets_csv):
+    """A cancel whose calls give up (503 after every retry) fails with exit 4; it does not say it canceled."""
+    from batchrun.api import RetryPolicy
+    from batchrun.errors import GaveUpError
+    from batchrun.runner import Runner
+    emu.config.processing_seconds = 30
+    job = _job(tmp_path, tickets_csv, "a.parquet")
+    first = batchrun.run(job, wait=False, api_key="k", base_url=emu.base_url)
+    assert first.exit_code == ExitCode.IN_PROGRESS
+
+    class Down(httpx.HTTPTransport):
+        def handle_request(self, request):
+            if request.url.path.endswith("/cancel"):
+                return httpx.Response(503, json={"type": "error", "error": {"type": "api_error", "message": "down"}})
+            return super().handle_request(request)
+
+    runner = Runner.for_stored_job(job["state"], first.job_id, api_key="k", base_url=emu.base_url, transport=Down(),
+                                   retry=RetryPolicy(max_retries=1, max_elapsed=1))
+    try:
+        with pytest.raises(GaveUpError):
+            runner.cancel(wait=0)
+    finally:
+        runner.close()
+    emu.config.processing_seconds = 0.05

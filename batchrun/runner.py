@@ -180,7 +180,8 @@ class Runner:
     def __init__(self, spec: JobSpec, *, api_key: Optional[str] = None, base_url: Optional[str] = None,
                  transport=None, async_transport=None, client: Optional[ApiClient] = None,
                  catalog: Optional[Catalog] = None,
-                 allow_unknown_model: bool = False, resume_canceled: bool = False, wait_lock: bool = False,
+                 allow_unknown_model: bool = False, resume_canceled: bool = False, resend_lost: bool = False,
+                 wait_lock: bool = False,
                  on_progress: Optional[Callable[[Progress], None]] = None,
                  sleep: Callable[[float], None] = time.sleep, retry=None, job_id: Optional[str] = None):
         self.spec = spec
@@ -189,6 +190,7 @@ class Runner:
                        job_id=job_id)
         self.store = self.job.store
         self.resume_canceled = resume_canceled
+        self.resend_lost = resend_lost
         self.wait_lock = wait_lock
         self.on_progress = on_progress
         self.sleep = sleep
@@ -259,6 +261,8 @@ class Runner:
             self.plan()
             if self.resume_canceled:
                 self._resume_canceled()
+            if self.resend_lost:
+                self._resend_lost()
             self._record_max_cost()
             backoff = 1.0
             while True:
@@ -477,6 +481,18 @@ class Runner:
             store.event(job.id, "info", f"{len(rows)} rows answered by earlier jobs: not sent again")
         log.info("job %s: %d rows reuse answers already paid for in this state file", job.short_id, len(rows))
         return len(rows)
+
+    def _resend_lost(self) -> None:
+        """Rows whose batch or results the API no longer has are sent again (--resend-lost): paid again."""
+        with self.store.transaction():
+            n = self.store.conn.execute(
+                "UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, result_type = NULL "
+                "WHERE job_id = ? AND state = 'errored' AND error_type IN ('batch_not_found', 'results_gone')",
+                (self.job.id,)).rowcount
+            if n:
+                self.store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (self.job.id,))
+        if n:
+            log.info("job %s: %d rows whose batch or results are gone will be sent again", self.job.short_id, n)
 
     def _resume_canceled(self) -> None:
         with self.store.transaction():
@@ -959,23 +975,28 @@ class Runner:
         return True  # could not read it whole: collect() will retry the download
 
     def _lost(self, b: dict) -> None:
-        """The API no longer knows this batch (deleted, or another endpoint): its rows are sent again."""
+        """The API no longer knows this batch (deleted, or the key is another workspace's). It may have
+        run and been paid for, so its rows are not sent again unless asked (--resend-lost): they end
+        errored, as rows whose results are gone do."""
+        message = (f"batch {b['api_id']} is not found at the API (404): deleted, or the API key belongs to another "
+                   "workspace. Not sent again, since it may have run and been paid for; `run --resend-lost` "
+                   "sends its rows again")
         with self.store.transaction():
             self.store.conn.execute("UPDATE batches SET state = 'lost', note = ? WHERE id = ?",
                                     ("the API answered 404 for this batch", b["id"]))
             n = self.store.conn.execute(
-                "UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL "
-                "WHERE batch_id = ? AND state = 'in_flight'", (b["id"],)).rowcount
-            self.store.event(self.job.id, "warning", f"batch {b['api_id']} not found at the API; {n} rows pending again")
-        log.warning("job %s: batch %s no longer exists at the API (404); its %d rows will be sent again",
-                    self.job.short_id, b["api_id"], n)
+                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'batch_not_found', "
+                "error_message = ?, finished_at = ? WHERE batch_id = ? AND state = 'in_flight'",
+                (message, now_iso(), b["id"])).rowcount
+            self.store.event(self.job.id, "warning", f"batch {b['api_id']} not found at the API; {n} rows errored")
+        log.error("job %s: %s (%d rows)", self.job.short_id, message, n)
 
     def _results_gone(self, b: dict, message: str) -> None:
         with self.store.transaction():
             self.store.conn.execute(
                 "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'results_gone', "
                 "error_message = ?, finished_at = ? WHERE batch_id = ? AND state = 'in_flight'",
-                (message, now_iso(), b["id"]))
+                (f"{message}; `run --resend-lost` sends its rows again", now_iso(), b["id"]))
             self.store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
                                     (now_iso(), "results gone", b["id"]))
         log.error("job %s: %s", self.job.short_id, message)

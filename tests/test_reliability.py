@@ -387,16 +387,24 @@ def test_key_is_written_nowhere_and_state_is_private(emu, cli, tmp_path, tickets
             assert KEY.encode() not in path.read_bytes(), path
 
 
-def test_batch_the_api_forgot_is_sent_again(emu, cli, tmp_path, tickets_csv):
+def test_batch_the_api_forgot_is_sent_again_only_when_asked(emu, cli, tmp_path, tickets_csv):
+    """A batch the API answers 404 for (deleted, or a key of another workspace) may have run and been
+    paid: its rows end errored, saying so, and are sent again only with --resend-lost."""
     emu.config.processing_seconds = 30
     out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
     assert cli(*args(tickets_csv, out, state, "--no-wait")).exit_code == ExitCode.IN_PROGRESS
     emu.reset()                                   # the API no longer knows those batches (404)
     emu.config.processing_seconds = 0.05
     r = cli(*args(tickets_csv, out, state))
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    assert "not found at the API (404)" in r.output and emu.stats.batches_created == 0
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 450 and {row["error_type"] for row in rows} == {"batch_not_found"}
+    assert "--resend-lost" in rows[0]["error_message"]
+    r = cli(*args(tickets_csv, out, state, "--resend-lost"))
     assert r.exit_code == 0, r.output
-    assert "no longer exists" in r.output
-    assert len(pq.read_table(out)) == 450
+    assert emu.stats.requests_created == 450
+    assert {row["status"] for row in pq.read_table(out).to_pylist()} == {"succeeded"}
 
 
 def test_results_gone_are_told_apart(emu, cli, tmp_path, tickets_csv):

@@ -81,9 +81,11 @@ def make_runner(job_file, options: dict, base_url_override: Optional[str] = None
 @click.option("--no-wait", is_flag=True, help="Submit what can be submitted, collect what has ended, then exit "
               "(code 5 while batches still run). For cron.")
 @click.option("--resume-canceled", is_flag=True, help="Send rows that ended canceled again.")
+@click.option("--resend-lost", is_flag=True, help="Send again rows whose batch the API no longer knows (404) or "
+              "whose results are gone (after 29 days): they may have been paid for once already.")
 @click.option("--wait-lock", is_flag=True, help="If another run holds the job, wait for it instead of exiting.")
 @handle_errors
-def run(job_file, no_wait, resume_canceled, wait_lock, **options):
+def run(job_file, no_wait, resume_canceled, resend_lost, wait_lock, **options):
     """Run a job: plan, submit, poll, collect, retry and write the output.
 
     Idempotent: run it again after any interruption and it continues where it stopped; a finished
@@ -98,7 +100,8 @@ def run(job_file, no_wait, resume_canceled, wait_lock, **options):
     setup_logging(options.get("verbose"), options.get("quiet"))
     with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
         printer = None if options.get("quiet") else ProgressPrinter()
-        runner = make_runner(job_file, options, emu_url, resume_canceled=resume_canceled, wait_lock=wait_lock,
+        runner = make_runner(job_file, options, emu_url, resume_canceled=resume_canceled, resend_lost=resend_lost,
+                             wait_lock=wait_lock,
                              on_progress=printer)
         try:
             try:

@@ -254,7 +254,8 @@ class InputSource:
         pinned = dict(self.column_types)
         if self.shard_key is not None:
             pinned[self.shard_key] = pa.string()
-        if schema is None:   # pyarrow's inference over the first block (then read again from the start)
+        inferred = schema is None   # types of this read's own first block, none given yet
+        if inferred:   # pyarrow's inference over the first block (then read again from the start)
             self._check_text()
             probe = self._open_csv(block_size, delimiter, pinned)
             schema = probe.schema
@@ -263,7 +264,7 @@ class InputSource:
         numeric = {name: t for name, t in types.items() if t in (pa.int64(), pa.float64())}
         reader = self._open_csv(block_size, delimiter, {**types, **{name: pa.string() for name in numeric}})
         names = reader.schema.names
-        first = True
+        first = inferred
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -280,7 +281,7 @@ class InputSource:
                 numbers = _as_numbers(columns[i], type_)
                 if numbers is not None:
                     columns[i] = numbers
-                elif first:       # nothing given yet: the column is text from the start
+                elif first:       # nothing given yet (and no types given): the column is text from the start
                     del numeric[name]
                 else:
                     raise ColumnTypeConflict(name)

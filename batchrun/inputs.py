@@ -125,8 +125,8 @@ def input_format(path: str) -> str:
 class InputSource:
     """One input table. `column_types` pins CSV columns whose inferred type did not hold.
 
-    `shard_key` is the job's id column: read as text from CSV and JSONL (custom_ids are its exact
-    text: 007 stays 007, and 1 and 01 are two ids), and its value picks a row's shard.
+    `shard_key` is the job's id column: its value picks a row's shard. It keeps its type like any
+    column (a CSV column of 1, 2, 3 is int64; one with 007 or 01 is text, so 1 and 01 are two ids).
     """
 
     uri: str
@@ -252,8 +252,6 @@ class InputSource:
         that keeps every value (see _as_numbers): those columns are read as text and converted here."""
         delimiter = "\t" if ".tsv" in self.path.lower() else ","
         pinned = dict(self.column_types)
-        if self.shard_key is not None:
-            pinned[self.shard_key] = pa.string()
         inferred = schema is None   # types of this read's own first block, none given yet
         if inferred:   # pyarrow's inference over the first block (then read again from the start)
             self._check_text()
@@ -328,22 +326,10 @@ class InputSource:
         return self._grow_blocks(self._jsonl_read)
 
     def _jsonl_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
-        stream = self._open()
-        key = self.shard_key
-        names = None
-        if schema is not None and key in schema.names:
-            # the id is read as JSON typed it (then made text, below), in the column order given
-            names = schema.names
-            schema = schema.remove(schema.get_field_index(key))
         parse = pajson.ParseOptions(explicit_schema=schema) if schema is not None else None
-        reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
-                                  parse_options=parse)
-        for batch in reader:
-            # the id column as text: custom_ids are the id's text whatever JSON type it has
-            if key in batch.schema.names and batch.schema.field(key).type != pa.string():
-                i = batch.schema.get_field_index(key)
-                batch = batch.set_column(i, key, pc.cast(batch.column(i), pa.string()))
-            yield batch if names is None else batch.select(names)
+        with self._open() as stream:
+            yield from pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
+                                        parse_options=parse)
 
     # ---- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -368,8 +368,9 @@ class InputSource:
 
 _CSV_NULLS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
 # Values whose text a float would not keep: a leading zero (007.5, 00), a '+' on a whole number (+44),
-# a whole number past a float's 15 exact digits (a long id). 1.50 -> 1.5 is the same number: kept.
-_LOSSY_FLOAT = r"^(?:\+\d+|[+-]?0\d.*|[+-]?\d{16,})$"
+# a whole number past a float's 15 exact digits (a long id), more than 15 significant digits anywhere
+# (0.12345678901234567891: from its first to its last non-zero digit). 1.50 -> 1.5 is the same number: kept.
+_LOSSY_FLOAT = r"^(?:\+\d+|[+-]?0\d.*|[+-]?\d{16,})$|^[+-]?[0.]*[1-9](?:\.?\d){14}\.?\d*[1-9]"
 
 
 def _as_numbers(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:

@@ -137,3 +137,26 @@ def test_jsonl_numeric_ids_across_a_line_larger_than_a_block(tmp_path):
     assert batches[0].schema.field("pages").type == pa.int64()
     ids = [v for b in batches for v in b.column("n").to_pylist()]
     assert ids == list(range(2002))
+
+
+def test_numbers_past_a_floats_digits_keep_their_text(tmp_path):
+    inp = tmp_path / "f.csv"
+    columns = {  # column: (values, read as float64)
+        "long_fraction": (["0.12345678901234567891", "1.5"], False),
+        "sixteen_digits": (["1234.567890123456", "2"], False),
+        "long_exponent": (["1.2345678901234567e-5", "2"], False),
+        "long_whole": (["12345678901234567", "2.5"], False),
+        "fifteen_digits": (["3.14159265358979", "-2.71828182845904"], True),
+        "trailing_zeros": (["1.50000000000000000000", "2.25"], True),        # the same number: 1.5
+        "small": (["0.000000000000012345", "-0.5"], True),                   # leading zeros are not digits kept
+        "big_exponent": (["6.02214076e23", "1e-300"], True),
+    }
+    rows = zip(*(values for values, _ in columns.values()))
+    inp.write_text(",".join(columns) + "\n" + "".join(",".join(r) + "\n" for r in rows), encoding="utf-8")
+    batch = next(InputSource(str(inp)).batches())
+    for name, (values, numbers) in columns.items():
+        if numbers:
+            assert batch.schema.field(name).type == pa.float64(), name
+            assert batch.column(name).to_pylist() == [float(v) for v in values], name
+        else:
+            assert batch.column(name).to_pylist() == values, name

@@ -252,42 +252,42 @@ class InputSource:
         that keeps every value (see _as_numbers): those columns are read as text and converted here."""
         delimiter = "\t" if ".tsv" in self.path.lower() else ","
         pinned = dict(self.column_types)
-        inferred = schema is None   # types of this read's own first block, none given yet
+        inferred = schema is None   # no types given (and so no batches given before this read)
         if inferred:   # pyarrow's inference over the first block (then read again from the start)
             self._check_text()
-            probe = self._open_csv(block_size, delimiter, pinned)
-            schema = probe.schema
-            probe.close()
+            with self._open() as stream:
+                schema = self._open_csv(stream, block_size, delimiter, pinned).schema
         types = {**{f.name: f.type for f in schema}, **pinned}
         numeric = {name: t for name, t in types.items() if t in (pa.int64(), pa.float64())}
-        reader = self._open_csv(block_size, delimiter, {**types, **{name: pa.string() for name in numeric}})
-        names = reader.schema.names
-        first = inferred
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            except pa.ArrowInvalid as exc:
-                m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
-                if m and int(m.group(1)) < len(names):
-                    raise ColumnTypeConflict(names[int(m.group(1))]) from None
-                raise
-            columns = batch.columns
-            for name, type_ in list(numeric.items()):
-                i = names.index(name)
-                numbers = _as_numbers(columns[i], type_)
-                if numbers is not None:
-                    columns[i] = numbers
-                elif first:       # nothing given yet (and no types given): the column is text from the start
-                    del numeric[name]
-                else:
-                    raise ColumnTypeConflict(name)
-            first = False
-            yield pa.RecordBatch.from_arrays(columns, names=names)
+        as_text = {**types, **{name: pa.string() for name in numeric}}
+        with self._open() as stream:
+            reader = self._open_csv(stream, block_size, delimiter, as_text)
+            names = reader.schema.names
+            first = inferred
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except pa.ArrowInvalid as exc:
+                    m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
+                    if m and int(m.group(1)) < len(names):
+                        raise ColumnTypeConflict(names[int(m.group(1))]) from None
+                    raise
+                columns = batch.columns
+                for name, type_ in list(numeric.items()):
+                    i = names.index(name)
+                    numbers = _as_numbers(columns[i], type_)
+                    if numbers is not None:
+                        columns[i] = numbers
+                    elif first:       # nothing given yet: the column is text from the start
+                        del numeric[name]
+                    else:
+                        raise ColumnTypeConflict(name)
+                first = False
+                yield pa.RecordBatch.from_arrays(columns, names=names)
 
-    def _open_csv(self, block_size: int, delimiter: str, types: dict) -> pacsv.CSVStreamingReader:
-        stream = self._open()
+    def _open_csv(self, stream, block_size: int, delimiter: str, types: dict) -> pacsv.CSVStreamingReader:
         try:
             return pacsv.open_csv(
                 stream,
@@ -296,7 +296,6 @@ class InputSource:
                 convert_options=pacsv.ConvertOptions(column_types=types),
             )
         except pa.ArrowInvalid as exc:
-            stream.close()
             if "Empty CSV file" in str(exc):   # pyarrow says so of any bytes without a line end
                 head = self._head()
                 if not head.strip():

@@ -3,9 +3,11 @@ every value's text (007 and 02134 stay text), and so is the id column; JSONL kee
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from batchrun.errors import ExitCode
 from batchrun.inputs import InputSource
@@ -160,3 +162,25 @@ def test_numbers_past_a_floats_digits_keep_their_text(tmp_path):
             assert batch.column(name).to_pylist() == [float(v) for v in values], name
         else:
             assert batch.column(name).to_pylist() == values, name
+
+
+def test_reading_a_csv_holds_one_file_open(tmp_path):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc")
+    inp = tmp_path / "two_blocks.csv"
+    inp.write_text("id,n,note\n" + "".join(f"r{i},{i},{'x' * 8000}\n" for i in range(200)), encoding="utf-8")
+
+    def open_copies() -> int:
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return fds.count(str(inp))
+
+    batches = InputSource(str(inp)).batches()
+    next(batches)                                   # the probe that inferred the types is closed
+    assert open_copies() == 1
+    batches.close()
+    assert open_copies() == 0

@@ -125,8 +125,8 @@ def input_format(path: str) -> str:
 class InputSource:
     """One input table. `column_types` pins CSV columns whose inferred type did not hold.
 
-    `shard_key` is the job's id column: read as text from CSV and JSONL (custom_ids are its exact
-    text: 007 stays 007, and 1 and 01 are two ids), and its value picks a row's shard.
+    `shard_key` is the job's id column: its value picks a row's shard. It keeps its type like any
+    column (a CSV column of 1, 2, 3 is int64; one with 007 or 01 is text, so 1 and 01 are two ids).
     """
 
     uri: str
@@ -252,43 +252,42 @@ class InputSource:
         that keeps every value (see _as_numbers): those columns are read as text and converted here."""
         delimiter = "\t" if ".tsv" in self.path.lower() else ","
         pinned = dict(self.column_types)
-        if self.shard_key is not None:
-            pinned[self.shard_key] = pa.string()
-        if schema is None:   # pyarrow's inference over the first block (then read again from the start)
+        inferred = schema is None   # no types given (and so no batches given before this read)
+        if inferred:   # pyarrow's inference over the first block (then read again from the start)
             self._check_text()
-            probe = self._open_csv(block_size, delimiter, pinned)
-            schema = probe.schema
-            probe.close()
+            with self._open() as stream:
+                schema = self._open_csv(stream, block_size, delimiter, pinned).schema
         types = {**{f.name: f.type for f in schema}, **pinned}
         numeric = {name: t for name, t in types.items() if t in (pa.int64(), pa.float64())}
-        reader = self._open_csv(block_size, delimiter, {**types, **{name: pa.string() for name in numeric}})
-        names = reader.schema.names
-        first = True
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            except pa.ArrowInvalid as exc:
-                m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
-                if m and int(m.group(1)) < len(names):
-                    raise ColumnTypeConflict(names[int(m.group(1))]) from None
-                raise
-            columns = batch.columns
-            for name, type_ in list(numeric.items()):
-                i = names.index(name)
-                numbers = _as_numbers(columns[i], type_)
-                if numbers is not None:
-                    columns[i] = numbers
-                elif first:       # nothing given yet: the column is text from the start
-                    del numeric[name]
-                else:
-                    raise ColumnTypeConflict(name)
-            first = False
-            yield pa.RecordBatch.from_arrays(columns, names=names)
+        as_text = {**types, **{name: pa.string() for name in numeric}}
+        with self._open() as stream:
+            reader = self._open_csv(stream, block_size, delimiter, as_text)
+            names = reader.schema.names
+            first = inferred
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except pa.ArrowInvalid as exc:
+                    m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
+                    if m and int(m.group(1)) < len(names):
+                        raise ColumnTypeConflict(names[int(m.group(1))]) from None
+                    raise
+                columns = batch.columns
+                for name, type_ in list(numeric.items()):
+                    i = names.index(name)
+                    numbers = _as_numbers(columns[i], type_)
+                    if numbers is not None:
+                        columns[i] = numbers
+                    elif first:       # nothing given yet: the column is text from the start
+                        del numeric[name]
+                    else:
+                        raise ColumnTypeConflict(name)
+                first = False
+                yield pa.RecordBatch.from_arrays(columns, names=names)
 
-    def _open_csv(self, block_size: int, delimiter: str, types: dict) -> pacsv.CSVStreamingReader:
-        stream = self._open()
+    def _open_csv(self, stream, block_size: int, delimiter: str, types: dict) -> pacsv.CSVStreamingReader:
         try:
             return pacsv.open_csv(
                 stream,
@@ -297,7 +296,6 @@ class InputSource:
                 convert_options=pacsv.ConvertOptions(column_types=types),
             )
         except pa.ArrowInvalid as exc:
-            stream.close()
             if "Empty CSV file" in str(exc):   # pyarrow says so of any bytes without a line end
                 head = self._head()
                 if not head.strip():
@@ -327,22 +325,10 @@ class InputSource:
         return self._grow_blocks(self._jsonl_read)
 
     def _jsonl_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
-        stream = self._open()
-        key = self.shard_key
-        names = None
-        if schema is not None and key in schema.names:
-            # the id is read as JSON typed it (then made text, below), in the column order given
-            names = schema.names
-            schema = schema.remove(schema.get_field_index(key))
         parse = pajson.ParseOptions(explicit_schema=schema) if schema is not None else None
-        reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
-                                  parse_options=parse)
-        for batch in reader:
-            # the id column as text: custom_ids are the id's text whatever JSON type it has
-            if key in batch.schema.names and batch.schema.field(key).type != pa.string():
-                i = batch.schema.get_field_index(key)
-                batch = batch.set_column(i, key, pc.cast(batch.column(i), pa.string()))
-            yield batch if names is None else batch.select(names)
+        with self._open() as stream:
+            yield from pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
+                                        parse_options=parse)
 
     # ---- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -381,8 +367,9 @@ class InputSource:
 
 _CSV_NULLS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
 # Values whose text a float would not keep: a leading zero (007.5, 00), a '+' on a whole number (+44),
-# a whole number past a float's 15 exact digits (a long id). 1.50 -> 1.5 is the same number: kept.
-_LOSSY_FLOAT = r"^(?:\+\d+|[+-]?0\d.*|[+-]?\d{16,})$"
+# a whole number past a float's 15 exact digits (a long id), more than 15 significant digits anywhere
+# (0.12345678901234567891: from its first to its last non-zero digit). 1.50 -> 1.5 is the same number: kept.
+_LOSSY_FLOAT = r"^(?:\+\d+|[+-]?0\d.*|[+-]?\d{16,})$|^[+-]?[0.]*[1-9](?:\.?\d){14}\.?\d*[1-9]"
 
 
 def _as_numbers(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:

@@ -34,11 +34,6 @@ _SELECT = ("custom_id, state, text, stop_reason, model, input_tokens, output_tok
            "api_batch_id, attempts, parsed, row_index")
 
 
-def arrow_type(schema: dict) -> pa.DataType:
-    """The Arrow type for a JSON Schema: scalars, enums, lists and nested objects (see `column_for`)."""
-    return column_for(schema)[0]
-
-
 def column_for(schema: Any, root: Any = None) -> tuple:
     """(Arrow type, convert) for the values a JSON Schema admits.
 

@@ -318,6 +318,7 @@ def schema_problem(schema: dict) -> Optional[str]:
     fails while results are read (after they were paid for).
     """
     import jsonschema
+    from .output import _resolve_ref
     from .results import SCHEMA_VALIDATOR
     meta = SCHEMA_VALIDATOR(SCHEMA_VALIDATOR.META_SCHEMA, format_checker=SCHEMA_VALIDATOR.FORMAT_CHECKER)
     error = jsonschema.exceptions.best_match(meta.iter_errors(schema))   # as check_schema, with the path
@@ -331,12 +332,7 @@ def schema_problem(schema: dict) -> Optional[str]:
     for where, ref in _refs(schema, ()):
         if not ref.startswith("#"):
             return f"$ref {ref!r} at {where}: only references inside the schema (#/...) can be used"
-        node: Any = schema
-        for part in ref[1:].split("/"):
-            if part:
-                part = part.replace("~1", "/").replace("~0", "~")
-                node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, (dict, bool)):
+        if not isinstance(_resolve_ref(schema, ref), (dict, bool)):
             return f"$ref {ref!r} at {where}: the schema has nothing there"
     return None
 

@@ -48,3 +48,23 @@ def test_a_job_with_a_big_document_runs_end_to_end(emu, cli, tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert [r["doc_id"] for r in rows[1499:1502]] == ["d1499", "big", "d1500"]
     assert all(r["status"] == "succeeded" for r in rows) and len(rows) == 3001
+
+
+def test_a_number_column_with_a_leading_zero_after_a_big_cell_is_text(emu, cli, tmp_path):
+    # rows given as int64 before the big cell; the re-read with larger blocks meets 007: the plan
+    # starts again with the column as text, so the output has one type for it (not int64 and string)
+    path, out = tmp_path / "docs.csv", tmp_path / "out.parquet"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("doc_id,n,text\n")
+        for i in range(12000):
+            f.write(f"d{i},{i},t{i}\n")
+        f.write("big,1,\"" + "x" * 3_000_000 + "\"\n")
+        f.write("late,007,t\n")
+    r = cli("run", "--input", path, "--output", out, "--id-column", "doc_id", "--prompt", "{{ n }}: {{ text }}",
+            "--model", "claude-haiku-4-5", "--max-tokens", 50, "--poll-interval", "0.1")
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    assert table.schema.field("n").type == "string"
+    assert table.column("n").to_pylist()[-3:] == ["11999", "1", "007"]
+    assert table.num_rows == 12002 and emu.stats.requests_created == 12002
+    assert emu.stats.params_submitted and max(emu.stats.params_submitted.values()) == 1

@@ -274,10 +274,10 @@ def test_every_rows_max_tokens_is_checked_before_sending(emu, cli, tmp_path):
     args = ["run", "--input", tmp_path / "t.csv", "--output", tmp_path / "o.parquet", "--id-column", "id",
             "--prompt", "{{ msg }}", "--model", "claude-haiku-4-5", "--max-tokens-column", "budget"]
     line = refused(cli(*args))
-    assert "budget: row 70 (id '70'): max_tokens 100000" in line and "64000" in line
+    assert "budget: row 70 (id 70): max_tokens 100000" in line and "64000" in line
     (tmp_path / "t.csv").write_text("id,msg,budget\n1,a,3000\n2,b,3000\n3,c,1500\n")
     line = refused(cli(*args, "--thinking", "2000", "--max-tokens", "3000"))
-    assert "budget: row 3 (id '3')" in line and "budget_tokens 2000" in line and "less than max_tokens 1500" in line
+    assert "budget: row 3 (id 3)" in line and "budget_tokens 2000" in line and "less than max_tokens 1500" in line
     assert emu.stats.create_calls == 0
 
 

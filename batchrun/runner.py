@@ -515,10 +515,11 @@ class Runner:
     # read off the estimate passes), must fit in what is left: max_cost minus what was spent (from the
     # results) minus what the batches in flight may still cost; otherwise nothing more is sent.
     # (2) Each batch (in messages mode, each request) reserves before it is sent the maximum of its
-    # requests (`Estimator.request_max`: the estimate's own figure for a row it counted, and for a row
-    # it extrapolated the same figure with its input tokens padded by 10%; every request at its full
-    # max_tokens); a batch that does not fit whole is cut to the rows that do. So what was spent plus
-    # the reservations in flight never passes the budget.
+    # requests (`Estimator.request_max`: the estimate's own figure for each row, its input tokens
+    # counted or, where the estimate extrapolated them, padded by 10%; every request at its full
+    # max_tokens), so a budget of the estimate's maximum sends every row of it; a batch that does not
+    # fit whole is cut to the rows that do. So what was spent plus the reservations in flight never
+    # passes the budget.
     # A refusal stops sending, never collecting: batches in flight are still polled and collected
     # (their reservation then settles to what they cost) and the budget is checked again; the job
     # stops (BudgetError, exit code 7) only when the rest still does not fit once nothing is in

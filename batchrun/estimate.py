@@ -53,6 +53,7 @@ class Estimator:
         self._ratio: Optional[Decimal] = None
         self._system_tokens: Optional[int] = None
         self._counted: dict = {}      # a body's digest (not the body: it may hold an image) -> its tokens
+        self._brackets: dict = {}
 
     # ---- counting --------------------------------------------------------------------------------
     def _count(self, body: str) -> int:
@@ -69,10 +70,14 @@ class Estimator:
         counted is taken to have: its characters at the counted ones' tokens per character, padded by MARGIN."""
         return int((Decimal(chars) * self.ratio() * MARGIN).to_integral_value(ROUND_CEILING))
 
-    def system_tokens(self, sample_body: str) -> int:
-        """Tokens of the system prompt alone (the part that can be cached)."""
+    def max_tokens(self, body: str) -> int:
+        """max_tokens of a stored request: the job's, or the row's own (max_tokens_column)."""
+        return json.loads(body)["max_tokens"] if self.spec.max_tokens_column else self.spec.max_tokens
+
+    def system_tokens(self, body: str) -> int:
+        """Tokens of the system prompt alone (the part that can be cached), from a stored request."""
         if self._system_tokens is None:
-            params = json.loads(sample_body)
+            params = json.loads(self.runner.full_body(body))
             if not params.get("system"):
                 self._system_tokens = 0
             else:
@@ -103,12 +108,18 @@ class Estimator:
     def bracket(self, input_tokens: int, system_tokens: int, max_tokens: int, cacheable: bool
                 ) -> tuple[Optional[Decimal], Optional[Decimal]]:
         """(min, max) cost of one request."""
-        rest = max(input_tokens - (system_tokens if cacheable else 0), 0)
-        cached = system_tokens if cacheable else 0
-        low = self._cost({"input_tokens": rest, "output_tokens": 0, "cache_read_input_tokens": cached})
-        high = self._cost({"input_tokens": rest, "output_tokens": max_tokens,
-                           "cache_creation_input_tokens": cached})
-        return low, high
+        key = (input_tokens, system_tokens, max_tokens, cacheable)
+        known = self._brackets.get(key)
+        if known is None:    # rows share a few hundred token counts: each is priced once
+            rest = max(input_tokens - (system_tokens if cacheable else 0), 0)
+            cached = system_tokens if cacheable else 0
+            low = self._cost({"input_tokens": rest, "output_tokens": 0, "cache_read_input_tokens": cached})
+            high = self._cost({"input_tokens": rest, "output_tokens": max_tokens,
+                               "cache_creation_input_tokens": cached})
+            known = self._brackets[key] = (low, high)
+            if len(self._brackets) > 100_000:
+                self._brackets.clear()
+        return known
 
     def cacheable(self, system_tokens: int) -> bool:
         model = self.runner.job.model
@@ -128,7 +139,7 @@ class Estimator:
         bodies_n = counts.get("pending", 0)
         first = store.one("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
                           "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 1", (jid,))
-        sys_tokens = self.system_tokens(runner.full_body(first["body"])) if first else 0
+        sys_tokens = self.system_tokens(first["body"]) if first else 0
         cacheable = self.cacheable(sys_tokens)
         low = high = Decimal(0)
         unknown = False
@@ -140,7 +151,7 @@ class Estimator:
                 tokens = self._count(body)
                 total_tokens += tokens
                 chars += len(body) + len(runner.prefix or "")
-                lo, hi = self.bracket(tokens, sys_tokens, json.loads(runner.full_body(body))["max_tokens"], cacheable)
+                lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), cacheable)
                 if lo is None or hi is None:
                     unknown = True
                 else:
@@ -153,7 +164,7 @@ class Estimator:
             rnd = random.Random(0)
             for i, (body,) in enumerate(pending):   # reservoir sample, one pass, bounded memory
                 lengths.append(len(body) + len(runner.prefix or ""))
-                max_tokens.append(json.loads(body)["max_tokens"] if spec.max_tokens_column else spec.max_tokens)
+                max_tokens.append(self.max_tokens(body))
                 if len(bodies) < SAMPLE_SIZE:
                     bodies.append((i, body))
                 else:
@@ -201,13 +212,11 @@ class Estimator:
         the estimate's maximum, so a budget of that maximum reserves every row of it. Its full
         max_tokens of output; cache writes where the system prompt is cached.
         """
-        full = self.runner.full_body(body)
-        params = json.loads(full)
         tokens = self._counted.get(_digest(body))
         if tokens is None:
             tokens = self.uncounted_tokens(len(body) + len(self.runner.prefix or ""))
-        sys_tokens = self.system_tokens(full)
-        lo, hi = self.bracket(tokens, sys_tokens, params["max_tokens"], self.cacheable(sys_tokens))
+        sys_tokens = self.system_tokens(body)
+        lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), self.cacheable(sys_tokens))
         if hi is None:
             raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
                              "cannot be enforced; add its prices with --models FILE")

@@ -292,3 +292,23 @@ def test_the_estimator_keeps_no_request_bodies(emu, tmp_path):
         assert est.input_tokens == sum(counted.values()) == tokens
     finally:
         runner.close()
+
+
+def test_the_maximum_and_the_reservations_take_each_rows_own_max_tokens(emu, cli, tmp_path):
+    """max_tokens_column: each row's maximum is priced at its own max_tokens (the job's where the cell
+    is empty); a budget of exactly that maximum sends every row."""
+    path = tmp_path / "t.csv"
+    path.write_text("id,body,budget\n" + "".join(f"{i},ticket {i} says hello,{'' if i % 3 else 10 + i}\n"
+                                                 for i in range(30)))
+    args = ["--input", path, "--output", tmp_path / "o.parquet", "--state", tmp_path / "s.sqlite", "--id-column",
+            "id", "--prompt", "Tag: {{ body }}", "--model", "claude-haiku-4-5", "--max-tokens", "60",
+            "--max-tokens-column", "budget", "--poll-interval", "0.1"]
+    est = json.loads(cli("estimate", *args, "--json").output)
+    with Store(str(tmp_path / "s.sqlite")) as store:
+        params = [p for _, _, p in store.params()]
+    assert sorted({p["max_tokens"] for p in params})[:2] == [10, 13] and 60 in {p["max_tokens"] for p in params}
+    most = sum(Decimal(count_tokens(p)) + p["max_tokens"] * 5 for p in params) / Decimal(10 ** 6) / 2
+    assert est["method"] == "exact" and est["cost_usd_max"] == ceil8(most)
+    r = cli("run", *args, "--max-cost", str(est["cost_usd_max"]))
+    assert r.exit_code == 0, r.output
+    assert json.loads(cli("status", "--state", tmp_path / "s.sqlite", "--json").output)[0]["counts"]["succeeded"] == 30

@@ -54,6 +54,9 @@ class Estimator:
         self._system_tokens: Optional[int] = None
         self._counted: dict = {}      # a body's digest (not the body: it may hold an image) -> its tokens
         self._brackets: dict = {}
+        # messages mode: the maximum of each send of this run that may have run (been billed) with no
+        # reply saying what it cost; the budget counts it as spent
+        self.unreplied = Decimal(0)
 
     # ---- counting --------------------------------------------------------------------------------
     def _count(self, body: str) -> int:

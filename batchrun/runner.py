@@ -525,12 +525,15 @@ class Runner:
     # stops (BudgetError, exit code 7) only when the rest still does not fit once nothing is in
     # flight, or, with --no-wait, once what has ended is collected.
     def budget_left(self) -> tuple[Decimal, Decimal, Decimal]:
-        """(left, spent, reserved): max_cost minus what was spent and what batches in flight may still cost."""
+        """(left, spent, reserved): max_cost minus what was spent and what batches in flight may still cost.
+
+        Spent: what the results cost, and (messages mode) the maximum of each send of this run that may
+        have been billed without a reply (`Estimator.unreplied`)."""
         reserved = Decimal(0)
         for b in self.store.q("SELECT id, max_cost FROM batches WHERE job_id = ? "
                               "AND state IN ('intent', 'submitted', 'ended')", (self.job.id,)):
             reserved += Decimal(str(b["max_cost"])) if b["max_cost"] is not None else self._unreserved(b["id"])
-        spent = Decimal(str(self.cost() or 0.0))
+        spent = Decimal(str(self.cost() or 0.0)) + self.estimator.unreplied
         return Decimal(str(self.spec.max_cost)) - spent - reserved, spent, reserved
 
     def _unreserved(self, local: int) -> Decimal:

@@ -7,6 +7,7 @@ claude-haiku-4-5 ($1 / $5 per million input / output tokens; half of that in bat
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import time
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 import batchrun
+from batchrun.api import RetryPolicy
 from batchrun import estimate
 from batchrun.errors import BudgetError, ExitCode
 from batchrun.emulator.replies import count_tokens, reply_for
@@ -212,23 +214,36 @@ def test_status_and_report_show_the_budget_of_the_latest_run(emu, cli, tmp_path,
 
 # ---- messages mode ------------------------------------------------------------------------------
 class Watch(httpx.AsyncBaseTransport):
-    """Forwards to the emulator; at each request sent, checks what was really spent plus the most
-    the requests on the wire can cost against the budget."""
+    """Forwards to the emulator, and at each request sent records the peak of what was really billed
+    plus the most the requests on the wire can cost. With `fail`, the first send of one request in
+    six fails that way: "timeout" and "500" after the emulator has run (and billed) it, "529" and
+    "400" without sending it."""
 
-    def __init__(self, budget: Decimal):
+    def __init__(self, fail: str = ""):
         self.inner = httpx.AsyncHTTPTransport()
-        self.budget = budget
+        self.fail = fail
         self.spent = Decimal(0)
         self.on_wire = Decimal(0)
         self.peak = Decimal(0)
         self.sent = 0
+        self.seen: set = set()
+        self.failed = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        first = request.content not in self.seen
+        self.seen.add(request.content)
+        if self.fail and first and int(hashlib.sha256(request.content).hexdigest()[:8], 16) % 6 == 0:
+            self.failed += 1
+            if self.fail in ("529", "400"):
+                kind = "overloaded_error" if self.fail == "529" else "invalid_request_error"
+                return httpx.Response(int(self.fail), headers={"retry-after-ms": "1"},
+                                      json={"type": "error", "error": {"type": kind, "message": "(test)"}})
+        else:
+            first = False
         params = json.loads(request.content)
         most = true_max(params, batch=False)
         self.on_wire += most
         self.peak = max(self.peak, self.spent + self.on_wire)
-        assert self.spent + self.on_wire <= self.budget, (self.spent, self.on_wire, self.budget)
         self.sent += 1
         try:
             response = await self.inner.handle_async_request(request)
@@ -237,6 +252,11 @@ class Watch(httpx.AsyncBaseTransport):
             self.on_wire -= most
         usage = response.json()["usage"]
         self.spent += (usage["input_tokens"] * IN + usage["output_tokens"] * OUT) / MILLION
+        if first and self.fail == "timeout":
+            raise httpx.ReadTimeout("the reply was lost (test)", request=request)
+        if first and self.fail == "500":
+            return httpx.Response(500, headers={"retry-after-ms": "1"},
+                                  json={"type": "error", "error": {"type": "api_error", "message": "(test)"}})
         return response
 
     async def aclose(self) -> None:
@@ -261,9 +281,41 @@ def test_messages_mode_never_passes_the_budget(emu, cli, tmp_path):
     assert all(reply_for(p)["usage"]["output_tokens"] == 6 for p in params.values())   # replies use it all
     budget = Decimal(str(est["cost_usd_max"]))
     emu.config.latency = 0.005                                # requests overlap on the wire
-    watch = Watch(budget)
+    watch = Watch()
     result = batchrun.run(dict(input=str(inp), output=str(tmp_path / "o.parquet"), state=str(state),
                                id_column="ticket_id", prompt=PROMPT, model="claude-haiku-4-5", max_tokens=6,
                                mode="messages", concurrency=8, max_cost=float(budget)), async_transport=watch)
     assert result.exit_code == ExitCode.OK and result.counts == {"succeeded": 300} and watch.sent == 300
     assert float(spent(state)) == pytest.approx(float(watch.spent), rel=1e-9) and watch.peak <= budget
+
+
+@pytest.mark.parametrize("fail", ["timeout", "500", "529", "400"])
+def test_messages_mode_counts_a_send_that_may_have_run_as_spent(emu, cli, tmp_path, fail):
+    """120 rows (counted exactly), replies that use all of max_tokens, a budget of exactly the estimate's
+    maximum. The first send of one request in six fails. After a timeout or a 500 the request may have
+    run and been billed (here it was): its reservation stays spent and sending it again reserves again,
+    so the job stops short of the budget instead of passing it (it used to give the reservation back
+    and finish every row, billed ~15% over the budget). A 529 or a 400 proves the request was not run:
+    its reservation is given back, and every row is sent."""
+    inp = write_tickets(tmp_path / "t.csv", 120, seed=9)
+    state = tmp_path / "s.sqlite"
+    spec = dict(input=str(inp), output=str(tmp_path / "o.parquet"), state=str(state), id_column="ticket_id",
+                prompt=PROMPT, model="claude-haiku-4-5", max_tokens=6, mode="messages", concurrency=8)
+    est = json.loads(cli("estimate", *job_args(inp, tmp_path, "--mode", "messages", max_tokens=6), "--json").output)
+    budget = Decimal(str(est["cost_usd_max"]))
+    params = params_by_id(state)
+    assert est["method"] == "exact" and budget == sum(real_cost(p, batch=False) for p in params.values())
+    watch = Watch(fail)
+    run = lambda: batchrun.run({**spec, "max_cost": float(budget)}, async_transport=watch,  # noqa: E731
+                               retry=RetryPolicy(max_wait=0.01))
+    if fail in ("529", "400"):
+        result = run()
+        assert result.counts == ({"succeeded": 120} if fail == "529" else {"succeeded": 120 - watch.failed,
+                                                                            "errored": watch.failed})
+    else:
+        with pytest.raises(BudgetError) as stop:
+            run()
+        assert "--max-cost" in str(stop.value)
+        st = status(cli, state)
+        assert st["counts"]["pending"] > 0 and st["counts"]["succeeded"] + st["counts"]["pending"] == 120
+    assert watch.failed > 10 and watch.spent <= budget and watch.peak <= budget

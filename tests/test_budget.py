@@ -306,8 +306,10 @@ def test_messages_mode_counts_a_send_that_may_have_run_as_spent(emu, cli, tmp_pa
     params = params_by_id(state)
     assert est["method"] == "exact" and budget == sum(real_cost(p, batch=False) for p in params.values())
     watch = Watch(fail)
-    run = lambda: batchrun.run({**spec, "max_cost": float(budget)}, async_transport=watch,  # noqa: E731
-                               retry=RetryPolicy(max_wait=0.01))
+
+    def run():
+        return batchrun.run({**spec, "max_cost": float(budget)}, async_transport=watch, retry=RetryPolicy(max_wait=0.01))
+
     if fail in ("529", "400"):
         result = run()
         assert result.counts == ({"succeeded": 120} if fail == "529" else {"succeeded": 120 - watch.failed,

@@ -3,10 +3,12 @@
 Token counts come from the API's count_tokens endpoint with the job's own model (tokenizers differ:
 Claude 4.7+ and Haiku 5.5 count ~30% more for the same text). Small jobs are counted exactly; for
 larger ones a seeded random sample is counted and the rest extrapolated from its tokens-per-character
-ratio — the output says which.
+ratio — the output says which. The maximum pads the extrapolated input tokens by MARGIN, as the
+reservations made while running do (`request_max`): a budget of the maximum holds every row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from .errors import InputError
 
 EXACT_LIMIT = 200       # count every request up to this many
 SAMPLE_SIZE = 60        # otherwise count this many, chosen at random (seeded)
-MARGIN = Decimal("1.10")  # a reservation pads input tokens extrapolated (not counted) by this much
+MARGIN = Decimal("1.10")  # the maximum pads input tokens extrapolated (not counted) by this much
 CENT_MILLIONTH = Decimal("0.00000001")   # the estimate's dollars are given to 8 decimals
 
 
@@ -50,22 +52,35 @@ class Estimator:
         self.catalog = runner.job.catalog
         self._ratio: Optional[Decimal] = None
         self._system_tokens: Optional[int] = None
-        self._counted: dict = {}
+        self._counted: dict = {}      # a body's digest (not the body: it may hold an image) -> its tokens
+        self._brackets: dict = {}
+        # messages mode: the maximum of each send of this run that may have run (been billed) with no
+        # reply saying what it cost; the budget counts it as spent
+        self.unreplied = Decimal(0)
 
     # ---- counting --------------------------------------------------------------------------------
     def _count(self, body: str) -> int:
         """Tokens of a stored request, counted by the API once per body (a run estimates again as it goes)."""
-        known = self._counted
-        if body not in known:
+        known, key = self._counted, _digest(body)
+        if key not in known:
             if len(known) >= 20_000:
                 known.clear()
-            known[body] = self.runner.client.count_tokens(json.loads(self.runner.full_body(body)))
-        return known[body]
+            known[key] = self.runner.client.count_tokens(json.loads(self.runner.full_body(body)))
+        return known[key]
 
-    def system_tokens(self, sample_body: str) -> int:
-        """Tokens of the system prompt alone (the part that can be cached)."""
+    def uncounted_tokens(self, chars: int) -> int:
+        """The most input tokens a request of `chars` characters (row part and shared part) that was not
+        counted is taken to have: its characters at the counted ones' tokens per character, padded by MARGIN."""
+        return int((Decimal(chars) * self.ratio() * MARGIN).to_integral_value(ROUND_CEILING))
+
+    def max_tokens(self, body: str) -> int:
+        """max_tokens of a stored request: the job's, or the row's own (max_tokens_column)."""
+        return json.loads(body)["max_tokens"] if self.spec.max_tokens_column else self.spec.max_tokens
+
+    def system_tokens(self, body: str) -> int:
+        """Tokens of the system prompt alone (the part that can be cached), from a stored request."""
         if self._system_tokens is None:
-            params = json.loads(sample_body)
+            params = json.loads(self.runner.full_body(body))
             if not params.get("system"):
                 self._system_tokens = 0
             else:
@@ -96,12 +111,18 @@ class Estimator:
     def bracket(self, input_tokens: int, system_tokens: int, max_tokens: int, cacheable: bool
                 ) -> tuple[Optional[Decimal], Optional[Decimal]]:
         """(min, max) cost of one request."""
-        rest = max(input_tokens - (system_tokens if cacheable else 0), 0)
-        cached = system_tokens if cacheable else 0
-        low = self._cost({"input_tokens": rest, "output_tokens": 0, "cache_read_input_tokens": cached})
-        high = self._cost({"input_tokens": rest, "output_tokens": max_tokens,
-                           "cache_creation_input_tokens": cached})
-        return low, high
+        key = (input_tokens, system_tokens, max_tokens, cacheable)
+        known = self._brackets.get(key)
+        if known is None:    # rows share a few hundred token counts: each is priced once
+            rest = max(input_tokens - (system_tokens if cacheable else 0), 0)
+            cached = system_tokens if cacheable else 0
+            low = self._cost({"input_tokens": rest, "output_tokens": 0, "cache_read_input_tokens": cached})
+            high = self._cost({"input_tokens": rest, "output_tokens": max_tokens,
+                               "cache_creation_input_tokens": cached})
+            known = self._brackets[key] = (low, high)
+            if len(self._brackets) > 100_000:
+                self._brackets.clear()
+        return known
 
     def cacheable(self, system_tokens: int) -> bool:
         model = self.runner.job.model
@@ -121,7 +142,7 @@ class Estimator:
         bodies_n = counts.get("pending", 0)
         first = store.one("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
                           "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 1", (jid,))
-        sys_tokens = self.system_tokens(runner.full_body(first["body"])) if first else 0
+        sys_tokens = self.system_tokens(first["body"]) if first else 0
         cacheable = self.cacheable(sys_tokens)
         low = high = Decimal(0)
         unknown = False
@@ -133,7 +154,7 @@ class Estimator:
                 tokens = self._count(body)
                 total_tokens += tokens
                 chars += len(body) + len(runner.prefix or "")
-                lo, hi = self.bracket(tokens, sys_tokens, json.loads(runner.full_body(body))["max_tokens"], cacheable)
+                lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), cacheable)
                 if lo is None or hi is None:
                     unknown = True
                 else:
@@ -146,7 +167,7 @@ class Estimator:
             rnd = random.Random(0)
             for i, (body,) in enumerate(pending):   # reservoir sample, one pass, bounded memory
                 lengths.append(len(body) + len(runner.prefix or ""))
-                max_tokens.append(json.loads(body)["max_tokens"] if spec.max_tokens_column else spec.max_tokens)
+                max_tokens.append(self.max_tokens(body))
                 if len(bodies) < SAMPLE_SIZE:
                     bodies.append((i, body))
                 else:
@@ -158,11 +179,13 @@ class Estimator:
             chars = sum(len(b) + len(runner.prefix or "") for _, b in bodies)
             ratio = self._ratio = Decimal(sum(counted.values())) / Decimal(chars)
             for i, (length, mt) in enumerate(zip(lengths, max_tokens)):
-                tokens = counted.get(i)
-                if tokens is None:
+                tokens = most = counted.get(i)
+                if tokens is None:   # the input tokens expected; the maximum pads them, as a reservation does
                     tokens = int((Decimal(length) * ratio).to_integral_value())
+                    most = self.uncounted_tokens(length)
                 total_tokens += tokens
-                lo, hi = self.bracket(tokens, sys_tokens, mt, cacheable)
+                lo = self.bracket(tokens, sys_tokens, mt, cacheable)[0]
+                hi = self.bracket(most, sys_tokens, mt, cacheable)[1]
                 if lo is None or hi is None:
                     unknown = True
                 else:
@@ -187,19 +210,21 @@ class Estimator:
     def request_max(self, body: str) -> Decimal:
         """The most one request (its stored row body) may cost, which its batch reserves before it is sent.
 
-        Its input tokens as an estimate of this run counted them (then the figure is exactly the
-        estimate's), or else extrapolated from the latest estimate's tokens per character and padded by
-        MARGIN; its full max_tokens of output; cache writes where the system prompt is cached.
+        Its input tokens as an estimate of this run counted them, or else extrapolated from the latest
+        estimate's tokens per character and padded by MARGIN (`uncounted_tokens`): the same figure as
+        the estimate's maximum, so a budget of that maximum reserves every row of it. Its full
+        max_tokens of output; cache writes where the system prompt is cached.
         """
-        full = self.runner.full_body(body)
-        params = json.loads(full)
-        tokens = self._counted.get(body)
+        tokens = self._counted.get(_digest(body))
         if tokens is None:
-            chars = Decimal(len(body) + len(self.runner.prefix or ""))
-            tokens = int((chars * self.ratio() * MARGIN).to_integral_value()) + 1
-        sys_tokens = self.system_tokens(full)
-        lo, hi = self.bracket(tokens, sys_tokens, params["max_tokens"], self.cacheable(sys_tokens))
+            tokens = self.uncounted_tokens(len(body) + len(self.runner.prefix or ""))
+        sys_tokens = self.system_tokens(body)
+        lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), self.cacheable(sys_tokens))
         if hi is None:
             raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
                              "cannot be enforced; add its prices with --models FILE")
         return hi
+
+
+def _digest(body: str) -> bytes:
+    return hashlib.blake2b(body.encode("utf-8"), digest_size=16).digest()

@@ -16,6 +16,12 @@ at most `max_attempts` times counting only the sends that may have run (a 429 or
 request did not), and at most as often and as long as the client's RetryPolicy allows; then it ends
 errored with the last error. Any other 4xx ends the row errored (final). 401/403 stop the job (every
 request would fail), as do a 404 (a wrong base URL or model) and a reply that is not a Message.
+
+With max_cost, each request reserves its maximum cost before it is sent, and its reply settles the
+reservation to what it cost. A send that may have run without a reply saying what it cost (a timeout, a
+dropped connection, a 5xx other than 529) keeps its reservation, counted as spent; sending the request
+again reserves again, and when that does not fit the row stays pending for a later run. Only a reply
+that proves the request was not run (any 4xx, or 529) gives the reservation back.
 """
 from __future__ import annotations
 
@@ -52,6 +58,15 @@ SLOW_DOWN = {429, 529}        # replies that slow every worker down
 FIELDS = tuple(f for f in RESULT_FIELDS if f != "api_batch_id")
 RECORD_SQL = ("UPDATE requests SET state = ?, " + ", ".join(f"{f} = ?" for f in FIELDS) +
               ", attempts = attempts + ?, finished_at = ? WHERE job_id = ? AND custom_id = ? AND state = 'pending'")
+
+
+class _NoRoom(Exception):
+    """Sending a request again (its last send may have run) does not fit what is left of the budget."""
+
+
+def _not_run(status: Optional[int]) -> bool:
+    """Whether a send that failed with this status (None: no reply) certainly was not run, so not billed."""
+    return status is not None and (400 <= status < 500 or status in NOT_RUN)
 
 
 class _RowFailed(Exception):
@@ -144,12 +159,18 @@ class MessagesDriver:
     async def _worker(self, http: httpx.AsyncClient, queue: asyncio.Queue) -> None:
         while (item := await queue.get()) is not None:
             custom_id, body, reserved = item
-            fields, sends = await self._send(http, body)
-            self._buffer.append((fields["state"], *(fields.get(f) for f in FIELDS), sends, now_iso(),
-                                 self.job_id, custom_id))
-            if len(self._buffer) >= FLUSH_ROWS:
+            tries = {"sent": 0, "counted": 0, "refused": 0, "held": reserved, "need": reserved}
+            fields = await self._send(http, body, tries)
+            if fields is None:     # not sent again for want of budget: the row stays pending
                 self._flush()
-            self._settle(reserved, fields)
+                self.runner._held = self.runner._held or self.runner._over_budget(
+                    tries["need"], "sending again a request whose last send may have run (no reply)")
+            else:
+                self._buffer.append((fields["state"], *(fields.get(f) for f in FIELDS), tries["sent"], now_iso(),
+                                     self.job_id, custom_id))
+                if len(self._buffer) >= FLUSH_ROWS:
+                    self._flush()
+            self._settle(tries, fields)
 
     # ---- the budget: each request reserves its maximum cost before it is sent ----------------------
     async def _reserve(self, body: str) -> Optional[Decimal]:
@@ -169,13 +190,30 @@ class MessagesDriver:
         self.sending += 1
         return need
 
-    def _settle(self, reserved: Decimal, fields: dict) -> None:
+    def _settle(self, tries: dict, fields: Optional[dict]) -> None:
+        """A row is done with: what its last send reserved, less what its reply cost, is free again."""
         if self.room is None:
             return
-        paid = fields["state"] in ("succeeded", "invalid_output")   # errors are not billed
-        cost = fields.get("cost_usd")
-        self.room += reserved - (Decimal(0) if not paid else reserved if cost is None else Decimal(str(cost)))
+        held = tries["held"] or Decimal(0)   # None: kept as spent by a send that may have run (_send_failed)
+        paid = fields is not None and fields["state"] in ("succeeded", "invalid_output")
+        cost = fields.get("cost_usd") if paid else None
+        self.room += held - (Decimal(0) if not paid else held if cost is None else Decimal(str(cost)))
         self.sending -= 1
+
+    def _send_failed(self, tries: dict, status: Optional[int]) -> None:
+        """A send failed: unless its reply proves it was not run, its reservation is counted as spent."""
+        if self.room is not None and tries["held"] is not None and not _not_run(status):
+            self.runner.estimator.unreplied += tries["held"]
+            tries["held"] = None
+
+    def _reserve_again(self, tries: dict) -> None:
+        """Before a request is sent again after a send that may have run: its maximum, reserved anew."""
+        if self.room is None or tries["held"] is not None:
+            return
+        if tries["need"] > self.room:
+            raise _NoRoom()
+        self.room -= tries["need"]
+        tries["held"] = tries["need"]
 
     async def _tick(self) -> None:
         last_report = time.monotonic()
@@ -202,12 +240,12 @@ class MessagesDriver:
         self.runner._report(counts)
 
     # ---- one row -----------------------------------------------------------------------------
-    async def _send(self, http: httpx.AsyncClient, body: str) -> tuple[dict, int]:
-        """Send one row until it has a result: (the row's fields, how many times it was sent)."""
+    async def _send(self, http: httpx.AsyncClient, body: str, tries: dict) -> Optional[dict]:
+        """Send one row until it has a result: the row's fields (`tries` counts the sends), or None when
+        sending it again does not fit the budget."""
         content = body.encode("utf-8")
         estimate = (len(body) // 4, int(json.loads(body).get("max_tokens") or 0))   # for the limiter
         policy, max_attempts = self.client.retry, self.spec.max_attempts
-        tries = {"sent": 0, "counted": 0, "refused": 0}
         started = time.monotonic()
 
         def stop(state: tenacity.RetryCallState) -> bool:
@@ -224,12 +262,15 @@ class MessagesDriver:
         try:
             async for attempt in retrying:
                 with attempt:
+                    self._reserve_again(tries)
                     message = await self._post(http, content, estimate, tries)
+        except _NoRoom:
+            return None
         except (TransientApiError, _RowFailed) as exc:
             error = exc.error if isinstance(exc, _RowFailed) else exc
             return {"result_type": "errored", "state": "errored", "error_type": error.error_type or "api_error",
-                    "error_message": str(error)}, tries["sent"]
-        return self.runner.parser.message(message), tries["sent"]
+                    "error_message": str(error)}
+        return self.runner.parser.message(message)
 
     async def _post(self, http: httpx.AsyncClient, content: bytes, estimate: tuple, tries: dict) -> dict:
         """One exchange, admitted by the limiter and reported back to it."""
@@ -248,6 +289,7 @@ class MessagesDriver:
         except (ApiError, _RowFailed) as exc:
             error = exc.error if isinstance(exc, _RowFailed) else exc
             status = error.status
+            self._send_failed(tries, status)
             if status in SLOW_DOWN:
                 tries["refused"] += 1
                 wait = error.retry_after

@@ -522,21 +522,25 @@ class Runner:
     # read off the estimate passes), must fit in what is left: max_cost minus what was spent (from the
     # results) minus what the batches in flight may still cost; otherwise nothing more is sent.
     # (2) Each batch (in messages mode, each request) reserves before it is sent the maximum of its
-    # requests (`Estimator.request_max`: the estimate's own figure for a row it counted, and for a row
-    # it extrapolated the same figure with its input tokens padded by 10%; every request at its full
-    # max_tokens); a batch that does not fit whole is cut to the rows that do. So what was spent plus
-    # the reservations in flight never passes the budget.
+    # requests (`Estimator.request_max`: the estimate's own figure for each row, its input tokens
+    # counted or, where the estimate extrapolated them, padded by 10%; every request at its full
+    # max_tokens), so a budget of the estimate's maximum sends every row of it; a batch that does not
+    # fit whole is cut to the rows that do. So what was spent plus the reservations in flight never
+    # passes the budget.
     # A refusal stops sending, never collecting: batches in flight are still polled and collected
     # (their reservation then settles to what they cost) and the budget is checked again; the job
     # stops (BudgetError, exit code 7) only when the rest still does not fit once nothing is in
     # flight, or, with --no-wait, once what has ended is collected.
     def budget_left(self) -> tuple[Decimal, Decimal, Decimal]:
-        """(left, spent, reserved): max_cost minus what was spent and what batches in flight may still cost."""
+        """(left, spent, reserved): max_cost minus what was spent and what batches in flight may still cost.
+
+        Spent: what the results cost, and (messages mode) the maximum of each send of this run that may
+        have been billed without a reply (`Estimator.unreplied`)."""
         reserved = Decimal(0)
         for b in self.store.q("SELECT id, max_cost FROM batches WHERE job_id = ? "
                               "AND state IN ('intent', 'submitted', 'ended')", (self.job.id,)):
             reserved += Decimal(str(b["max_cost"])) if b["max_cost"] is not None else self._unreserved(b["id"])
-        spent = Decimal(str(self.cost() or 0.0))
+        spent = Decimal(str(self.cost() or 0.0)) + self.estimator.unreplied
         return Decimal(str(self.spec.max_cost)) - spent - reserved, spent, reserved
 
     def _unreserved(self, local: int) -> Decimal:

@@ -266,3 +266,49 @@ def test_jobs_and_status_in_plain_text(emu, cli, tmp_path, tickets_csv):
     assert "  rows: 50 pending (of 50)" in out
     one = json.loads(cli("status", planned["job_id"][:12], "--state", state, "--json").output)
     assert one["state"] == "planned" and one["batches"] == []
+
+
+def test_the_estimator_keeps_no_request_bodies(emu, tmp_path):
+    """It remembers each counted request's tokens by a digest of its body: rows with large cells
+    (a document, an image's base64) are not kept in memory by the estimate of a run."""
+    from batchrun.runner import Runner
+    path = tmp_path / "docs.csv"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("doc_id,text\n")
+        for i in range(30):
+            f.write(f"d{i},{'word ' * 40_000}{i}\n")                # 200 kB a row
+    spec = batchrun.JobSpec.from_mapping({"input": str(path), "output": str(tmp_path / "o.parquet"),
+                                          "state": str(tmp_path / "s.sqlite"), "id_column": "doc_id",
+                                          "prompt": "Summarise: {{ text }}", "model": "claude-haiku-4-5",
+                                          "max_tokens": 100})
+    runner = Runner(spec, api_key="sk-ant-test-0123456789", base_url=emu.base_url)
+    try:
+        est = runner.estimate()
+        counted = runner.estimator._counted
+        assert est.method == "exact" and len(counted) == 30
+        assert sum(len(key) for key in counted) < 30 * 100
+        with Store(str(tmp_path / "s.sqlite")) as store:
+            tokens = sum(count_tokens(p) for _, _, p in store.params())
+        assert est.input_tokens == sum(counted.values()) == tokens
+    finally:
+        runner.close()
+
+
+def test_the_maximum_and_the_reservations_take_each_rows_own_max_tokens(emu, cli, tmp_path):
+    """max_tokens_column: each row's maximum is priced at its own max_tokens (the job's where the cell
+    is empty); a budget of exactly that maximum sends every row."""
+    path = tmp_path / "t.csv"
+    path.write_text("id,body,budget\n" + "".join(f"{i},ticket {i} says hello,{'' if i % 3 else 10 + i}\n"
+                                                 for i in range(30)))
+    args = ["--input", path, "--output", tmp_path / "o.parquet", "--state", tmp_path / "s.sqlite", "--id-column",
+            "id", "--prompt", "Tag: {{ body }}", "--model", "claude-haiku-4-5", "--max-tokens", "60",
+            "--max-tokens-column", "budget", "--poll-interval", "0.1"]
+    est = json.loads(cli("estimate", *args, "--json").output)
+    with Store(str(tmp_path / "s.sqlite")) as store:
+        params = [p for _, _, p in store.params()]
+    assert sorted({p["max_tokens"] for p in params})[:2] == [10, 13] and 60 in {p["max_tokens"] for p in params}
+    most = sum(Decimal(count_tokens(p)) + p["max_tokens"] * 5 for p in params) / Decimal(10 ** 6) / 2
+    assert est["method"] == "exact" and est["cost_usd_max"] == ceil8(most)
+    r = cli("run", *args, "--max-cost", str(est["cost_usd_max"]))
+    assert r.exit_code == 0, r.output
+    assert json.loads(cli("status", "--state", tmp_path / "s.sqlite", "--json").output)[0]["counts"]["succeeded"] == 30

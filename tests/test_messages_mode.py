@@ -227,7 +227,7 @@ def test_without_rate_limit_headers_429s_slow_every_worker_down(emu, wire, tmp_p
 # ---- (2) the user's caps, end to end: no limit at the server, the client's cap is what limits --------
 @pytest.mark.parametrize("cap", ["--rpm", "--tpm"])
 def test_user_caps_hold_at_the_server(emu, wire, tmp_path, monkeypatch, cap):
-    monkeypatch.setattr(ratelimit, "SPAN", 0.5)             # "per minute" scaled to per half second
+    monkeypatch.setattr(ratelimit, "SPAN", 1.0)             # "per minute" scaled to per second
     rows = make_tickets(40)
     inp = write_csv(tmp_path / "t.csv", rows)
     out = tmp_path / "o.parquet"
@@ -245,8 +245,9 @@ def test_user_caps_hold_at_the_server(emu, wire, tmp_path, monkeypatch, cap):
         events = [(s.at, sum(s.usage().get(k) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
                                                               "output_tokens"))) for s in seen]
     total = sum(w for _, w in events)
-    # never more than the cap in any span (less 0.1 s for the time between sending and arriving) ...
-    assert most_in_any_window(events, ratelimit.SPAN - 0.1) <= limit
+    # never more than the cap in any span (less 0.25 s for the time between sending and arriving, which a
+    # loaded machine stretches) ...
+    assert most_in_any_window(events, ratelimit.SPAN - 0.25) <= limit
     # ... and the cap is what limited: the job needs more than two spans' worth
     assert total > 2 * limit and wall >= 2 * ratelimit.SPAN
 

@@ -208,6 +208,12 @@ class Runner:
         self._started = time.monotonic()
         self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
+        # budget (see "budget"): why a reservation stopped sending this round; the pending rows last
+        # priced and their maximum; reservations of batches sent without a budget; the budget a stop needs
+        self._held: Optional[str] = None
+        self._gate: tuple = (None, Decimal(0))
+        self._unreserved_cache: dict = {}
+        self._need = Decimal(0)
 
     # ---- the client, created only when needed -----------------------------------------------------
     @property
@@ -237,13 +243,16 @@ class Runner:
         self.job.close()
 
     @contextlib.contextmanager
-    def locked(self):
-        """Hold this job's lock: one run (or cancel, or estimate) at a time per job and state file."""
+    def locked(self, refused: Optional[str] = None):
+        """Hold this job's lock: one run (or cancel, or estimate) at a time per job and state file.
+        `refused`: the message when another run holds it (and we do not wait)."""
         lock = JobLock(self.spec.state_path, self.job.id)
         try:
             lock.acquire()
         except LockedError:
             if not self.wait_lock:
+                if refused:
+                    raise LockedError(refused) from None
                 raise
             log.info("job %s: another run holds this job; waiting for it to finish (--wait-lock)", self.job.short_id)
             lock.acquire(wait=True)
@@ -545,7 +554,7 @@ class Runner:
 
     def _unreserved(self, local: int) -> Decimal:
         """A batch sent before the job had a budget reserved nothing: its rows in flight at their maximum."""
-        known = self.__dict__.setdefault("_unreserved_cache", {})
+        known = self._unreserved_cache
         n = self.store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'",
                            (local,))["n"]
         if local not in known or known[local][0] != n:
@@ -564,7 +573,7 @@ class Runner:
         if not row["n"]:
             return None
         key = (row["n"], row["s"])
-        if getattr(self, "_gate", (None,))[0] != key:   # the same rows are not estimated twice
+        if self._gate[0] != key:   # the same rows are not estimated twice
             est = self.estimator.estimate()
             if est.cost_usd_max is None:
                 raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
@@ -985,25 +994,27 @@ class Runner:
         message = (f"batch {b['api_id']} is not found at the API (404): deleted, or the API key belongs to another "
                    "workspace. Not sent again, since it may have run and been paid for; `run --resend-lost` "
                    "sends its rows again")
-        with self.store.transaction():
-            self.store.conn.execute("UPDATE batches SET state = 'lost', note = ? WHERE id = ?",
-                                    ("the API answered 404 for this batch", b["id"]))
-            n = self.store.conn.execute(
-                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'batch_not_found', "
-                "error_message = ?, finished_at = ? WHERE batch_id = ? AND state = 'in_flight'",
-                (message, now_iso(), b["id"])).rowcount
-            self.store.event(self.job.id, "warning", f"batch {b['api_id']} not found at the API; {n} rows errored")
+        n = self._gone(b, "batch_not_found", message, "UPDATE batches SET state = 'lost', note = ? WHERE id = ?",
+                       ("the API answered 404 for this batch", b["id"]))
+        self.store.event(self.job.id, "warning", f"batch {b['api_id']} not found at the API; {n} rows errored")
         log.error("job %s: %s (%d rows)", self.job.short_id, message, n)
 
     def _results_gone(self, b: dict, message: str) -> None:
-        with self.store.transaction():
-            self.store.conn.execute(
-                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'results_gone', "
-                "error_message = ?, finished_at = ? WHERE batch_id = ? AND state = 'in_flight'",
-                (f"{message}; `run --resend-lost` sends its rows again", now_iso(), b["id"]))
-            self.store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
-                                    (now_iso(), "results gone", b["id"]))
+        self._gone(b, "results_gone", f"{message}; `run --resend-lost` sends its rows again",
+                   "UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
+                   (now_iso(), "results gone", b["id"]))
         log.error("job %s: %s", self.job.short_id, message)
+
+    def _gone(self, b: dict, error_type: str, message: str, batch_sql: str, batch_args: tuple) -> int:
+        """The rows of a batch whose results cannot be had end errored (`error_type`, `message`), final until
+        --resend-lost; the batch row is closed with `batch_sql`. Returns the rows so ended."""
+        with self.store.transaction():
+            n = self.store.conn.execute(
+                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = ?, error_message = ?, "
+                "finished_at = ? WHERE batch_id = ? AND state = 'in_flight'",
+                (error_type, message, now_iso(), b["id"])).rowcount
+            self.store.conn.execute(batch_sql, batch_args)
+        return n
 
     def _finalize(self, b: dict, missing: int) -> None:
         """Close the batch: rows whose result never came back are failed (and retried while attempts remain)."""
@@ -1069,13 +1080,8 @@ class Runner:
         store, job = self.store, self.job
         if not store.job(job.id):
             raise InputError("this job has not been started in this state file: nothing to cancel")
-        lock = JobLock(self.spec.state_path, job.id)
-        try:
-            lock.acquire(wait=self.wait_lock)
-        except LockedError:
-            raise LockedError("another batchrun run holds this job: stop that run (Ctrl-C; the job stays "
-                              "resumable), then cancel again") from None
-        try:
+        with self.locked(refused="another batchrun run holds this job: stop that run (Ctrl-C; the job stays "
+                                 "resumable), then cancel again"):
             self.resolve_intents()
             with store.transaction():
                 store.conn.execute("UPDATE jobs SET canceled_at = coalesce(canceled_at, ?) WHERE id = ?",
@@ -1099,19 +1105,16 @@ class Runner:
             self._cancel_pending()
             return CancelResult(job_id=job.id, batches_canceled=n, batches_running=running,
                                 counts=store.counts(job.id))
-        finally:
-            lock.release()
 
     def _settle(self, wait: float) -> int:
         """Poll and collect the job's batches until none is running, for up to `wait` seconds (with
         backoff, capped at poll_interval). Returns how many are still running."""
-        running = self._in_flight
         deadline = time.monotonic() + wait
         delay = min(0.5, self.spec.poll_interval)
-        left = running()
+        left = self._in_flight()
         while left and wait > 0:
             self.poll()
-            left = running()
+            left = self._in_flight()
             if not left or time.monotonic() >= deadline:
                 break
             self.sleep(min(delay, deadline - time.monotonic()))

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from .requests import output_schema_for
-from .status import ROW_STATES, budget_text, cost_by_kind, failures_by_cause, job_status
+from .summary import ROW_STATES, budget_text, cost_by_kind, failures_by_cause, job_status
 from .store import Store, now_iso, parse_iso
 
 FAILED_STATES = ("errored", "expired", "canceled", "invalid_output")

@@ -40,7 +40,7 @@ from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, 
                        params_hash, splice_prefix)
 from .results import ResultParser, is_retryable
 from .spec import JobSpec
-from .status import PAID, budget_text, find_job, job_cost
+from .summary import PAID, budget_text, find_job, job_cost
 from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
@@ -267,12 +267,7 @@ class Runner:
         self.check_connection_settings()
         check_writable(spec.output, spec.partition_by)
         with self.locked():
-            self.plan()
-            if self.resume_canceled:
-                self._resume_canceled()
-            if self.resend_lost:
-                self._resend_lost()
-            self._record_max_cost()
+            self.start()
             backoff = 1.0
             while True:
                 self._held = None   # why a reservation stopped sending this round (see "budget")
@@ -298,16 +293,29 @@ class Runner:
                     return self._result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
                 self.sleep(min(backoff, spec.poll_interval))
                 backoff = 1.0 if changed else min(backoff * 2, spec.poll_interval)
-            rows = self.write_output()
-            counts = store.counts(job.id)
-            with store.transaction():
-                store.conn.execute("UPDATE jobs SET finished_at = coalesce(finished_at, ?), output_written_at = ? "
-                                   "WHERE id = ?", (now_iso(), now_iso(), job.id))
-            failed = sum(n for s, n in counts.items() if s != "succeeded")
-            result = self._result(counts, finished=True,
-                                  exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
-            result.rows = rows
-            return result
+            return self.finish()
+
+    def start(self) -> None:
+        """What every run does first, under the job's lock: plan (once), and apply the run's options."""
+        self.plan()
+        if self.resume_canceled:
+            self._resume_canceled()
+        if self.resend_lost:
+            self._resend_lost()
+        self._record_max_cost()
+
+    def finish(self) -> RunResult:
+        """Every row is final: write the output, mark the job finished, and say how it ended."""
+        store, job = self.store, self.job
+        rows = self.write_output()
+        counts = store.counts(job.id)
+        with store.transaction():
+            store.conn.execute("UPDATE jobs SET finished_at = coalesce(finished_at, ?), output_written_at = ? "
+                               "WHERE id = ?", (now_iso(), now_iso(), job.id))
+        failed = sum(n for s, n in counts.items() if s != "succeeded")
+        result = self._result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
+        result.rows = rows
+        return result
 
     def estimate(self):
         """Plan the job (locally) and estimate what is still to be paid; sends no batch."""
@@ -522,7 +530,7 @@ class Runner:
     @property
     def estimator(self):
         if getattr(self, "_estimator", None) is None:
-            from .estimate import Estimator
+            from .estimator import Estimator
             self._estimator = Estimator(self)
         return self._estimator
 
@@ -853,8 +861,9 @@ class Runner:
         return False
 
     # ---- poll and collect ----------------------------------------------------------------------
-    def poll(self) -> bool:
-        """Retrieve in-flight batches; collect those that ended. True if anything changed."""
+    def poll(self, collect: bool = True) -> bool:
+        """Retrieve in-flight batches; collect those that ended (unless `collect` is False: then only
+        their status is brought up to date). True if anything changed."""
         changed = False
         for b in self.store.q("SELECT * FROM batches WHERE job_id = ? AND state IN ('submitted', 'ended') "
                               "ORDER BY id", (self.job.id,)):
@@ -874,7 +883,12 @@ class Runner:
                          info.get("results_url"), info.get("ended_at"), "ended" if ended else "submitted", b["id"]))
                 if not ended:
                     continue
+                if not collect:
+                    changed = True
+                    continue
                 b = self.store.one("SELECT * FROM batches WHERE id = ?", (b["id"],))
+            elif not collect:
+                continue
             self.collect(b)
             changed = True
         return changed

@@ -43,7 +43,7 @@ from batchrun.ratelimit import RateLimiter, SlidingWindow
 from batchrun.report import build_report_data
 from batchrun.runner import Runner
 from batchrun.spec import JobSpec
-from batchrun.status import find_job
+from batchrun.summary import find_job
 from batchrun.store import Store
 from tests.conftest import PROMPT, make_tickets, render
 

@@ -17,7 +17,7 @@ from batchrun.cli.common import ProgressPrinter
 from batchrun.errors import ExitCode
 from batchrun.report import MAX_FAILED_ROWS, build_report_data, render_report, write_report
 from batchrun.runner import Progress
-from batchrun.status import find_job
+from batchrun.summary import find_job
 from batchrun.store import Store, now_iso
 
 MODEL = "claude-haiku-4-5"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..report import write_report
-from ..status import find_job
+from ..summary import find_job
 from .common import handle_errors
 from .state_cmd import STATE_OPTION, open_store
 

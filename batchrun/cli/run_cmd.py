@@ -117,7 +117,7 @@ def run(job_file, no_wait, resume_canceled, resend_lost, wait_lock, **options):
 
 def print_summary(runner, result) -> None:
     """The end-of-run summary: rows by status, failures by cause, tokens and cost by kind."""
-    from ..status import cost_by_kind, failures_by_cause, job_status
+    from ..summary import cost_by_kind, failures_by_cause, job_status
     from .common import format_seconds
     store, spec = runner.store, runner.spec
     job = store.job(result.job_id)
@@ -154,7 +154,7 @@ def print_summary(runner, result) -> None:
 def validate(job_file, show, **options):
     """Check a job without sending anything: read the whole input, check the spec against the model
     catalog, and print the first rendered requests."""
-    from ..validate import validate_job
+    from ..validation import validate_job
     spec = spec_from_options(job_file, options)
     report = validate_job(spec, show=show)
     for warning in report["warnings"]:

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..errors import InputError
-from ..status import ROW_STATES, budget_text, job_status
+from ..summary import ROW_STATES, budget_text, job_status
 from ..store import Store
 from .common import handle_errors
 

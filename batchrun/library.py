@@ -137,6 +137,9 @@ def status(job_or_state: JobLike, *, job: Optional[str] = None, base_url: Option
             if job is not None:
                 return job_status(store, find_job(store, job))
             return [job_status(store, j) for j in store.find_jobs()]
+    if isinstance(job_or_state, (str, os.PathLike)) and not os.path.exists(job_or_state) \
+            and not str(job_or_state).endswith(".toml"):
+        raise InputError(f"{job_or_state}: no such state file or job file")
     from .api import endpoint_key
     from .runner import Job as PlannedJob, resolve_connection
     spec = load_spec(job_or_state, **overrides)

@@ -18,7 +18,7 @@ import pytest
 
 import batchrun
 from batchrun.api import RetryPolicy
-from batchrun import estimate
+from batchrun import estimator
 from batchrun.errors import BudgetError, ExitCode
 from batchrun.emulator.replies import count_tokens, reply_for
 from batchrun.store import Store
@@ -178,7 +178,7 @@ def test_a_budget_of_the_printed_maximum_sends_every_row_of_a_sampled_job(emu, c
     args = job_args(inp, tmp_path, "--mode", mode, *(["--concurrency", "8"] if mode == "messages" else []),
                     max_tokens=1)
     est = json.loads(cli("estimate", *args, "--json").output)
-    assert est["method"] == "sampled" and est["requests"] == 600 > estimate.EXACT_LIMIT
+    assert est["method"] == "sampled" and est["requests"] == 600 > estimator.EXACT_LIMIT
     shown = re.search(r"cost \(min … max\)\s+\$[0-9.,]+ … \$([0-9.,]+)", cli("estimate", *args).output).group(1)
     r = cli("run", *args, "--max-cost", shown)
     assert r.exit_code == ExitCode.OK, r.output

@@ -58,23 +58,45 @@ def check_secure_url(url: str, what: str = "ANTHROPIC_BASE_URL") -> None:
                      "across the network in clear text; http is allowed only to loopback)")
 
 
+BUILTIN_EMULATOR = "builtin:emulator"   # the endpoint key of the emulator `--emulator` starts, whatever its port
+LEGACY_LOOPBACK = "http://loopback"     # the key every loopback URL had before ports counted (see Runner)
+
+
 def endpoint_key(base_url: Optional[str]) -> Optional[str]:
     """Which service answers a job, as part of its identity: None for the Anthropic API itself.
 
     Answers from one service are never taken for another's: a job run on the emulator and then
-    against the real API (or through another gateway) is a new job, and the requests it shares with
-    the first are sent, not answered from the first one's replies. Loopback URLs are one service
-    whatever their port (the emulator starts on a free port each time).
+    against the real API (or through another gateway, a local proxy, an ssh tunnel) is a new job,
+    and the requests it shares with the first are sent, not answered from the first one's replies.
+    The key is the scheme, host, port and path prefix of every URL, loopback included (two servers
+    on 127.0.0.1 are two services); the emulator that `--emulator` starts on a free port is keyed
+    apart, as BUILTIN_EMULATOR, by whoever starts it.
     """
     parts = urlsplit((base_url or DEFAULT_BASE_URL).strip())
+    scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
+    if ":" in host:   # an IPv6 address keeps its brackets
+        host = f"[{host}]"
     path = parts.path.rstrip("/")
-    if is_loopback(host):
-        host = "loopback"
-    elif parts.port is not None and parts.port != {"https": 443, "http": 80}.get(parts.scheme):
+    if parts.port is not None and parts.port != {"https": 443, "http": 80}.get(scheme):
         host = f"{host}:{parts.port}"
-    key = f"{parts.scheme.lower()}://{host}{path}"
+    key = f"{scheme}://{host}{path}"
     return None if key == DEFAULT_BASE_URL else key
+
+
+def is_loopback_endpoint(key: Optional[str]) -> bool:
+    """Whether an endpoint key names a server on loopback (by its URL; the built-in emulator's is not one)."""
+    host = urlsplit(key).hostname if key and "://" in key else None
+    return bool(host) and is_loopback(host)
+
+
+def endpoint_text(key: Optional[str]) -> str:
+    """An endpoint key as a user reads it."""
+    if key == BUILTIN_EMULATOR:
+        return "the built-in emulator (--emulator)"
+    if key == LEGACY_LOOPBACK:
+        return "a loopback address (port not recorded)"
+    return key or DEFAULT_BASE_URL
 
 
 @dataclass

@@ -14,7 +14,8 @@ class ExitCode:
 
     OK = 0             # every row succeeded (or nothing to do)
     INTERNAL = 1       # a bug in batchrun: please report it
-    BAD_INPUT = 2      # the job, its input or the flags are wrong; nothing was sent
+    BAD_INPUT = 2      # the job, its input or the flags are wrong: nothing was sent (or, the input changed
+                       # while its job ran: nothing was written)
     FAILED_ROWS = 3    # the job finished, but some rows ended errored/expired/canceled/invalid_output
     API_ERROR = 4      # the API refused us (authentication, permission, a bad request) or stayed unreachable
     IN_PROGRESS = 5    # --no-wait: batches are still running; run again later

@@ -7,6 +7,7 @@ over it: a table under an existing id or alias overrides the fields it sets, a n
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import sys
@@ -83,8 +84,13 @@ class ModelInfo:
         return chosen
 
 
+# A dated model id: a family's name and a snapshot date (claude-opus-5-5-20261015)
+_DATED_ID = re.compile(r"^(?P<family>.+)-(?P<date>20\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))$")
+
+
 class Catalog:
-    def __init__(self, models: Iterable[ModelInfo] = ()):
+    def __init__(self, models: Iterable[ModelInfo] = (), fingerprint: Optional[str] = None):
+        self.fingerprint = fingerprint   # a hash of the user's model file(s) merged in; None: the shipped one alone
         self._models: dict[str, ModelInfo] = {}
         self._by_name: dict[str, str] = {}
         for model in models:
@@ -97,10 +103,22 @@ class Catalog:
         """Every model, in catalog order."""
         return tuple(self._models.values())
 
-    def resolve(self, name: str) -> Optional[ModelInfo]:
-        """The model with this id or alias (exact, case-sensitive), or None."""
+    def resolve(self, name: str, dated: bool = True) -> Optional[ModelInfo]:
+        """The model with this id or alias (exact, case-sensitive), or None.
+
+        With `dated`, a dated id the catalog lacks of a family it knows (`claude-opus-5-5-20261015`: a
+        newer snapshot of claude-opus-5-5) resolves to that family's entry, its prices and its rules
+        (see `is_listed` to tell the two apart)."""
         model_id = self._by_name.get(name)
+        if model_id is None and dated and isinstance(name, str):
+            m = _DATED_ID.match(name)
+            if m and not _DATED_ID.match(m["family"]):
+                model_id = self._by_name.get(m["family"])
         return None if model_id is None else self._models[model_id]
+
+    def is_listed(self, name: str) -> bool:
+        """Whether `name` is an id or alias of the catalog itself (not a dated id of a known family)."""
+        return name in self._by_name
 
     def require(self, name: str) -> ModelInfo:
         """Like `resolve`, but an unknown name raises `UnknownModel` with close matches in its message."""
@@ -179,14 +197,17 @@ def load_catalog(extra_path: Union[str, os.PathLike, None] = None) -> Catalog:
         extra_path = os.environ.get(ENV_VAR) or None
     models: dict[str, ModelInfo] = {}
     _merge_file(models, shipped_catalog_path())
+    fingerprint = None
     if extra_path is not None:
-        _merge_file(models, Path(extra_path))
-    return Catalog(models.values())
+        fingerprint = hashlib.sha256(_merge_file(models, Path(extra_path)).encode("utf-8")).hexdigest()
+    return Catalog(models.values(), fingerprint=fingerprint)
 
 
-def _merge_file(models: dict[str, ModelInfo], path: Path) -> None:
+def _merge_file(models: dict[str, ModelInfo], path: Path) -> str:
+    """Merge the models of one catalog file into `models`; returns the file's text."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text, parse_float=Decimal)
     except OSError as e:
         raise CatalogError(f"{path}: cannot read the models file: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -199,6 +220,7 @@ def _merge_file(models: dict[str, ModelInfo], path: Path) -> None:
         raise CatalogError(f"{path}: 'models' must be a table of [models.<id>] tables")
     for key, entry in entries.items():
         _Entry(path, key).apply(models, entry)
+    return text
 
 
 class _Entry:
@@ -335,27 +357,38 @@ def _refuses_sampling(api_version: str) -> bool:
 
 
 def thinking_on(thinking: Any) -> bool:
-    """Whether a `thinking` param asks the model to think (enabled or adaptive).
-
-    A model that thinks by default (thinking_default "adaptive") while no `thinking` is sent is not
-    counted: the checks that depend on thinking refuse only what the API certainly refuses.
-    """
+    """Whether a `thinking` param asks the model to think (enabled or adaptive); see `thinks` for
+    whether a model thinks when none is sent."""
     return isinstance(thinking, Mapping) and thinking.get("type") in ("enabled", "adaptive")
 
 
-def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list:
-    """Problems the API would answer with a 400 (an `errored` batch result): one message per problem."""
-    name = model.id
+def thinks(model: ModelInfo, thinking: Any) -> bool:
+    """Whether the model thinks with this `thinking` param: asked to (enabled or adaptive), or by default
+    when none is sent (thinking_default "adaptive": the 5-family thinks unless told "disabled", and
+    Opus 5.5 and Fable 5.1 cannot be told). Of what thinking refuses, a prefill is refused either way;
+    the other checks hold for thinking asked for (see check_params)."""
+    if thinking is None:
+        return model.thinking_default == "adaptive"
+    return thinking_on(thinking)
+
+
+def check_params(model: Optional[ModelInfo], params: Mapping, api_version: str) -> list:
+    """Problems the API would answer with a 400 (an `errored` batch result): one message per problem.
+
+    A model the catalog does not know (None) is checked against the API version's own rules only."""
+    name = model.id if model is not None else params.get("model")
     problems: list[str] = []
 
     for param in SAMPLING_PARAMS:
         if params.get(param) is None:
             continue
-        if not model.sampling:
+        if model is not None and not model.sampling:
             problems.append(f"{param} is not accepted by {name} (it takes no sampling parameters)")
-        elif _refuses_sampling(api_version):
+        elif _refuses_sampling(api_version):   # the version's own rule: every model, known or not
             problems.append(f"{param} is not accepted by {name} under API version {api_version} "
                             f"(that version refuses sampling parameters on every model)")
+    if model is None:
+        return problems
 
     max_tokens = params.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
@@ -379,6 +412,10 @@ def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list:
 
     if thinking_on(thinking):
         problems += _check_with_thinking(model, params)
+    elif thinks(model, thinking) and _prefilled(params):   # thinking by default refuses a prefill all the same
+        why = ("it thinks by default and cannot turn thinking off" if "disabled" not in model.thinking else
+               'it thinks by default: set thinking = "disabled" to use a prefill')
+        problems.append(_PREFILL_WHILE_THINKING.format(name=model.id, why=why))
 
     output_config = params.get("output_config")
     if isinstance(output_config, Mapping):
@@ -395,6 +432,15 @@ def check_params(model: ModelInfo, params: Mapping, api_version: str) -> list:
     return problems
 
 
+_PREFILL_WHILE_THINKING = "a prefill (a final assistant message) is not accepted by {name} while it thinks ({why})"
+
+
+def _prefilled(params: Mapping) -> bool:
+    messages = params.get("messages")
+    return (isinstance(messages, list) and bool(messages) and isinstance(messages[-1], Mapping)
+            and messages[-1].get("role") == "assistant")
+
+
 def _check_with_thinking(model: ModelInfo, params: Mapping) -> list:
     """What the API refuses while the model thinks (the extended thinking docs: no forced tool use, no
     prefill, temperature only 1, no top_k, top_p only from 0.95 to 1)."""
@@ -405,10 +451,8 @@ def _check_with_thinking(model: ModelInfo, params: Mapping) -> list:
     if isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("tool", "any") and model.forced_tool:
         problems.append(f"tool_choice type {tool_choice.get('type')!r} is not accepted by {name} while it thinks "
                         f"(thinking allows only tool_choice auto or none; {why})")
-    messages = params.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping) \
-            and messages[-1].get("role") == "assistant":
-        problems.append(f"a prefill (a final assistant message) is not accepted by {name} while it thinks ({why})")
+    if _prefilled(params):
+        problems.append(_PREFILL_WHILE_THINKING.format(name=name, why=why))
     if model.sampling:   # (a model without sampling parameters refuses them anyway)
         temperature, top_p, top_k = params.get("temperature"), params.get("top_p"), params.get("top_k")
         if temperature is not None and temperature != 1:

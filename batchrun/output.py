@@ -11,7 +11,7 @@ import difflib
 import json
 import os
 import uuid
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -344,13 +344,15 @@ class OutputWriter:
                 names.append(out_name)
         return pa.RecordBatch.from_arrays(arrays, names=names)
 
-    def write(self, source: InputSource, output: str, partition_by: Optional[str] = None) -> int:
+    def write(self, source: InputSource, output: str, partition_by: Optional[str] = None,
+              before_swap: Optional[Callable[[], None]] = None) -> int:
         """Write the whole output, then put it in place at once; returns the number of rows written.
 
         One Parquet file, or with `partition_by` a Hive-partitioned dataset (a directory of
         `col=value/part-N.parquet`). Either is written beside the output under a temporary name
         and swapped in when complete, so a reader or a killed run never sees half of it (on an
         object store, which cannot rename, the last step moves the finished files one by one).
+        `before_swap` is called just before the swap, and may still stop it (by raising: nothing is replaced).
         """
         fs, path = filesystem_for(output)
         local = isinstance(fs, pafs.LocalFileSystem)
@@ -380,6 +382,8 @@ class OutputWriter:
             else:
                 _write_file(fs, tmp, first, batches)
             failpoints.hit("before_rename")
+            if before_swap is not None:
+                before_swap()
             _swap(fs, local, tmp, path)
         except BaseException:
             _delete(fs, tmp)

@@ -19,7 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import InputError
 from .models import ModelInfo, check_params, thinking_on
-from .spec import JobSpec
+from .spec import DEFAULT_API_VERSION, JobSpec
 
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 OUTPUT_TOOL = "record_output"
@@ -44,6 +44,22 @@ def params_hash(body: str, shared_hash: str = "") -> str:
     so an answer already paid for is found again.
     """
     return hashlib.sha256((shared_hash + body).encode("utf-8")).hexdigest()
+
+
+def answer_scope(endpoint: Optional[str], api_version: str) -> str:
+    """What an answer belongs to besides its params: the service that gave it (`api.endpoint_key`, None
+    for the Anthropic API) and the API version it was asked under. Both are left out where they are the
+    defaults, so requests hashed before either counted keep their hashes."""
+    scope = endpoint or ""
+    if api_version != DEFAULT_API_VERSION:
+        scope += f"|anthropic-version={api_version}"
+    return scope
+
+
+def shared_params_hash(shared_json: str, endpoint: Optional[str], api_version: str) -> str:
+    """The `shared_hash` of `params_hash` for a job: its shared params (canonical JSON) within its scope,
+    so that an answer is reused only for the same request to the same service under the same version."""
+    return params_hash(shared_json + answer_scope(endpoint, api_version))
 
 
 def splice_prefix(shared: dict) -> str:
@@ -333,9 +349,7 @@ class RowCheck:
         self.seen: set = set()
 
     def __call__(self, part: dict, where: str) -> None:
-        if self.model is None:
-            return
-        base = self.builder.base
+        base = self.builder.base   # (a model the catalog lacks is held to the API version's rules)
         if not self.seen:   # the shared params, with the job's own max_tokens
             self._raise({**base, **part, "max_tokens": base["max_tokens"]}, None)
             self.seen.add(base["max_tokens"])

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from .api import ApiClient, DEFAULT_BASE_URL, endpoint_key
+from .api import ApiClient, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text, is_loopback_endpoint
 from . import failpoints
 from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError, InputError,
                      LockedError, NotFoundError,
@@ -37,7 +37,7 @@ from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
 from .output import OutputWriter, check_column_names, check_partition, check_writable
 from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, output_schema_for,
-                       params_hash, splice_prefix)
+                       params_hash, shared_params_hash, splice_prefix)
 from .results import ResultParser, is_retryable
 from .spec import JobSpec
 from .summary import PAID, budget_text, find_job, job_cost
@@ -152,17 +152,27 @@ class Job:
         if self.model is None and not allow_unknown_model:
             raise InputError(f"model: unknown model {spec.model!r} (not in the model catalog; add it with "
                              "--models FILE, or pass --allow-unknown-model to run it with cost unknown)")
+        if self.model is not None and job_id is None and not self.catalog.is_listed(spec.model):
+            log.warning("model: %s is not in the model catalog; it is taken as a snapshot of %s (its prices and "
+                        "rules); add it with --models-file FILE if it differs", spec.model, self.model.id)
         self.store = Store(spec.state_path)
+        self.legacy_loopback: Optional[str] = None   # see Runner._continue_legacy_loopback
         if job_id is None:
             self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
             self.fingerprint = self.source.fingerprint()
-            self.id = spec.identity(self.fingerprint, endpoint)
+            self.id = spec.identity(self.fingerprint, endpoint, self.catalog.fingerprint)
             if endpoint is not None and not self.store.job(self.id):
                 # planned before the endpoint was part of a job's identity (its endpoint not kept): it is
                 # this job, with its batches in flight and its answers, not a new one to pay for again
                 legacy = self.store.job(spec.identity(self.fingerprint))
                 if legacy is not None and legacy["endpoint"] is None:
                     self.id = legacy["id"]
+                elif is_loopback_endpoint(endpoint):
+                    # planned when every loopback URL counted as one endpoint: this job only if this
+                    # server proves it (Runner._continue_legacy_loopback)
+                    legacy = self.store.job(spec.identity(self.fingerprint, LEGACY_LOOPBACK))
+                    if legacy is not None and legacy["endpoint"] == LEGACY_LOOPBACK:
+                        self.legacy_loopback = legacy["id"]
         else:  # a job already in the state file, its input not read (see Runner.for_stored_job)
             self.source, self.fingerprint, self.id = None, None, job_id
 
@@ -183,10 +193,12 @@ class Runner:
                  allow_unknown_model: bool = False, resume_canceled: bool = False, resend_lost: bool = False,
                  wait_lock: bool = False,
                  on_progress: Optional[Callable[[Progress], None]] = None,
-                 sleep: Callable[[float], None] = time.sleep, retry=None, job_id: Optional[str] = None):
+                 sleep: Callable[[float], None] = time.sleep, retry=None, job_id: Optional[str] = None,
+                 endpoint: Optional[str] = None):
         self.spec = spec
-        base = client.base_url if client is not None else resolve_connection(api_key, base_url)[2]
-        self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model, endpoint=endpoint_key(base),
+        if endpoint is None:   # (given: the endpoint key of a service known otherwise, e.g. BUILTIN_EMULATOR)
+            endpoint = endpoint_key(client.base_url if client is not None else resolve_connection(api_key, base_url)[2])
+        self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model, endpoint=endpoint,
                        job_id=job_id)
         self.store = self.job.store
         self.resume_canceled = resume_canceled
@@ -246,6 +258,7 @@ class Runner:
     def locked(self, refused: Optional[str] = None):
         """Hold this job's lock: one run (or cancel, or estimate) at a time per job and state file.
         `refused`: the message when another run holds it (and we do not wait)."""
+        self._continue_legacy_loopback()   # (which job this is may take the server's word: before its lock)
         lock = JobLock(self.spec.state_path, self.job.id)
         try:
             lock.acquire()
@@ -324,6 +337,36 @@ class Runner:
             self.plan()
             return self.estimator.estimate()
 
+    def _continue_legacy_loopback(self) -> None:
+        """A job planned when every loopback URL counted as one endpoint (its port not recorded) is this
+        job only when this server proves it (see _claim_legacy_loopback); otherwise (another server on
+        loopback, an emulator since restarted) its replies are not this server's: this is a new job."""
+        legacy = self.job.legacy_loopback
+        if legacy is None or self.store.job(self.job.id):
+            return
+        self.job.legacy_loopback = None   # asked once
+        if self._claim_legacy_loopback(legacy):
+            self.job.id = legacy
+            log.info("job %s: continued at %s (it knows the job's batches)", legacy[:12], self.job.endpoint)
+        else:
+            log.info("job %s was planned for a loopback address whose port was not recorded, and %s does not "
+                     "know its batches: this is a new job", legacy[:12], self.job.endpoint)
+
+    def _claim_legacy_loopback(self, legacy: str) -> bool:
+        """Whether this server knows the latest batch of a job keyed "http://loopback" (a batch id is the
+        API's own, random): then the job was sent here, and is recorded so — its endpoint in full, its
+        requests keyed to it — and nothing it paid for is paid again."""
+        latest = self.store.one("SELECT api_id FROM batches WHERE job_id = ? AND api_id IS NOT NULL "
+                                "ORDER BY id DESC LIMIT 1", (legacy,))
+        if latest is None:
+            return False
+        try:
+            self.client.retrieve_batch(latest["api_id"])
+        except NotFoundError:
+            return False
+        self.store.move_job(legacy, self.job.endpoint)
+        return True
+
     def _result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
         cost = self.cost()
         if self.parser.unpriced or (self.job.model is not None and self.job.model.prices is None):
@@ -367,6 +410,9 @@ class Runner:
                          spec.model, job.endpoint or "", now_iso()))
                     n = self._plan_rows(column_types)
                     failpoints.hit("plan")
+                    if job.source.fingerprint() != job.fingerprint:   # the rows read are not the job's input
+                        raise InputError(f"{spec.input} changed while it was being read: nothing planned, nothing "
+                                         "sent; run the same command again once it is written")
                     store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ?, shared_params = ? "
                                        "WHERE id = ?",
                                        (now_iso(), n, json.dumps({k: str(v) for k, v in column_types.items()}),
@@ -415,8 +461,8 @@ class Runner:
                                      f"(columns: {', '.join(batch.schema.names[:12])})")
                 builder = self._builder_for(batch.schema)
                 check = RowCheck(builder, job.model, spec.api_version)
-                # the endpoint is hashed in too: an answer is reused only from the same service
-                shared_hash = params_hash(canonical_json(builder.shared) + (job.endpoint or ""))
+                # an answer is reused only from the same service, under the same API version
+                shared_hash = shared_params_hash(canonical_json(builder.shared), job.endpoint, spec.api_version)
                 self.prefix = splice_prefix(builder.shared)
             n = batch.num_rows
             if spec.id_column:
@@ -1050,9 +1096,25 @@ class Runner:
         source = InputSource(self.spec.input, column_types={k: pa.string() for k in types}, limit=self.spec.limit,
                              shard=self.spec.shard_pair, shard_key=self.spec.id_column)
         writer = OutputWriter(self.store, self.job.id, self.builder.schema if hasattr(self, "builder") else None)
-        n = writer.write(source, self.spec.output, partition_by=self.spec.partition_by)
+        # rows are joined to their replies by position: only the input that was planned may be joined,
+        # so it is checked before the output is written, and again before it is put in place
+        check = lambda: self._check_input_unchanged(source)   # noqa: E731
+        check()
+        n = writer.write(source, self.spec.output, partition_by=self.spec.partition_by, before_swap=check)
         log.info("job %s: wrote %d rows to %s", self.job.short_id, n, self.spec.output)
         return n
+
+    def _check_input_unchanged(self, source: InputSource) -> None:
+        """Refuse to write when the input is no longer the one this job planned (edited while it ran)."""
+        if source.fingerprint() == self.job.fingerprint:
+            return
+        message = (f"{self.spec.input} changed while the job ran (it is no longer the input that was planned and "
+                   "sent): nothing written, since its rows would be joined to other rows' replies. Run the same "
+                   "command again: the changed input is a new job, whose unchanged requests reuse the replies "
+                   "already paid for")
+        with self.store.transaction():
+            self.store.event(self.job.id, "error", message)
+        raise InputError(message)
 
     # ---- cancel --------------------------------------------------------------------------------
     CANCEL_WAIT = 60.0   # seconds `cancel` waits, by default, for the batches it canceled to end
@@ -1077,10 +1139,12 @@ class Runner:
         kw.setdefault("allow_unknown_model", True)  # the job was accepted when it was planned
         runner = cls(JobSpec.from_mapping(raw), job_id=row["id"], **kw)
         sent_to, here = row["endpoint"], runner.job.endpoint or ""
+        if sent_to == LEGACY_LOOPBACK and is_loopback_endpoint(here) and runner._claim_legacy_loopback(row["id"]):
+            sent_to = here
         if sent_to is not None and sent_to != here:   # its batches are not there: a 404 would read as "lost"
             runner.close()
-            raise InputError(f"job {row['id'][:12]} was sent to {sent_to or DEFAULT_BASE_URL}, not to "
-                             f"{here or DEFAULT_BASE_URL}: set ANTHROPIC_BASE_URL (or --base-url) to its endpoint")
+            raise InputError(f"job {row['id'][:12]} was sent to {endpoint_text(sent_to)}, not to "
+                             f"{endpoint_text(here)}: set ANTHROPIC_BASE_URL (or --base-url) to its endpoint")
         return runner
 
     def cancel(self, wait: float = CANCEL_WAIT) -> CancelResult:

@@ -25,6 +25,7 @@ else:  # pragma: no cover
 from .errors import SpecError
 
 API_VERSIONS = ("2023-06-01", "2026-10-21")
+DEFAULT_API_VERSION = API_VERSIONS[0]
 MAX_BATCH_REQUESTS = 100_000
 DEFAULT_MODEL = "claude-haiku-5-5"
 
@@ -63,7 +64,7 @@ class JobSpec:
     poll_interval: float = 60.0
     state: Optional[str] = None
     max_attempts: int = 3
-    api_version: str = "2023-06-01"
+    api_version: str = DEFAULT_API_VERSION
     mode: str = "batch"
     # structured output
     output_schema: Optional[dict] = None
@@ -121,15 +122,19 @@ class JobSpec:
         k, n = self.shard.split("/")
         return int(k), int(n)
 
-    def identity(self, input_fingerprint: str, endpoint: Optional[str] = None) -> str:
-        """The job's id: everything that shapes its requests, its input's fingerprint, and the service
-        it is sent to when that is not the Anthropic API (see `endpoint_key`)."""
+    def identity(self, input_fingerprint: str, endpoint: Optional[str] = None,
+                 models: Optional[str] = None) -> str:
+        """The job's id: everything that shapes its requests, its input's fingerprint, the service it is
+        sent to when that is not the Anthropic API (see `endpoint_key`), and the content of its extra
+        model catalog when it has one (`Catalog.fingerprint`: what is sent, and how it is priced)."""
         shaped = {k: getattr(self, k) for k in self.IDENTITY_FIELDS}
         shaped["input"] = input_fingerprint
         if self.shard is not None:   # only when set: jobs from before sharding keep their identity
             shaped["shard"] = self.shard
         if endpoint is not None:     # likewise: jobs sent to the Anthropic API keep their identity
             shaped["endpoint"] = endpoint
+        if models is not None:       # and jobs on the shipped catalog alone
+            shaped["models"] = models
         blob = json.dumps(shaped, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]   # 80 bits: ample for the jobs of one state file
 
@@ -235,8 +240,11 @@ class JobSpec:
                  key, "expected a number")
         if self.max_cost is not None:
             need(self.max_cost >= 0, "max_cost", "must not be negative")
+        for key in ("temperature", "top_p"):   # the API refuses anything else with a 400
+            need(getattr(self, key) is None or 0 <= getattr(self, key) <= 1, key, "must be between 0 and 1")
         if self.top_k is not None:
             self.top_k = _as_int(self.top_k, "top_k", where)
+            need(self.top_k >= 1, "top_k", "must be at least 1")
         if self.limit is not None:
             self.limit = _as_int(self.limit, "limit", where)
             need(self.limit >= 1, "limit", "must be at least 1")

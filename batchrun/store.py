@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import sqlite_utils
 
 from .errors import InputError, LockedError
+from .spec import DEFAULT_API_VERSION
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
 
@@ -184,6 +185,28 @@ def m004_endpoints(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE batches ADD COLUMN ambiguous_at TEXT")
 
 
+@migration
+def m005_answer_scope(db: sqlite_utils.Database) -> None:
+    """The API version became part of a request's identity (`requests.answer_scope`): the requests of
+    jobs planned under another version than the default are hashed again, so that one is never
+    answered from another version's replies while the jobs of one version still share theirs."""
+    for job_id, spec, endpoint, shared in db.execute(
+            "SELECT id, spec, endpoint, shared_params FROM jobs WHERE shared_params IS NOT NULL").fetchall():
+        version = json.loads(spec).get("api_version") or DEFAULT_API_VERSION
+        if version != DEFAULT_API_VERSION:
+            _rehash(db.conn, job_id, shared, endpoint or None, version)
+
+
+def _rehash(conn: sqlite3.Connection, job_id: str, shared_params: str, endpoint: Optional[str],
+            api_version: str) -> None:
+    """Hash a job's requests again within (endpoint, API version), as planning would hash them now."""
+    from .requests import params_hash, shared_params_hash
+    conn.create_function("batchrun_params_hash", 2, params_hash, deterministic=True)
+    conn.execute("UPDATE requests SET params_hash = batchrun_params_hash((SELECT body FROM bodies WHERE "
+                 "bodies.id = requests.body_id), ?) WHERE job_id = ?",
+                 (shared_params_hash(shared_params, endpoint, api_version), job_id))
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -294,6 +317,17 @@ class Store:
     # ---- jobs ----------------------------------------------------------------------------------
     def job(self, job_id: str) -> Optional[dict]:
         return self.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def move_job(self, job_id: str, endpoint: str) -> None:
+        """Record that a job is sent to `endpoint` (the key its planning did not yet record in full),
+        its requests hashed again for it, in one transaction."""
+        job = self.job(job_id)
+        with self.transaction():
+            self.conn.execute("UPDATE jobs SET endpoint = ? WHERE id = ?", (endpoint, job_id))
+            if job["shared_params"] is not None:
+                _rehash(self.conn, job_id, job["shared_params"], endpoint,
+                        json.loads(job["spec"]).get("api_version") or DEFAULT_API_VERSION)
+            self.event(job_id, "info", f"endpoint recorded as {endpoint}")
 
     def find_jobs(self, ref: Optional[str] = None) -> list[dict]:
         """Jobs by id prefix or name; all jobs when ref is None. Newest first."""

@@ -18,7 +18,8 @@ from ..spec import JobSpec
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  every row succeeded
-  2  bad input (job file, flags, input data); nothing was sent
+  2  bad input (job file, flags, input data): nothing was sent; or the input changed
+     while its job ran: nothing was written
   3  the job finished, but some rows failed (errored, expired, canceled, invalid_output)
   4  API or authentication failure (the job stays resumable)
   5  --no-wait: batches are still running; run the same command again later

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import click
 
-from ..api import check_secure_url
+from ..api import BUILTIN_EMULATOR, check_secure_url
 from ..errors import ExitCode, InputError
 from ..runner import Runner
 from .common import (EXIT_CODES_HELP, JOB_OPTIONS, SPEC_KEYS, ProgressPrinter, handle_errors, job_options,
@@ -62,16 +62,19 @@ def make_runner(job_file, options: dict, base_url_override: Optional[str] = None
     if base_url and not base_url_override:
         check_secure_url(base_url, "--base-url")   # named as given (the client knows only the URL)
     if base_url_override:
-        base_url, api_key = base_url_override, api_key or "emulator"
+        # the emulator started for this command: an endpoint of its own, whatever its (free) port, so
+        # that running the demo again sends nothing, and no other server's answers are taken for its own
+        base_url, api_key, kw["endpoint"] = base_url_override, api_key or "emulator", BUILTIN_EMULATOR
         if not spec.state:
             # a state file of its own (its answers are the emulator's, not a model's), where the
             # default one would be; a state given by the job file or a flag is used as given
             from pathlib import Path
             spec.state = str(Path(spec.state_path).with_name(EMULATOR_STATE))
         else:
-            click.echo(f"batchrun: warning: the emulator's replies are recorded in {spec.state}; a real run with "
-                       "this state file would reuse them for the same requests (leave state unset to keep "
-                       f"them apart, in {EMULATOR_STATE})", err=True)
+            click.echo(f"batchrun: note: the emulator's replies are recorded in {spec.state}, as the built-in "
+                       "emulator's own: a run against any other endpoint with this state file never takes them "
+                       f"for its answers (leave state unset to keep them in a file apart, {EMULATOR_STATE})",
+                       err=True)
     return Runner(spec, api_key=api_key, base_url=base_url, allow_unknown_model=spec.allow_unknown_model, **kw)
 
 

@@ -726,7 +726,7 @@ class Emulator:
         if not isinstance(name, str):
             return False, None
         if name in self.config.extra_models or not replies.catalog_available():
-            return True, None
+            return True, replies.model_info(name, dated=True)   # a new snapshot keeps its family's rules
         return False, None
 
     def _problem(self, params: Any, api_version: str, memo: dict) -> Optional[tuple]:
@@ -747,14 +747,13 @@ class Emulator:
             problem = semantic_problem(params)
             if problem:
                 return "invalid_request_error", problem
-        if info is not None:
-            try:
-                from batchrun.models import check_params
-                problems = check_params(info, params, api_version)
-            except ImportError:  # pragma: no cover
-                problems = []
-            if problems:
-                return "invalid_request_error", problems[0]
+        try:   # (the API version's own rules hold for a model the catalog lacks too)
+            from batchrun.models import check_params
+            problems = check_params(info, params, api_version)
+        except ImportError:  # pragma: no cover
+            problems = []
+        if problems:
+            return "invalid_request_error", problems[0]
         return None
 
     # ------------------------------------------------------------------------------ messages

@@ -26,7 +26,7 @@ class EmulatorConfig:
     seed: int = 0                        # every random choice comes from random.Random(seed)
     api_key: Optional[str] = None        # when set, any other key -> 401
     validate: bool = True                # request validation (off: only what is needed to parse)
-    extra_models: tuple = ()             # model names accepted besides the catalog's (no constraints)
+    extra_models: tuple = ()             # model names accepted besides the catalog's (a dated id of a known family keeps its rules; others only the version's)
     # faults
     fault_rate: float = 0.0              # fraction of API calls answered with 429 / 500 / 529 / a dropped connection
     drop_after_create: int = 0           # the next N creates create the batch, then drop the connection

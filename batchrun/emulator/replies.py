@@ -98,13 +98,14 @@ def _catalog():
         return None
 
 
-def model_info(name: Any):
-    """The catalog's ModelInfo for `name` (id or alias), or None when unknown."""
+def model_info(name: Any, dated: bool = False):
+    """The catalog's ModelInfo for `name` (id or alias), or None when unknown. With `dated`, a dated id
+    of a family the catalog knows gives that family's (a model the emulator is told exists)."""
     catalog = _catalog()
     if catalog is None or not isinstance(name, str):
         return None
     try:
-        return catalog.resolve(name)
+        return catalog.resolve(name, dated=dated)
     except Exception:  # pragma: no cover
         return None
 

@@ -22,8 +22,11 @@ def test_endpoint_key():
     assert endpoint_key("https://api.anthropic.com") is None
     assert endpoint_key("https://api.anthropic.com/") is None
     assert endpoint_key("https://API.anthropic.com:443") is None
-    # every loopback URL is one service (the emulator starts on a free port each time)
-    assert endpoint_key("http://127.0.0.1:41234") == endpoint_key("http://localhost:8765") == "http://loopback"
+    # loopback URLs are keyed like any other: scheme, host, port and path (two local servers are two services)
+    assert endpoint_key("http://127.0.0.1:41234") == "http://127.0.0.1:41234"
+    assert endpoint_key("http://127.0.0.1:41234") != endpoint_key("http://127.0.0.1:41235")
+    assert endpoint_key("http://LOCALHOST:8765/gw/") == "http://localhost:8765/gw"
+    assert endpoint_key("http://[::1]:8765") == "http://[::1]:8765"
     assert endpoint_key("https://gw.example/anthropic/") == "https://gw.example/anthropic"
     assert endpoint_key("https://gw.example:8443/a") == "https://gw.example:8443/a"
     assert endpoint_key("https://gw.example/a") != endpoint_key("https://gw.example/b")

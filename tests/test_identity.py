@@ -321,6 +321,27 @@ def test_the_models_file_is_part_of_a_jobs_identity(cli, emu, tmp_path, small_cs
     assert emu.stats.requests_created == 24
 
 
+def test_a_job_in_flight_from_before_the_catalog_counted_is_not_paid_again(emu, tmp_path, small_csv, monkeypatch):
+    """A job with a models file, left in flight by a version that did not hash the file in: after the
+    upgrade it is another job, whose rows wait for the first one's batches and take their answers."""
+    from batchrun.spec import JobSpec
+    models = tmp_path / "models.toml"
+    models.write_text("[models.claude-haiku-4-5]\ncache_min_tokens = 2048\n")
+    job = {"input": str(small_csv), "output": str(tmp_path / "a.parquet"), "id_column": "id",
+           "prompt": "Say: {{ body }}", "model": MODEL, "max_tokens": 50, "poll_interval": 0.05,
+           "state": str(tmp_path / "state.sqlite"), "models_file": str(models)}
+    emu.config.processing_seconds = 0.5
+    identity = JobSpec.identity
+    with monkeypatch.context() as old:   # the old version: the models file not in the identity
+        old.setattr(JobSpec, "identity", lambda self, fp, endpoint=None, models=None: identity(self, fp, endpoint))
+        first = batchrun.run(job, wait=False, api_key="k", base_url=emu.base_url)
+    assert first.exit_code == ExitCode.IN_PROGRESS and emu.stats.requests_created == 12
+    again = batchrun.run(job, api_key="k", base_url=emu.base_url)
+    assert again.job_id != first.job_id and again.exit_code == 0
+    assert emu.stats.requests_created == 12                            # nothing sent twice
+    assert all(r["text"].startswith("Reply to: Say: row") for r in _rows(tmp_path / "a.parquet"))
+
+
 # ---- #19: a gateway's own model names, `like` a catalog model ----------------------------------------
 def test_a_gateway_model_name_like_a_catalog_model(cli, emu, tmp_path, small_csv):
     name = "claude-sonnet-4-5-20250929-thinking"

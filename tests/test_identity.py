@@ -188,7 +188,7 @@ def test_a_state_file_from_before_versions_counted_keeps_sharing_answers(emu, tm
 def test_an_input_edited_while_its_batches_run_is_not_joined(cli, emu, tmp_path, small_csv, edit):
     rows = [(f"r{i}", f"row {i} of the table") for i in range(12)]
     changed = rows[::-1] if edit == "reversed" else [*rows[:4], ("r4", "a new text for row 4"), *rows[5:]]
-    emu.config.processing_seconds = 1.0
+    emu.config.processing_seconds = 0.5
 
     def rewrite():   # once the batch is in progress
         deadline = time.monotonic() + 30

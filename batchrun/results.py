@@ -13,10 +13,9 @@ from typing import Any, Optional
 import jsonschema
 
 from .models import Catalog
-from .output import ColumnError, schema_converters
+from .schema_types import SCHEMA_VALIDATOR, ColumnError, schema_converters
 from .requests import OUTPUT_TOOL
 
-SCHEMA_VALIDATOR = jsonschema.Draft202012Validator   # the job's schema is checked with it before sending
 
 TRANSIENT_ERRORS = {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
 

@@ -326,8 +326,7 @@ def schema_problem(schema: dict) -> Optional[str]:
     fails while results are read (after they were paid for).
     """
     import jsonschema
-    from .output import _resolve_ref
-    from .results import SCHEMA_VALIDATOR
+    from .schema_types import SCHEMA_VALIDATOR, resolve_ref
     meta = SCHEMA_VALIDATOR(SCHEMA_VALIDATOR.META_SCHEMA, format_checker=SCHEMA_VALIDATOR.FORMAT_CHECKER)
     error = jsonschema.exceptions.best_match(meta.iter_errors(schema))   # as check_schema, with the path
     if error is not None:
@@ -340,7 +339,7 @@ def schema_problem(schema: dict) -> Optional[str]:
     for where, ref in _refs(schema, ()):
         if not ref.startswith("#"):
             return f"$ref {ref!r} at {where}: only references inside the schema (#/...) can be used"
-        if not isinstance(_resolve_ref(schema, ref), (dict, bool)):
+        if not isinstance(resolve_ref(schema, ref), (dict, bool)):
             return f"$ref {ref!r} at {where}: the schema has nothing there"
     return None
 

@@ -11,7 +11,7 @@ from anthropic import transform_schema
 
 from batchrun.errors import InputError
 from batchrun.models import load_catalog
-from batchrun.output import column_for
+from batchrun.schema_types import column_for
 from batchrun.requests import api_schema
 from batchrun.results import ResultParser
 from batchrun.spec import JobSpec

@@ -17,7 +17,8 @@ class ExitCode:
     BAD_INPUT = 2      # the job, its input or the flags are wrong: nothing was sent (or, the input changed
                        # while its job ran: nothing was written)
     FAILED_ROWS = 3    # the job finished, but some rows ended errored/expired/canceled/invalid_output
-    API_ERROR = 4      # the API refused us (authentication, permission, a bad request) or stayed unreachable
+    API_ERROR = 4      # the API refused us (authentication, permission, a bad request) or stayed unreachable,
+                       # or the disk is full (NoSpaceError); the job stays resumable
     IN_PROGRESS = 5    # --no-wait: batches are still running; run again later
     LOCKED = 6         # another run holds this job
     BUDGET = 7         # the budget (--max-cost) stops the job
@@ -74,6 +75,27 @@ class InputError(BatchrunError):
 
 class SpecError(InputError):
     """The job file or a flag is malformed."""
+
+
+class StateFileError(InputError):
+    """The state file cannot be used: not batchrun's, a symbolic link, damaged, or written by a newer
+    batchrun. Nothing in it (nor anything it points to) was changed."""
+
+
+class DiskError(BatchrunError):
+    """The machine failed a read or write of the state file (an I/O error): the steps committed before it
+    are kept, and the job resumes once the disk is sound."""
+
+    exit_code = ExitCode.API_ERROR
+
+
+class NoSpaceError(DiskError):
+    """The disk filled up while writing the state file, a lock or the output. Every committed step is
+    kept (a write that did not fit was rolled back whole): the same command resumes once there is room."""
+
+    def __init__(self, path: str):
+        super().__init__(f"no space left on {path}; nothing was lost, run again once there is room")
+        self.path = path
 
 
 class BudgetError(BatchrunError):

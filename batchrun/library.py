@@ -20,6 +20,7 @@ refuse, and never prints: progress goes to `on_progress`, messages to the `batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -29,8 +30,19 @@ from .api import RetryPolicy
 from .errors import BudgetError, ExitCode, InputError
 from .runner import CancelResult, Progress, Runner, RunResult
 from .spec import JobSpec, merge
+from .store import state_errors
 
 JobLike = Union[str, os.PathLike, Mapping[str, Any], JobSpec]
+
+
+def _one_line(fn: Callable) -> Callable:
+    """A damaged state file, a full disk or a disk I/O error met inside `fn` raises its one-line
+    BatchrunError (as the CLI prints it), never a bare sqlite3 / OS error."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with state_errors():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def load_spec(job: JobLike, **overrides: Any) -> JobSpec:
@@ -58,6 +70,7 @@ def _runner(job: JobLike, *, api_key=None, base_url=None, transport=None, async_
                   retry=retry, **runner_kw)
 
 
+@_one_line
 def run(job: JobLike, *, wait: bool = True, api_key: Optional[str] = None, base_url: Optional[str] = None,
         transport=None, async_transport=None, allow_unknown_model: bool = False,
         on_progress: Optional[Callable[[Progress], None]] = None, retry: Optional[RetryPolicy] = None,
@@ -75,6 +88,7 @@ def run(job: JobLike, *, wait: bool = True, api_key: Optional[str] = None, base_
         runner.close()
 
 
+@_one_line
 def validate(job: JobLike, *, show: int = 2, allow_unknown_model: bool = False, **overrides: Any) -> dict:
     """Everything `run` checks before sending, sending nothing, as `batchrun validate` does: returns
     {"rows", "job_id", "requests" (the first `show` rendered requests), "warnings"}."""
@@ -83,6 +97,7 @@ def validate(job: JobLike, *, show: int = 2, allow_unknown_model: bool = False, 
     return validate_job(spec, show=show, allow_unknown_model=allow_unknown_model)
 
 
+@_one_line
 def estimate(job: JobLike, *, api_key: Optional[str] = None, base_url: Optional[str] = None, transport=None,
              allow_unknown_model: bool = False, retry: Optional[RetryPolicy] = None, **overrides: Any):
     """What the job's rows still to send will cost (an `Estimate`: counts and a min…max bracket), as
@@ -95,6 +110,7 @@ def estimate(job: JobLike, *, api_key: Optional[str] = None, base_url: Optional[
         runner.close()
 
 
+@_one_line
 def cancel(job: JobLike, *, wait: float = Runner.CANCEL_WAIT, state: Optional[str] = None,
            api_key: Optional[str] = None, base_url: Optional[str] = None, transport=None,
            retry: Optional[RetryPolicy] = None, **overrides: Any) -> CancelResult:
@@ -123,6 +139,7 @@ def _is_state_file(path: Union[str, os.PathLike]) -> bool:
         return False
 
 
+@_one_line
 def status(job_or_state: JobLike, *, job: Optional[str] = None, base_url: Optional[str] = None,
            **overrides: Any) -> Union[dict, list]:
     """What a state file knows, as `batchrun status --json` prints it.
@@ -171,6 +188,7 @@ class Job:
     pending request (each reply is committed as it comes) and returns once they are answered.
     """
 
+    @_one_line
     def __init__(self, job: JobLike, *, api_key: Optional[str] = None, base_url: Optional[str] = None,
                  transport=None, async_transport=None, allow_unknown_model: bool = False,
                  on_progress: Optional[Callable[[Progress], None]] = None, retry: Optional[RetryPolicy] = None,
@@ -196,6 +214,7 @@ class Job:
         return {"job_id": self.id, "state": os.path.abspath(self.spec.state_path)}
 
     @classmethod
+    @_one_line
     def from_handle(cls, handle: Mapping[str, str], **connection: Any) -> "Job":
         """The job of `handle` (see `handle`), rebuilt from the spec stored in its state file. Its input
         must be unchanged (the same job id): otherwise it is another job, and this raises InputError."""
@@ -221,6 +240,7 @@ class Job:
         return job
 
     # ---- the steps --------------------------------------------------------------------------------
+    @_one_line
     def submit(self) -> int:
         """Plan the job if it is not planned yet; resolve creates whose reply was lost; create a batch
         for every chunk of rows still to send (within the budget). Never waits. Returns the number of
@@ -250,6 +270,7 @@ class Job:
                 raise BudgetError(r._budget_stop(stop, counts))
             return answered if r.spec.mode == "messages" else r.batches_created - before
 
+    @_one_line
     def poll(self) -> bool:
         """Bring the status of the job's batches up to date (nothing is downloaded). True once nothing
         is in flight: every batch sent has ended (or none is out)."""
@@ -260,6 +281,7 @@ class Job:
             return not r.store.one("SELECT count(*) AS n FROM batches WHERE job_id = ? "
                                    "AND state IN ('intent', 'submitted')", (r.job.id,))["n"]
 
+    @_one_line
     def collect(self) -> RunResult:
         """Record the results of every ended batch; rows worth another attempt go back to pending (the
         next `submit` sends them). Once every row is final, the output is written and the result says
@@ -273,6 +295,7 @@ class Job:
                 return r._result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
             return r.finish()
 
+    @_one_line
     def status(self) -> dict:
         """This job's status, as `batchrun status --json JOB` prints it."""
         from .summary import job_status
@@ -282,13 +305,16 @@ class Job:
                     "cost_usd": None, "finished": False}
         return job_status(self._runner.store, row)
 
+    @_one_line
     def run(self, wait: bool = True) -> RunResult:
         """All the steps in one call, as `batchrun.run` does."""
         return self._runner.run(wait=wait)
 
+    @_one_line
     def estimate(self):
         return self._runner.estimate()
 
+    @_one_line
     def cancel(self, wait: float = Runner.CANCEL_WAIT) -> CancelResult:
         return self._runner.cancel(wait=wait)
 
@@ -334,6 +360,7 @@ def _as_arrow(table):
                      "pandas DataFrame, or anything with __arrow_c_stream__)")
 
 
+@_one_line
 def run_table(table, *, prompt: str, state: Optional[str] = None, api_key: Optional[str] = None,
               base_url: Optional[str] = None, transport=None, async_transport=None,
               on_progress: Optional[Callable[[Progress], None]] = None, retry: Optional[RetryPolicy] = None,

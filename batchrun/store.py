@@ -2,22 +2,33 @@
 
 Every step of a job is a transaction here, committed before the next step starts; a killed run
 resumes from what was committed. The schema evolves by migrations (a plain list of functions,
-applied once each and recorded in `_batchrun_migrations`), so any older state file still opens.
+applied once each and recorded in `_batchrun_migrations`), so any older state file still opens;
+one written by a newer batchrun (a migration this one does not know) is refused.
 The file is created private to its owner (0600); it never holds an API key.
+
+A state file carries batchrun's own mark (`PRAGMA application_id`, see APPLICATION_ID); one made by
+an older version is known by its migrations table and gets the mark. Any other file — another
+program's SQLite database, a symbolic link — is refused before anything in it changes (see
+`recognise`). A damaged file and a full disk end the command with one line (`state_error`).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
+import errno
 import json
 import os
 import sqlite3
+import stat
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import sqlite_utils
 
-from .errors import InputError, LockedError
+from . import __version__
+from .errors import BatchrunError, DiskError, InputError, LockedError, NoSpaceError, StateFileError
 from .spec import DEFAULT_API_VERSION
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
@@ -223,9 +234,10 @@ FINAL_STATES = ("succeeded", "errored", "expired", "canceled", "invalid_output")
 
 
 def _make_private(fd: int, path: str) -> None:
-    """Mode 0600 for a state file made by an older version or another tool, and for its WAL files
-    (SQLite gives new ones the database's mode). Only the owner can change the mode: a shared file
-    owned by someone else is left as it is."""
+    """Mode 0600 for a state file made by an older version, and for its WAL files (SQLite gives new ones
+    the database's mode). Only the owner can change the mode: a shared file owned by someone else is
+    left as it is. Called only once the file is known to be batchrun's (see `recognise`); the WAL files
+    are never symbolic links by then (see `_refuse_links`)."""
     if os.fstat(fd).st_mode & 0o077:
         try:
             os.fchmod(fd, 0o600)
@@ -233,10 +245,149 @@ def _make_private(fd: int, path: str) -> None:
             return
     for extra in (path + "-wal", path + "-shm"):
         try:
-            if os.stat(extra).st_mode & 0o077:
+            if os.stat(extra, follow_symlinks=False).st_mode & 0o077:
                 os.chmod(extra, 0o600)
         except (FileNotFoundError, PermissionError):
             pass
+
+
+# The mark of a batchrun state file in its SQLite header (PRAGMA application_id): "btrn".
+APPLICATION_ID = int.from_bytes(b"btrn", "big")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+MIGRATIONS_TABLE = "_batchrun_migrations"
+META_TABLE = "_batchrun_meta"      # key/value: the batchrun version that last changed the schema
+# the state file the current command uses (set when it is opened), named by `state_error`
+_CURRENT: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("batchrun_state", default=None)
+
+
+def _refuse_links(path: str) -> None:
+    """A state file (or its WAL, shared-memory or journal file) that is a symbolic link, or not a regular
+    file, is refused: following it would create, chmod or write the file it points to."""
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            mode = os.lstat(name).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateFileError(f"state file {path}: cannot read it ({exc.strerror or exc})") from None
+        if stat.S_ISLNK(mode):
+            raise StateFileError(f"state file {name} is a symbolic link (to {os.readlink(name)}): batchrun does not "
+                                 "follow links for its state file and left it as it is; pass the file's own path "
+                                 "as --state")
+        if not stat.S_ISREG(mode):
+            raise StateFileError(f"state file {name} is not a regular file; pass a file path as --state")
+
+
+def recognise(path: str) -> None:
+    """Refuse an existing file that is not a batchrun state file, before anything in it changes.
+
+    A batchrun state file bears APPLICATION_ID; one made before the mark was kept is known by its
+    migrations table. An empty file (0 bytes, or a SQLite database with no tables at all) holds nothing
+    to lose: it becomes a new state file (a first run stopped before it wrote anything leaves one).
+    Everything else — another program's database, a file that is not SQLite — is refused as it is.
+    """
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if not head:
+        return
+    if not (head.startswith(SQLITE_MAGIC) or SQLITE_MAGIC.startswith(head)):
+        raise StateFileError(f"{path} is not a batchrun state file (not a SQLite database; if it was a state "
+                             "file, it is damaged: restore it from a backup); it was left as it is: pass another "
+                             "--state")
+    if len(head) < 100:   # its first page is being written by another batchrun process: SQLite's locks decide
+        return
+    app_id = int.from_bytes(head[68:72], "big", signed=True)
+    if app_id == APPLICATION_ID:
+        return
+    if app_id == 0:
+        tables = _tables_read_only(path)
+        if MIGRATIONS_TABLE in tables:            # made by a batchrun older than the mark
+            return
+        if not tables and int.from_bytes(head[60:64], "big") == 0:
+            return                                # an empty database (user_version 0): nothing in it to lose
+        what = f"tables {', '.join(sorted(tables)[:4])}{', …' if len(tables) > 4 else ''}" if tables \
+            else "no batchrun tables"
+    else:
+        what = f"application_id {app_id:#010x}"
+    raise StateFileError(f"{path} is not a batchrun state file (a SQLite database of another program: {what}); "
+                         "batchrun left it as it is: pass another --state")
+
+
+def _tables_read_only(path: str) -> set:
+    """The table names of a SQLite file, read without changing it (read-only; immutable when it has no
+    WAL file beside it, so that SQLite creates none)."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    if not os.path.lexists(path + "-wal"):
+        uri += "&immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=30.0)
+        try:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise state_error(exc, path) or StateFileError(
+            f"{path}: cannot be read as a batchrun state file ({exc}); it was left as it is") from None
+
+
+def state_error(exc: BaseException, path: Optional[str] = None) -> Optional[BatchrunError]:
+    """The one line for a failure of the state file (`path`, by default the current command's): damaged,
+    no space left on the disk, a disk I/O error. None for any other error."""
+    path = path or _CURRENT.get() or "the state file"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return NoSpaceError(exc.filename if isinstance(exc.filename, str) else path)
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return None
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    text = str(exc)
+    if name == "SQLITE_FULL" or "database or disk is full" in text:
+        return NoSpaceError(path)
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
+        return StateFileError(f"state file {path} is damaged ({text}); it was not changed any further. Restore it "
+                              f"from a backup (`sqlite3 {path} .recover` may rescue what it holds); with a new "
+                              "state file, rows not yet finished would be sent, and paid for, again")
+    if name.startswith("SQLITE_IOERR") or "disk I/O error" in text:
+        if _nearly_full(path):
+            return NoSpaceError(path)
+        return DiskError(f"state file {path}: the disk failed a read or write ({text}); what was committed is "
+                         "kept: check the disk, then run again")
+    return None
+
+
+def _nearly_full(path: str) -> bool:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1024 * 1024
+
+
+@contextlib.contextmanager
+def state_errors(path: Optional[str] = None) -> Iterator[None]:
+    """Turn a damaged state file, a full disk or a disk I/O error met inside into its one line (see
+    `state_error`); every other error passes through unchanged."""
+    try:
+        yield
+    except (sqlite3.DatabaseError, OSError) as exc:
+        translated = state_error(exc, path)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def _create(path: str) -> bool:
+    """Create the state file (mode 0600) unless it exists; True when it was created here."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NoSpaceError(path) from None
+        raise InputError(f"state file {path}: cannot create it ({exc.strerror or exc})") from None
+    os.close(fd)
+    return True
 
 
 class Store:
@@ -244,30 +395,34 @@ class Store:
 
     def __init__(self, path: str):
         self.path = path
-        p = Path(path)
+        _refuse_links(path)
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                _make_private(fd, path)
-            finally:
-                os.close(fd)
+            if not _create(path):
+                recognise(path)
+                fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+                try:
+                    _make_private(fd, path)
+                finally:
+                    os.close(fd)
         except OSError as exc:
-            raise InputError(f"state file {path}: cannot create it ({exc.strerror or exc})") from None
-        try:
+            raise InputError(f"state file {path}: cannot open it ({exc.strerror or exc})") from None
+        _CURRENT.set(path)
+        with state_errors(path):
             conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.DatabaseError as exc:
-            raise InputError(f"state file {path}: not a batchrun state file ({exc})") from None
-        # NORMAL in WAL mode: every commit survives the process being killed; the few commits that
-        # must also survive a power cut (around creating a batch) use transaction(durable=True)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA cache_size=-16384")        # 16 MiB of page cache (the default is 2 MiB)
-        conn.execute("PRAGMA wal_autocheckpoint=8192")  # checkpoint every 32 MiB of WAL, not every 4 MiB
-        conn.execute("PRAGMA busy_timeout=30000")
-        self.conn = conn
-        self.db = sqlite_utils.Database(conn)
-        self._migrate()
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: every commit survives the process being killed; the few commits that
+                # must also survive a power cut (around creating a batch) use transaction(durable=True)
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA cache_size=-16384")        # 16 MiB of page cache (the default is 2 MiB)
+                conn.execute("PRAGMA wal_autocheckpoint=8192")  # checkpoint every 32 MiB of WAL, not every 4 MiB
+                conn.execute("PRAGMA busy_timeout=30000")
+                self.conn = conn
+                self.db = sqlite_utils.Database(conn)
+                self._migrate()
+            except BaseException:
+                conn.close()
+                raise
 
     def close(self) -> None:
         self.conn.close()
@@ -277,16 +432,49 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+        error = exc[1]
+        if isinstance(error, (sqlite3.DatabaseError, OSError)):
+            translated = state_error(error, self.path)
+            if translated is not None:
+                raise translated from None
 
     # ---- migrations ----------------------------------------------------------------------------
     def _migrate(self) -> None:
         with self.transaction():
-            self.conn.execute("CREATE TABLE IF NOT EXISTS _batchrun_migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
-            done = {r[0] for r in self.conn.execute("SELECT name FROM _batchrun_migrations")}
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if MIGRATIONS_TABLE in tables:
+                done = {r[0] for r in self.conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+                unknown = sorted(done - {fn.__name__ for fn in MIGRATIONS})
+                if unknown:
+                    raise self._newer(unknown, tables)
+            else:
+                done = set()
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (name TEXT PRIMARY KEY, applied_at TEXT)")
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS {META_TABLE} (key TEXT PRIMARY KEY, value TEXT)")
+            applied = False
             for fn in MIGRATIONS:
                 if fn.__name__ not in done:
                     fn(self.db)
-                    self.conn.execute("INSERT INTO _batchrun_migrations VALUES (?, ?)", (fn.__name__, now_iso()))
+                    self.conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, ?)", (fn.__name__, now_iso()))
+                    applied = True
+            if applied:
+                self.conn.execute(f"INSERT OR REPLACE INTO {META_TABLE} VALUES ('batchrun_version', ?)",
+                                  (__version__,))
+            if self.conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+    def _newer(self, unknown: list, tables: set) -> StateFileError:
+        """A state file whose schema a newer batchrun changed: using it as if it were current could lose
+        what the newer version keeps there."""
+        by = None
+        if META_TABLE in tables:
+            row = self.conn.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'batchrun_version'").fetchone()
+            by = row[0] if row else None
+        newest = MIGRATIONS[-1].__name__
+        return StateFileError(
+            f"state file {self.path} was written by a newer batchrun{f' ({by})' if by else ''}: its schema has "
+            f"{', '.join(unknown)}, which batchrun {__version__} does not know (it knows up to {newest}); "
+            "upgrade batchrun to use it (pip install -U batchrun), or pass another --state")
 
     @contextlib.contextmanager
     def transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
@@ -297,10 +485,16 @@ class Store:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:   # SQLite has rolled it back itself after some errors (a full disk)
+                self.conn.execute("ROLLBACK")
             raise
         else:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
         finally:
             if durable:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -376,8 +570,18 @@ class JobLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock
             return
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not os.path.islink(self.dir):
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        if os.path.islink(self.dir) or not os.path.isdir(self.dir):
+            raise StateFileError(f"{self.dir} is not a directory of batchrun's own (a symbolic link or a file): "
+                                 "batchrun keeps its job locks there and does not follow links; move it aside")
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StateFileError(f"{self.path} is a symbolic link: batchrun does not follow links for its job "
+                                 "locks and left it as it is; remove it") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:

@@ -18,10 +18,11 @@ from ..spec import JobSpec
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  every row succeeded
-  2  bad input (job file, flags, input data): nothing was sent; or the input changed
+  2  bad input (job file, flags, input data; a state file that is not batchrun's,
+     damaged or from a newer batchrun): nothing was sent; or the input changed
      while its job ran: nothing was written
   3  the job finished, but some rows failed (errored, expired, canceled, invalid_output)
-  4  API or authentication failure (the job stays resumable)
+  4  API or authentication failure, or no space left on disk (the job stays resumable)
   5  --no-wait: batches are still running; run the same command again later
   6  another run holds this job
   7  the budget (--max-cost) stops the job
@@ -156,11 +157,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except BatchrunError as exc:
-            hint = ""
-            if isinstance(exc, ApiError) and not isinstance(exc, AuthError):
-                hint = " (the job is saved: run the same command again to resume)"
-            click.echo(redact(f"batchrun: error: {exc}{hint}"), err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
         except KeyboardInterrupt as exc:
             how = " by SIGTERM" if isinstance(exc, Terminated) else ""
             click.echo(f"batchrun: interrupted{how}; the job is saved: run the same command again to resume", err=True)
@@ -170,6 +167,10 @@ def handle_errors(fn: Callable) -> Callable:
         except click.ClickException:
             raise
         except Exception as exc:  # a bug: say so plainly, traceback only on request
+            from ..store import state_error   # a damaged state file, a full disk: not a bug
+            translated = state_error(exc)
+            if translated is not None:
+                _fail(translated)
             if os.environ.get("BATCHRUN_DEBUG"):
                 click.echo(redact(traceback.format_exc()).rstrip("\n"), err=True)
             click.echo(redact(f"batchrun: internal error: {type(exc).__name__}: {exc} "
@@ -177,6 +178,15 @@ def handle_errors(fn: Callable) -> Callable:
             sys.exit(ExitCode.INTERNAL)
 
     return wrapper
+
+
+def _fail(exc: BatchrunError) -> None:
+    """One line on stderr, and the error's exit code."""
+    hint = ""
+    if isinstance(exc, ApiError) and not isinstance(exc, AuthError):
+        hint = " (the job is saved: run the same command again to resume)"
+    click.echo(redact(f"batchrun: error: {exc}{hint}"), err=True)
+    sys.exit(exc.exit_code)
 
 
 class RedactingFormatter(logging.Formatter):

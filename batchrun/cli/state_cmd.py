@@ -19,7 +19,7 @@ STATE_OPTION = click.option("--state", metavar="PATH", default="batchrun-state.s
 
 
 def open_store(path: str) -> Store:
-    if not os.path.exists(path):
+    if not os.path.lexists(path):   # (a symbolic link, even a dangling one, is refused by Store)
         raise InputError(f"state file {path} does not exist (pass --state PATH)")
     return Store(path)
 

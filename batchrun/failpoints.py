@@ -8,10 +8,14 @@ Set BATCHRUN_PAUSE=name=PATH to stop at the first hit of `name`: batchrun create
 waits until PATH exists (at most a minute) and goes on. Tests use it to hold a run at a known point
 (with the job's lock held) while they start another command.
 
-Both cost one dict lookup when unset.
+Set BATCHRUN_DISK_FULL=name (or name:N) to make the N-th hit of `name`, and every later one, fail as a
+full disk does (OSError ENOSPC): the no-space tests use it where no small filesystem can be mounted.
+
+All cost one dict lookup when unset.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -19,12 +23,15 @@ import time
 _hits: dict = {}
 _SPEC = os.environ.get("BATCHRUN_FAILPOINT")
 _PAUSE = os.environ.get("BATCHRUN_PAUSE")
+_FULL = os.environ.get("BATCHRUN_DISK_FULL")
 PAUSE_LIMIT = 60.0
 
 
 def hit(name: str) -> None:
     if _PAUSE:
         _pause(name)
+    if _FULL:
+        _disk_full(name)
     spec = _SPEC
     if not spec:
         return
@@ -45,3 +52,12 @@ def _pause(name: str) -> None:
     deadline = time.monotonic() + PAUSE_LIMIT
     while not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _disk_full(name: str) -> None:
+    want, _, count = _FULL.partition(":")
+    if want != name:
+        return
+    _hits["full", name] = _hits.get(("full", name), 0) + 1
+    if _hits["full", name] >= int(count or 1):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -8,6 +8,7 @@ a killed run) never sees half of it. Local paths and filesystem URIs (see inputs
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import uuid
@@ -19,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import failpoints
-from .errors import BatchrunError, InputError
+from .errors import BatchrunError, InputError, NoSpaceError
 from .inputs import InputSource, filesystem_for
 from .schema_types import ColumnError, schema_columns, schema_converters
 
@@ -96,6 +97,8 @@ def check_writable(output: str, partition_by: Optional[str] = None) -> None:
             pass
         os.remove(probe)
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NoSpaceError(output) from None
         raise InputError(f"output {output}: cannot write there ({exc.strerror or exc})") from None
 
 
@@ -192,8 +195,10 @@ class OutputWriter:
             if before_swap is not None:
                 before_swap()
             _swap(fs, local, tmp, path)
-        except BaseException:
+        except BaseException as exc:
             _delete(fs, tmp)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:   # the old output, if any, is as it was
+                raise NoSpaceError(output) from None
             raise
         return counted[0]
 
@@ -388,6 +393,9 @@ def _fsync_tree(path: str) -> None:
 
 def _delete(fs: pafs.FileSystem, path: str) -> None:
     try:
+        if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path):
+            os.unlink(path)   # an output that was a link: the link goes, never what it points to
+            return
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.Directory:
             fs.delete_dir(path)

@@ -9,6 +9,7 @@ file is escaped by the template (Jinja2 autoescape).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
+from .errors import NoSpaceError
 from .requests import output_schema_for
 from .summary import ROW_STATES, budget_text, cost_by_kind, failures_by_cause, job_status
 from .store import Store, now_iso, parse_iso
@@ -312,11 +314,13 @@ def write_report(store: Store, job: dict, path: str) -> None:
             f.write(html)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise NoSpaceError(path) from None
         raise
 
 

@@ -148,9 +148,9 @@ class ApiClient:
         # never be re-sent behind our back (a transport of our own would also lose the HTTPS_PROXY support)
         # the API's clock minus ours (seconds), from the Date header of its latest reply; None before one
         self.server_offset: Optional[float] = None
-        self.http = httpx.Client(base_url=self.base_url + "/", headers=headers, transport=transport,
-                                 timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                                 event_hooks={"response": [self._watch_clock]})
+        self.http = http_client(httpx.Client, base_url=self.base_url + "/", headers=headers, transport=transport,
+                                timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                                event_hooks={"response": [self._watch_clock]})
 
     def _watch_clock(self, response: httpx.Response) -> None:
         when = _http_date(response.headers.get("date"))
@@ -356,6 +356,26 @@ class ApiClient:
 
 
 _COUNT_TOKENS_KEYS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")
+
+
+def http_client(cls: type, *, transport: Any = None, limits: Optional[httpx.Limits] = None, **kw: Any) -> Any:
+    """An httpx Client or AsyncClient (`cls`) for batchrun's requests, every one of which carries the key.
+
+    Plain-http requests (allowed only to loopback: the emulator, a local gateway) go straight to their
+    host, never through a proxy from HTTP_PROXY / ALL_PROXY, which would read the key in clear. https
+    requests keep the environment's proxy settings (HTTPS_PROXY, ALL_PROXY, NO_PROXY): through a proxy
+    they travel in a tunnel, encrypted. A given transport (tests) is used as it is, with no proxy.
+    """
+    limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+    mounts = None
+    if transport is None:
+        direct = httpx.AsyncHTTPTransport if issubclass(cls, httpx.AsyncClient) else httpx.HTTPTransport
+        # (it serves http:// URLs only, so it never speaks TLS: verify=False spares loading the CA bundle)
+        mounts = {"http://": direct(limits=limits, verify=False)}
+    try:
+        return cls(transport=transport, limits=limits, mounts=mounts, **kw)
+    except ImportError as exc:   # a SOCKS proxy in ALL_PROXY / HTTPS_PROXY without the socksio package
+        raise InputError(f"proxy settings of the environment: {exc}") from None
 
 
 def transport_error(exc: httpx.RequestError, what: str) -> ApiError:

@@ -36,9 +36,10 @@ from typing import Optional
 import httpx
 import tenacity
 
-from .api import CREATE_NOT_CREATED, transport_error, unwrap_gateway
+from .api import CREATE_NOT_CREATED, http_client, transport_error, unwrap_gateway
 from .errors import ApiError, AuthError, InputError, NotFoundError, TransientApiError
 from .ratelimit import RateLimiter
+from .results import NOT_BILLED
 from .store import RESULT_FIELDS, now_iso
 
 log = logging.getLogger("batchrun")
@@ -116,8 +117,8 @@ class MessagesDriver:
         started = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue(maxsize=spec.concurrency)
         limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
-        async with httpx.AsyncClient(base_url=sync.base_url, headers=sync.headers, timeout=sync.timeout,
-                                     transport=self.transport, limits=limits) as http:
+        async with http_client(httpx.AsyncClient, base_url=sync.base_url, headers=sync.headers,
+                               timeout=sync.timeout, transport=self.transport, limits=limits) as http:
             tasks = [asyncio.create_task(self._feed(queue))]
             tasks += [asyncio.create_task(self._worker(http, queue)) for _ in range(spec.concurrency)]
             ticker = asyncio.create_task(self._tick())
@@ -268,8 +269,9 @@ class MessagesDriver:
             return None
         except (TransientApiError, _RowFailed) as exc:
             error = exc.error if isinstance(exc, _RowFailed) else exc
+            # every send answered with an error was not billed; one that got no reply may have run
             return {"result_type": "errored", "state": "errored", "error_type": error.error_type or "api_error",
-                    "error_message": str(error)}
+                    "error_message": str(error), "cost_usd": None if tries.get("unreplied") else NOT_BILLED}
         return self.runner.parser.message(message)
 
     async def _post(self, http: httpx.AsyncClient, content: bytes, estimate: tuple, tries: dict) -> dict:
@@ -281,6 +283,8 @@ class MessagesDriver:
             try:
                 response = await http.post("v1/messages", content=content)
             except httpx.TransportError as exc:
+                if not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+                    tries["unreplied"] = True      # sent, and no reply: it may have run (and been billed)
                 raise transport_error(exc, WHAT) from None
             headers = response.headers
             message = self._message(response)

@@ -626,7 +626,8 @@ class Emulator:
             "expires_at": iso(batch.created + EXPIRY_SECONDS),
             "archived_at": iso(batch.archived_at) if batch.archived_at is not None else None,
             "cancel_initiated_at": iso(batch.cancel_at) if batch.cancel_at is not None else None,
-            "results_url": (f"{req.scheme}://{req.host}{req.prefix}/v1/messages/batches/{batch.id}/results"
+            "results_url": (f"{req.scheme}://{self.config.results_host or req.host}{req.prefix}"
+                            f"/v1/messages/batches/{batch.id}/results"
                             if ended else None),
         }
 

@@ -40,6 +40,8 @@ class EmulatorConfig:
                                          # break their schema: a constraint the API only passes on as a note
                                          # (maximum, maxItems, maxLength), else a value's type; by request hash
     retry_after: float = 0.01            # seconds advertised on injected 429s
+    results_host: Optional[str] = None   # host[:port] of results_url (None: the host the request was sent to),
+                                         # to serve results from another host as the API's file servers may
     # the Messages endpoint
     # (limits are token buckets, as the API's: each holds its limit and refills at limit / rate_window a second)
     rpm: Optional[int] = None            # requests per window on POST /v1/messages

@@ -18,6 +18,8 @@ from .requests import OUTPUT_TOOL
 
 
 TRANSIENT_ERRORS = {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
+# the cost of a request the API answered with an error, or never ran (expired, canceled): not billed
+NOT_BILLED = 0.0
 
 
 class ResultParser:
@@ -46,14 +48,15 @@ class ResultParser:
         kind = result.get("type")
         if kind == "succeeded":
             return self.message(result.get("message") or {})
+        # the API bills none of these: their cost is 0 (not null, which means "price unknown")
         if kind == "errored":
             outer = result.get("error") or {}
             inner = outer.get("error") if isinstance(outer.get("error"), dict) else outer
             return {"result_type": "errored", "state": "errored",
                     "error_type": inner.get("type") or "api_error",
-                    "error_message": inner.get("message") or ""}
+                    "error_message": inner.get("message") or "", "cost_usd": NOT_BILLED}
         if kind in ("expired", "canceled"):
-            return {"result_type": kind, "state": kind, "error_type": kind,
+            return {"result_type": kind, "state": kind, "error_type": kind, "cost_usd": NOT_BILLED,
                     "error_message": "the batch expired before this request ran" if kind == "expired"
                     else "the batch was canceled before this request ran"}
         return {"result_type": "errored", "state": "errored", "error_type": "unknown_result",

@@ -844,7 +844,7 @@ class Runner:
                                     ("413 request_too_large for a single request", local))
             self.store.conn.execute(
                 "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'request_too_large', "
-                "error_message = ?, batch_id = NULL, finished_at = ? WHERE job_id = ? AND custom_id = ?",
+                "error_message = ?, batch_id = NULL, cost_usd = 0.0, finished_at = ? WHERE job_id = ? AND custom_id = ?",
                 (f"the API refused this request as too large even alone ({exc.message})", now_iso(), self.job.id,
                  custom_id))
         log.error("job %s: request %s is too large for the API even alone; it ends errored", self.job.short_id,
@@ -1206,5 +1206,5 @@ class Runner:
                 "UPDATE requests SET state = 'canceled', result_type = 'canceled', error_type = 'canceled', "
                 "error_message = CASE WHEN attempts = 0 THEN 'canceled before it was sent' ELSE "
                 "'canceled before it was sent again (attempt ' || attempts || ' ended ' || "
-                "coalesce(error_type, result_type, 'without a result') || ')' END, finished_at = ? "
+                "coalesce(error_type, result_type, 'without a result') || ')' END, cost_usd = 0.0, finished_at = ? "
                 "WHERE job_id = ? AND state = 'pending'", (now_iso(), self.job.id)).rowcount

@@ -375,6 +375,8 @@ def http_client(cls: type, *, transport: Any = None, limits: Optional[httpx.Limi
     try:
         return cls(transport=transport, limits=limits, mounts=mounts, **kw)
     except ImportError as exc:   # a SOCKS proxy in ALL_PROXY / HTTPS_PROXY without the socksio package
+        if urlsplit(str(kw.get("base_url", ""))).scheme == "http":   # a loopback endpoint needs no proxy
+            return cls(transport=transport, limits=limits, mounts=mounts, trust_env=False, **kw)
         raise InputError(f"proxy settings of the environment: {exc}") from None
 
 

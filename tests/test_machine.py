@@ -84,6 +84,23 @@ def test_a_state_file_damaged_mid_run_is_refused_in_one_line(emu, cli, tmp_path,
     assert emu.stats.batches_created == 2          # nothing sent again over a damaged plan
 
 
+def test_the_library_raises_the_same_line_for_a_damaged_state(emu, cli, tmp_path, tickets_csv):
+    import batchrun
+    out, state = tmp_path / "out.parquet", tmp_path / "state.sqlite"
+    job = {"input": str(tickets_csv), "output": str(out), "state": str(state), "id_column": "ticket_id",
+           "prompt": "Summarise: {{ body }}", "model": "claude-haiku-4-5", "max_tokens": 100, "poll_interval": 0.1}
+    emu.config.processing_seconds = 30
+    assert batchrun.run(job, wait=False).exit_code == ExitCode.IN_PROGRESS
+    page, roots = _checkpoint(state)
+    for name in ("requests", "requests_batch", "requests_row"):
+        _smash(state, page, roots[name])
+    for call in (lambda: batchrun.run(job, wait=False), lambda: batchrun.status(str(state))):
+        with pytest.raises(batchrun.BatchrunError) as failure:
+            call()
+        assert failure.value.exit_code == ExitCode.BAD_INPUT
+        assert f"state file {state} is damaged" in str(failure.value)
+
+
 # ---- 10. a full disk ----------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -25,8 +25,8 @@ import httpx
 import tenacity
 
 from . import __version__
-from .errors import (AmbiguousCreateError, ApiError, AuthError, GaveUpError, InputError, NotFoundError,
-                     RequestTooLargeError, ResultsGoneError, TransientApiError, register_secret)
+from .errors import (AmbiguousCreateError, ApiError, AuthError, GaveUpError, InputError, NoBatchApiError,
+                     NotFoundError, RequestTooLargeError, ResultsGoneError, TransientApiError, register_secret)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
@@ -170,14 +170,18 @@ class ApiClient:
     def _url(self, path: str) -> str:
         return path.lstrip("/")
 
+    def full_url(self, path: str) -> str:
+        """The URL a path is sent to, base URL (and its path prefix) included: what messages name."""
+        return f"{self.base_url}/{path.lstrip('/')}"
+
     def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One HTTP exchange; failures mapped to our exceptions (TransientApiError is retryable)."""
         try:
             response = self.http.request(method, self._url(path), **kw)
         except (httpx.TransportError, httpx.DecodingError) as exc:
-            raise transport_error(exc, f"{method} {path}") from None
+            raise transport_error(exc, f"{method} {self.full_url(path)}") from None
         if response.status_code >= 400:
-            raise self._error(response, f"{method} {path}")
+            raise self._error(response, f"{method} {self.full_url(path)}")
         return response
 
     def _error(self, response: httpx.Response, what: str) -> ApiError:
@@ -263,7 +267,7 @@ class ApiClient:
         return self._retrying()(self._create_once, body)
 
     def _create_once(self, body: bytes) -> dict:
-        what = "POST v1/messages/batches"
+        what = f"POST {self.full_url('v1/messages/batches')}"
         try:
             response = self.http.post(self._url("v1/messages/batches"), content=body)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:   # never sent
@@ -279,6 +283,13 @@ class ApiClient:
                 raise AmbiguousCreateError(f"{what}: {response.status_code} with a reply that is not JSON; "
                                            "the batch may exist") from None
         error = self._error(response, what)
+        if response.status_code in (404, 405) and endpoint_key(self.base_url) is not None:
+            # a gateway that serves only POST /v1/messages (LiteLLM answers 404 {"detail": "Not Found"})
+            raise NoBatchApiError(
+                f"{self.base_url} has no Message Batches API ({what} "
+                f"answered {response.status_code}): no batch was created; run with `--mode messages` (the Messages "
+                "API, at standard prices, not the batch discount)", status=response.status_code,
+                error_type=error.error_type, request_id=error.request_id) from None
         if response.status_code >= 500 and response.status_code not in CREATE_NOT_CREATED:
             raise AmbiguousCreateError(f"{error.message}; the batch may exist", status=error.status,
                                        error_type=error.error_type, request_id=error.request_id) from None

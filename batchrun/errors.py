@@ -141,6 +141,10 @@ class GaveUpError(ApiError):
     the job stays resumable. Not a TransientApiError, so that no caller retries it again."""
 
 
+class NoBatchApiError(ApiError):
+    """A gateway answered the batches endpoint 404/405: it has no Message Batches API. No batch was made."""
+
+
 class AmbiguousCreateError(ApiError):
     """A batch create failed in a way that leaves open whether the batch exists."""
 

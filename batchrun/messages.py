@@ -44,7 +44,6 @@ from .store import RESULT_FIELDS, now_iso
 
 log = logging.getLogger("batchrun")
 
-WHAT = "POST v1/messages"
 PAGE = 500                    # pending rows read from the state at a time
 # Each reply is committed as it arrives: a kill then loses (and the next run pays again for) only
 # the requests on the wire, never replies already received. A commit in WAL mode without fsync
@@ -87,6 +86,7 @@ class MessagesDriver:
         # The sync client checks the key and the base URL; its headers, timeouts, retry policy and
         # error mapping are used here too, so both modes speak to the server the same way.
         self.client = runner.client
+        self.what = f"POST {self.client.full_url('v1/messages')}"   # logs and errors name the URL used
         args = runner._client_args
         self.transport: Optional[httpx.AsyncBaseTransport] = args.get("async_transport")
         if self.transport is None and args.get("transport") is not None:
@@ -132,7 +132,7 @@ class MessagesDriver:
                 await asyncio.gather(*tasks, ticker, return_exceptions=True)
                 self._flush()              # replies already received are kept, whatever happened
         log.info("job %s: %d replies recorded in %.1fs over %s; %d refused (429/529), %.1fs waiting on rate limits",
-                 self.runner.job.short_id, self.recorded, time.monotonic() - started, WHAT,
+                 self.runner.job.short_id, self.recorded, time.monotonic() - started, self.what,
                  self.limiter.refusals, self.limiter.waited)
         return self.recorded
 
@@ -285,7 +285,7 @@ class MessagesDriver:
             except httpx.TransportError as exc:
                 if not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
                     tries["unreplied"] = True      # sent, and no reply: it may have run (and been billed)
-                raise transport_error(exc, WHAT) from None
+                raise transport_error(exc, self.what) from None
             headers = response.headers
             message = self._message(response)
             usage = message.get("usage") or {}
@@ -309,7 +309,7 @@ class MessagesDriver:
     def _message(self, response: httpx.Response) -> dict:
         """The Message a reply carries (unwrapped from a gateway's envelope), or the error it is."""
         if response.status_code >= 400:
-            raise _classify(self.client._error(response, WHAT))
+            raise _classify(self.client._error(response, self.what))
         try:
             body = response.json()
         except (ValueError, UnicodeDecodeError):
@@ -321,9 +321,9 @@ class MessagesDriver:
         if isinstance(code, int) and not isinstance(code, bool) and code >= 400:   # an error inside a 200
             keep = {k: v for k, v in response.headers.items()
                     if k.lower() in ("retry-after", "retry-after-ms", "x-should-retry", "request-id")}
-            raise _classify(self.client._error(httpx.Response(code, json=body, headers=keep), WHAT))
+            raise _classify(self.client._error(httpx.Response(code, json=body, headers=keep), self.what))
         snippet = response.text[:200].strip().replace("\n", " ")
-        raise ApiError(f"{WHAT}: {response.status_code} but the reply is not a Message "
+        raise ApiError(f"{self.what}: {response.status_code} but the reply is not a Message "
                        f"({snippet or 'empty body'}): is {self.client.base_url} an Anthropic Messages endpoint?",
                        status=response.status_code, request_id=response.headers.get("request-id"))
 

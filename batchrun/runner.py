@@ -17,6 +17,7 @@ be killed at any moment and called again (from cron, say) to pick up exactly whe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from decimal import ROUND_CEILING, Decimal
 import logging
@@ -31,7 +32,7 @@ import pyarrow as pa
 from .api import ApiClient, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text, is_loopback_endpoint
 from . import failpoints
 from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError, InputError,
-                     LockedError, NotFoundError,
+                     LockedError, NoBatchApiError, NotFoundError,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
@@ -395,7 +396,7 @@ class Runner:
     def plan(self) -> None:
         """Read, validate and render the whole input, and store its requests: all or nothing."""
         store, job, spec = self.store, self.job, self.spec
-        existing = store.job(job.id)
+        existing = store.job(job.id) or self._take_over_other_mode()
         if existing and existing["planned_at"]:
             self._load_plan(existing)
             return
@@ -425,6 +426,27 @@ class Runner:
             log.warning("%s", warning)
         self.reuse_answers()
         log.info("job %s: %d rows planned (%s, model %s)", job.short_id, n, spec.input, spec.model)
+
+    def _take_over_other_mode(self) -> Optional[dict]:
+        """The same job planned in the other mode and never sent (a gateway without batches refused the
+        batch mode, say) is this job: it continues in this mode, with its rows, rather than a new job."""
+        if self.job.fingerprint is None:
+            return None
+        other = "batch" if self.spec.mode == "messages" else "messages"
+        other_id = dataclasses.replace(self.spec, mode=other).identity(self.job.fingerprint, self.job.endpoint)
+        lock = JobLock(self.spec.state_path, other_id)
+        try:
+            lock.acquire()
+        except LockedError:
+            return None   # a run is moving it: not ours to take
+        try:
+            if not self.store.rekey_job(other_id, self.job.id, self.spec.mode):
+                return None
+        finally:
+            lock.release()
+        log.info("job %s: continues the same job planned in %s mode (nothing of it was sent)", self.job.short_id,
+                 other)
+        return self.store.job(self.job.id)
 
     def _load_plan(self, row: dict) -> None:
         types = json.loads(row["column_types"] or "{}")
@@ -758,6 +780,11 @@ class Runner:
                 log.warning("job %s: batch not created (%s); trying again after the batches in flight",
                             job.short_id, exc)
                 return created
+            except NoBatchApiError:
+                # certainly not created: the intent is dropped, its rows are as if never sent (the job is
+                # not started if nothing else was), and the same job runs on in messages mode
+                self.store.drop_intent(local)
+                raise
             except ApiError:
                 self._abandon(local, "refused by the API")
                 raise

@@ -534,6 +534,35 @@ class Store:
         self.conn.execute("INSERT INTO events (job_id, at, level, message) VALUES (?, ?, ?, ?)",
                           (job_id, now_iso(), level, message))
 
+    def unsent(self, job_id: str) -> bool:
+        """True when nothing of the job was ever sent: no batch (nor intent) made, no row sent."""
+        return not self.one("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ?) OR "
+                            "EXISTS (SELECT 1 FROM requests WHERE job_id = ? AND attempts > 0) AS sent",
+                            (job_id, job_id))["sent"]
+
+    def rekey_job(self, old: str, new: str, mode: str) -> bool:
+        """Give a planned job that was never sent a new id and mode (a job moving to the other mode);
+        False (nothing changed) if it does not exist, was sent, or `new` is taken."""
+        with self.transaction():
+            row = self.job(old)
+            if row is None or not row["planned_at"] or self.job(new) is not None or not self.unsent(old):
+                return False
+            spec = json.loads(row["spec"])
+            spec["mode"] = mode
+            self.conn.execute("UPDATE jobs SET id = ?, mode = ?, spec = ? WHERE id = ?",
+                              (new, mode, json.dumps(spec, sort_keys=True), old))
+            self.conn.execute("UPDATE requests SET job_id = ? WHERE job_id = ?", (new, old))
+            self.conn.execute("UPDATE events SET job_id = ? WHERE job_id = ?", (new, old))
+            self.event(new, "info", f"continued in {mode} mode (it was job {old[:12]}, never sent)")
+        return True
+
+    def drop_intent(self, local: int) -> None:
+        """A batch intent whose create certainly made no batch, dropped as if never made: its rows pending."""
+        with self.transaction():
+            self.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, "
+                              "attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = 'in_flight'", (local,))
+            self.conn.execute("DELETE FROM batches WHERE id = ?", (local,))
+
     # ---- requests ------------------------------------------------------------------------------
     def params(self, job_id: Optional[str] = None) -> Iterator[tuple[str, str, dict]]:
         """(job_id, custom_id, full params) of stored requests, in row order."""

@@ -61,8 +61,7 @@ def job_status(store: Store, job: dict) -> dict:
     spec = json.loads(job["spec"])
     finished = bool(job["finished_at"]) and counts["pending"] == 0 and counts["in_flight"] == 0
     # sent: a batch was created (or tried) for the job, or a row of it was sent (messages mode)
-    sent = store.one("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ?) OR "
-                     "EXISTS (SELECT 1 FROM requests WHERE job_id = ? AND attempts > 0) AS sent", (jid, jid))["sent"]
+    sent = not store.unsent(jid)
     return {
         "job_id": jid, "name": job["name"], "model": job["model"], "mode": job["mode"],
         "input": job["input"], "output": job["output"], "rows": job["rows"] or 0,

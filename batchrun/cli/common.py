@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional
 
 import click
 
-from ..errors import ApiError, AuthError, BatchrunError, ExitCode, SpecError, redact, register_secret
+from ..errors import (ApiError, AuthError, BatchrunError, ExitCode, NoBatchApiError, SpecError, redact,
+                      register_secret)
 from ..spec import JobSpec
 
 EXIT_CODES_HELP = """\b
@@ -183,7 +184,7 @@ def handle_errors(fn: Callable) -> Callable:
 def _fail(exc: BatchrunError) -> None:
     """One line on stderr, and the error's exit code."""
     hint = ""
-    if isinstance(exc, ApiError) and not isinstance(exc, AuthError):
+    if isinstance(exc, ApiError) and not isinstance(exc, (AuthError, NoBatchApiError)):   # again: the same
         hint = " (the job is saved: run the same command again to resume)"
     click.echo(redact(f"batchrun: error: {exc}{hint}"), err=True)
     sys.exit(exc.exit_code)

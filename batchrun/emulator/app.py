@@ -67,6 +67,9 @@ def install_log_filter() -> None:
         logger.addFilter(_DropFilter())
 
 
+BATCH_ROUTES = ("create", "list", "retrieve", "cancel", "delete", "results")
+
+
 def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -270,6 +273,10 @@ class Emulator:
         if isinstance(route, Reply):
             return route
         name, batch_id = route
+        if (self.config.no_batches and name in BATCH_ROUTES) or (self.config.no_count_tokens and name == "count_tokens"):
+            return json_reply(404, {"detail": "Not Found"})   # a gateway that serves only some of the API
+        if self.config.count_tokens_fails and name == "count_tokens":
+            return req.error(500, "api_error", "CountTokens processing error: cannot connect to the upstream")
         with self._lock:
             self.stats.api_versions[req.headers.get("anthropic-version")] += 1
             self.stats.prefixes[req.prefix] += 1
@@ -579,6 +586,7 @@ class Emulator:
                 params, cache_write=n if kind == "write" else 0, cache_read=n if kind == "read" else 0,
                 cache_ttl=ttl, service_tier="batch", message_id=self._message_id(batch, i),
                 off_schema=self.config.off_schema_rate)
+            self._misreport(message)
             result: dict = {"type": "succeeded", "message": message}
         elif code == EXPIRED:
             result = {"type": "expired"}
@@ -819,13 +827,22 @@ class Emulator:
             self.stats.billed[params_hash(params)] += 1
         message = replies.reply_for(params, cache_write=write, cache_read=read, cache_ttl=ttl,
                                     service_tier="standard", message_id=message_id, off_schema=cfg.off_schema_rate)
+        output_tokens = message["usage"]["output_tokens"]
+        self._misreport(message)
         with self._lock:
             now = self.clock()
             self._refill(now)
-            self._spent["output"] += message["usage"]["output_tokens"]   # counted once known
+            self._spent["output"] += output_tokens   # counted once known
             headers = self._ratelimit_headers(now)
         body = {"code": 200, "data": message} if cfg.wrap_messages else message
         return json_reply(200, body, headers)
+
+    def _misreport(self, message: dict) -> None:
+        """Usage as some gateways report it: output tokens past max_tokens, or no usage at all."""
+        if self.config.report_output_tokens is not None:
+            message["usage"]["output_tokens"] = self.config.report_output_tokens
+        if self.config.omit_usage:
+            message.pop("usage", None)
 
     # Rate limits are token buckets, as the API's are: each holds up to its limit and refills
     # continuously at limit / rate_window per second (not all at once at the end of a window).

@@ -50,6 +50,13 @@ class EmulatorConfig:
     rate_window: float = 60.0            # the rate-limit window in seconds ("per minute"; less to scale time)
     wrap_messages: bool = False          # reply {"code": 200, "data": <Message>} like some gateways
     latency: float = 0.0                 # seconds to wait before a messages reply
+    # gateways
+    no_batches: bool = False             # the batch endpoints answer 404 {"detail": "Not Found"} (like LiteLLM)
+    no_count_tokens: bool = False        # count_tokens answers 404 {"detail": "Not Found"}
+    count_tokens_fails: bool = False     # count_tokens answers 500 api_error (a gateway whose upstream is down)
+    report_output_tokens: Optional[int] = None   # every reply reports this many output tokens, whatever its
+                                                 # max_tokens (LiteLLM's mock replies report 503)
+    omit_usage: bool = False             # replies carry no usage at all
 
     def update(self, changes: dict) -> None:
         """Apply a partial update (from JSON); unknown keys raise KeyError, bad types ValueError."""
@@ -76,7 +83,7 @@ class EmulatorConfig:
             elif key in ("api_key", "refuse_text"):
                 value = str(value)
             elif key in ("seed", "max_requests", "max_body_bytes", "max_queued_requests", "drop_after_create",
-                         "rpm", "input_tpm", "output_tpm"):
+                         "rpm", "input_tpm", "output_tpm", "report_output_tokens"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
                     raise ValueError(f"{key} must be an integer")
                 value = int(value)

@@ -357,9 +357,18 @@ class ApiClient:
         return response
 
     # ---- messages ------------------------------------------------------------------------------
-    def count_tokens(self, params: dict) -> int:
+    def count_tokens(self, params: dict, *, retry: bool = True) -> int:
+        """Input tokens of a request, by the API's count_tokens. `retry=False`: one attempt, no retries
+        (for an endpoint not yet known to count tokens: many gateways do not). A reply without a count
+        raises ApiError."""
         body = {k: v for k, v in params.items() if k in _COUNT_TOKENS_KEYS}
-        return int(self._call("POST", "v1/messages/count_tokens", json=body).json()["input_tokens"])
+        path = "v1/messages/count_tokens"
+        response = self._call("POST", path, json=body) if retry else self._send("POST", path, json=body)
+        try:
+            return int(response.json()["input_tokens"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ApiError(f"POST {self.full_url(path)}: {response.status_code} but the reply holds no input_tokens",
+                           status=response.status_code) from None
 
     def create_message(self, params: dict) -> dict:
         reply = self._call("POST", "v1/messages", json=params).json()

@@ -5,22 +5,40 @@ Claude 4.7+ and Haiku 5.5 count ~30% more for the same text). Small jobs are cou
 larger ones a seeded random sample is counted and the rest extrapolated from its tokens-per-character
 ratio — the output says which. The maximum pads the extrapolated input tokens by MARGIN, as the
 reservations made while running do (`request_max`): a budget of the maximum holds every row.
+
+An endpoint that does not count tokens (a gateway without count_tokens, or whose upstream is down) is
+tried once, without retries; then every request is approximated from its characters (`approx_tokens`),
+said once: the estimate's input tokens at a typical characters-per-token rate of the model's tokenizer
+family, its minimum at twice as many characters per token, its maximum at one token per UTF-8 byte of
+the whole request (x1.3 for the newer tokenizer) plus APPROX_MEDIA_TOKENS per image or document. A
+byte-level tokenizer never makes more tokens than bytes, so the maximum, and a budget of it, holds.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Optional
 
-from .errors import InputError
+from .errors import ApiError, AuthError, InputError
+from .requests import canonical_json as canonical
+
+log = logging.getLogger("batchrun")
 
 EXACT_LIMIT = 200       # count every request up to this many
 SAMPLE_SIZE = 60        # otherwise count this many, chosen at random (seeded)
 MARGIN = Decimal("1.10")  # the maximum pads input tokens extrapolated (not counted) by this much
 CENT_MILLIONTH = Decimal("0.00000001")   # the estimate's dollars are given to 8 decimals
+# without count_tokens: characters per token of ordinary text, by tokenizer family (new_tokenizer in the
+# catalog: Claude 4.7+ and Haiku 5.5 count ~30% more tokens for the same text)
+CHARS_PER_TOKEN = {False: Decimal("4.0"), True: Decimal("3.1")}
+APPROX_LOW = Decimal(2)               # the minimum assumes this many times the characters per token
+APPROX_BYTE_TOKENS = {False: Decimal("1.0"), True: Decimal("1.3")}   # the maximum: tokens per UTF-8 byte
+APPROX_MEDIA_TOKENS = 5000            # the maximum adds this per image or document block (its bytes aside)
+APPROX_NOTE = "approximate: this endpoint does not count tokens"
 
 
 @dataclass
@@ -30,7 +48,7 @@ class Estimate:
     system_tokens: int
     cost_usd_min: Optional[float]
     cost_usd_max: Optional[float]
-    method: str                     # "exact" or "sampled"
+    method: str                     # "exact", "sampled" or "approximate" (the endpoint does not count tokens)
     sample_size: int
     done: int
     failed: int
@@ -54,19 +72,69 @@ class Estimator:
         self._system_tokens: Optional[int] = None
         self._counted: dict = {}      # a body's digest (not the body: it may hold an image) -> its tokens
         self._brackets: dict = {}
+        # count_tokens: None until a count succeeds (tried once, without retries); False when the endpoint
+        # does not count tokens and every request is approximated from its characters
+        self.counts_tokens: Optional[bool] = None
+        self.note: Optional[str] = None
         # messages mode: the maximum of each send of this run that may have run (been billed) with no
         # reply saying what it cost; the budget counts it as spent
         self.unreplied = Decimal(0)
 
     # ---- counting --------------------------------------------------------------------------------
-    def _count(self, body: str) -> int:
-        """Tokens of a stored request, counted by the API once per body (a run estimates again as it goes)."""
+    @property
+    def approximate(self) -> bool:
+        return self.counts_tokens is False
+
+    def _api_count(self, params: dict) -> Optional[int]:
+        """count_tokens, or None once the endpoint has shown it does not count tokens (said once)."""
+        if self.approximate:
+            return None
+        client = self.runner.client
+        try:
+            n = client.count_tokens(params, retry=bool(self.counts_tokens))
+        except AuthError:
+            raise
+        except ApiError as exc:
+            status = exc.status
+            at_anthropic = self.runner.job.endpoint is None
+            # a 4xx from the Anthropic API is about the request (a 404: its model); from a gateway, a 404
+            # or 405 means it has no count_tokens. 5xx, timeouts and replies without a count: none here
+            if status is not None and 400 <= status < 500 and status != 429 and (at_anthropic or status not in (404, 405)):
+                raise
+            self.counts_tokens = False
+            self.note = APPROX_NOTE
+            log.warning("%s (%s); token counts are approximated from characters (see README: Estimate without "
+                        "count_tokens)", APPROX_NOTE, exc)
+            return None
+        self.counts_tokens = True
+        return n
+
+    def _count(self, body: str) -> Optional[int]:
+        """Tokens of a stored request, counted by the API once per body (a run estimates again as it goes);
+        None when the endpoint does not count tokens."""
         known, key = self._counted, _digest(body)
         if key not in known:
+            n = self._api_count(json.loads(self.runner.full_body(body)))
+            if n is None:
+                return None
             if len(known) >= 20_000:
                 known.clear()
-            known[key] = self.runner.client.count_tokens(json.loads(self.runner.full_body(body)))
+            known[key] = n
         return known[key]
+
+    def approx_tokens(self, body: str) -> tuple[int, int, int]:
+        """(expected, minimum, maximum) input tokens of a stored request, from its characters (see the
+        module's docstring), for an endpoint that does not count tokens."""
+        return self._approx(json.loads(self.runner.full_body(body)))
+
+    def _approx(self, params: dict) -> tuple[int, int, int]:
+        new = bool(self.runner.job.model and self.runner.job.model.new_tokenizer)
+        chars, media = _text_chars(params.get("system")) + _text_chars(params.get("messages")), _media(params)
+        expected = int((Decimal(chars) / CHARS_PER_TOKEN[new]).to_integral_value(ROUND_CEILING)) + 1000 * media
+        low = int((Decimal(chars) / (CHARS_PER_TOKEN[new] * APPROX_LOW)).to_integral_value(ROUND_FLOOR))
+        size = len(canonical(params).encode("utf-8"))
+        high = int((Decimal(size) * APPROX_BYTE_TOKENS[new]).to_integral_value(ROUND_CEILING)) + APPROX_MEDIA_TOKENS * media
+        return min(expected, high), low, high
 
     def uncounted_tokens(self, chars: int) -> int:
         """The most input tokens a request of `chars` characters (row part and shared part) that was not
@@ -77,18 +145,23 @@ class Estimator:
         """max_tokens of a stored request: the job's, or the row's own (max_tokens_column)."""
         return json.loads(body)["max_tokens"] if self.spec.max_tokens_column else self.spec.max_tokens
 
-    def system_tokens(self, body: str) -> int:
-        """Tokens of the system prompt alone (the part that can be cached), from a stored request."""
+    def system_tokens(self, body: str, which: int = 0) -> int:
+        """Tokens of the system prompt alone (the part that can be cached), from a stored request. Counted:
+        one figure; approximated: `which` picks the expected (0), minimum (1) or maximum (2) figure."""
         if self._system_tokens is None:
             params = json.loads(self.runner.full_body(body))
             if not params.get("system"):
-                self._system_tokens = 0
+                self._system_tokens = (0, 0, 0)
             else:
                 probe = {"model": params["model"], "messages": [{"role": "user", "content": "x"}]}
-                without = self.runner.client.count_tokens(probe)
-                with_system = self.runner.client.count_tokens({**probe, "system": params["system"]})
-                self._system_tokens = max(0, with_system - without)
-        return self._system_tokens
+                without = self._api_count(probe)
+                with_system = None if without is None else self._api_count({**probe, "system": params["system"]})
+                if with_system is None:
+                    alone = {"model": params["model"], "system": params["system"], "messages": []}
+                    self._system_tokens = self._approx(alone)
+                else:
+                    self._system_tokens = (max(0, with_system - without),) * 3
+        return self._system_tokens[which]
 
     def ratio(self) -> Decimal:
         """Tokens per character of request body, from a sample of this job's requests."""
@@ -98,9 +171,11 @@ class Estimator:
                 "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 2000",
                 (self.runner.job.id,)).fetchall()
             sample = random.Random(0).sample(rows, min(len(rows), 20))
-            tokens = sum(self._count(b) for (b,) in sample)
+            counts = [self._count(b) for (b,) in sample]
+            if None in counts:    # not counted: approx_tokens serves instead; this ratio is never used
+                return Decimal(1) / CHARS_PER_TOKEN[False]
             chars = sum(len(self.runner.full_body(b)) for (b,) in sample)
-            self._ratio = Decimal(tokens) / Decimal(max(chars, 1))
+            self._ratio = Decimal(sum(counts)) / Decimal(max(chars, 1))
         return self._ratio
 
     # ---- pricing ---------------------------------------------------------------------------------
@@ -143,15 +218,32 @@ class Estimator:
         first = store.one("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
                           "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 1", (jid,))
         sys_tokens = self.system_tokens(first["body"]) if first else 0
+        if first and self.counts_tokens is None:   # one try at counting tokens before the rows are priced
+            self._count(first["body"])
         cacheable = self.cacheable(sys_tokens)
         low = high = Decimal(0)
         unknown = False
         total_tokens = 0
-        if bodies_n <= EXACT_LIMIT:
+        if self.approximate:
+            method, sample_n = "approximate", 0
+            sys_low, sys_high = (self.system_tokens(first["body"], 1), self.system_tokens(first["body"], 2)) \
+                if first else (0, 0)
+            for (body,) in pending:
+                tokens, least, most = self.approx_tokens(body)
+                total_tokens += tokens
+                lo = self.bracket(least, sys_low, self.max_tokens(body), cacheable)[0]
+                hi = self.bracket(most, sys_high, self.max_tokens(body), cacheable)[1]
+                if lo is None or hi is None:
+                    unknown = True
+                else:
+                    low, high = low + lo, high + hi
+        elif bodies_n <= EXACT_LIMIT:
             method, sample_n = "exact", bodies_n
             chars = 0
             for (body,) in pending:
                 tokens = self._count(body)
+                if tokens is None:    # the endpoint stopped counting: every row approximated instead
+                    return self.estimate()
                 total_tokens += tokens
                 chars += len(body) + len(runner.prefix or "")
                 lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), cacheable)
@@ -176,6 +268,8 @@ class Estimator:
                         bodies[j] = (i, body)
             sample_n = len(bodies)
             counted = {i: self._count(b) for i, b in bodies}
+            if None in counted.values():
+                return self.estimate()
             chars = sum(len(b) + len(runner.prefix or "") for _, b in bodies)
             ratio = self._ratio = Decimal(sum(counted.values())) / Decimal(chars)
             for i, (length, mt) in enumerate(zip(lengths, max_tokens)):
@@ -216,14 +310,44 @@ class Estimator:
         max_tokens of output; cache writes where the system prompt is cached.
         """
         tokens = self._counted.get(_digest(body))
-        if tokens is None:
-            tokens = self.uncounted_tokens(len(body) + len(self.runner.prefix or ""))
+        if tokens is None and not self.approximate:
+            tokens = self.uncounted_tokens(len(body) + len(self.runner.prefix or ""))   # may find it cannot count
         sys_tokens = self.system_tokens(body)
-        lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), self.cacheable(sys_tokens))
+        if self.approximate:   # the estimate's own maximum for this row (see `estimate`)
+            tokens = self.approx_tokens(body)[2]
+            cacheable = self.cacheable(sys_tokens)
+            sys_tokens = self.system_tokens(body, 2)
+        else:
+            cacheable = self.cacheable(sys_tokens)
+        lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), cacheable)
         if hi is None:
             raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
                              "cannot be enforced; add its prices with --models FILE")
         return hi
+
+
+def _text_chars(value) -> int:
+    """Characters of the text a model reads in `system` or `messages` (text blocks and strings; not
+    images, documents' data or the JSON around them)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    if isinstance(value, dict):
+        if value.get("type") in ("image", "document"):
+            return 0
+        return sum(_text_chars(value.get(k)) for k in ("text", "content"))
+    return 0
+
+
+def _media(params: dict) -> int:
+    """Image and document blocks of a request."""
+    n = 0
+    for message in params.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            n += sum(1 for block in content if isinstance(block, dict) and block.get("type") in ("image", "document"))
+    return n
 
 
 def _digest(body: str) -> bytes:

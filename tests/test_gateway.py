@@ -84,3 +84,61 @@ def test_a_job_already_sent_in_batch_mode_is_not_taken_over_by_messages_mode(emu
     jobs = status(cli, tmp_path)
     assert sorted(j["mode"] for j in jobs) == ["batch", "messages"]
     assert emu.stats.messages_calls == 0                 # its rows reuse the answers already paid for
+
+
+# ---- (3) estimate and budget without count_tokens ----------------------------------------------------
+MIXED = ["plain English words about a refund that never came", "李雷和韩梅梅在北京的咖啡馆见面，讨论了退款问题。",
+         "!!! ??? ... ;;; ((( ))) --- +++ *** ### @@@", "naïve café 🚀🚀🚀 Zoë Ołeksandr Nguyễn", "1234567890 " * 5]
+
+
+def mixed_rows(n):
+    return [{"ticket_id": f"T-{i}", "customer": "Zoë" if i % 2 else "", "priority": i % 5,
+             "body": " ".join(MIXED[(i + k) % len(MIXED)] for k in range(1 + i % 4))} for i in range(n)]
+
+
+def estimate_json(cli, args, *extra):
+    r = cli("estimate", *args[1:], *extra, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("model", ["claude-haiku-4-5", "claude-haiku-5-5"])   # old and new tokenizer
+def test_estimate_without_count_tokens_is_approximate_once_and_brackets_the_counted_figures(emu, cli, tmp_path,
+                                                                                            model):
+    import time
+    args = job_args(tmp_path, mixed_rows(30), "--model", model, "--system", "Answer briefly. " * 20)
+    counted = estimate_json(cli, args)
+    assert counted["method"] == "exact"
+    calls = emu.stats.count_tokens_calls
+    emu.config.no_count_tokens = True
+    started = time.monotonic()
+    r = cli("estimate", *args[1:])
+    assert r.exit_code == 0, r.output
+    assert time.monotonic() - started < 5                       # one try, no 35 s of retries
+    assert r.output.count("approximate: this endpoint does not count tokens") == 1, r.output
+    assert emu.stats.count_tokens_calls == calls + 1
+    approx = estimate_json(cli, args)
+    assert approx["method"] == "approximate"
+    assert approx["cost_usd_min"] <= counted["cost_usd_min"] and approx["cost_usd_max"] >= counted["cost_usd_max"]
+    assert approx["requests"] == counted["requests"] == 30
+
+
+def test_failing_count_tokens_then_budget_enforced_on_the_approximate_maximum(emu, cli, tmp_path):
+    import time
+    emu.config.count_tokens_fails = True                        # a gateway whose upstream is down: 500
+    args = job_args(tmp_path, mixed_rows(20), "--mode", "messages")
+    started = time.monotonic()
+    est = estimate_json(cli, args)
+    assert time.monotonic() - started < 5 and est["method"] == "approximate"
+    assert emu.stats.count_tokens_calls == 1
+    # a budget just under the maximum: refused before anything is sent
+    r = cli(*args, "--max-cost", est["cost_usd_max"] * 0.98)
+    assert r.exit_code == ExitCode.BUDGET, r.output
+    assert emu.stats.messages_calls == 0
+    # the maximum itself: every row sent, and what they cost lies in the bracket
+    r = cli(*args, "--max-cost", est["cost_usd_max"])
+    assert r.exit_code == 0, r.output
+    assert emu.stats.messages_calls == 20
+    assert r.output.count("approximate: this endpoint does not count tokens") == 1, r.output
+    cost = sum(g["cost_usd"] for g in pq.read_table(tmp_path / "o.parquet").to_pylist())
+    assert est["cost_usd_min"] <= cost <= est["cost_usd_max"]

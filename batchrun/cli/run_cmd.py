@@ -263,7 +263,7 @@ def estimate(job_file, as_json, **options):
     money = lambda v: f"${v:,.4f}" if v is not None else "unknown (model not priced)"
     # the bracket to 4 decimals, rounded outwards: a --max-cost of the maximum shown is never refused
     out = lambda v, way: None if v is None else float(Decimal(str(v)).quantize(Decimal("0.0001"), rounding=way))
-    counted = "counted exactly" if est.method == "exact" else f"sampled {est.sample_size}, extrapolated by characters"
+    counted = {"exact": "counted exactly", "approximate": "approximated from characters"}.get(est.method, f"sampled {est.sample_size}, extrapolated by characters")
     lines = [
         ("model", f"{est.model} ({'batch, 50% off' if est.batch else 'messages, standard prices'})"),
         ("rows done / failed / in flight", f"{est.done} / {est.failed} / {est.in_flight}"),

@@ -273,10 +273,13 @@ class Emulator:
         if isinstance(route, Reply):
             return route
         name, batch_id = route
+        if name == "count_tokens" and (self.config.no_count_tokens or self.config.count_tokens_fails):
+            with self._lock:
+                self.stats.count_tokens_calls += 1
+            if self.config.count_tokens_fails:
+                return req.error(500, "api_error", "CountTokens processing error: cannot connect to the upstream")
         if (self.config.no_batches and name in BATCH_ROUTES) or (self.config.no_count_tokens and name == "count_tokens"):
             return json_reply(404, {"detail": "Not Found"})   # a gateway that serves only some of the API
-        if self.config.count_tokens_fails and name == "count_tokens":
-            return req.error(500, "api_error", "CountTokens processing error: cannot connect to the upstream")
         with self._lock:
             self.stats.api_versions[req.headers.get("anthropic-version")] += 1
             self.stats.prefixes[req.prefix] += 1

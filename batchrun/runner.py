@@ -40,7 +40,7 @@ from .output import OutputWriter, check_column_names, check_partition, check_wri
 from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, output_schema_for,
                        params_hash, shared_params_hash, splice_prefix)
 from .results import ResultParser, is_retryable
-from .spec import JobSpec
+from .spec import JobSpec, check_api_version, rules_version
 from .summary import PAID, budget_text, find_job, job_cost
 from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
@@ -202,6 +202,11 @@ class Runner:
         self.job = Job(spec, catalog=catalog, allow_unknown_model=allow_unknown_model, endpoint=endpoint,
                        job_id=job_id)
         self.store = self.job.store
+        try:
+            version_note = check_api_version(spec.api_version, self.job.endpoint)
+        except InputError:
+            self.job.close()
+            raise
         self.resume_canceled = resume_canceled
         self.resend_lost = resend_lost
         self.wait_lock = wait_lock
@@ -216,6 +221,9 @@ class Runner:
         self.parser = ResultParser(self.job.catalog, spec.model, schema=output_schema_for(spec),
                                    batch=spec.mode == "batch", cache_ttl=spec.cache_ttl)
         self.notes: list[str] = []
+        if version_note:
+            self.notes.append(version_note)
+            log.warning("%s", version_note)
         self.batches_created = 0
         self._chunk = spec.batch_size
         self._started = time.monotonic()
@@ -482,7 +490,7 @@ class Runner:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
                                      f"(columns: {', '.join(batch.schema.names[:12])})")
                 builder = self._builder_for(batch.schema)
-                check = RowCheck(builder, job.model, spec.api_version)
+                check = RowCheck(builder, job.model, rules_version(spec.api_version))
                 # an answer is reused only from the same service, under the same API version
                 shared_hash = shared_params_hash(canonical_json(builder.shared), job.endpoint, spec.api_version)
                 self.prefix = splice_prefix(builder.shared)

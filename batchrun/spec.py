@@ -7,6 +7,7 @@ reported as one line naming the key. Paths in a job file are relative to the fil
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -24,10 +25,30 @@ else:  # pragma: no cover
 
 from .errors import SpecError
 
-API_VERSIONS = ("2023-06-01", "2026-10-21")
+API_VERSIONS = ("2023-06-01", "2026-10-21")   # the Anthropic API's; the only ones it accepts
+# a gateway may document its own anthropic-version (a date, e.g. 2025-10-01): sent as given, with the
+# rules of the first Anthropic version checked (`rules_version`)
+_DATE_VERSION = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
 DEFAULT_API_VERSION = API_VERSIONS[0]
 MAX_BATCH_REQUESTS = 100_000
 DEFAULT_MODEL = "claude-haiku-5-5"
+
+
+def rules_version(api_version: str) -> str:
+    """The API version whose rules a request is checked against: a gateway's own version is unknown to
+    batchrun, so the rules of 2023-06-01 are checked for it."""
+    return api_version if api_version in API_VERSIONS else API_VERSIONS[0]
+
+
+def check_api_version(api_version: str, endpoint: Optional[str]) -> Optional[str]:
+    """Refuse a version the Anthropic API does not have (endpoint None); for a gateway, a warning."""
+    if api_version in API_VERSIONS:
+        return None
+    if endpoint is None:
+        raise SpecError(f"api_version: {api_version} is not a version of the Anthropic API (use "
+                        f"{' or '.join(API_VERSIONS)}); other dates are only for a gateway's base URL")
+    return (f"api_version: {api_version} is not an Anthropic API version: sent as given to {endpoint}, whose rules "
+            f"for it are unknown; the rules of {API_VERSIONS[0]} are checked")
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -229,7 +250,11 @@ class JobSpec:
         need(1 <= self.max_attempts <= 20, "max_attempts", "must be between 1 and 20")
         self.poll_interval = parse_duration(self.poll_interval, f"{where}poll_interval")
         need(self.poll_interval >= 0.01, "poll_interval", "must be positive")
-        need(self.api_version in API_VERSIONS, "api_version", f"must be one of {', '.join(API_VERSIONS)}")
+        if isinstance(self.api_version, datetime.date):   # TOML reads api_version = 2025-10-01 as a date
+            self.api_version = self.api_version.isoformat()
+        need(isinstance(self.api_version, str) and bool(_DATE_VERSION.match(self.api_version)), "api_version",
+             f"must be a date (YYYY-MM-DD): {' or '.join(API_VERSIONS)} for the Anthropic API, or the version a "
+             "gateway documents")
         need(self.mode in ("batch", "messages"), "mode", "must be 'batch' or 'messages'")
         need(self.cache_ttl in ("5m", "1h"), "cache_ttl", "must be '5m' or '1h'")
         for key in ("multi_label", "cache_system", "allow_unknown_model"):

@@ -142,3 +142,30 @@ def test_failing_count_tokens_then_budget_enforced_on_the_approximate_maximum(em
     assert r.output.count("approximate: this endpoint does not count tokens") == 1, r.output
     cost = sum(g["cost_usd"] for g in pq.read_table(tmp_path / "o.parquet").to_pylist())
     assert est["cost_usd_min"] <= cost <= est["cost_usd_max"]
+
+
+# ---- (6) a gateway's own anthropic-version ------------------------------------------------------------
+def test_a_gateways_own_api_version_is_sent_with_a_warning(emu, cli, tmp_path):
+    r = cli(*job_args(tmp_path, None, "--api-version", "2025-10-01", "--mode", "messages", n=4))
+    assert r.exit_code == 0, r.output
+    assert emu.stats.api_versions == {"2025-10-01": 4}
+    warning = [line for line in r.output.splitlines() if "2025-10-01" in line]
+    assert len(warning) == 1 and "unknown" in warning[0] and "2023-06-01" in warning[0], r.output
+
+
+def test_the_anthropic_api_takes_only_its_own_versions(emu, cli, tmp_path):
+    args = job_args(tmp_path, None, "--api-version", "2025-10-01", "--base-url", "https://api.anthropic.com", n=4)
+    refused(cli(*args), ExitCode.BAD_INPUT, "api_version", "2025-10-01", "2023-06-01", "2026-10-21")
+    for bad in ("latest", "2025-13-01", "2025-10-1"):
+        refused(cli(*job_args(tmp_path, None, "--api-version", bad)), ExitCode.BAD_INPUT, "api_version", "YYYY-MM-DD")
+    assert sum(emu.stats.api_versions.values()) == 0
+
+
+def test_a_job_file_api_version_written_as_a_toml_date(emu, cli, tmp_path):
+    write_csv(tmp_path / "t.csv", make_tickets(3))
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "t.csv"\noutput = "o.parquet"\nprompt = "Hi {{{{ body }}}}"\nmodel = "{MODEL}"\n'
+                   'mode = "messages"\napi_version = 2025-10-01\n')
+    r = cli("run", job)
+    assert r.exit_code == 0, r.output
+    assert emu.stats.api_versions == {"2025-10-01": 3}

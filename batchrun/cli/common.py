@@ -55,7 +55,9 @@ JOB_OPTIONS = [
     click.option("--poll-interval", metavar="DURATION", help="Longest wait between polls, e.g. 30, 2m (default: 60s)."),
     click.option("--state", metavar="PATH", help="SQLite state file, a local path (default: batchrun-state.sqlite next to the output; in the working directory when the output is a URI)."),
     click.option("--max-attempts", type=int, metavar="N", help="Attempts per row for transient failures (default: 3)."),
-    click.option("--api-version", type=click.Choice(["2023-06-01", "2026-10-21"]), help="anthropic-version header."),
+    click.option("--api-version", metavar="YYYY-MM-DD", help="anthropic-version header: 2023-06-01 (default) or "
+                 "2026-10-21; another date only for a gateway that documents it (its rules unknown: those of "
+                 "2023-06-01 are checked)."),
     click.option("--mode", type=click.Choice(["batch", "messages"]), help="Message Batches (default) or plain Messages."),
     click.option("--output-schema", metavar="FILE", help="JSON Schema file: each top-level property becomes a typed column."),
     click.option("--labels", multiple=True, callback=_labels, metavar="A,B,C", help="Label set: the reply is one of these (column 'label')."),

@@ -63,7 +63,8 @@ def _fields(spec: JobSpec) -> dict:
 def _runner(job: JobLike, *, api_key=None, base_url=None, transport=None, async_transport=None,
             allow_unknown_model: bool = False, on_progress=None, retry: Optional[RetryPolicy] = None,
             **kw: Any) -> Runner:
-    runner_kw = {k: kw.pop(k) for k in ("resume_canceled", "resend_lost", "wait_lock", "sleep") if k in kw}
+    runner_kw = {k: kw.pop(k) for k in ("resume_canceled", "resend_lost", "retry_errored", "wait_lock", "sleep")
+                 if k in kw}
     spec = load_spec(job, **kw)
     return Runner(spec, api_key=api_key, base_url=base_url, transport=transport, async_transport=async_transport,
                   allow_unknown_model=allow_unknown_model or spec.allow_unknown_model, on_progress=on_progress,
@@ -78,7 +79,8 @@ def run(job: JobLike, *, wait: bool = True, api_key: Optional[str] = None, base_
     """Run a job to the end (or, with wait=False, as far as it can go now), as `batchrun run` does.
 
     `overrides` are job keys (max_cost=5, limit=20, ...) and the run options `resume_canceled`,
-    `resend_lost`, `wait_lock`. `retry` bounds how long each API call is retried (RetryPolicy).
+    `resend_lost`, `retry_errored` (send again the rows that ended errored), `wait_lock`. `retry` bounds
+    how long each API call is retried (RetryPolicy).
     Raises BatchrunError."""
     runner = _runner(job, api_key=api_key, base_url=base_url, transport=transport, async_transport=async_transport,
                      allow_unknown_model=allow_unknown_model, on_progress=on_progress, retry=retry, **overrides)

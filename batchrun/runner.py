@@ -192,7 +192,7 @@ class Runner:
                  transport=None, async_transport=None, client: Optional[ApiClient] = None,
                  catalog: Optional[Catalog] = None,
                  allow_unknown_model: bool = False, resume_canceled: bool = False, resend_lost: bool = False,
-                 wait_lock: bool = False,
+                 retry_errored: bool = False, wait_lock: bool = False,
                  on_progress: Optional[Callable[[Progress], None]] = None,
                  sleep: Callable[[float], None] = time.sleep, retry=None, job_id: Optional[str] = None,
                  endpoint: Optional[str] = None):
@@ -209,6 +209,7 @@ class Runner:
             raise
         self.resume_canceled = resume_canceled
         self.resend_lost = resend_lost
+        self.retry_errored = retry_errored
         self.wait_lock = wait_lock
         self.on_progress = on_progress
         self.sleep = sleep
@@ -324,6 +325,8 @@ class Runner:
             self._resume_canceled()
         if self.resend_lost:
             self._resend_lost()
+        if self.retry_errored:
+            self._retry_errored()
         self._record_max_cost()
 
     def finish(self) -> RunResult:
@@ -586,6 +589,34 @@ class Runner:
                 self.store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (self.job.id,))
         if n:
             log.info("job %s: %d rows whose batch or results are gone will be sent again", self.job.short_id, n)
+
+    def _retry_errored(self) -> None:
+        """--retry-errored: rows that ended errored (a gateway's own errors, a wrong key, errors whose attempts
+        ran out) are sent again, after saying how many and the most they may cost; each starts its attempts
+        afresh. Succeeded rows are never sent again; rows whose batch or results are gone (they may have been
+        paid for) only with --resend-lost."""
+        store, job = self.store, self.job
+        rows = store.conn.execute(
+            "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? AND r.state = 'errored' "
+            "AND coalesce(r.error_type, '') NOT IN ('batch_not_found', 'results_gone')", (job.id,)).fetchall()
+        if not rows:
+            log.info("job %s: --retry-errored: no row ended errored", job.short_id)
+            return
+        try:
+            most = f"${sum((self.estimator.request_max(body) for (body,) in rows), Decimal(0)):.6f}"
+        except InputError:    # an unpriced model
+            most = "an unknown amount (the model is not priced)"
+        with store.transaction():
+            n = store.conn.execute(
+                "UPDATE requests SET state = 'pending', attempts = 0, batch_id = NULL, api_batch_id = NULL, "
+                "result_type = NULL, error_type = NULL, error_message = NULL, finished_at = NULL "
+                "WHERE job_id = ? AND state = 'errored' AND coalesce(error_type, '') NOT IN "
+                "('batch_not_found', 'results_gone')", (job.id,)).rowcount
+            store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (job.id,))
+            store.event(job.id, "info", f"--retry-errored: {n} errored rows sent again")
+        log.warning("job %s: --retry-errored: %d rows that ended errored are sent again; they may cost up to %s%s",
+                    job.short_id, n, most, f" (the budget, {budget_text(self.spec.max_cost)}, still holds)"
+                    if self.spec.max_cost is not None else "")
 
     def _resume_canceled(self) -> None:
         with self.store.transaction():

@@ -169,3 +169,49 @@ def test_a_job_file_api_version_written_as_a_toml_date(emu, cli, tmp_path):
     r = cli("run", job)
     assert r.exit_code == 0, r.output
     assert emu.stats.api_versions == {"2025-10-01": 3}
+
+
+# ---- (2) run --retry-errored ----------------------------------------------------------------------------
+def test_retry_errored_in_batch_mode_sends_only_the_errored_rows_again(emu, cli, tmp_path):
+    emu.config.errored_rate, emu.config.errored_types = 0.4, ("permission_error",)   # final: not retried
+    args = job_args(tmp_path, n=30)
+    r = cli(*args)
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    first = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    errored = {g["custom_id"] for g in first if g["status"] == "errored"}
+    assert 3 <= len(errored) < 30
+    emu.config.errored_rate = 0.0
+    assert cli(*args).exit_code == ExitCode.FAILED_ROWS           # without the flag: nothing sent
+    assert sum(emu.stats.submitted_custom_ids.values()) == 30
+
+    r = cli(*args, "--retry-errored")
+    assert r.exit_code == 0, r.output
+    told = [line for line in r.output.splitlines() if "--retry-errored" in line]
+    assert len(told) == 1 and f"{len(errored)} rows" in told[0] and "$" in told[0], r.output
+    sent = emu.stats.submitted_custom_ids
+    assert {c for c, n in sent.items() if n == 2} == errored and sum(sent.values()) == 30 + len(errored)
+    got = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert [g["status"] for g in got] == ["succeeded"] * 30
+    assert all(g["attempts"] == 1 and g["error_type"] is None for g in got)
+    assert [g["text"] for g in got if g["custom_id"] not in errored] == \
+        [g["text"] for g in first if g["custom_id"] not in errored]
+
+
+def test_retry_errored_in_messages_mode_respects_the_budget(emu, cli, tmp_path):
+    rows = make_tickets(10)
+    for i in (2, 5, 7):
+        rows[i]["body"] = "REFUSE ME " + rows[i]["body"]
+    emu.config.refuse_text = "REFUSE ME"
+    args = job_args(tmp_path, rows, "--mode", "messages")
+    assert cli(*args).exit_code == ExitCode.FAILED_ROWS
+    assert emu.stats.messages_calls == 10
+    emu.config.refuse_text = None
+    r = cli(*args, "--retry-errored", "--max-cost", "0.0000001")   # too little for even one of them
+    assert r.exit_code == ExitCode.BUDGET, r.output
+    assert "3 rows that ended errored" in r.output and emu.stats.messages_calls == 10
+    r = cli(*args, "--retry-errored")
+    assert r.exit_code == 0, r.output
+    assert emu.stats.messages_calls == 13
+    got = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert [g["status"] for g in got] == ["succeeded"] * 10
+    assert [g["attempts"] for g in got] == [1] * 10

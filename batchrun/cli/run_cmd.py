@@ -86,9 +86,11 @@ def make_runner(job_file, options: dict, base_url_override: Optional[str] = None
 @click.option("--resume-canceled", is_flag=True, help="Send rows that ended canceled again.")
 @click.option("--resend-lost", is_flag=True, help="Send again rows whose batch the API no longer knows (404) or "
               "whose results are gone (after 29 days): they may have been paid for once already.")
+@click.option("--retry-errored", is_flag=True, help="Send again the rows that ended errored (never the succeeded "
+              "ones), saying first how many and the most they may cost; --max-cost still holds.")
 @click.option("--wait-lock", is_flag=True, help="If another run holds the job, wait for it instead of exiting.")
 @handle_errors
-def run(job_file, no_wait, resume_canceled, resend_lost, wait_lock, **options):
+def run(job_file, no_wait, resume_canceled, resend_lost, retry_errored, wait_lock, **options):
     """Run a job: plan, submit, poll, collect, retry and write the output.
 
     Idempotent: run it again after any interruption and it continues where it stopped; a finished
@@ -104,6 +106,7 @@ def run(job_file, no_wait, resume_canceled, resend_lost, wait_lock, **options):
     with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
         printer = None if options.get("quiet") else ProgressPrinter()
         runner = make_runner(job_file, options, emu_url, resume_canceled=resume_canceled, resend_lost=resend_lost,
+                             retry_errored=retry_errored,
                              wait_lock=wait_lock,
                              on_progress=printer)
         try:

@@ -278,6 +278,7 @@ class MessagesDriver:
         """One exchange, admitted by the limiter and reported back to it."""
         ticket = await self.limiter.acquire(*estimate, again=tries["refused"] > 0)
         tries["sent"] += 1
+        self.runner.requests_sent += 1
         headers = usage = refused_for = status = None
         try:
             try:

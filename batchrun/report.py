@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from .errors import NoSpaceError
 from .requests import output_schema_for
-from .summary import ROW_STATES, budget_text, cost_by_kind, failures_by_cause, job_status
+from .summary import (ROW_STATES, budget_text, cost_by_kind, failures_by_cause, invalid_output_reasons, job_status,
+                     usage_problems, usage_text)
 from .store import Store, now_iso, parse_iso
 
 FAILED_STATES = ("errored", "expired", "canceled", "invalid_output")
@@ -57,6 +58,9 @@ def build_report_data(store: Store, job: dict, *, max_failed_rows: int = MAX_FAI
         "cost_by_kind": _cost_by_kind(store, job, spec, mode, cache_ttl),
         "reused_rows": st["reused_rows"],
         "failures_by_cause": [{"cause": c, "error_type": t, "rows": n} for c, t, n in failures_by_cause(store, jid)],
+        "invalid_output_reasons": [{"reason": m, "rows": n} for m, n in invalid_output_reasons(store, jid)[0]],
+        "usage_problems": usage_problems(store, jid),
+        "usage_note": usage_text(usage_problems(store, jid)),
         "output_tokens": _output_tokens(store, jid),
         "stop_reasons": {r["s"]: r["n"] for r in store.q(
             "SELECT coalesce(stop_reason, '(none)') AS s, count(*) AS n FROM requests WHERE job_id = ? "

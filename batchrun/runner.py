@@ -64,6 +64,7 @@ class Progress:
     cost_usd: Optional[float]
     elapsed: float
     mode: str = "batch"
+    url: Optional[str] = None     # messages mode: the URL requests are sent to (base URL and prefix included)
 
     @property
     def done(self) -> int:
@@ -85,6 +86,9 @@ class RunResult:
     rows: int = 0
     batches_created: int = 0
     notes: list = field(default_factory=list)
+    sent: int = 0                       # requests this run sent (in batches it created, or over messages)
+    replies: int = 0                    # replies this run recorded that the job paid for
+    run_cost_usd: Optional[float] = 0.0   # what those replies cost (None if unpriced)
 
     @property
     def failed(self) -> int:
@@ -228,6 +232,8 @@ class Runner:
         self.batches_created = 0
         self._chunk = spec.batch_size
         self._started = time.monotonic()
+        self.requests_sent = 0                         # this run's: requests sent (batch members, or messages)
+        self._paid_before: Optional[tuple] = None      # (replies paid, cost) when this run began
         self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
         # budget (see "budget"): why a reservation stopped sending this round; the pending rows last
@@ -328,6 +334,7 @@ class Runner:
         if self.retry_errored:
             self._retry_errored()
         self._record_max_cost()
+        self._paid_before = self._paid()
 
     def finish(self) -> RunResult:
         """Every row is final: write the output, mark the job finished, and say how it ended."""
@@ -386,9 +393,18 @@ class Runner:
             if note not in self.notes:
                 self.notes.append(note)
                 log.warning(note)
+        replies, paid = self._paid()
+        before_n, before_cost = self._paid_before or (replies, paid)
+        run_cost = None if paid is None or before_cost is None else round(paid - before_cost, 10)
         return RunResult(job_id=self.job.id, finished=finished, counts=counts, cost_usd=cost,
                          output=self.spec.output if finished else None, exit_code=exit_code,
-                         batches_created=self.batches_created, notes=list(self.notes))
+                         batches_created=self.batches_created, notes=list(self.notes), sent=self.requests_sent,
+                         replies=replies - before_n, run_cost_usd=run_cost)
+
+    def _paid(self) -> tuple[int, Optional[float]]:
+        """(replies the job paid for, what they cost) now: a run's own share is the change over the run."""
+        n = self.store.one(f"SELECT count(*) AS n FROM requests WHERE job_id = ? AND {PAID}", (self.job.id,))["n"]
+        return n, self.cost()
 
     def cost(self) -> Optional[float]:
         return job_cost(self.store, self.job.id)
@@ -401,7 +417,8 @@ class Runner:
         total = sum(counts.values())
         self.on_progress(Progress(job_id=self.job.id, total=total, counts=counts, batches_in_flight=b["live"],
                                   batches_total=b["total"], cost_usd=self.cost(),
-                                  elapsed=time.monotonic() - self._started, mode=self.spec.mode))
+                                  elapsed=time.monotonic() - self._started, mode=self.spec.mode,
+                                  url=self._client.full_url("v1/messages") if self._client is not None else None))
 
     # ---- plan ----------------------------------------------------------------------------------
     def plan(self) -> None:
@@ -828,6 +845,7 @@ class Runner:
                 self._abandon(local, "refused by the API")
                 raise
             self._submitted(local, info, adopted=False)
+            self.requests_sent += len(ids)
             created += 1
             after = sent_through
             log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))

@@ -99,6 +99,37 @@ def failures_by_cause(store: Store, job_id: str) -> list[tuple[str, str, int]]:
     return [(CAUSES.get(r["t"], r["t"]), r["t"], r["n"]) for r in rows]
 
 
+def invalid_output_reasons(store: Store, job_id: str, first: int = 3) -> tuple[list[tuple[str, int]], int]:
+    """Why replies ended invalid_output: the `first` most frequent distinct reasons with their rows, and how
+    many rows have another reason."""
+    rows = store.q("SELECT coalesce(error_message, '(no reason recorded)') AS m, count(*) AS n FROM requests "
+                   "WHERE job_id = ? AND state = 'invalid_output' GROUP BY m ORDER BY n DESC, m", (job_id,))
+    return [(r["m"], r["n"]) for r in rows[:first]], sum(r["n"] for r in rows[first:])
+
+
+def usage_problems(store: Store, job_id: str) -> dict:
+    """Replies this job paid for whose usage cannot be right, recorded and priced as reported: `over`, more
+    output tokens than the request's max_tokens allow; `missing`, no usage at all (priced at 0)."""
+    job = store.job(job_id)
+    shared = json.loads(job["shared_params"] or "{}") if job else {}
+    row = store.one(
+        "SELECT count(*) FILTER (WHERE r.output_tokens > coalesce(json_extract(b.body, '$.max_tokens'), ?)) AS over, "
+        "count(*) FILTER (WHERE r.output_tokens IS NULL AND r.input_tokens IS NULL) AS missing "
+        f"FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? AND r.{PAID.replace(' AND ', ' AND r.')}",
+        (shared.get("max_tokens"), job_id))
+    return {"over": row["over"] or 0, "missing": row["missing"] or 0}
+
+
+def usage_text(problems: dict) -> Optional[str]:
+    """The one line that flags usage that cannot be right (None when there is none)."""
+    parts = []
+    if problems["over"]:
+        parts.append(f"{problems['over']} replies reported more output tokens than their max_tokens")
+    if problems["missing"]:
+        parts.append(f"{problems['missing']} replies reported no usage (priced at $0)")
+    return "; ".join(parts) + " (recorded and priced as reported)" if parts else None
+
+
 def cost_by_kind(store: Store, job_id: str, catalog, model: str, *, batch: bool, cache_ttl: str) -> Optional[dict]:
     """What the job paid per token kind (rows reused from other jobs excluded); None if unpriced."""
     info = catalog.resolve(model)

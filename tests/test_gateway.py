@@ -215,3 +215,71 @@ def test_retry_errored_in_messages_mode_respects_the_budget(emu, cli, tmp_path):
     got = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert [g["status"] for g in got] == ["succeeded"] * 10
     assert [g["attempts"] for g in got] == [1] * 10
+
+
+# ---- (4) usage that cannot be right ------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["batch", "messages"])
+def test_output_tokens_above_max_tokens_are_recorded_as_reported_and_flagged(emu, cli, tmp_path, mode):
+    from batchrun.models import load_catalog
+    emu.config.report_output_tokens = 503                     # as LiteLLM's mock replies do, for max_tokens 100
+    r = cli(*job_args(tmp_path, None, "--mode", mode, n=6))
+    assert r.exit_code == 0, r.output
+    flagged = [line for line in r.output.splitlines() if "more output tokens than their max_tokens" in line]
+    assert len(flagged) == 1 and "6 replies" in flagged[0], r.output
+    prices = load_catalog().resolve(MODEL).prices
+    scale = 0.5 if mode == "batch" else 1.0
+    for g in pq.read_table(tmp_path / "o.parquet").to_pylist():
+        assert g["output_tokens"] == 503
+        assert g["cost_usd"] == pytest.approx(scale * float(g["input_tokens"] * prices.input + 503 * prices.output) / 1e6)
+    html = tmp_path / "r.html"
+    assert cli("report", "--state", tmp_path / "s.sqlite", "--html", html).exit_code == 0
+    assert "6 replies reported more output tokens than their max_tokens" in html.read_text()
+
+
+def test_replies_without_usage_are_flagged(emu, cli, tmp_path):
+    emu.config.omit_usage = True
+    r = cli(*job_args(tmp_path, None, "--mode", "messages", n=4))
+    assert r.exit_code == 0, r.output
+    assert "4 replies reported no usage" in r.output
+    got = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert all(g["output_tokens"] is None and g["status"] == "succeeded" for g in got)
+
+
+def test_the_budget_settles_over_reported_usage_at_what_was_reported(emu, cli, tmp_path):
+    args = job_args(tmp_path, None, "--mode", "messages", "--concurrency", "1", n=10)
+    est = estimate_json(cli, args)
+    emu.config.report_output_tokens = 1000                    # ten times the max_tokens each was reserved at
+    r = cli(*args, "--max-cost", est["cost_usd_max"])
+    assert r.exit_code == ExitCode.BUDGET, r.output
+    assert emu.stats.messages_calls < 10                       # each reply spent what it reported
+    got = [g for g in status(cli, tmp_path)]
+    spent = got[0]["cost_usd"]
+    assert spent >= est["cost_usd_max"] * 0.5 and got[0]["counts"]["succeeded"] == emu.stats.messages_calls
+
+
+# ---- (7) what a run says about itself --------------------------------------------------------------------
+def test_the_summary_tells_this_run_apart_from_the_job(emu, cli, tmp_path):
+    args = job_args(tmp_path, None, n=5)
+    r = cli(*args)
+    assert r.exit_code == 0
+    line = [x for x in r.output.splitlines() if "this run:" in x]
+    assert len(line) == 1 and "5 requests sent, 5 replies recorded" in line[0], r.output
+    r = cli(*args)
+    line = [x for x in r.output.splitlines() if "this run:" in x]
+    assert len(line) == 1 and re.search(r"this run: nothing sent; the job cost \$0\.\d+", line[0]), r.output
+
+
+def test_invalid_output_causes_are_grouped_and_logs_name_the_full_url(emu, cli, tmp_path, monkeypatch):
+    emu.config.off_schema_rate = 1.0
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", emu.base_url + "/gw/anthropic")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}},
+                                  "required": ["n"]}))
+    r = cli(*job_args(tmp_path, None, "--mode", "messages", "--output-schema", schema, n=6))
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    line = [x for x in r.output.splitlines() if x.strip().startswith("invalid output:")]
+    assert len(line) == 1 and re.search(r"invalid output: 6 × reply does not fit the schema at n: \d+ is greater "
+                                        r"than the maximum of 3$", line[0]), r.output
+    url = f"POST {emu.base_url}/gw/anthropic/v1/messages"
+    assert f"replies recorded in" in r.output and f"over {url};" in r.output
+    assert "POST /v1/messages" not in r.output

@@ -251,7 +251,7 @@ class ProgressPrinter:
         eta = self.eta(p)
         eta = f", ETA {format_seconds(eta)}" if eta is not None else ""
         where = (f"in {p.batches_in_flight} batches ({p.batches_total} created)" if p.mode == "batch"
-                 else "over POST /v1/messages")
+                 else f"over POST {p.url or '/v1/messages'}")
         click.echo(f"progress: {p.done}/{p.total} rows done ({p.failed} failed), "
                    f"{p.counts.get('in_flight', 0)} in flight {where}, {cost}, "
                    f"{format_seconds(p.elapsed)} elapsed{eta}", err=True)
@@ -311,7 +311,7 @@ class ProgressPrinter:
         if p.mode == "batch":
             grid.add_row("batches", f"{p.batches_in_flight:,} in flight · {p.batches_total:,} created")
         else:
-            grid.add_row("mode", "messages (POST /v1/messages, no batches)")
+            grid.add_row("mode", f"messages (POST {p.url or '/v1/messages'}, no batches)")
         grid.add_row("cost", f"${p.cost_usd:,.4f}" if p.cost_usd is not None else "unknown (model not priced)")
         eta = self.eta(p, elapsed)
         grid.add_row("time", f"{format_seconds(elapsed)} elapsed"

@@ -123,7 +123,8 @@ def run(job_file, no_wait, resume_canceled, resend_lost, retry_errored, wait_loc
 
 def print_summary(runner, result) -> None:
     """The end-of-run summary: rows by status, failures by cause, tokens and cost by kind."""
-    from ..summary import cost_by_kind, failures_by_cause, job_status
+    from ..summary import (cost_by_kind, failures_by_cause, invalid_output_reasons, job_status, usage_problems,
+                          usage_text)
     from .common import format_seconds
     store, spec = runner.store, runner.spec
     job = store.job(result.job_id)
@@ -136,6 +137,13 @@ def print_summary(runner, result) -> None:
     causes = failures_by_cause(store, result.job_id)
     if causes:
         echo("  failures: " + ", ".join(f"{n} {cause}" + (f" ({t})" if t != cause else "") for cause, t, n in causes))
+    reasons, others = invalid_output_reasons(store, result.job_id)
+    if reasons:
+        echo("  invalid output: " + "; ".join(f"{n} × {_shorten(reason, 120)}" for reason, n in reasons)
+             + (f"; {others} with other reasons" if others else ""))
+    usage = usage_text(usage_problems(store, result.job_id))
+    if usage:
+        echo(f"  usage: {usage}")
     t = st["tokens"]
     echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
          f"{t['cache_read']:,} cache read")
@@ -147,6 +155,11 @@ def print_summary(runner, result) -> None:
     if st["reused_rows"]:
         detail += f"; {st['reused_rows']} rows reused answers already paid for"
     echo(f"  cost: {money(result.cost_usd)}{detail}")
+    if not result.sent and not result.replies:
+        echo(f"  this run: nothing sent; the job cost {money(result.cost_usd)}")
+    else:
+        echo(f"  this run: {result.sent:,} requests sent, {result.replies:,} replies recorded, "
+             f"{money(result.run_cost_usd)} spent; the job cost {money(result.cost_usd)} in all")
     if result.finished:
         echo(f"  output: {result.output}")
     else:

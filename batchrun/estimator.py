@@ -7,7 +7,7 @@ ratio — the output says which. The maximum pads the extrapolated input tokens 
 reservations made while running do (`request_max`): a budget of the maximum holds every row.
 
 An endpoint that does not count tokens (a gateway without count_tokens, or whose upstream is down) is
-tried once, without retries; then every request is approximated from its characters (`approx_tokens`),
+tried once, without retries (the Anthropic API's transient errors are retried as any call's); then every request is approximated from its characters (`approx_tokens`),
 said once: the estimate's input tokens at a typical characters-per-token rate of the model's tokenizer
 family, its minimum at twice as many characters per token, its maximum at one token per UTF-8 byte of
 the whole request (x1.3 for the newer tokenizer) plus APPROX_MEDIA_TOKENS per image or document. A
@@ -90,13 +90,13 @@ class Estimator:
         if self.approximate:
             return None
         client = self.runner.client
+        at_anthropic = self.runner.job.endpoint is None   # which has count_tokens: its transient errors retried
         try:
-            n = client.count_tokens(params, retry=bool(self.counts_tokens))
+            n = client.count_tokens(params, retry=bool(self.counts_tokens) or at_anthropic)
         except AuthError:
             raise
         except ApiError as exc:
             status = exc.status
-            at_anthropic = self.runner.job.endpoint is None
             # a 4xx from the Anthropic API is about the request (a 404: its model); from a gateway, a 404
             # or 405 means it has no count_tokens. 5xx, timeouts and replies without a count: none here
             if status is not None and 400 <= status < 500 and status != 429 and (at_anthropic or status not in (404, 405)):

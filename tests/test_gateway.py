@@ -283,3 +283,11 @@ def test_invalid_output_causes_are_grouped_and_logs_name_the_full_url(emu, cli, 
     url = f"POST {emu.base_url}/gw/anthropic/v1/messages"
     assert f"replies recorded in" in r.output and f"over {url};" in r.output
     assert "POST /v1/messages" not in r.output
+
+
+def test_the_emulator_command_plays_a_gateway_without_batches_or_count_tokens(cli, monkeypatch):
+    import batchrun.emulator as emulator_pkg
+    seen = {}
+    monkeypatch.setattr(emulator_pkg, "run_server", lambda host, port, config, on_ready: seen.update(config=config))
+    assert cli("emulator", "--no-batches", "--no-count-tokens").exit_code == 0
+    assert seen["config"].no_batches and seen["config"].no_count_tokens

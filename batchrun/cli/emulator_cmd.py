@@ -38,13 +38,17 @@ import click
                    "token buckets, as the API's: each refills fully in this time.")
 @click.option("--wrap-messages", is_flag=True,
               help='Answer POST /v1/messages as some gateways do: {"code": 200, "data": <Message>}.')
+@click.option("--no-batches", is_flag=True,
+              help='Be a gateway without the Message Batches API: its endpoints answer 404 {"detail": "Not Found"}.')
+@click.option("--no-count-tokens", is_flag=True,
+              help='Be a gateway without count_tokens: it answers 404 {"detail": "Not Found"}.')
 @click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 def emulator(host: str, port: int, processing_seconds: float, fault_rate: float, errored_rate: float,
              expired_rate: float, truncate_rate: float, drop_after_create: int, retry_after: float,
              archive_after: Optional[float], max_batch_requests: int, api_key: Optional[str], rpm: Optional[int],
              input_tpm: Optional[int], output_tpm: Optional[int], rate_window: float,
-             wrap_messages: bool, no_validate: bool, seed: int) -> None:
+             wrap_messages: bool, no_batches: bool, no_count_tokens: bool, no_validate: bool, seed: int) -> None:
     """Serve the built-in emulator of the Message Batches API (no network, nothing billed).
 
     A faithful stand-in for the API for trying jobs offline: batches stay in progress for a while,
@@ -91,7 +95,8 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
                             drop_after_create=drop_after_create, retry_after=retry_after,
                             archive_after_seconds=archive_after, max_requests=max_batch_requests, api_key=api_key,
                             rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate, seed=seed,
-                            input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window)
+                            input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window,
+                            no_batches=no_batches, no_count_tokens=no_count_tokens)
 
     def ready(base_url: str) -> None:
         click.echo(f"batchrun emulator listening on {base_url}  (Ctrl-C to stop)")

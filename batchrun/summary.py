@@ -112,11 +112,14 @@ def usage_problems(store: Store, job_id: str) -> dict:
     output tokens than the request's max_tokens allow; `missing`, no usage at all (priced at 0)."""
     job = store.job(job_id)
     shared = json.loads(job["shared_params"] or "{}") if job else {}
-    row = store.one(
-        "SELECT count(*) FILTER (WHERE r.output_tokens > coalesce(json_extract(b.body, '$.max_tokens'), ?)) AS over, "
-        "count(*) FILTER (WHERE r.output_tokens IS NULL AND r.input_tokens IS NULL) AS missing "
-        f"FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? AND r.{PAID.replace(' AND ', ' AND r.')}",
-        (shared.get("max_tokens"), job_id))
+    paid = f"SELECT body_id, input_tokens, output_tokens FROM requests WHERE job_id = ? AND {PAID}"
+    missing = "count(*) FILTER (WHERE r.output_tokens IS NULL AND r.input_tokens IS NULL) AS missing"
+    if shared.get("max_tokens") is not None:   # one max_tokens for every row: no need to read the bodies
+        row = store.one(f"SELECT count(*) FILTER (WHERE r.output_tokens > ?) AS over, {missing} FROM ({paid}) r",
+                        (shared["max_tokens"], job_id))
+    else:                                      # each row's own (max_tokens_column)
+        row = store.one(f"SELECT count(*) FILTER (WHERE r.output_tokens > json_extract(b.body, '$.max_tokens')) "
+                        f"AS over, {missing} FROM ({paid}) r JOIN bodies b ON b.id = r.body_id", (job_id,))
     return {"over": row["over"] or 0, "missing": row["missing"] or 0}
 
 

@@ -291,3 +291,13 @@ def test_the_emulator_command_plays_a_gateway_without_batches_or_count_tokens(cl
     monkeypatch.setattr(emulator_pkg, "run_server", lambda host, port, config, on_ready: seen.update(config=config))
     assert cli("emulator", "--no-batches", "--no-count-tokens").exit_code == 0
     assert seen["config"].no_batches and seen["config"].no_count_tokens
+
+
+def test_over_reported_usage_is_judged_against_each_rows_own_max_tokens(emu, cli, tmp_path):
+    rows = make_tickets(6)
+    for i, row in enumerate(rows):
+        row["budget"] = 600 if i < 2 else 100            # 503 output tokens fit the first two rows' own max_tokens
+    emu.config.report_output_tokens = 503
+    r = cli(*job_args(tmp_path, rows, "--mode", "messages", "--max-tokens-column", "budget"))
+    assert r.exit_code == 0, r.output
+    assert "usage: 4 replies reported more output tokens than their max_tokens" in r.output

@@ -165,7 +165,7 @@ class Job:
         if job_id is None:
             self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
             self.fingerprint = self.source.fingerprint()
-            self.id = spec.identity(self.fingerprint, endpoint, self.catalog.fingerprint)
+            self.id = self.id_for(spec)
             if endpoint is not None and not self.store.job(self.id):
                 # planned before the endpoint was part of a job's identity (its endpoint not kept): it is
                 # this job, with its batches in flight and its answers, not a new one to pay for again
@@ -180,6 +180,10 @@ class Job:
                         self.legacy_loopback = legacy["id"]
         else:  # a job already in the state file, its input not read (see Runner.for_stored_job)
             self.source, self.fingerprint, self.id = None, None, job_id
+
+    def id_for(self, spec: JobSpec) -> str:
+        """The id `spec` has over this job's input, endpoint and catalog (this job's own id for its own spec)."""
+        return spec.identity(self.fingerprint, self.endpoint, self.catalog.fingerprint)
 
     @property
     def short_id(self) -> str:
@@ -461,7 +465,7 @@ class Runner:
         if self.job.fingerprint is None:
             return None
         other = "batch" if self.spec.mode == "messages" else "messages"
-        other_id = dataclasses.replace(self.spec, mode=other).identity(self.job.fingerprint, self.job.endpoint)
+        other_id = self.job.id_for(dataclasses.replace(self.spec, mode=other))
         lock = JobLock(self.spec.state_path, other_id)
         try:
             lock.acquire()

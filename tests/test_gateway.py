@@ -173,7 +173,7 @@ def test_a_job_file_api_version_written_as_a_toml_date(emu, cli, tmp_path):
 
 # ---- (2) run --retry-errored ----------------------------------------------------------------------------
 def test_retry_errored_in_batch_mode_sends_only_the_errored_rows_again(emu, cli, tmp_path):
-    emu.config.errored_rate, emu.config.errored_types = 0.4, ("permission_error",)   # final: not retried
+    emu.config.errored_rate, emu.config.errored_types = 0.4, ("invalid_request_error",)   # final: not retried
     args = job_args(tmp_path, n=30)
     r = cli(*args)
     assert r.exit_code == ExitCode.FAILED_ROWS, r.output

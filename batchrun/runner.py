@@ -466,6 +466,8 @@ class Runner:
             return None
         other = "batch" if self.spec.mode == "messages" else "messages"
         other_id = self.job.id_for(dataclasses.replace(self.spec, mode=other))
+        if self.store.job(other_id) is None:   # (no lock file made for a job that is not there)
+            return None
         lock = JobLock(self.spec.state_path, other_id)
         try:
             lock.acquire()

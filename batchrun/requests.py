@@ -33,6 +33,24 @@ def custom_id_for(value: Any) -> str:
     return "h-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
 
 
+def new_job_tag() -> str:
+    """A job's tag: 10 random hex digits, kept in its state file and sent in every custom_id of its
+    batches, so that a batch found after a lost create reply can be proved to be this job's."""
+    import secrets
+    return secrets.token_hex(5)
+
+
+def wire_id(tag: Optional[str], custom_id: str) -> str:
+    """The custom_id a request is sent with: `<tag>-<custom_id>`, or `<tag>_<digest>` when that would be
+    longer than the API's 64 characters; the custom_id itself for a batch sent without a tag."""
+    if tag is None:
+        return custom_id
+    wire = f"{tag}-{custom_id}"
+    if len(wire) <= 64:
+        return wire
+    return f"{tag}_" + hashlib.sha256(custom_id.encode("utf-8")).hexdigest()[:64 - len(tag) - 1]
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 

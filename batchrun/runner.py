@@ -37,8 +37,8 @@ from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, Exi
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
 from .output import OutputWriter, check_column_names, check_partition, check_writable
-from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, output_schema_for,
-                       params_hash, shared_params_hash, splice_prefix)
+from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, new_job_tag,
+                       output_schema_for, params_hash, shared_params_hash, splice_prefix, wire_id)
 from .results import ResultParser, is_retryable
 from .spec import JobSpec, check_api_version, rules_version
 from .summary import PAID, budget_text, find_job, job_cost
@@ -47,11 +47,25 @@ from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_i
 log = logging.getLogger("batchrun")
 
 MAX_BATCH_BYTES = 256 * 1000 * 1000 - 64 * 1024   # the API's 256 MB, with room for the envelope
-MAX_DOWNLOADS = 6                                  # attempts to get a complete results file
+MAX_DOWNLOADS = 6                                  # attempts to get a complete results file; also how many
+                                                   # whole downloads in a row may lack the same rows before
+                                                   # those rows end `result_missing`
 ADOPT_WINDOW = 600.0                               # seconds of clock skew tolerated when the API's clock is unknown
 CLOCK_TOLERANCE = 3.0                              # the Date header's 1 s resolution, plus latency
-AMBIGUOUS_GRACE = 60.0                             # a create that failed ambiguously: how long its batch may
-                                                   # take to show in the list before its rows are sent again
+AMBIGUOUS_GRACE = 60.0                             # a create that failed ambiguously, or was cut off by a
+                                                   # crash: how long its batch may take to show in the list
+                                                   # before its rows are sent again (BATCHRUN_CREATE_GRACE)
+ADOPTED, PROVEN = 1, 2                             # batches.adopted: found after a lost create; and proved
+                                                   # ours by its results before it was adopted
+
+
+def create_grace() -> float:
+    """AMBIGUOUS_GRACE, or the seconds BATCHRUN_CREATE_GRACE sets (a slow gateway; a quick test)."""
+    value = os.environ.get("BATCHRUN_CREATE_GRACE")
+    try:
+        return max(0.0, float(value)) if value else AMBIGUOUS_GRACE
+    except ValueError:
+        raise InputError(f"BATCHRUN_CREATE_GRACE: not a number of seconds: {value!r}") from None
 
 
 @dataclass
@@ -240,6 +254,7 @@ class Runner:
         self._paid_before: Optional[tuple] = None      # (replies paid, cost) when this run began
         self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
+        self._waiting: dict = {}                       # intent -> running batches it waits for (logged once)
         # budget (see "budget"): why a reservation stopped sending this round; the pending rows last
         # priced and their maximum; reservations of batches sent without a budget; the budget a stop needs
         self._held: Optional[str] = None
@@ -606,12 +621,14 @@ class Runner:
         with self.store.transaction():
             n = self.store.conn.execute(
                 "UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, result_type = NULL "
-                "WHERE job_id = ? AND state = 'errored' AND error_type IN ('batch_not_found', 'results_gone')",
+                "WHERE job_id = ? AND state = 'errored' AND error_type IN ('batch_not_found', 'results_gone', "
+                "'result_missing')",
                 (self.job.id,)).rowcount
             if n:
                 self.store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (self.job.id,))
         if n:
-            log.info("job %s: %d rows whose batch or results are gone will be sent again", self.job.short_id, n)
+            log.info("job %s: %d rows whose batch or results are gone, or whose result never came, will be sent "
+                     "again", self.job.short_id, n)
 
     def _retry_errored(self) -> None:
         """--retry-errored: rows that ended errored (a gateway's own errors, a wrong key, errors whose attempts
@@ -774,43 +791,50 @@ class Runner:
             self._cancel_pending()  # rows a canceled batch gave back for another attempt are not sent
             return 0
         created = 0
-        live = self._answering_twins()
-        marks = ",".join("?" * len(live))
+        tag = self._tag()
+        silent = self._silent_twins()
+        marks = ",".join("?" * len(silent))
         twins = "" if self._alone() else (
-            # not sent: rows another job has answered (reuse_answers takes them next round), and rows
-            # in flight in another job whose answers are coming (_answering_twins)
+            # not sent: rows another job has answered (reuse_answers takes them next round), and rows in
+            # flight in another job, whose answers are coming (unless that job cannot be moved from here)
             "AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
             "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR "
-            f"(o.state = 'in_flight' AND o.job_id IN ({marks}))))")
+            f"(o.state = 'in_flight' AND o.job_id NOT IN ({marks}))))")
         after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
-            rows = store.conn.execute(
-                f"SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
-                f"WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {twins} ORDER BY r.row_index LIMIT ?",
-                (job.id, after, *(live if twins else ()), self._chunk)).fetchall()
-            if not rows:
-                return created
-            parts, ids, size = [], [], 16
-            prefix = self.prefix
-            for cid, body, _ in rows:
-                piece = '{"custom_id":' + json.dumps(cid) + ',"params":' + full_body(prefix, body) + "}"
-                piece_size = len(piece.encode("utf-8")) + 1
-                if parts and size + piece_size > MAX_BATCH_BYTES:
-                    break
-                parts.append(piece)
-                ids.append(cid)
-                size += piece_size
-            reserve = None
-            if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
-                fit, reserve = self._reserve([body for _, body, _ in rows[:len(ids)]])
-                if not fit:
+            # what to send is chosen and its intent committed in one (write-locked) transaction: another
+            # job of this state file sharing these requests sees them in flight, or has them in flight
+            # already and they are not chosen here; never both sent
+            with store.transaction(durable=True):
+                rows = store.conn.execute(
+                    f"SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
+                    f"WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {twins} "
+                    "ORDER BY r.row_index LIMIT ?",
+                    (job.id, after, *(silent if twins else ()), self._chunk)).fetchall()
+                if not rows:
                     return created
-                del parts[fit:], ids[fit:]
-            payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
-            sent_through = rows[len(ids) - 1][2]
-            # without twin filtering, the chunk is every pending row in its row range
-            span = None if twins else (rows[0][2], sent_through)
-            local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None, span)
+                parts, ids, size = [], [], 16
+                prefix = self.prefix
+                for cid, body, _ in rows:
+                    piece = ('{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":' + full_body(prefix, body)
+                             + "}")
+                    piece_size = len(piece.encode("utf-8")) + 1
+                    if parts and size + piece_size > MAX_BATCH_BYTES:
+                        break
+                    parts.append(piece)
+                    ids.append(cid)
+                    size += piece_size
+                reserve = None
+                if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
+                    fit, reserve = self._reserve([body for _, body, _ in rows[:len(ids)]])
+                    if not fit:
+                        return created
+                    del parts[fit:], ids[fit:]
+                payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
+                sent_through = rows[len(ids) - 1][2]
+                # without twin filtering, the chunk is every pending row in its row range
+                span = None if twins else (rows[0][2], sent_through)
+                local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None, span, tag)
             failpoints.hit("after_intent")
             try:
                 info = self.client.create_batch(payload)
@@ -850,19 +874,21 @@ class Runner:
             except ApiError:
                 self._abandon(local, "refused by the API")
                 raise
-            self._submitted(local, info, adopted=False)
+            self._submitted(local, info, adopted=0)
             self.requests_sent += len(ids)
             created += 1
             after = sent_through
             log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
 
-    def _answering_twins(self) -> list:
-        """Other jobs of this state file that have our pending requests in flight, whose answers are coming.
+    def _silent_twins(self) -> list:
+        """Other jobs of this state file that have our pending requests in flight but whose answers are
+        not coming: their batches cannot be moved from here (their stored job no longer loads).
 
-        Those rows wait for that job's answers (reused when they land) instead of being paid twice. A job
-        that a run is moving now answers them; a job nobody runs at the moment (a --no-wait run that
-        exited, say) has its batches moved forward here, polled and collected under its lock as its own
-        run would. Only a job whose batches cannot be moved from here leaves our rows to be sent.
+        Rows in flight in any other job wait for that job's answers (reused when they land) instead of
+        being paid twice. A job that a run is moving now answers them; a job nobody runs at the moment (a
+        --no-wait run that exited, say) has its batches moved forward here, polled and collected under its
+        lock as its own run would. Only a job whose batches cannot be moved from here leaves our rows to
+        be sent. (A job that puts our requests in flight after this look is a run moving it now.)
         """
         if self._alone():
             return []
@@ -870,7 +896,7 @@ class Runner:
             "SELECT DISTINCT o.job_id FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
             "AND o.state = 'in_flight' AND o.job_id != r.job_id WHERE r.job_id = ? AND r.state = 'pending'",
             (self.job.id,))]
-        return [j for j in others if self._advance_twin(j)]
+        return [j for j in others if not self._advance_twin(j)]
 
     def _advance_twin(self, job_id: str) -> bool:
         """Poll and collect another job's batches (see _answering_twins); False if that cannot be done."""
@@ -894,26 +920,35 @@ class Runner:
         finally:
             lock.release()
 
-    def _intent(self, ids: list, nbytes: int, reserve: Optional[float] = None, span: Optional[tuple] = None) -> int:
-        """Commit (and fsync) what is about to be sent, before it is sent: the batch's members and the time."""
+    def _intent(self, ids: list, nbytes: int, reserve: Optional[float], span: Optional[tuple], tag: str) -> int:
+        """Record what is about to be sent, before it is sent: the batch's members, the time and the tag its
+        custom_ids carry. Inside the (durable) transaction that chose the members (see submit)."""
         store, job = self.store, self.job
         mark = "UPDATE requests SET state = 'in_flight', batch_id = ?, attempts = attempts + 1, result_type = NULL "
-        with store.transaction(durable=True):
-            cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at, "
-                                     "max_cost) VALUES (?, 'intent', ?, ?, ?, ?)",
-                                     (job.id, len(ids), nbytes, now_iso(), reserve))
-            local = cur.lastrowid
-            if span is not None:
-                n = store.conn.execute(mark + "WHERE job_id = ? AND row_index BETWEEN ? AND ? AND state = 'pending'",
-                                       (local, job.id, *span)).rowcount
-                if n != len(ids):
-                    raise RuntimeError(f"batch intent marked {n} rows, expected {len(ids)}")  # rolls back
-            else:
-                store.conn.executemany(mark + "WHERE job_id = ? AND custom_id = ? AND state = 'pending'",
-                                       [(local, job.id, cid) for cid in ids])
+        cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at, "
+                                 "max_cost, tag) VALUES (?, 'intent', ?, ?, ?, ?, ?)",
+                                 (job.id, len(ids), nbytes, now_iso(), reserve, tag))
+        local = cur.lastrowid
+        if span is not None:
+            n = store.conn.execute(mark + "WHERE job_id = ? AND row_index BETWEEN ? AND ? AND state = 'pending'",
+                                   (local, job.id, *span)).rowcount
+            if n != len(ids):
+                raise RuntimeError(f"batch intent marked {n} rows, expected {len(ids)}")  # rolls back
+        else:
+            store.conn.executemany(mark + "WHERE job_id = ? AND custom_id = ? AND state = 'pending'",
+                                   [(local, job.id, cid) for cid in ids])
         return local
 
-    def _submitted(self, local: int, info: dict, *, adopted: bool) -> None:
+    def _tag(self) -> str:
+        """This job's tag (see requests.new_job_tag): made once, at its first submit, and kept."""
+        if getattr(self, "_job_tag", None) is None:
+            with self.store.transaction():
+                self.store.conn.execute("UPDATE jobs SET tag = ? WHERE id = ? AND tag IS NULL",
+                                        (new_job_tag(), self.job.id))
+                self._job_tag = self.store.one("SELECT tag FROM jobs WHERE id = ?", (self.job.id,))["tag"]
+        return self._job_tag
+
+    def _submitted(self, local: int, info: dict, *, adopted: int) -> None:
         with self.store.transaction(durable=True):
             self.store.conn.execute(
                 "UPDATE batches SET api_id = ?, state = 'submitted', api_status = ?, created_at = ?, "
@@ -954,23 +989,34 @@ class Runner:
             self.resolve_intent(b["id"])
 
     def resolve_intent(self, local: int) -> bool:
-        """Find the batch an unanswered create may have made; adopt it, or else abandon the intent.
+        """Find the batch an unanswered create may have made; adopt it once proved ours, or else (when no
+        such batch can appear any more) abandon the intent so that its rows are sent again.
 
-        The batch, if it exists, was created after the intent was committed and before the create
-        call ended: when the create failed ambiguously in a run, by then plus AMBIGUOUS_GRACE (the
-        intent waits that long for its batch to show); after a crash, at most the longest a create call
-        may last. Only a batch with the intent's request count, created in that window by the API's
-        clock and not known to this state file, is adopted — the earliest such one; once it ends, its
-        custom_ids must prove it ours (_verify_adopted). Returns whether it was adopted.
+        A create is ambiguous when it failed without proof that no batch was made (ambiguous_at is
+        when), and when the run that made it died while it was under way: an intent left by a dead run
+        (this run holds the job's lock) is stamped ambiguous when found, since its create may still be
+        landing. The batch, if it exists, was created after the intent and, at the latest, the grace
+        (create_grace()) after the create ended — at the latest when it failed or was found cut off,
+        or when the longest create call would have ended. Candidates: batches of the intent's request
+        count created in that window by the API's clock, not known to this state file. Each is proved
+        or disproved by its results (_proof): every custom_id must be one the intent sent, which carry
+        this job's own tag. A candidate still running cannot be proved yet: the intent waits for it to
+        end (its rows stay in flight; nothing is sent blindly). Returns whether a batch was adopted.
         """
-        b = self.store.one("SELECT * FROM batches WHERE id = ?", (local,))
-        known = {r["api_id"] for r in self.store.q("SELECT api_id FROM batches WHERE api_id IS NOT NULL")}
+        store = self.store
+        b = store.one("SELECT * FROM batches WHERE id = ?", (local,))
+        if not b["ambiguous_at"]:
+            b["ambiguous_at"] = now_iso()
+            with store.transaction():
+                store.conn.execute("UPDATE batches SET ambiguous_at = ? WHERE id = ?", (b["ambiguous_at"], local))
+            log.warning("job %s: a run died while creating a batch of %d requests; looking for it before sending "
+                        "them again", self.job.short_id, b["request_count"])
+        known = {r[0] for r in store.conn.execute("SELECT api_id FROM batches WHERE api_id IS NOT NULL UNION "
+                                                  "SELECT api_id FROM foreign_batches WHERE batch_id = ?", (local,))}
         intent = parse_iso(b["intent_at"]).timestamp()
-        if b["ambiguous_at"]:
-            sent_by = parse_iso(b["ambiguous_at"]).timestamp() + AMBIGUOUS_GRACE
-        else:
-            sent_by = intent + self.client.retry.max_elapsed + (self.client.http.timeout.read or 600.0)
-        found = None
+        longest = intent + self.client.retry.max_elapsed + (self.client.http.timeout.read or 600.0)
+        sent_by = min(parse_iso(b["ambiguous_at"]).timestamp(), longest) + create_grace()
+        candidates = []
         for item in self.client.list_batches():   # newest first; its first page tells the API's clock
             offset = self.client.server_offset
             if offset is None:
@@ -983,18 +1029,80 @@ class Runner:
             if created > until or item["id"] in known:
                 continue
             if sum((item.get("request_counts") or {}).values()) == b["request_count"]:
-                found = item   # keep looking: the earliest match in the window is the one sent first
-        if found is not None:
-            self._submitted(local, found, adopted=True)
-            self.store.event(self.job.id, "warning", f"adopted batch {found['id']} whose create reply was lost")
-            log.warning("job %s: adopted batch %s (its create reply was lost); nothing sent twice",
-                        self.job.short_id, found["id"])
-            return True
-        if b["ambiguous_at"] and time.time() < sent_by:
+                candidates.append(item)
+        running = []
+        for item in reversed(candidates):   # the earliest first: the one sent first
+            verdict = self._proof(b, item) if item.get("processing_status") == "ended" else None
+            if verdict:
+                self._submitted(local, item, adopted=PROVEN)
+                store.event(self.job.id, "warning", f"adopted batch {item['id']} whose create reply was lost "
+                                                    "(its results carry this job's custom_ids)")
+                log.warning("job %s: adopted batch %s (its create reply was lost; its results carry this job's "
+                            "custom_ids); nothing sent twice", self.job.short_id, item["id"])
+                return True
+            if verdict is False:
+                with store.transaction():
+                    store.conn.execute("INSERT OR IGNORE INTO foreign_batches (api_id, batch_id, noted_at) "
+                                       "VALUES (?, ?, ?)", (item["id"], local, now_iso()))
+                log.info("job %s: batch %s, of the same size, is not the one whose create reply was lost (its "
+                         "custom_ids are not the ones sent)", self.job.short_id, item["id"])
+            else:
+                running.append(item["id"])
+        if running:
+            if running != self._waiting.get(local):
+                self._waiting[local] = running
+                log.warning("job %s: batch %s may be the one whose create reply was lost; its rows wait for it to "
+                            "end, when its results tell whose it is", self.job.short_id, ", ".join(running))
+            return False
+        if time.time() < sent_by:
             return False   # it may still show: looked for again next round, its rows kept in flight
-        self._abandon(local, "create reply lost and no such batch exists: requests are pending again")
+        self._abandon(local, "create reply lost and no batch of this job's appeared: requests are pending again")
         log.info("job %s: the lost create made no batch; its requests will be sent again", self.job.short_id)
         return False
+
+    def _proof(self, b: dict, item: dict) -> Optional[bool]:
+        """Whether an ended batch is the one intent `b` sent: True when every custom_id in its results is
+        one the intent sent (with this job's tag), False at the first that is not; None when its results
+        could not be read now (asked again next round)."""
+        url = item.get("results_url")
+        sent = self._sent_ids(b)
+        seen = 0
+        try:
+            if not url:
+                url = self.client.retrieve_batch(item["id"]).get("results_url")
+                if not url:
+                    return None
+            for line in self.client.iter_results(url):
+                if line.get("custom_id") not in sent:
+                    return False
+                seen += 1
+        except (ResultsGoneError, NotFoundError):
+            return False   # gone: it could never be read, ours or not
+        except (TransientApiError, GaveUpError):
+            return None
+        return seen > 0 or None
+
+    def _sent_ids(self, b: dict) -> set:
+        """The custom_ids batch (or intent) `b` sent, as sent: with the tag it carried."""
+        return {wire_id(b["tag"], r[0]) for r in
+                self.store.conn.execute("SELECT custom_id FROM requests WHERE batch_id = ?", (b["id"],))}
+
+    def _row_ids(self, b: dict) -> Callable[[object], Optional[str]]:
+        """From a custom_id in batch `b`'s results to the row's own custom_id (None: not one of this job's)."""
+        tag = b["tag"]
+        if tag is None:
+            return lambda wire: wire
+        n = len(tag)
+        hashed = {wire_id(tag, r[0]): r[0] for r in self.store.conn.execute(
+            "SELECT custom_id FROM requests WHERE batch_id = ? AND length(custom_id) > ?", (b["id"], 64 - n - 1))}
+
+        def row_id(wire):
+            if not isinstance(wire, str) or not wire.startswith(tag):
+                return None
+            if wire[n:n + 1] == "-":
+                return wire[n + 1:]
+            return hashed.get(wire)
+        return row_id
 
     # ---- poll and collect ----------------------------------------------------------------------
     def poll(self, collect: bool = True) -> bool:
@@ -1038,12 +1146,15 @@ class Runner:
             store.conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (info["results_url"], b["id"]))
             b = dict(b, results_url=info["results_url"])
         members = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ?", (b["id"],))["n"]
-        if b["adopted"] and not self._verify_adopted(b):
+        if b["adopted"] == ADOPTED and not self._verify_adopted(b):
             return
         # the API's count of the batch's results: a file with fewer lines was cut short
         expected = sum((json.loads(b["request_counts"] or "null") or {}).values()) or members
+        missing_sql = "SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'"
+        short = b["short_downloads"]   # whole downloads in a row that lacked rows and brought none of them
         for attempt in range(MAX_DOWNLOADS):
             lines = None
+            before = store.one(missing_sql, (b["id"],))["n"]
             try:
                 lines = self._download(b)
             except TransientApiError as exc:
@@ -1051,13 +1162,18 @@ class Runner:
             except ResultsGoneError as exc:
                 self._results_gone(b, str(exc))
                 return
-            missing = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'",
-                                (b["id"],))["n"]
-            if missing == 0 or (lines is not None and lines >= expected):
-                break   # every row has its result, or the whole file came and some rows have none
+            missing = store.one(missing_sql, (b["id"],))["n"]
+            if missing == 0:
+                break
+            if lines is not None:   # the file came whole, and some of our rows have no line in it
+                short = short + 1 if missing == before else 0
+                store.conn.execute("UPDATE batches SET short_downloads = ? WHERE id = ?", (short, b["id"]))
+                if lines >= expected or short >= MAX_DOWNLOADS:
+                    self._results_missing(b, short)   # a line that never arrives: not waited for forever
+                    return
             log.warning("job %s: results of %s lack %d of %d rows; downloading again", job.short_id,
                         b["api_id"], missing, members)
-            self.sleep(min(2.0 ** attempt * 0.25, 5.0))
+            self.sleep(0.1 * (attempt + 1))
         else:
             # never whole: the rows without a result were still paid for, so they are not sent again;
             # the batch stays ended and is downloaded again next round (or by the next run)
@@ -1067,7 +1183,7 @@ class Runner:
                     f"the results of batch {b['api_id']} could not be downloaded whole ({failures * MAX_DOWNLOADS} "
                     f"tries; {missing} of {members} rows still lack theirs); the results recorded so far are kept")
             return
-        self._finalize(b, missing)
+        self._finalize(b)
 
     # Each result makes its row final at once — or pending again when it failed in a way worth another
     # attempt (a transient error type, or expired) and attempts remain. Rows of the batch still in flight
@@ -1094,6 +1210,8 @@ class Runner:
             retry.clear()
 
         for custom_id, f in results:
+            if custom_id is None:
+                continue   # not one of this job's custom_ids
             values = (f["state"], *(f.get(k) for k in PARSED_FIELDS))
             if is_retryable(f):
                 retry.append((*values, max_attempts, f["state"], max_attempts, now, job.id, custom_id, b["id"]))
@@ -1109,33 +1227,36 @@ class Runner:
         """Download and record a batch's results; returns the number of result lines (a whole file)."""
         self.store.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (b["id"],))
         parse = self.parser.parse
+        row_id = self._row_ids(b)
         lines = 0
 
         def results():
             nonlocal lines
             for line in self.client.iter_results(b["results_url"]):
                 lines += 1
-                yield line.get("custom_id"), parse(line.get("result") or {})
+                yield row_id(line.get("custom_id")), parse(line.get("result") or {})
 
         self._record(b, results())
         return lines
 
     def _verify_adopted(self, b: dict) -> bool:
-        """An adopted batch must hold exactly our custom_ids; otherwise it was someone else's."""
-        ours = {r[0] for r in self.store.conn.execute("SELECT custom_id FROM requests WHERE batch_id = ?", (b["id"],))}
-        for _ in range(MAX_DOWNLOADS):
-            try:
-                theirs = {line.get("custom_id") for line in self.client.iter_results(b["results_url"])}
-            except TransientApiError:
-                continue
-            if theirs == ours:
-                return True
-            if len(theirs) >= len(ours):
-                self._abandon(b["id"], "adopted by mistake: its custom_ids are not this batch's", state="foreign")
-                log.warning("job %s: batch %s was not ours after all; its rows are pending again",
-                            self.job.short_id, b["api_id"])
-                return False
-        return True  # could not read it whole: collect() will retry the download
+        """A batch adopted before adoption needed proof (by an older batchrun) is proved now, before any
+        row takes an answer from it; one that is not the intent's goes back to being looked for."""
+        verdict = self._proof(b, {"id": b["api_id"], "results_url": b["results_url"]})
+        if verdict is False:
+            with self.store.transaction():
+                self.store.conn.execute("INSERT OR IGNORE INTO foreign_batches (api_id, batch_id, noted_at) "
+                                        "VALUES (?, ?, ?)", (b["api_id"], b["id"], now_iso()))
+                self.store.conn.execute(
+                    "UPDATE batches SET state = 'intent', api_id = NULL, adopted = 0, api_status = NULL, "
+                    "created_at = NULL, request_counts = NULL, results_url = NULL, ended_at = NULL, note = ? "
+                    "WHERE id = ?", (f"adopted {b['api_id']} by mistake: its custom_ids are not this batch's", b["id"]))
+                self.store.conn.execute("UPDATE requests SET api_batch_id = NULL WHERE batch_id = ?", (b["id"],))
+            log.warning("job %s: batch %s was not ours after all; looking for ours again", self.job.short_id,
+                        b["api_id"])
+        elif verdict:
+            self.store.conn.execute("UPDATE batches SET adopted = ? WHERE id = ?", (PROVEN, b["id"]))
+        return bool(verdict)   # None: its results could not be read now; proved next round
 
     def _lost(self, b: dict) -> None:
         """The API no longer knows this batch (deleted, or the key is another workspace's). It may have
@@ -1166,14 +1287,23 @@ class Runner:
             self.store.conn.execute(batch_sql, batch_args)
         return n
 
-    def _finalize(self, b: dict, missing: int) -> None:
-        """Close the batch: rows whose result never came back are failed (and retried while attempts remain)."""
-        if missing:
-            ids = [r[0] for r in self.store.conn.execute(
-                "SELECT custom_id FROM requests WHERE batch_id = ? AND state = 'in_flight'", (b["id"],))]
-            lost = {"state": "errored", "error_type": "api_error",
-                    "error_message": "no result came back for this request"}
-            self._record(b, ((cid, lost) for cid in ids))
+    def _results_missing(self, b: dict, downloads: int) -> None:
+        """Rows of an ended batch whose result line never arrives, however often its whole results file is
+        downloaded: they end errored `result_missing` (the batch ran, so they may have been paid for: sent
+        again only with --resend-lost), and the batch is collected."""
+        message = (f"no result came back for this request in {downloads} whole downloads of the results of batch "
+                   f"{b['api_id']}; it may have been paid for, so it is not sent again: `run --resend-lost` sends "
+                   "it again")
+        n = self._gone(b, "result_missing", message,
+                       "UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
+                       (now_iso(), "result lines missing", b["id"]))
+        self.store.event(self.job.id, "warning", f"batch {b['api_id']}: {n} result lines never arrived")
+        log.error("job %s: %d rows of batch %s never got a result line (%d whole downloads); they end errored "
+                  "result_missing (`run --resend-lost` sends them again)", self.job.short_id, n, b["api_id"],
+                  downloads)
+
+    def _finalize(self, b: dict) -> None:
+        """Close the batch once every member has its result."""
         with self.store.transaction():
             self.store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ? WHERE id = ?",
                                     (now_iso(), b["id"]))

@@ -218,6 +218,24 @@ def _rehash(conn: sqlite3.Connection, job_id: str, shared_params: str, endpoint:
                  (shared_params_hash(shared_params, endpoint, api_version), job_id))
 
 
+@migration
+def m006_job_tags(db: sqlite_utils.Database) -> None:
+    """Never pay twice, never take another job's batch:
+    - `jobs.tag`: a short random tag of the job, sent in every custom_id of its batches (`<tag>-<id>`), so
+      a batch whose create reply was lost is proved to be this job's by its results (NULL: planned
+      before tags; one is given at its next submit);
+    - `batches.tag`: the tag the batch's custom_ids were sent with (NULL: sent as planned, untagged);
+    - `batches.short_downloads`: whole downloads of its results in a row that lacked rows and brought
+      none of them (a result line that never arrives ends `result_missing` after a few);
+    - `foreign_batches`: batches a lost create's search found and proved not to be that intent's
+      (another job's, or another batch of this job), never looked at again for it."""
+    db.execute("ALTER TABLE jobs ADD COLUMN tag TEXT")
+    db.execute("ALTER TABLE batches ADD COLUMN tag TEXT")
+    db.execute("ALTER TABLE batches ADD COLUMN short_downloads INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE TABLE foreign_batches (api_id TEXT NOT NULL, batch_id INTEGER NOT NULL, "
+               "noted_at TEXT NOT NULL, PRIMARY KEY (api_id, batch_id))")
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

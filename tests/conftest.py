@@ -38,6 +38,14 @@ def emu(emulator_server, monkeypatch):
     return emulator
 
 
+def row_id(sent: str) -> str:
+    """The row's custom_id (as the output shows it) of a custom_id as batchrun sent it in a batch:
+    `<job tag>-<custom_id>`, the tag being the job's 10 hex digits."""
+    tag, sep, rest = sent.partition("-")
+    assert len(tag) == 10 and sep, sent
+    return rest
+
+
 def refused(result, code=ExitCode.BAD_INPUT, *needles) -> str:
     """The command ended with `code` and printed one error line holding every needle, no traceback."""
     assert result.exit_code == code, (result.exit_code, result.output)

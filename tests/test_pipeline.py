@@ -10,7 +10,7 @@ import batchrun
 from batchrun.errors import ExitCode
 from batchrun.models import load_catalog
 from batchrun.output import RESULT_COLUMNS
-from tests.conftest import PROMPT, render
+from tests.conftest import PROMPT, render, row_id
 
 MODEL = "claude-haiku-4-5"
 
@@ -231,7 +231,7 @@ def test_derived_custom_ids_are_stable_unique_and_in_the_output(emu, cli, tmp_pa
     assert cids == [row["custom_id"] for row in second]
     assert len(set(cids)) == len(ids) and all(re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", c) for c in cids)
     assert cids[5:] == ["ok-1", "x_y"] and all(c not in ids for c in cids[:5])
-    assert set(emu.stats.submitted_custom_ids) == set(cids)
+    assert {row_id(c) for c in emu.stats.submitted_custom_ids} == set(cids)
     assert [row["text"].split(" #")[0] for row in first] == [f"Reply to: body {n}" for n in range(len(ids))]
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.errors import ExitCode
-from tests.conftest import PROMPT, render
+from tests.conftest import PROMPT, render, row_id
 
 KEY = "sk-ant-test-0123456789"
 CLI = [sys.executable, "-c", "from batchrun.cli import main; main()"]
@@ -41,8 +41,13 @@ def no_stray_runs():
             p.communicate()
 
 
+# how long a run waits for the batch of a create that a killed run left behind before sending its rows
+# again (60 s by default): the emulator's creates land well within it
+GRACE = "3"
+
+
 def spawn(emu, argv, failpoint=None, pause=None):
-    env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": emu.base_url}
+    env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": emu.base_url, "BATCHRUN_CREATE_GRACE": GRACE}
     env.pop("BATCHRUN_FAILPOINT", None)
     env.pop("BATCHRUN_PAUSE", None)
     if failpoint:
@@ -72,7 +77,7 @@ def sent_copies(emu) -> dict:
     for batch_id, items in emu.stats.accepted.items():
         ends = emu.stats.outcomes.get(batch_id) or [None] * len(items)
         for (custom_id, params_hash), end in zip(items, ends):
-            copies[custom_id].append((params_hash, end))
+            copies[row_id(custom_id)].append((params_hash, end))
     return copies
 
 

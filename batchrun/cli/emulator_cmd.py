@@ -22,6 +22,11 @@ import click
 @click.option("--drop-after-create", type=int, default=0, show_default=True, metavar="N",
               help="The next N batch creates create the batch, then drop the connection before the reply "
               "(a lost reply: the client must find the batch, not create it again).")
+@click.option("--create-delay", type=float, default=0.0, show_default=True, metavar="SECONDS",
+              help="How long a batch create takes once its body is in; the batch shows in the list only then "
+              "(a client killed meanwhile must find it, not create it again).")
+@click.option("--missing-result-lines", type=int, default=0, show_default=True, metavar="N",
+              help="Every results file lacks N lines, always the same ones (a result that never arrives).")
 @click.option("--retry-after", type=float, default=0.01, show_default=True, metavar="SECONDS",
               help="The wait advertised (retry-after, retry-after-ms) on injected 429 replies.")
 @click.option("--archive-after", "archive_after", type=float, default=None, metavar="SECONDS",
@@ -45,7 +50,8 @@ import click
 @click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 def emulator(host: str, port: int, processing_seconds: float, fault_rate: float, errored_rate: float,
-             expired_rate: float, truncate_rate: float, drop_after_create: int, retry_after: float,
+             expired_rate: float, truncate_rate: float, drop_after_create: int, create_delay: float,
+             missing_result_lines: int, retry_after: float,
              archive_after: Optional[float], max_batch_requests: int, api_key: Optional[str], rpm: Optional[int],
              input_tpm: Optional[int], output_tpm: Optional[int], rate_window: float,
              wrap_messages: bool, no_batches: bool, no_count_tokens: bool, no_validate: bool, seed: int) -> None:
@@ -84,6 +90,7 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
     if not rate_window > 0:
         raise click.BadParameter("must be more than 0", param_hint="--rate-window")
     for name, value in (("--drop-after-create", drop_after_create), ("--retry-after", retry_after),
+                        ("--create-delay", create_delay), ("--missing-result-lines", missing_result_lines),
                         ("--archive-after", archive_after or 0)):
         if value < 0:
             raise click.BadParameter("must not be negative", param_hint=name)
@@ -93,6 +100,7 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
     config = EmulatorConfig(processing_seconds=processing_seconds, fault_rate=fault_rate,
                             errored_rate=errored_rate, expired_rate=expired_rate, truncate_rate=truncate_rate,
                             drop_after_create=drop_after_create, retry_after=retry_after,
+                            create_delay=create_delay, missing_result_lines=missing_result_lines,
                             archive_after_seconds=archive_after, max_requests=max_batch_requests, api_key=api_key,
                             rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate, seed=seed,
                             input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window,

@@ -294,6 +294,10 @@ class Emulator:
         if not req.headers.get("anthropic-version"):
             return req.error(400, "invalid_request_error", "anthropic-version: header is required")
         if name == "create":
+            with self._lock:
+                self.stats.create_calls += 1
+            if cfg.create_delay and cfg.create_delay > 0:   # the batch exists only once this is over
+                await anyio.sleep(cfg.create_delay)
             return self._create(req)
         if name == "messages":
             with self._lock:
@@ -376,8 +380,6 @@ class Emulator:
 
     # ------------------------------------------------------------------------------ batches
     def _create(self, req: Request) -> Reply:
-        with self._lock:
-            self.stats.create_calls += 1
         fault = self._pick_fault()
         if fault in ("429", "529"):          # these never create
             return self._fault_reply(req, fault)
@@ -561,6 +563,11 @@ class Emulator:
         n = len(batch.requests)
         order = list(range(n))
         random.Random(batch.seed).shuffle(order)
+        missing = min(n, max(0, self.config.missing_result_lines))
+        if missing:   # the same lines each time: the last ones of the (per-batch) shuffled order
+            order = order[:n - missing]
+            n = len(order)
+            keep = None if keep is None else min(keep, n)
         stop = n if keep is None else keep
         buf: list = []
         size = 0

@@ -47,9 +47,9 @@ from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_i
 log = logging.getLogger("batchrun")
 
 MAX_BATCH_BYTES = 256 * 1000 * 1000 - 64 * 1024   # the API's 256 MB, with room for the envelope
-MAX_DOWNLOADS = 6                                  # attempts to get a complete results file; also how many
-                                                   # whole downloads in a row may lack the same rows before
-                                                   # those rows end `result_missing`
+MAX_DOWNLOADS = 6                                  # attempts to get a complete results file
+MISSING_AFTER = 3                                  # whole downloads again that bring the same file without
+                                                   # some rows' lines: those rows end `result_missing`
 ADOPT_WINDOW = 600.0                               # seconds of clock skew tolerated when the API's clock is unknown
 CLOCK_TOLERANCE = 3.0                              # the Date header's 1 s resolution, plus latency
 AMBIGUOUS_GRACE = 60.0                             # a create that failed ambiguously, or was cut off by a
@@ -794,18 +794,18 @@ class Runner:
         tag = self._tag()
         silent = self._silent_twins()
         marks = ",".join("?" * len(silent))
-        twins = "" if self._alone() else (
-            # not sent: rows another job has answered (reuse_answers takes them next round), and rows in
-            # flight in another job, whose answers are coming (unless that job cannot be moved from here)
-            "AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
-            "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR "
-            f"(o.state = 'in_flight' AND o.job_id NOT IN ({marks}))))")
+        # not sent: rows another job has answered (reuse_answers takes them next round), and rows in
+        # flight in another job, whose answers are coming (unless that job cannot be moved from here)
+        filtered = ("AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash "
+                    "AND o.job_id != r.job_id AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') "
+                    f"OR (o.state = 'in_flight' AND o.job_id NOT IN ({marks}))))")
         after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
             # what to send is chosen and its intent committed in one (write-locked) transaction: another
-            # job of this state file sharing these requests sees them in flight, or has them in flight
-            # already and they are not chosen here; never both sent
+            # job of this state file sharing these requests (even one planned a moment ago) sees them in
+            # flight, or has them in flight already and they are not chosen here; never both sent
             with store.transaction(durable=True):
+                twins = "" if self._alone() else filtered
                 rows = store.conn.execute(
                     f"SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
                     f"WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {twins} "
@@ -1151,7 +1151,9 @@ class Runner:
         # the API's count of the batch's results: a file with fewer lines was cut short
         expected = sum((json.loads(b["request_counts"] or "null") or {}).values()) or members
         missing_sql = "SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'"
-        short = b["short_downloads"]   # whole downloads in a row that lacked rows and brought none of them
+        # whole downloads in a row that came back the same (as many lines) without the rows still missing:
+        # a file cut short at random differs from one download to the next; a line that never arrives does not
+        short, last = b["short_downloads"], None
         for attempt in range(MAX_DOWNLOADS):
             lines = None
             before = store.one(missing_sql, (b["id"],))["n"]
@@ -1166,9 +1168,13 @@ class Runner:
             if missing == 0:
                 break
             if lines is not None:   # the file came whole, and some of our rows have no line in it
-                short = short + 1 if missing == before else 0
+                if missing < before or (last is not None and lines != last):
+                    short = 0
+                elif last is not None:
+                    short += 1
+                last = lines
                 store.conn.execute("UPDATE batches SET short_downloads = ? WHERE id = ?", (short, b["id"]))
-                if lines >= expected or short >= MAX_DOWNLOADS:
+                if lines >= expected or short >= MISSING_AFTER:
                     self._results_missing(b, short)   # a line that never arrives: not waited for forever
                     return
             log.warning("job %s: results of %s lack %d of %d rows; downloading again", job.short_id,
@@ -1287,20 +1293,20 @@ class Runner:
             self.store.conn.execute(batch_sql, batch_args)
         return n
 
-    def _results_missing(self, b: dict, downloads: int) -> None:
+    def _results_missing(self, b: dict, again: int) -> None:
         """Rows of an ended batch whose result line never arrives, however often its whole results file is
         downloaded: they end errored `result_missing` (the batch ran, so they may have been paid for: sent
         again only with --resend-lost), and the batch is collected."""
-        message = (f"no result came back for this request in {downloads} whole downloads of the results of batch "
-                   f"{b['api_id']}; it may have been paid for, so it is not sent again: `run --resend-lost` sends "
-                   "it again")
+        message = (f"no result came back for this request: the results file of batch {b['api_id']} lacked it, "
+                   f"downloaded whole {again + 1} times over; it may have been paid for, so it is not sent again: "
+                   "`run --resend-lost` sends it again")
         n = self._gone(b, "result_missing", message,
                        "UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
                        (now_iso(), "result lines missing", b["id"]))
         self.store.event(self.job.id, "warning", f"batch {b['api_id']}: {n} result lines never arrived")
-        log.error("job %s: %d rows of batch %s never got a result line (%d whole downloads); they end errored "
-                  "result_missing (`run --resend-lost` sends them again)", self.job.short_id, n, b["api_id"],
-                  downloads)
+        log.error("job %s: %d rows of batch %s never got a result line (the file downloaded whole %d times); they "
+                  "end errored result_missing (`run --resend-lost` sends them again)", self.job.short_id, n,
+                  b["api_id"], again + 1)
 
     def _finalize(self, b: dict) -> None:
         """Close the batch once every member has its result."""

@@ -76,9 +76,12 @@ def status(cli, state) -> dict:
 
 # ---- a refusal stops sending, never collecting ------------------------------------------------------
 @pytest.mark.parametrize("first_budget", [None, "10"], ids=["sent-without-budget", "sent-with-budget"])
-def test_budget_refusal_still_collects_batches_in_flight(emu, cli, tmp_path, first_budget):
+def test_budget_refusal_still_collects_batches_in_flight(emu, cli, tmp_path, first_budget, monkeypatch):
     """300 rows: a first run sends the first 200 in one batch and is killed before the second; the
     next runs get a budget the last 100 rows fit only once the first batch's real cost is known."""
+    # the intent the killed run left is resolved at once (no batch of its size appeared), not waited for
+    # as a create that may still land (60 s by default)
+    monkeypatch.setenv("BATCHRUN_CREATE_GRACE", "0")
     inp = write_tickets(tmp_path / "t.csv", 300)
     state = tmp_path / "s.sqlite"
     emu.config.processing_seconds = 3600                     # batch 1 stays in flight until we say

@@ -899,7 +899,7 @@ class Runner:
         return [j for j in others if not self._advance_twin(j)]
 
     def _advance_twin(self, job_id: str) -> bool:
-        """Poll and collect another job's batches (see _answering_twins); False if that cannot be done."""
+        """Poll and collect another job's batches (see _silent_twins); False if that cannot be done."""
         lock = JobLock(self.spec.state_path, job_id)
         try:
             lock.acquire()

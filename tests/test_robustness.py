@@ -140,7 +140,8 @@ def test_emulator_flag_drops_the_reply_of_a_create_and_the_run_adopts_the_batch(
                                                                                monkeypatch):
     proc = subprocess.Popen([*CLI, "emulator", "--port", "0", "--processing-seconds", "0.05",
                              "--drop-after-create", "2", "--retry-after", "0.5", "--archive-after", "3600",
-                             "--max-batch-requests", "100"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             "--max-batch-requests", "100", "--create-delay", "0.05"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()
@@ -148,7 +149,7 @@ def test_emulator_flag_drops_the_reply_of_a_create_and_the_run_adopts_the_batch(
         base_url = first.split("listening on ", 1)[1].split()[0]
         config = httpx.get(base_url + "/_emulator/config").json()
         assert (config["drop_after_create"], config["retry_after"], config["archive_after_seconds"],
-                config["max_requests"]) == (2, 0.5, 3600, 100)
+                config["max_requests"], config["create_delay"]) == (2, 0.5, 3600, 100, 0.05)
         monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
         monkeypatch.setenv("ANTHROPIC_BASE_URL", base_url)
         r = cli(*run_args(tickets_csv, tmp_path))
@@ -163,7 +164,8 @@ def test_emulator_flag_drops_the_reply_of_a_create_and_the_run_adopts_the_batch(
 
 
 @pytest.mark.parametrize("flag, value", [("--drop-after-create", "-1"), ("--retry-after", "-2"),
-                                         ("--archive-after", "-1"), ("--max-batch-requests", "0")])
+                                         ("--archive-after", "-1"), ("--max-batch-requests", "0"),
+                                         ("--create-delay", "-1"), ("--missing-result-lines", "-1")])
 def test_emulator_fault_flags_refuse_bad_values(flag, value):
     from click.testing import CliRunner
     from batchrun.cli import main

@@ -5,9 +5,10 @@ be killed at any moment and called again (from cron, say) to pick up exactly whe
 
 * plan     — read the input once, render every row, store each request (custom_id, body, hash) in
              one transaction. Nothing is sent before the whole input has been validated.
-* submit   — for each chunk of pending requests: commit an *intent* (the batch's members, the
-             time), POST the batch, commit its id. A create whose reply is lost is resolved through
-             the list endpoint (adopt the batch if it exists), never by sending again blindly.
+* submit   — for each chunk of pending requests: choose them and commit an *intent* (the batch's
+             members, the time) in one transaction, POST the batch, commit its id. A create whose
+             reply is lost, or that a killed run left under way, is resolved through the list endpoint
+             (adopt the batch once its results prove it this job's), never by sending again blindly.
 * poll     — retrieve in-flight batches with backoff until they end.
 * collect  — stream results line by line, match by custom_id, record; a download cut short is
              downloaded again; a batch is collected only when every member has its result.
@@ -255,6 +256,8 @@ class Runner:
         self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
         self._waiting: dict = {}                       # intent -> running batches it waits for (logged once)
+        self._job_tag: Optional[str] = None            # the job's tag, once read or made (see _tag)
+        create_grace()                                 # a bad BATCHRUN_CREATE_GRACE is refused before anything is sent
         # budget (see "budget"): why a reservation stopped sending this round; the pending rows last
         # priced and their maximum; reservations of batches sent without a budget; the budget a stop needs
         self._held: Optional[str] = None
@@ -941,7 +944,7 @@ class Runner:
 
     def _tag(self) -> str:
         """This job's tag (see requests.new_job_tag): made once, at its first submit, and kept."""
-        if getattr(self, "_job_tag", None) is None:
+        if self._job_tag is None:
             with self.store.transaction():
                 self.store.conn.execute("UPDATE jobs SET tag = ? WHERE id = ? AND tag IS NULL",
                                         (new_job_tag(), self.job.id))
@@ -1072,10 +1075,11 @@ class Runner:
                 url = self.client.retrieve_batch(item["id"]).get("results_url")
                 if not url:
                     return None
-            for line in self.client.iter_results(url):
-                if line.get("custom_id") not in sent:
-                    return False
-                seen += 1
+            with contextlib.closing(self.client.iter_results(url)) as lines:
+                for line in lines:
+                    if line.get("custom_id") not in sent:
+                        return False
+                    seen += 1
         except (ResultsGoneError, NotFoundError):
             return False   # gone: it could never be read, ours or not
         except (TransientApiError, GaveUpError):

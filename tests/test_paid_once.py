@@ -3,6 +3,7 @@ sharing requests started together, a result line that never arrives — nothing 
 answered from another job's batch, nothing stuck."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -10,6 +11,7 @@ import sqlite3
 import threading
 import time
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 
@@ -215,6 +217,50 @@ def test_a_job_sent_before_tags_is_collected_and_continued(emulator_server, tmp_
     retried = [c for c in emulator.stats.submitted_custom_ids if c not in ids]
     assert retried and {row_id(c) for c in retried} <= set(ids)           # sent again with the job's tag
     assert emulator.stats.requests_created == sum(r["attempts"] for r in rows)   # each attempt bought once
+
+
+class LostCreate(httpx.BaseTransport):
+    """A gateway that answers the first batch create with a 504 without passing it on (no batch is
+    made), while another job's batch of the same size is created at the API at that very moment."""
+
+    def __init__(self, inner: httpx.BaseTransport, foreign: bytes):
+        self.inner, self.foreign, self.creates = inner, foreign, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/v1/messages/batches"):
+            self.creates.append(time.time())
+            if len(self.creates) == 1:
+                other = httpx.Request("POST", request.url, headers=request.headers, content=self.foreign)
+                self.inner.handle_request(other).read()
+                return httpx.Response(504, text="gateway timeout", request=request)
+        return self.inner.handle_request(request)
+
+
+def test_a_running_batch_of_the_same_size_is_waited_for_and_never_adopted(emulator_server, tmp_path,
+                                                                         monkeypatch):
+    """Our create failed ambiguously and made nothing; another job's batch of our size (the same
+    row-N ids, another prompt) was created while ours was in flight and is still running. It is not
+    adopted, and our rows are not sent again while it might be ours: once it ends its custom_ids show
+    it is not, and after the grace our rows are sent — each row gets its own reply."""
+    emulator, _ = emulator_server
+    emulator.reset()
+    emulator.config.processing_seconds = 1.0
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    monkeypatch.setenv("BATCHRUN_CREATE_GRACE", "0.3")
+    csv = _table(tmp_path, n=10)
+    foreign = json.dumps({"requests": [{"custom_id": f"row-{i}", "params": {
+        "model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": f"OTHER: row {i}"}]}}
+        for i in range(10)]}).encode()
+    transport = LostCreate(emulator.sync_transport(), foreign)
+    job = {"input": str(csv), "output": str(tmp_path / "o.parquet"), "prompt": "{{ body }}", "model": MODEL,
+           "max_tokens": 50, "batch_size": 10, "poll_interval": 0.05, "state": str(tmp_path / "s.sqlite")}
+    result = batchrun.run(job, api_key="k", base_url="https://gw.example", transport=transport)
+    assert result.exit_code == 0 and result.counts == {"succeeded": 10}
+    texts = [r["text"].split(" #")[0] for r in pq.read_table(tmp_path / "o.parquet").to_pylist()]
+    assert texts == [f"Reply to: row {i}" for i in range(10)]
+    assert len(transport.creates) == 2 and emulator.stats.batches_created == 2   # the other job's, then ours
+    assert transport.creates[1] - transport.creates[0] >= 1.0   # sent again only once the other had ended
+    emulator.config.processing_seconds = 0.05
 
 
 # ---- 6. two jobs sharing requests, started at the same moment on one state file -------------------------

@@ -34,11 +34,8 @@ class EmulatorConfig:
     errored_types: tuple = ("overloaded_error", "api_error")   # picked evenly (e.g. "invalid_request_error")
     expired_rate: float = 0.0            # fraction of requests ending expired
     truncate_rate: float = 0.0           # fraction of results downloads cut short
-    missing_result_lines: int = 0        # every results file lacks this many lines, always the same ones (a
-                                         # result that never arrives; request_counts still count them)
-    create_delay: float = 0.0            # seconds a create takes once its body is in (the upload accepted); the
-                                         # batch is created, and shows in the list, only then, even if the
-                                         # client has gone meanwhile
+    missing_result_lines: int = 0        # every results file lacks this many lines, always the same ones
+    create_delay: float = 0.0            # seconds a create takes once its body is in; the batch is listed only then
     refuse_text: Optional[str] = None    # a request whose messages hold this text is refused (400 / errored
                                          # invalid_request_error): what the API refuses that batchrun cannot foresee
     off_schema_rate: float = 0.0         # fraction of schema replies (output_config.format, forced tool) that

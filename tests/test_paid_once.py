@@ -189,13 +189,12 @@ def test_ids_are_the_same_across_runs_of_a_job(emu, cli, tmp_path):
     assert len({c[:10] for c in first}) == 1
 
 
-def test_a_job_sent_before_tags_is_collected_and_continued(emulator_server, tmp_path, tickets_csv, monkeypatch):
+def test_a_job_sent_before_tags_is_collected_and_continued(emu, tmp_path, tickets_csv, monkeypatch):
     """A state file of an older batchrun: a job planned and its batches sent with plain custom_ids, no
     tag. The new version collects them by those ids, and sends the rows that failed again with a tag."""
     import batchrun.runner as runner_mod
     from batchrun.store import Store
-    emulator, _ = emulator_server
-    emulator.reset()
+    emulator = emu
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     transport = emulator.sync_transport()
     job = {"input": str(tickets_csv), "output": str(tmp_path / "o.parquet"), "id_column": "ticket_id",
@@ -236,14 +235,12 @@ class LostCreate(httpx.BaseTransport):
         return self.inner.handle_request(request)
 
 
-def test_a_running_batch_of_the_same_size_is_waited_for_and_never_adopted(emulator_server, tmp_path,
-                                                                         monkeypatch):
+def test_a_running_batch_of_the_same_size_is_waited_for_and_never_adopted(emu, tmp_path, monkeypatch):
     """Our create failed ambiguously and made nothing; another job's batch of our size (the same
     row-N ids, another prompt) was created while ours was in flight and is still running. It is not
     adopted, and our rows are not sent again while it might be ours: once it ends its custom_ids show
     it is not, and after the grace our rows are sent — each row gets its own reply."""
-    emulator, _ = emulator_server
-    emulator.reset()
+    emulator = emu
     emulator.config.processing_seconds = 1.0
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.setenv("BATCHRUN_CREATE_GRACE", "0.3")
@@ -260,7 +257,6 @@ def test_a_running_batch_of_the_same_size_is_waited_for_and_never_adopted(emulat
     assert texts == [f"Reply to: row {i}" for i in range(10)]
     assert len(transport.creates) == 2 and emulator.stats.batches_created == 2   # the other job's, then ours
     assert transport.creates[1] - transport.creates[0] >= 1.0   # sent again only once the other had ended
-    emulator.config.processing_seconds = 0.05
 
 
 # ---- 6. two jobs sharing requests, started at the same moment on one state file -------------------------

@@ -43,7 +43,7 @@ from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, 
 from .results import ResultParser, is_retryable
 from .spec import JobSpec, check_api_version, rules_version
 from .summary import PAID, budget_text, find_job, job_cost
-from .store import FINAL_STATES, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
+from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
 
@@ -624,8 +624,7 @@ class Runner:
         with self.store.transaction():
             n = self.store.conn.execute(
                 "UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, result_type = NULL "
-                "WHERE job_id = ? AND state = 'errored' AND error_type IN ('batch_not_found', 'results_gone', "
-                "'result_missing')",
+                f"WHERE job_id = ? AND state = 'errored' AND error_type IN {LOST_ERRORS_SQL}",
                 (self.job.id,)).rowcount
             if n:
                 self.store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (self.job.id,))
@@ -636,12 +635,12 @@ class Runner:
     def _retry_errored(self) -> None:
         """--retry-errored: rows that ended errored (a gateway's own errors, a wrong key, errors whose attempts
         ran out) are sent again, after saying how many and the most they may cost; each starts its attempts
-        afresh. Succeeded rows are never sent again; rows whose batch or results are gone (they may have been
-        paid for) only with --resend-lost."""
+        afresh. Succeeded rows are never sent again; rows whose batch or results are gone, or whose result
+        line never came (they may have been paid for), only with --resend-lost."""
         store, job = self.store, self.job
         rows = store.conn.execute(
             "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? AND r.state = 'errored' "
-            "AND coalesce(r.error_type, '') NOT IN ('batch_not_found', 'results_gone')", (job.id,)).fetchall()
+            f"AND coalesce(r.error_type, '') NOT IN {LOST_ERRORS_SQL}", (job.id,)).fetchall()
         if not rows:
             log.info("job %s: --retry-errored: no row ended errored", job.short_id)
             return
@@ -653,8 +652,8 @@ class Runner:
             n = store.conn.execute(
                 "UPDATE requests SET state = 'pending', attempts = 0, batch_id = NULL, api_batch_id = NULL, "
                 "result_type = NULL, error_type = NULL, error_message = NULL, finished_at = NULL "
-                "WHERE job_id = ? AND state = 'errored' AND coalesce(error_type, '') NOT IN "
-                "('batch_not_found', 'results_gone')", (job.id,)).rowcount
+                f"WHERE job_id = ? AND state = 'errored' AND coalesce(error_type, '') NOT IN {LOST_ERRORS_SQL}",
+                (job.id,)).rowcount
             store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (job.id,))
             store.event(job.id, "info", f"--retry-errored: {n} errored rows sent again")
         log.warning("job %s: --retry-errored: %d rows that ended errored are sent again; they may cost up to %s%s",

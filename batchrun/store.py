@@ -249,6 +249,10 @@ PARSED_FIELDS = ("text", "parsed", "stop_reason", "model", "input_tokens", "outp
                  "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd", "error_type", "error_message")
 RESULT_FIELDS = ("result_type",) + PARSED_FIELDS + ("api_batch_id",)
 FINAL_STATES = ("succeeded", "errored", "expired", "canceled", "invalid_output")
+# error types of rows that ended errored without their result (batch 404, results gone, a result line that never
+# came): they may have been paid for, so they are sent again only with --resend-lost
+LOST_ERRORS = ("batch_not_found", "results_gone", "result_missing")
+LOST_ERRORS_SQL = "(" + ", ".join(f"'{e}'" for e in LOST_ERRORS) + ")"
 
 
 def _make_private(fd: int, path: str) -> None:

@@ -88,7 +88,7 @@ CAUSES = {
     "rate_limit_error": "rate limit", "overloaded_error": "overloaded", "api_error": "API error",
     "invalid_request_error": "invalid request", "not_found_error": "not found",
     "invalid_output": "invalid output", "expired": "expired", "canceled": "canceled",
-    "results_gone": "results gone",
+    "results_gone": "results gone", "result_missing": "result never came",
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from batchrun.errors import ExitCode
 from batchrun.store import Store
-from tests.conftest import PROMPT, make_tickets, refused
+from tests.conftest import PROMPT, make_tickets, refused, row_id
 
 MODEL = "claude-haiku-4-5"
 
@@ -189,7 +189,7 @@ def test_retry_errored_in_batch_mode_sends_only_the_errored_rows_again(emu, cli,
     told = [line for line in r.output.splitlines() if "--retry-errored" in line]
     assert len(told) == 1 and f"{len(errored)} rows" in told[0] and "$" in told[0], r.output
     sent = emu.stats.submitted_custom_ids
-    assert {c for c, n in sent.items() if n == 2} == errored and sum(sent.values()) == 30 + len(errored)
+    assert {row_id(c) for c, n in sent.items() if n == 2} == errored and sum(sent.values()) == 30 + len(errored)
     got = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert [g["status"] for g in got] == ["succeeded"] * 30
     assert all(g["attempts"] == 1 and g["error_type"] is None for g in got)

@@ -299,6 +299,10 @@ def test_a_result_line_that_never_arrives_ends_result_missing_and_the_output_is_
     assert "may have been paid for" in row["error_message"] and "run --resend-lost" in row["error_message"]
     assert emu.stats.results_downloads == 4                    # the first download, then 3 more that were the same
     assert emu.stats.requests_created == 20                    # not sent again on its own
+    assert "result never came" in r.output                     # the failures by cause
+
+    r = cli(*_cli_run(csv, tmp_path, "a", "{{ body }}", "--retry-errored"))   # not one of the rows it resends
+    assert r.exit_code == ExitCode.FAILED_ROWS and emu.stats.requests_created == 20
 
     emu.config.missing_result_lines = 0                        # sent again only when asked
     r = cli(*_cli_run(csv, tmp_path, "a", "{{ body }}"))

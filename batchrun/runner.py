@@ -801,6 +801,12 @@ class Runner:
         filtered = ("AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash "
                     "AND o.job_id != r.job_id AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') "
                     f"OR (o.state = 'in_flight' AND o.job_id NOT IN ({marks}))))")
+        if spec.max_cost is not None:   # the figures a reservation needs (count_tokens calls, once) are had
+            first = store.conn.execute(   # before the write lock is taken, not while holding it
+                "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? "
+                "AND r.state = 'pending' LIMIT 1", (job.id,)).fetchone()
+            if first is not None:
+                self.estimator.request_max(first[0])
         after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
             # what to send is chosen and its intent committed in one (write-locked) transaction: another

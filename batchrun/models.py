@@ -375,7 +375,9 @@ def thinks(model: ModelInfo, thinking: Any) -> bool:
 def check_params(model: Optional[ModelInfo], params: Mapping, api_version: str) -> list:
     """Problems the API would answer with a 400 (an `errored` batch result): one message per problem.
 
-    A model the catalog does not know (None) is checked against the API version's own rules only."""
+    A model the catalog does not know (None) is checked against the rules the API holds every model to:
+    the API version's, and those of thinking when it is asked for (a budget below max_tokens; no prefill,
+    forced tool, temperature other than 1, top_k or top_p below 0.95 while it thinks)."""
     name = model.id if model is not None else params.get("model")
     problems: list[str] = []
 
@@ -388,6 +390,11 @@ def check_params(model: Optional[ModelInfo], params: Mapping, api_version: str) 
             problems.append(f"{param} is not accepted by {name} under API version {api_version} "
                             f"(that version refuses sampling parameters on every model)")
     if model is None:
+        thinking, max_tokens = params.get("thinking"), params.get("max_tokens")
+        if thinking is not None:
+            problems += _check_thinking(None, thinking, max_tokens if isinstance(max_tokens, int) else None, name)
+        if thinking_on(thinking):
+            problems += _check_with_thinking(None, params, name)
         return problems
 
     max_tokens = params.get("max_tokens")
@@ -441,19 +448,21 @@ def _prefilled(params: Mapping) -> bool:
             and messages[-1].get("role") == "assistant")
 
 
-def _check_with_thinking(model: ModelInfo, params: Mapping) -> list:
+def _check_with_thinking(model: Optional[ModelInfo], params: Mapping, name: Optional[str] = None) -> list:
     """What the API refuses while the model thinks (the extended thinking docs: no forced tool use, no
-    prefill, temperature only 1, no top_k, top_p only from 0.95 to 1)."""
-    name = model.id
+    prefill, temperature only 1, no top_k, top_p only from 0.95 to 1), for any model (None: one the
+    catalog lacks, named `name`)."""
+    name = model.id if model is not None else name
     why = f"thinking is {params['thinking']['type']}"
     problems = []
     tool_choice = params.get("tool_choice")
-    if isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("tool", "any") and model.forced_tool:
+    if isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("tool", "any") \
+            and (model is None or model.forced_tool):
         problems.append(f"tool_choice type {tool_choice.get('type')!r} is not accepted by {name} while it thinks "
                         f"(thinking allows only tool_choice auto or none; {why})")
     if _prefilled(params):
         problems.append(_PREFILL_WHILE_THINKING.format(name=name, why=why))
-    if model.sampling:   # (a model without sampling parameters refuses them anyway)
+    if model is None or model.sampling:   # (a model without sampling parameters refuses them anyway)
         temperature, top_p, top_k = params.get("temperature"), params.get("top_p"), params.get("top_k")
         if temperature is not None and temperature != 1:
             problems.append(f"temperature {temperature} is not accepted by {name} while it thinks (only 1; {why})")
@@ -464,14 +473,17 @@ def _check_with_thinking(model: ModelInfo, params: Mapping) -> list:
     return problems
 
 
-def _check_thinking(model: ModelInfo, thinking: Any, max_tokens: Optional[int]) -> list:
-    name = model.id
+def _check_thinking(model: Optional[ModelInfo], thinking: Any, max_tokens: Optional[int],
+                    name: Optional[str] = None) -> list:
+    """The `thinking` param itself: its type for this model (None: a model the catalog lacks, named
+    `name`, whose accepted types are not known), and a budget_tokens the API takes."""
+    name = model.id if model is not None else name
     if not isinstance(thinking, Mapping) or thinking.get("type") not in THINKING_TYPES:
         return [f"thinking must be {{\"type\": \"enabled\"|\"adaptive\"|\"disabled\"}} for {name}, not {thinking!r}"]
     kind = thinking["type"]
-    if not model.thinking:
+    if model is not None and not model.thinking:
         return [f"thinking is not accepted by {name} (it has no extended thinking)"]
-    if kind not in model.thinking:
+    if model is not None and kind not in model.thinking:
         what = {"enabled": "manual budget_tokens", "adaptive": "adaptive thinking",
                 "disabled": "turning thinking off"}[kind]
         return [f"thinking.type {kind!r} is not accepted by {name} ({what} is refused; it accepts "

@@ -78,8 +78,15 @@ def endpoint_key(base_url: Optional[str]) -> Optional[str]:
     if ":" in host:   # an IPv6 address keeps its brackets
         host = f"[{host}]"
     path = parts.path.rstrip("/")
-    if parts.port is not None and parts.port != {"https": 443, "http": 80}.get(scheme):
-        host = f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:   # not a number, or out of range
+        port = 0
+    if port == 0:
+        raise InputError(f"base URL {base_url!r} (ANTHROPIC_BASE_URL or --base-url): its port must be a number "
+                         "from 1 to 65535")
+    if port is not None and port != {"https": 443, "http": 80}.get(scheme):
+        host = f"{host}:{port}"
     key = f"{scheme}://{host}{path}"
     return None if key == DEFAULT_BASE_URL else key
 

@@ -296,7 +296,7 @@ class Runner:
     def locked(self, refused: Optional[str] = None):
         """Hold this job's lock: one run (or cancel, or estimate) at a time per job and state file.
         `refused`: the message when another run holds it (and we do not wait)."""
-        self._continue_legacy_loopback()   # (which job this is may take the server's word: before its lock)
+        self.identify()   # (which job this is may take the server's word: before its lock)
         lock = JobLock(self.spec.state_path, self.job.id)
         try:
             lock.acquire()
@@ -377,6 +377,12 @@ class Runner:
         with self.locked():
             self.plan()
             return self.estimator.estimate()
+
+    def identify(self) -> str:
+        """This job's id, once settled: a job planned under the old loopback key is this one only when
+        this server proves it (see _continue_legacy_loopback); asked before the lock, as `locked` asks."""
+        self._continue_legacy_loopback()
+        return self.job.id
 
     def _continue_legacy_loopback(self) -> None:
         """A job planned when every loopback URL counted as one endpoint (its port not recorded) is this

@@ -408,8 +408,10 @@ class Runner:
         if latest is None:
             return False
         try:
-            self.client.retrieve_batch(latest["api_id"])
+            batch = self.client.retrieve_batch(latest["api_id"])
         except NotFoundError:
+            return False
+        if not isinstance(batch, dict) or batch.get("id") != latest["api_id"]:   # a reply, but not about that batch
             return False
         self.store.move_job(legacy, self.job.endpoint)
         return True

@@ -246,3 +246,43 @@ def test_an_edit_to_another_model_of_the_models_file_pays_nothing_again(cli, emu
     r = cli(*_args(small_csv, tmp_path, "--models-file", models, out="again.parquet"))
     assert r.exit_code == 0, r.output
     assert len(_jobs(tmp_path / "state.sqlite")) == 2 and emu.stats.requests_created == 12
+
+
+@pytest.fixture
+def answers_any_batch_id():
+    """A server on loopback that answers a retrieve of any batch id with one batch of its own (a catch-all
+    mock, a misrouting proxy): a 200 that proves nothing about the batch asked for."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"id": "msgbatch_someone_elses", "type": "message_batch", "processing_status": "ended",
+                               "request_counts": {}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_old_loopback_job_is_not_claimed_by_a_reply_about_another_batch(emu, tmp_path, small_csv, monkeypatch,
+                                                                            answers_any_batch_id):
+    import batchrun.runner as runner_mod
+    from batchrun.runner import Runner
+    emu.config.processing_seconds = 0.5
+    with monkeypatch.context() as old:   # the old version: every loopback URL is "http://loopback"
+        old.setattr(runner_mod, "endpoint_key", lambda base: LEGACY_LOOPBACK)
+        first = batchrun.run(_job(small_csv, tmp_path), wait=False, api_key="k", base_url=emu.base_url)
+    with pytest.raises(InputError, match="was sent to a loopback address"):
+        Runner.for_stored_job(str(tmp_path / "state.sqlite"), first.job_id, api_key="k",
+                              base_url=answers_any_batch_id, retry=batchrun.RetryPolicy(max_retries=0))
+    assert _jobs(tmp_path / "state.sqlite") == [(first.job_id, LEGACY_LOOPBACK)]   # not moved there

@@ -4,8 +4,10 @@
     python benchmarks/bench.py --rows 20000,100000,1000000      # memory at 1M too (minutes)
     python benchmarks/bench.py --profile benchmarks/work/run.prof   # also one cProfile'd batchrun run
 
-The emulator runs in its own process (`batchrun emulator --no-validate --processing-seconds 0.2`),
-so its work is not counted in either contender's CPU, but both share the machine's cores with it.
+The emulator runs in its own process in its timing mode (`batchrun emulator --timing`: validation off,
+batches that end at once, tokens counted by characters, a threading HTTP server), so that its own work
+is small beside both contenders' (its CPU time during each run is printed); --faithful uses uvicorn
+and tokens by words instead. Both contenders share the machine's cores with it.
 Every run is a child process, started by a small spawner process (so that none inherits bench.py's
 memory); its wall time is taken around it and its peak RSS from `wait4`.
 
@@ -57,12 +59,15 @@ BATCHRUN = [PY, "-c", "from batchrun.cli import main; main()"]
 
 # ---- the emulator ---------------------------------------------------------------------------------
 class EmulatorProcess:
-    def __init__(self, processing_seconds: float):
+    """`batchrun emulator` in its own process: --timing (the lean mode) unless `faithful`."""
+
+    def __init__(self, processing_seconds: float, faithful: bool = False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(BATCHRUN + ["emulator", "--port", str(self.port), "--no-validate",
+        mode = ["--no-validate"] if faithful else ["--timing"]
+        self.proc = subprocess.Popen(BATCHRUN + ["emulator", "--port", str(self.port), *mode,
                                                  "--processing-seconds", str(processing_seconds)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -75,6 +80,11 @@ class EmulatorProcess:
                     self.stop()
                     raise SystemExit("the emulator did not start")
                 time.sleep(0.1)
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the emulator process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def control(self, method: str, what: str) -> dict:
         req = urllib.request.Request(f"{self.base_url}/_emulator/{what}", method=method,
@@ -161,20 +171,41 @@ def stages(state: Path, started_at: float, ended_at: float) -> dict:
     return {n: b - a for n, a, b in zip(names, marks, marks[1:])}
 
 
-def run_batchrun(data: Path, work: Path, tag: str, env: dict) -> dict:
+def run_batchrun(data: Path, work: Path, tag: str, env: dict, emu: "EmulatorProcess") -> dict:
     out, state = work / f"batchrun-{tag}.parquet", work / f"state-{tag}.sqlite"
     fresh_state(state)
+    cpu = emu.cpu()
     started_at, wall, rss = timed(BATCHRUN + batchrun_argv(data, out, state), env, work / f"batchrun-{tag}.log")
+    emu_cpu = emu.cpu() - cpu
     st = stages(state, started_at, started_at + wall)
-    state_mb = state.stat().st_size / 1e6
+    state_mb = sum(p.stat().st_size for p in state.parent.glob(state.name + "*") if p.is_file()) / 1e6
     fresh_state(state)
-    return {"wall": wall, "rss": rss, "stages": st, "output": out, "state_mb": state_mb}
+    return {"wall": wall, "rss": rss, "stages": st, "output": out, "state_mb": state_mb, "emu_cpu": emu_cpu}
 
 
-def run_floor(data: Path, work: Path, tag: str, env: dict) -> dict:
+def run_floor(data: Path, work: Path, tag: str, env: dict, emu: "EmulatorProcess") -> dict:
     out = work / f"floor-{tag}.parquet"
+    cpu = emu.cpu()
     _, wall, rss = timed([PY, HERE / "floor.py", data, out], env, work / f"floor-{tag}.log")
-    return {"wall": wall, "rss": rss, "output": out}
+    return {"wall": wall, "rss": rss, "output": out, "emu_cpu": emu.cpu() - cpu}
+
+
+def startup_times(work: Path, env: dict, repeat: int = 5) -> dict:
+    """Median wall time of `batchrun --help`, `batchrun jobs` and `batchrun status` on a small state file."""
+    state = work / "state-startup.sqlite"
+    fresh_state(state)
+    data = work / "startup.csv"
+    data.write_text("id,text\n1,hello\n")
+    timed(BATCHRUN + ["run", "--input", data, "--output", work / "startup.parquet", "--state", state,
+                      "--prompt", "Say {{ text }}", "--model", floor.MODEL, "--poll-interval", "0.1", "-q"],
+          env, work / "startup.log")
+    out = {}
+    for name, argv in (("--help", ["--help"]), ("jobs", ["jobs", "--state", state]),
+                       ("status", ["status", "--state", state])):
+        out[name] = statistics.median(timed([Path(PY).parent / "batchrun"] + argv, env, work / "startup.log")[1]
+                                      for _ in range(repeat))
+    fresh_state(state)
+    return out
 
 
 RESULT_COLUMNS = ("custom_id", "status", "text", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -234,67 +265,112 @@ def profile(data: Path, work: Path, env: dict, out: Path) -> None:
     stats.sort_stats("tottime").print_stats(25)
 
 
+def compare(n: int, rounds: int, work: Path, env: dict, emu: "EmulatorProcess") -> dict:
+    """The floor and batchrun alternately, `rounds` times each, at n rows; batchrun's output checked."""
+    data = dataset(n, work)
+    floors, ours = [], []
+    for i in range(rounds):
+        emu.reset()
+        floors.append(run_floor(data, work, f"{n}", env, emu))
+        emu.reset()
+        ours.append(run_batchrun(data, work, f"{n}", env, emu))
+        same_rows(ours[-1]["output"], floors[-1]["output"], n)
+        print(f"  {n:,} rows, round {i + 1}: floor {floors[-1]['wall']:.2f} s (emulator CPU "
+              f"{floors[-1]['emu_cpu']:.2f} s), batchrun {ours[-1]['wall']:.2f} s (emulator CPU "
+              f"{ours[-1]['emu_cpu']:.2f} s): {ours[-1]['wall'] / floors[-1]['wall']:.2f}x; "
+              f"output = floor's, row by row", flush=True)
+    med = lambda rs, k: statistics.median(r[k] for r in rs)
+    f, b = med(floors, "wall"), med(ours, "wall")
+    names = list(ours[0]["stages"])
+    return {"n": n, "floor": f, "batchrun": b, "ratio": b / f, "rounds": rounds,
+            "floor_emu_cpu": med(floors, "emu_cpu"), "batchrun_emu_cpu": med(ours, "emu_cpu"),
+            "floor_rss": max(r["rss"] for r in floors), "rss": max(r["rss"] for r in ours),
+            "state_mb": ours[-1]["state_mb"], "input_mb": data.stat().st_size / 1e6,
+            "stages": {k: statistics.median(r["stages"][k] for r in ours) for k in names}}
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="20000,100000", help="sizes for peak memory (default: 20000,100000)")
-    ap.add_argument("--compare", type=int, default=100_000, help="size of the floor-vs-batchrun runs (0: none)")
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each contender at --compare rows")
-    ap.add_argument("--processing-seconds", type=float, default=0.2, help="how long the emulator keeps a batch")
+    ap.add_argument("--compare", default="100000",
+                    help="sizes of the floor-vs-batchrun runs, comma-separated (default: 100000; 0: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each contender at the first --compare size")
+    ap.add_argument("--large-rounds", type=int, default=1, help="runs of each contender at larger --compare sizes")
+    ap.add_argument("--processing-seconds", type=float, default=0.0, help="how long the emulator keeps a batch")
+    ap.add_argument("--faithful", action="store_true",
+                    help="the emulator's faithful mode (uvicorn, tokens by words; validation still off) "
+                         "instead of its timing mode")
+    ap.add_argument("--no-startup", action="store_true", help="skip timing the CLI's start-up")
     ap.add_argument("--work", default=str(HERE / "work"), help="data, outputs and logs (kept: data is reused)")
     ap.add_argument("--profile", metavar="PATH", help="also run batchrun once under cProfile at --compare rows")
     args = ap.parse_args()
     sizes = [int(r.replace("_", "")) for r in args.rows.split(",") if r]
+    compare_sizes = [int(r.replace("_", "")) for r in args.compare.split(",") if r and int(r.replace("_", ""))]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    print(f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine()}")
-    print(f"emulator: own process, validation off, batches end after {args.processing_seconds} s; "
-          f"batches of 10,000; poll interval 0.2 s")
-    emu = EmulatorProcess(args.processing_seconds)
+    print(f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine()}; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    mode = "faithful mode (uvicorn, tokens by words)" if args.faithful else \
+        "timing mode (threading HTTP server, tokens by characters)"
+    print(f"emulator: own process, {mode}, validation off, batches end after {args.processing_seconds} s; "
+          f"job: {floor.JINJA_PROMPT!r}, max_tokens {floor.MAX_TOKENS}, batches of 10,000, poll interval 0.2 s")
+    emu = EmulatorProcess(args.processing_seconds, faithful=args.faithful)
     env = dict(os.environ, ANTHROPIC_BASE_URL=emu.base_url, ANTHROPIC_API_KEY="bench-key")
     peaks: dict = {}
+    results: list = []
+    states: dict = {}
     try:
-        if args.compare:
-            n = args.compare
-            data = dataset(n, work)
-            floors, ours = [], []
-            for i in range(args.rounds):
-                emu.reset()
-                floors.append(run_floor(data, work, f"{n}", env))
-                emu.reset()
-                ours.append(run_batchrun(data, work, f"{n}", env))
-                same_rows(ours[-1]["output"], floors[-1]["output"], n)
-                print(f"  round {i + 1}: floor {floors[-1]['wall']:.2f} s, batchrun {ours[-1]['wall']:.2f} s "
-                      f"(output = floor's, row by row)", flush=True)
-            f = statistics.median(r["wall"] for r in floors)
-            b = statistics.median(r["wall"] for r in ours)
-            print(f"\n{n:,} rows: floor {f:.2f} s, batchrun {b:.2f} s: ratio {b / f:.2f}x (medians of {args.rounds}; "
-                  f"target <= 1.5x)")
-            print(f"  peak RSS: floor {max(r['rss'] for r in floors):.0f} MiB, "
-                  f"batchrun {max(r['rss'] for r in ours):.0f} MiB; state file {ours[-1]['state_mb']:.0f} MB")
-            names = list(ours[0]["stages"])
-            med = {k: statistics.median(r["stages"][k] for r in ours) for k in names}
-            print("  batchrun stages (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
-            peaks[n] = max(r["rss"] for r in ours)
+        for k, n in enumerate(compare_sizes):
+            r = compare(n, args.rounds if k == 0 else args.large_rounds, work, env, emu)
+            results.append(r)
+            peaks[n] = r["rss"]
+            states[n] = (r["state_mb"], r["input_mb"])
         for n in sizes:
             if n in peaks:
                 continue
             emu.reset()
-            r = run_batchrun(dataset(n, work), work, f"{n}", env)
+            data = dataset(n, work)
+            r = run_batchrun(data, work, f"{n}", env, emu)
             peaks[n] = r["rss"]
+            states[n] = (r["state_mb"], data.stat().st_size / 1e6)
             print(f"{n:>9,} rows: batchrun {r['wall']:.1f} s, peak RSS {r['rss']:.0f} MiB, state file "
                   f"{r['state_mb']:.0f} MB; stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()),
                   flush=True)
-        print("\npeak RSS of batchrun: " + ", ".join(f"{n:,} rows {peaks[n]:.0f} MiB" for n in sorted(peaks)))
-        if 20_000 in peaks and 100_000 in peaks:
-            print(f"  peak(100k) / peak(20k) = {peaks[100_000] / peaks[20_000]:.2f} (target <= 1.3)")
-        if 1_000_000 in peaks:
-            print(f"  peak(1M) = {peaks[1_000_000]:.0f} MiB (target < 500 MB = {500e6 / 2**20:.0f} MiB)")
+        startup = {} if args.no_startup else startup_times(work, env)
         if args.profile:
             emu.reset()
-            profile(dataset(args.compare or 100_000, work), work, env, Path(args.profile))
+            profile(dataset(compare_sizes[0] if compare_sizes else 100_000, work), work, env, Path(args.profile))
     finally:
         emu.stop()
+
+    print("\nagainst the targets (issue #17):")
+    for r in results:
+        print(f"  {r['n']:>9,} rows: floor {r['floor']:.2f} s, batchrun {r['batchrun']:.2f} s: ratio {r['ratio']:.2f}x "
+              f"(target <= 1.3x: {verdict(r['ratio'] <= 1.3)}; medians of {r['rounds']})")
+        share = r["floor_emu_cpu"] / r["floor"]
+        print(f"             emulator CPU: {r['floor_emu_cpu']:.2f} s beside the floor ({share:.0%} of its wall time; "
+              f"target < 25%: {verdict(share < 0.25)}), {r['batchrun_emu_cpu']:.2f} s beside batchrun")
+        print(f"             peak RSS: floor {r['floor_rss']:.0f} MiB, batchrun {r['rss']:.0f} MiB")
+        print("             batchrun stages (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()))
+    for n in sorted(states):
+        st, inp = states[n]
+        print(f"  {n:>9,} rows: state file {st:.1f} MB, input {inp:.1f} MB: {st / inp:.2f}x the input "
+              f"(target <= 1: {verdict(st <= inp)})")
+    print("  peak RSS of batchrun: " + ", ".join(f"{n:,} rows {peaks[n]:.0f} MiB" for n in sorted(peaks)))
+    if 20_000 in peaks and 100_000 in peaks:
+        x = peaks[100_000] / peaks[20_000]
+        print(f"  peak(100k) / peak(20k) = {x:.2f} (target <= 1.3: {verdict(x <= 1.3)})")
+    if 1_000_000 in peaks:
+        mb = peaks[1_000_000] * 2**20 / 1e6
+        print(f"  peak(1M) = {peaks[1_000_000]:.0f} MiB = {mb:.0f} MB (target < 400 MB: {verdict(mb < 400)})")
+    for name, t in startup.items():
+        print(f"  batchrun {name}: starts and ends in {t:.3f} s (median of 5; target < 0.25 s: {verdict(t < 0.25)})")
+    print("  (messages mode at the rate limit: benchmarks/messages_rpm.py)")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 MODEL = "claude-haiku-4-5"
-MAX_TOKENS = 200
+MAX_TOKENS = 64
 BATCH = 10_000
 ID_COLUMN = "ticket_id"
 # the same prompt as bench.py passes to batchrun (there as a Jinja2 template)
-PROMPT = ("Summarise this support ticket from {customer} (priority {priority}).\n"
-          "Subject: {subject}\n\n{body}\n\nInternal notes: {notes}")
-JINJA_PROMPT = ("Summarise this support ticket from {{ customer }} (priority {{ priority }}).\n"
-                "Subject: {{ subject }}\n\n{{ body }}\n\nInternal notes: {{ notes }}")
+# (the issue's job, `Review {{ title }}: {{ body }}`, with the tickets' subject as the title)
+PROMPT = "Review {subject}: {body}"
+JINJA_PROMPT = "Review {{ subject }}: {{ body }}"
+PROMPT_COLUMNS = ("subject", "body")
 # USD per million tokens (claude-haiku-4-5), batches at half price
 PRICE_IN, PRICE_OUT = 1.00 * 0.5, 5.00 * 0.5
 
@@ -40,7 +40,7 @@ def run(input_path: str, output_path: str, *, poll_interval: float = 0.2) -> int
 
     table = pacsv.read_csv(input_path, parse_options=pacsv.ParseOptions(newlines_in_values=True))
     ids = table.column(ID_COLUMN).to_pylist()
-    cols = {name: table.column(name).to_pylist() for name in ("customer", "priority", "subject", "body", "notes")}
+    cols = {name: table.column(name).to_pylist() for name in PROMPT_COLUMNS}
     n = table.num_rows
 
     # submit

@@ -49,12 +49,18 @@ import click
               help='Be a gateway without count_tokens: it answers 404 {"detail": "Not Found"}.')
 @click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
-def emulator(host: str, port: int, processing_seconds: float, fault_rate: float, errored_rate: float,
-             expired_rate: float, truncate_rate: float, drop_after_create: int, create_delay: float,
-             missing_result_lines: int, retry_after: float,
+@click.option("--timing", is_flag=True,
+              help="A lean mode for benchmarks, so that a timing measures the client, not the emulator: "
+                   "validation off, batches that end at once (unless --processing-seconds is given), tokens "
+                   "counted by characters, and a threading HTTP server instead of uvicorn.")
+@click.pass_context
+def emulator(ctx: click.Context, host: str, port: int, processing_seconds: float, fault_rate: float,
+             errored_rate: float, expired_rate: float, truncate_rate: float, drop_after_create: int,
+             create_delay: float, missing_result_lines: int, retry_after: float,
              archive_after: Optional[float], max_batch_requests: int, api_key: Optional[str], rpm: Optional[int],
              input_tpm: Optional[int], output_tpm: Optional[int], rate_window: float,
-             wrap_messages: bool, no_batches: bool, no_count_tokens: bool, no_validate: bool, seed: int) -> None:
+             wrap_messages: bool, no_batches: bool, no_count_tokens: bool, no_validate: bool, seed: int,
+             timing: bool) -> None:
     """Serve the built-in emulator of the Message Batches API (no network, nothing billed).
 
     A faithful stand-in for the API for trying jobs offline: batches stay in progress for a while,
@@ -73,6 +79,7 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
     of settings to change), POST /_emulator/reset. Stop with Ctrl-C.
     """
     from ..emulator import EmulatorConfig, run_server
+    from ..emulator.server import run_lean_server
 
     for name, value in (("--fault-rate", fault_rate), ("--errored-rate", errored_rate),
                         ("--expired-rate", expired_rate), ("--truncate-rate", truncate_rate)):
@@ -105,6 +112,11 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
                             rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate, seed=seed,
                             input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window,
                             no_batches=no_batches, no_count_tokens=no_count_tokens)
+    if timing:
+        config.validate = False
+        config.lean = True
+        if ctx.get_parameter_source("processing_seconds") != click.core.ParameterSource.COMMANDLINE:
+            config.processing_seconds = 0.0
 
     def ready(base_url: str) -> None:
         click.echo(f"batchrun emulator listening on {base_url}  (Ctrl-C to stop)")
@@ -115,7 +127,10 @@ def emulator(host: str, port: int, processing_seconds: float, fault_rate: float,
             click.echo("  export ANTHROPIC_API_KEY=<the key given with --api-key>")
 
     try:
-        run_server(host, port, config, on_ready=ready)
+        if timing:
+            run_lean_server(host, port, config, on_ready=ready)
+        else:
+            run_server(host, port, config, on_ready=ready)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:  # pragma: no cover

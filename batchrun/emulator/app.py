@@ -100,6 +100,7 @@ class Reply:
 
 
 _DROP = object()
+_JSON_STRING = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def json_reply(status: int, obj: Any, headers: Optional[list] = None) -> Reply:
@@ -214,6 +215,7 @@ class Emulator:
             if not message.get("more_body", False):
                 break
         req = self._request(scope, b"".join(chunks))
+        replies.CHAR_TOKENS.set(self.config.lean)   # this request's task only
         try:
             reply = await self._handle(req)
         except DroppedConnection:
@@ -431,7 +433,8 @@ class Emulator:
             items = [check_batch_request(item, i, seen, cfg.validate) for i, item in enumerate(requests)]
         except Invalid as exc:
             return req.error(400, "invalid_request_error", str(exc)), None
-        hashes = [params_hash(params) for _, params in items]
+        # (lean: no hashes, so no counters of them)
+        hashes = [params_hash(params) for _, params in items] if not cfg.lean else [""] * len(items)
         api_version = req.headers.get("anthropic-version", "2023-06-01")
         with self._lock:
             now = self.clock()
@@ -453,7 +456,8 @@ class Emulator:
             stats.batches_created += 1
             stats.requests_created += len(items)
             stats.submitted_custom_ids.update(cid for cid, _ in items)
-            stats.params_submitted.update(hashes)
+            if not cfg.lean:
+                stats.params_submitted.update(hashes)
             stats.accepted[batch.id] = [(cid, h) for (cid, _), h in zip(items, hashes)]
             return json_reply(200, self._batch_json(batch, req, advance=False)), batch
 
@@ -590,14 +594,22 @@ class Emulator:
     def _result_line(self, batch: _Batch, i: int) -> bytes:
         custom_id, params = batch.requests[i]
         code = batch.outcomes[i]
+        lean_id = f"msg_{batch.id[-16:]}{i:08d}"   # (the lean mode's cheap message id)
+        cfg = self.config
+        if code == SUCCEEDED and cfg.lean and cfg.report_output_tokens is None and not cfg.omit_usage:
+            message = replies.lean_reply(params, lean_id)
+            if message is not None:
+                return (f'{{"custom_id":{_JSON_STRING(custom_id)},"result":{{"type":"succeeded","message":'
+                        f'{message}}}}}\n').encode("utf-8")
         if code == SUCCEEDED:
             kind, n, ttl = batch.cache.get(i, (None, 0, "5m"))
             message = replies.reply_for(
                 params, cache_write=n if kind == "write" else 0, cache_read=n if kind == "read" else 0,
-                cache_ttl=ttl, service_tier="batch", message_id=self._message_id(batch, i),
+                cache_ttl=ttl, service_tier="batch",
+                message_id=lean_id if self.config.lean else self._message_id(batch, i),
                 off_schema=self.config.off_schema_rate)
             self._misreport(message)
-            result: dict = {"type": "succeeded", "message": message}
+            result = {"type": "succeeded", "message": message}
         elif code == EXPIRED:
             result = {"type": "expired"}
         elif code == CANCELED:
@@ -695,7 +707,7 @@ class Emulator:
             if i >= done:
                 outcomes[i] = rest
                 continue
-            problem = self._problem(params, batch.api_version, memo)
+            problem = self._problem(params, batch.api_version, memo) if not cfg.lean else None
             if problem is not None:
                 outcomes[i] = ERR_NOT_FOUND if problem[0] == "not_found_error" else ERR_INVALID
                 batch.errors[i] = problem
@@ -712,6 +724,8 @@ class Emulator:
                     outcomes[i] = EXPIRED
                     continue
             outcomes[i] = SUCCEEDED
+            if cfg.lean:
+                continue
             plan = replies.cache_plan(params, memo[params.get("model") if isinstance(params.get("model"), str)
                                                    else None][1])
             if plan is not None:
@@ -723,7 +737,8 @@ class Emulator:
             counts[names.get(code, "errored")] += 1
         batch.outcomes = outcomes
         batch.counts = counts
-        self.stats.billed.update(h for h, code in zip(batch.hashes, outcomes) if code == SUCCEEDED)
+        if not cfg.lean:
+            self.stats.billed.update(h for h, code in zip(batch.hashes, outcomes) if code == SUCCEEDED)
         self.stats.outcomes[batch.id] = [names.get(code, "errored") for code in outcomes]
         batch.ended_at = at
 

@@ -27,6 +27,9 @@ class EmulatorConfig:
     api_key: Optional[str] = None        # when set, any other key -> 401
     validate: bool = True                # request validation (off: only what is needed to parse)
     extra_models: tuple = ()             # model names accepted besides the catalog's (a dated id of a known family keeps its rules; others only the version's)
+    lean: bool = False                   # timing mode (benchmarks, not tests): tokens = ceil(characters / 4),
+                                         # CRC-32 reply hashes, cheap message ids, no per-request model
+                                         # checks, no prompt cache, no per-hash counters (params_submitted, billed)
     # faults
     fault_rate: float = 0.0              # fraction of API calls answered with 429 / 500 / 529 / a dropped connection
     drop_after_create: int = 0           # the next N creates create the batch, then drop the connection
@@ -79,7 +82,7 @@ class EmulatorConfig:
             elif value is None:
                 if names[key].default is not None:
                     raise ValueError(f"{key} cannot be null")
-            elif isinstance(names[key].default, bool) or key in ("validate", "wrap_messages"):
+            elif isinstance(names[key].default, bool) or key in ("validate", "wrap_messages", "lean"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
             elif key in ("api_key", "refuse_text"):

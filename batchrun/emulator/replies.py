@@ -7,7 +7,8 @@ Rules (the tests of batchrun rely on them, so they are part of the emulator's co
   every other character that is not whitespace (punctuation, symbols, any non-ASCII character) one,
   and whitespace nothing. So ``"x" * 400`` is 100 tokens, ``"a b c d"`` 4, ``"café"`` 2: the count
   is deterministic but not proportional to the characters (an estimate extrapolated by characters
-  is really tested). Models whose catalog entry has ``new_tokenizer`` count ``ceil(n * 1.3)`` of
+  is really tested). With the emulator's ``lean`` setting (its timing mode) a text counts
+  ``ceil(characters / 4)`` instead: cheaper to compute, and the same for every client. Models whose catalog entry has ``new_tokenizer`` count ``ceil(n * 1.3)`` of
   that (applied to a whole sum).
 - ``input_tokens`` (and the count_tokens endpoint) = scale(system text + the text of every message
   block + canonical JSON of ``tools`` + canonical JSON of the output schema); an image counts
@@ -31,12 +32,14 @@ Rules (the tests of batchrun rely on them, so they are part of the emulator's co
 from __future__ import annotations
 
 import base64
+import contextvars
 import functools
 import hashlib
 import json
 import random
 import re
 import uuid
+import zlib
 from typing import Any, Mapping, Optional
 
 IMAGE_TOKENS = 1000          # what one image (or a non-text document) counts as input
@@ -62,8 +65,14 @@ def sha256_hex(text: str) -> str:
 _TOKEN = re.compile(r"[A-Za-z]{1,4}|[0-9]{1,3}|[^A-Za-z0-9\s]")
 
 
+# set per request by the emulator from its `lean` config (so two emulators in one process may differ)
+CHAR_TOKENS: contextvars.ContextVar = contextvars.ContextVar("batchrun_emulator_char_tokens", default=False)
+
+
 def tokens(text: str) -> int:
     """Tokens of a text (see the rules above): 0 for "" or whitespace, at least 1 for any other text."""
+    if CHAR_TOKENS.get():
+        return (len(text) + 3) // 4
     return len(_TOKEN.findall(text))
 
 
@@ -75,6 +84,8 @@ def scale(n: int, new_tokenizer: bool) -> int:
 def _fit(text: str, budget: int, new_tokenizer: bool) -> str:
     """The longest start of `text` whose scaled token count stays within `budget`."""
     raw = max(0, (budget * 10) // 13 if new_tokenizer else budget)
+    if CHAR_TOKENS.get():
+        return text[:raw * 4]
     for i, match in enumerate(_TOKEN.finditer(text)):
         if i == raw:
             return text[:match.start()]
@@ -522,10 +533,20 @@ def forced_tool(params: Mapping) -> Optional[Mapping]:
     return None
 
 
+def messages_hash(messages: Any) -> str:
+    """64 hex digits that stand for the messages: sha256 of their canonical JSON; in the lean mode
+    (CHAR_TOKENS) a CRC-32 of the messages' text, repeated (cheap; still the same for every client)."""
+    if CHAR_TOKENS.get():
+        texts = [_text_of(m.get("content")) if isinstance(m, dict) else "" for m in messages] \
+            if isinstance(messages, list) else []
+        return f"{zlib.crc32(chr(0).join(texts).encode('utf-8')):08x}" * 8
+    return sha256_hex(canonical(messages))
+
+
 def reply_text(params: Mapping) -> str:
     """The free-text reply before stop sequences and max_tokens apply."""
     messages = params.get("messages")
-    digest = sha256_hex(canonical(messages))[:8]
+    digest = messages_hash(messages)[:8]
     full = f"{REPLY_PREFIX}{last_user_text(messages)[:120]} #{digest}"
     prefill = prefill_text(messages)
     if prefill and full.startswith(prefill):
@@ -578,7 +599,7 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
     info = model_info(params.get("model"))
     new = _new_tokenizer(info)
     messages = params.get("messages")
-    messages_hash = sha256_hex(canonical(messages))
+    digest = messages_hash(messages)
     max_tokens = params.get("max_tokens")
     budget = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 4096
     content: list = []
@@ -596,8 +617,8 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
         return text, scale(tokens(text), new), True
 
     if thinking_on(params, info):
-        thought, n, was_cut = cut(f"Thinking about: {last_user_text(messages)[:60]} (#{messages_hash[:8]})")
-        content.append({"type": "thinking", "thinking": thought, "signature": _signature(messages_hash)})
+        thought, n, was_cut = cut(f"Thinking about: {last_user_text(messages)[:60]} (#{digest[:8]})")
+        content.append({"type": "thinking", "thinking": thought, "signature": _signature(digest)})
         output_tokens += n
         thinking_tokens = n
         budget -= n
@@ -609,11 +630,11 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
         pass
     elif tool is not None:
         schema = tool.get("input_schema") if isinstance(tool.get("input_schema"), dict) else {"type": "object"}
-        value = schema_value(schema, f"{messages_hash}:tool:{tool['name']}")
-        if _off_schema(messages_hash, off_schema):
+        value = schema_value(schema, f"{digest}:tool:{tool['name']}")
+        if _off_schema(digest, off_schema):
             value = breaks_schema(value, schema)
         n = scale(tokens(canonical(value)), new)
-        tool_id = "toolu_" + _alnum(sha256_hex(f"{messages_hash}:toolu"), 24)
+        tool_id = "toolu_" + _alnum(sha256_hex(f"{digest}:toolu"), 24)
         if n <= budget:
             content.append({"type": "tool_use", "id": tool_id, "name": tool["name"], "input": value})
             output_tokens += n
@@ -625,8 +646,8 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
     else:
         schema = _output_schema(params)
         if schema is not None:
-            value = schema_value(schema, f"{messages_hash}:json")
-            if _off_schema(messages_hash, off_schema):
+            value = schema_value(schema, f"{digest}:json")
+            if _off_schema(digest, off_schema):
                 value = breaks_schema(value, schema)
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         else:
@@ -668,6 +689,51 @@ def reply_for(params: Mapping, *, cache_write: int = 0, cache_read: int = 0, cac
         "stop_sequence": stop_sequence,
         "usage": usage,
     }
+
+
+# params that do not change a reply's content (the lean path may ignore them)
+_LEAN_IGNORED = frozenset(("model", "max_tokens", "messages", "temperature", "top_p", "top_k", "metadata",
+                           "service_tier"))
+
+
+def lean_reply(params: Mapping, message_id: str) -> Optional[str]:
+    """The JSON text of reply_for(params, message_id=...) in the lean mode (CHAR_TOKENS set) for a plain
+    request (text messages ending with the user's; no system prompt, tools, schema, thinking or stop
+    sequences), computed with less work; None for any other request (then call reply_for)."""
+    if not _LEAN_IGNORED.issuperset(params):
+        return None
+    messages = params.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    total = 0
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return None
+        total += (len(m["content"]) + 3) // 4
+    last = messages[-1]
+    if last.get("role") != "user":
+        return None
+    info = model_info(params.get("model"))
+    if thinking_on(params, info):
+        return None
+    new = _new_tokenizer(info)
+    max_tokens = params.get("max_tokens")
+    budget = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 4096
+    text = reply_text(params)
+    n = scale((len(text) + 3) // 4, new)
+    stop_reason = "end_turn"
+    if n > budget:
+        text = _fit(text, budget, new)
+        n, stop_reason = scale((len(text) + 3) // 4, new), "max_tokens"
+    dumps = _LEAN_STRING
+    return (f'{{"id":{dumps(message_id)},"type":"message","role":"assistant","model":{dumps(params.get("model"))},'
+            f'"content":[{{"type":"text","text":{dumps(text)}}}],"stop_reason":"{stop_reason}","stop_sequence":null,'
+            f'"usage":{{"input_tokens":{scale(total, new)},"output_tokens":{n},"cache_creation_input_tokens":0,'
+            f'"cache_read_input_tokens":0,"cache_creation":{{"ephemeral_5m_input_tokens":0,'
+            f'"ephemeral_1h_input_tokens":0}},"service_tier":"batch"}}}}')
+
+
+_LEAN_STRING = json.JSONEncoder(ensure_ascii=False).encode   # one JSON value (a string here), as canonical()
 
 
 _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

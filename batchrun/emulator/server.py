@@ -1,5 +1,6 @@
-"""Serving the emulator: uvicorn in a thread (tests), uvicorn in the foreground (the CLI), and an
-httpx sync transport that runs the app in process."""
+"""Serving the emulator: uvicorn in a thread (tests), uvicorn in the foreground (the CLI), a lean
+threading HTTP server in the foreground (the CLI's timing mode), and an httpx sync transport that runs
+the app in process."""
 from __future__ import annotations
 
 import asyncio
@@ -107,6 +108,85 @@ def run_server(host: str = "127.0.0.1", port: int = 8765, config: Optional[Emula
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def run_lean_server(host: str = "127.0.0.1", port: int = 8765, config: Optional[EmulatorConfig] = None, *,
+                    on_ready: Optional[Callable[[str], None]] = None) -> None:
+    """Serve a new Emulator(config) in the foreground with the standard library's threading HTTP server.
+
+    For timing (`batchrun emulator --timing`): much less work per call than uvicorn, so a benchmark
+    measures the client, not the server. Each call runs the same app on one private event loop
+    (`SyncASGITransport`'s); a reply is sent whole, with its length. A connection the app drops
+    mid-reply is cut short (its announced length not reached), as over uvicorn.
+    """
+    import http.server
+
+    app = Emulator(config)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def log_message(self, *args) -> None:   # no access log
+            pass
+
+        def handle_one_request(self) -> None:
+            # every method goes to the app (the base class would look for do_<METHOD>)
+            try:
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline or not self.parse_request():
+                    self.close_connection = True
+                    return
+                self._serve()
+                self.wfile.flush()
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
+            path, _, query = self.path.partition("?")
+            host_port = self.server.server_address
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": self.command,
+                     "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()],
+                     "scheme": "http", "path": path, "raw_path": path.encode("latin-1"),
+                     "query_string": query.encode("latin-1"), "root_path": "",
+                     "server": (host_port[0], host_port[1]), "client": self.client_address[:2]}
+            status, headers, chunks, error = _loop_for(app).run(_run_app(app, scope, body))
+            if status is None:           # dropped before any reply
+                self.close_connection = True
+                return
+            payload = b"".join(chunks)
+            length = len(payload) + (1 if error is not None else 0)   # a drop: less than announced
+            head = [f"HTTP/1.1 {status} {http.server.BaseHTTPRequestHandler.responses.get(status, ('',))[0]}"]
+            head += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in headers
+                     if k.lower() != b"content-length"]
+            head.append(f"content-length: {length}")
+            if error is not None:
+                head.append("connection: close")
+                self.close_connection = True
+            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+        request_queue_size = 128
+
+    server = Server((host, port), Handler)
+    install_log_filter()
+    shown = f"[{host}]" if ":" in host else host
+    app.base_url = f"http://{shown}:{server.server_address[1]}"
+    if on_ready is not None:
+        on_ready(app.base_url)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
 
 
 # ---------------------------------------------------------------------------------- in process

@@ -1,4 +1,4 @@
-"""The SQLite state: jobs, requests, batches and events, through sqlite-utils.
+"""The SQLite state: jobs, requests, batches and events, through the standard library's sqlite3.
 
 Every step of a job is a transaction here, committed before the next step starts; a killed run
 resumes from what was committed. The schema evolves by migrations (a plain list of functions,
@@ -25,22 +25,22 @@ import urllib.parse
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-import sqlite_utils
-
 from . import __version__
 from .errors import BatchrunError, DiskError, InputError, LockedError, NoSpaceError, StateFileError
 from .spec import DEFAULT_API_VERSION
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+# (each migration gets the connection, inside the transaction that records it; not sqlite-utils,
+# which imports pandas: ~0.3 s of start-up for `batchrun status`)
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
 
 
-def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+def migration(fn: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
     MIGRATIONS.append(fn)
     return fn
 
 
 @migration
-def m001_initial(db: sqlite_utils.Database) -> None:
+def m001_initial(db: sqlite3.Connection) -> None:
     _script(db, """
     CREATE TABLE jobs (
         id TEXT PRIMARY KEY,
@@ -120,7 +120,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 
 @migration
-def m002_shared_params(db: sqlite_utils.Database) -> None:
+def m002_shared_params(db: sqlite3.Connection) -> None:
     """Requests store only their own part; the part every request shares is kept once per job."""
     db.execute("ALTER TABLE jobs ADD COLUMN shared_params TEXT")
 
@@ -132,7 +132,7 @@ _REQUEST_COLUMNS = (
 
 
 @migration
-def m003_bodies_apart(db: sqlite_utils.Database) -> None:
+def m003_bodies_apart(db: sqlite3.Connection) -> None:
     """Request bodies move to their own table, written once and never rewritten.
 
     In one table with the request's state, every state change and every recorded result rewrote the
@@ -180,7 +180,7 @@ def m003_bodies_apart(db: sqlite_utils.Database) -> None:
     _script(db, script)
 
 
-def _script(db: sqlite_utils.Database, script: str) -> None:
+def _script(db: sqlite3.Connection, script: str) -> None:
     """Run statements one by one inside the migration's transaction (executescript would commit it
     half-way, and a second process creating the same state file could then see half a schema)."""
     for statement in script.split(";"):
@@ -189,7 +189,7 @@ def _script(db: sqlite_utils.Database, script: str) -> None:
 
 
 @migration
-def m004_endpoints(db: sqlite_utils.Database) -> None:
+def m004_endpoints(db: sqlite3.Connection) -> None:
     """The endpoint a job is sent to ("" for the Anthropic API; NULL: planned before this was kept), and
     when a batch's create failed ambiguously in a run (its batch may still appear in the list)."""
     db.execute("ALTER TABLE jobs ADD COLUMN endpoint TEXT")
@@ -197,7 +197,7 @@ def m004_endpoints(db: sqlite_utils.Database) -> None:
 
 
 @migration
-def m005_answer_scope(db: sqlite_utils.Database) -> None:
+def m005_answer_scope(db: sqlite3.Connection) -> None:
     """The API version became part of a request's identity (`requests.answer_scope`): the requests of
     jobs planned under another version than the default are hashed again, so that one is never
     answered from another version's replies while the jobs of one version still share theirs."""
@@ -205,7 +205,7 @@ def m005_answer_scope(db: sqlite_utils.Database) -> None:
             "SELECT id, spec, endpoint, shared_params FROM jobs WHERE shared_params IS NOT NULL").fetchall():
         version = json.loads(spec).get("api_version") or DEFAULT_API_VERSION
         if version != DEFAULT_API_VERSION:
-            _rehash(db.conn, job_id, shared, endpoint or None, version)
+            _rehash(db, job_id, shared, endpoint or None, version)
 
 
 def _rehash(conn: sqlite3.Connection, job_id: str, shared_params: str, endpoint: Optional[str],
@@ -440,7 +440,6 @@ class Store:
                 conn.execute("PRAGMA wal_autocheckpoint=8192")  # checkpoint every 32 MiB of WAL, not every 4 MiB
                 conn.execute("PRAGMA busy_timeout=30000")
                 self.conn = conn
-                self.db = sqlite_utils.Database(conn)
                 self._migrate()
             except BaseException:
                 conn.close()
@@ -476,7 +475,7 @@ class Store:
             applied = False
             for fn in MIGRATIONS:
                 if fn.__name__ not in done:
-                    fn(self.db)
+                    fn(self.conn)
                     self.conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, ?)", (fn.__name__, now_iso()))
                     applied = True
             if applied:

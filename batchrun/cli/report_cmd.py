@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from ..report import write_report
 from ..summary import find_job
 from .common import handle_errors
 from .state_cmd import STATE_OPTION, open_store
@@ -19,6 +18,7 @@ def report(job, state, html_path):
     """Write an HTML report of a job (by id prefix or name; default: the newest job in the state file):
     totals, cost by token kind, rows by status, output tokens, batch latency, label counts and the
     failed rows."""
+    from ..report import write_report   # (here: it imports the request builder, which other commands skip)
     with open_store(state) as store:
         row = find_job(store, job)
         if job is None:

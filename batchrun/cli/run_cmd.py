@@ -6,13 +6,14 @@ import json
 import os
 import sys
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import click
 
-from ..api import BUILTIN_EMULATOR, check_secure_url
 from ..errors import ExitCode, InputError
-from ..runner import Runner
+
+if TYPE_CHECKING:
+    from ..runner import Runner
 from .common import (EXIT_CODES_HELP, JOB_OPTIONS, SPEC_KEYS, ProgressPrinter, handle_errors, job_options,
                      setup_logging, spec_from_options)
 
@@ -55,7 +56,9 @@ def maybe_emulator(enabled: bool, options: dict) -> Iterator[Optional[str]]:
         handle.stop()
 
 
-def make_runner(job_file, options: dict, base_url_override: Optional[str] = None, **kw) -> Runner:
+def make_runner(job_file, options: dict, base_url_override: Optional[str] = None, **kw) -> "Runner":
+    from ..api import BUILTIN_EMULATOR, check_secure_url
+    from ..runner import Runner   # (imported here: `batchrun --help`, `jobs`, `status` start without them)
     spec = spec_from_options(job_file, options)
     api_key = options.get("api_key")
     base_url = options.get("base_url")
@@ -236,6 +239,7 @@ def cancel(job, no_wait, **options):
         if not os.path.exists(state):
             raise InputError(f"{job}: no such job file, and no state file {state} to find a job {job!r} in "
                              "(pass --state PATH)")
+        from ..runner import Runner
         runner = Runner.for_stored_job(state, job, api_key=options.get("api_key"), base_url=options.get("base_url"))
     else:
         runner = make_runner(job, options)

@@ -41,6 +41,7 @@ from .output import OutputWriter, check_column_names, check_partition, check_wri
 from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, new_job_tag,
                        output_schema_for, params_hash, shared_params_hash, splice_prefix, wire_id)
 from .results import ResultParser, is_retryable
+from .prefetch import prefetched
 from .spec import JobSpec, check_api_version, rules_version
 from .summary import PAID, budget_text, find_job, job_cost
 from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
@@ -536,7 +537,7 @@ class Runner:
         source.column_types = dict(column_types)
         builder: Optional[RequestBuilder] = None
         index = 0
-        for batch in source.batches():
+        for batch in prefetched(source.batches()):   # the next block is read while this one is planned
             if builder is None:
                 if spec.id_column and spec.id_column not in batch.schema.names:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
@@ -1254,12 +1255,17 @@ class Runner:
         lines = 0
 
         def results():
-            nonlocal lines
             for line in self.client.iter_results(b["results_url"]):
-                lines += 1
                 yield row_id(line.get("custom_id")), parse(line.get("result") or {})
 
-        self._record(b, results())
+        def counted():
+            nonlocal lines
+            # downloaded and parsed in a thread, a few hundred lines ahead of the recording
+            for item in prefetched(results(), depth=8, chunk=500):
+                lines += 1
+                yield item
+
+        self._record(b, counted())
         return lines
 
     def _verify_adopted(self, b: dict) -> bool:

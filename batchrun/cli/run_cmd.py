@@ -229,6 +229,7 @@ def cancel(job, no_wait, **options):
       batchrun cancel c95fcc6007ce --state runs/state.sqlite
       batchrun cancel jobs/classify-reviews.toml
     """
+    from ..runner import Runner
     setup_logging(options.get("verbose"), options.get("quiet"))
     if job is not None and not (os.path.exists(job) or job.endswith(".toml")):
         flags = [k for k in SPEC_KEYS if k != "state" and options.get(k) not in (None, (), [])]
@@ -239,7 +240,6 @@ def cancel(job, no_wait, **options):
         if not os.path.exists(state):
             raise InputError(f"{job}: no such job file, and no state file {state} to find a job {job!r} in "
                              "(pass --state PATH)")
-        from ..runner import Runner
         runner = Runner.for_stored_job(state, job, api_key=options.get("api_key"), base_url=options.get("base_url"))
     else:
         runner = make_runner(job, options)

@@ -1,0 +1,66 @@
+"""Overlap one stage with the next: iterate a source in a background thread, a few chunks ahead.
+
+Used where batchrun would otherwise wait on one thing at a time: the plan renders and stores one
+block of input rows while the next block is read and parsed (pyarrow's CSV reader works without the
+GIL), and a batch's results are recorded in SQLite (which steps without the GIL) while the rest of
+the file downloads and its lines are parsed. Order, items and errors are the source's: an exception
+the source raises is raised to the consumer at the point where it happened, after every item before
+it; a consumer that stops early (an error of its own, Ctrl-C) stops the producer, and the source is
+closed in the thread that iterated it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetched(source: Iterable[T], *, depth: int = 2, chunk: int = 1) -> Iterator[T]:
+    """The items of `source`, produced by a daemon thread at most `depth` chunks of `chunk` items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(source)
+        try:
+            buf: list = []
+            for item in it:
+                buf.append(item)
+                if len(buf) >= chunk:
+                    if not put(buf):
+                        return
+                    buf = []
+            if buf and not put(buf):
+                return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="batchrun-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if got is _END:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield from got
+    finally:
+        stop.set()

@@ -127,13 +127,17 @@ for line in sys.stdin:
         _, status, usage = os.wait4(pid, 0)
         wall = time.perf_counter() - t0
     print(json.dumps({"started_at": started_at, "wall": wall, "code": os.waitstatus_to_exitcode(status),
-                      "maxrss_kib": usage.ru_maxrss}), flush=True)
+                      "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
 """
 _spawner = None
 
 
+LAST_CPU = [0.0]   # CPU seconds (user + system) of the last child timed
+
+
 def timed(argv: list, env: dict, log: Path) -> tuple[float, float, float]:
-    """(started at, wall seconds, peak RSS in MiB) of one child process; stops the bench if it fails."""
+    """(started at, wall seconds, peak RSS in MiB) of one child process; stops the bench if it fails.
+    Its CPU seconds are left in LAST_CPU[0]."""
     global _spawner
     if _spawner is None:
         _spawner = subprocess.Popen([PY, "-c", SPAWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -142,6 +146,7 @@ def timed(argv: list, env: dict, log: Path) -> tuple[float, float, float]:
     done = json.loads(_spawner.stdout.readline())
     if done["code"] != 0:
         raise SystemExit(f"failed ({done['code']}): {' '.join(map(str, argv))}\n{log.read_text()[-3000:]}")
+    LAST_CPU[0] = done["cpu"]
     return done["started_at"], done["wall"], done["maxrss_kib"] / 1024  # ru_maxrss is in KiB on Linux
 
 
@@ -180,14 +185,15 @@ def run_batchrun(data: Path, work: Path, tag: str, env: dict, emu: "EmulatorProc
     st = stages(state, started_at, started_at + wall)
     state_mb = sum(p.stat().st_size for p in state.parent.glob(state.name + "*") if p.is_file()) / 1e6
     fresh_state(state)
-    return {"wall": wall, "rss": rss, "stages": st, "output": out, "state_mb": state_mb, "emu_cpu": emu_cpu}
+    return {"wall": wall, "rss": rss, "stages": st, "output": out, "state_mb": state_mb, "emu_cpu": emu_cpu,
+            "cpu": LAST_CPU[0]}
 
 
 def run_floor(data: Path, work: Path, tag: str, env: dict, emu: "EmulatorProcess") -> dict:
     out = work / f"floor-{tag}.parquet"
     cpu = emu.cpu()
     _, wall, rss = timed([PY, HERE / "floor.py", data, out], env, work / f"floor-{tag}.log")
-    return {"wall": wall, "rss": rss, "output": out, "emu_cpu": emu.cpu() - cpu}
+    return {"wall": wall, "rss": rss, "output": out, "emu_cpu": emu.cpu() - cpu, "cpu": LAST_CPU[0]}
 
 
 def startup_times(work: Path, env: dict, repeat: int = 5) -> dict:
@@ -275,14 +281,15 @@ def compare(n: int, rounds: int, work: Path, env: dict, emu: "EmulatorProcess") 
         emu.reset()
         ours.append(run_batchrun(data, work, f"{n}", env, emu))
         same_rows(ours[-1]["output"], floors[-1]["output"], n)
-        print(f"  {n:,} rows, round {i + 1}: floor {floors[-1]['wall']:.2f} s (emulator CPU "
-              f"{floors[-1]['emu_cpu']:.2f} s), batchrun {ours[-1]['wall']:.2f} s (emulator CPU "
-              f"{ours[-1]['emu_cpu']:.2f} s): {ours[-1]['wall'] / floors[-1]['wall']:.2f}x; "
-              f"output = floor's, row by row", flush=True)
+        f, o = floors[-1], ours[-1]
+        print(f"  {n:,} rows, round {i + 1}: floor {f['wall']:.2f} s (CPU {f['cpu']:.2f} s; emulator CPU "
+              f"{f['emu_cpu']:.2f} s), batchrun {o['wall']:.2f} s (CPU {o['cpu']:.2f} s; emulator CPU "
+              f"{o['emu_cpu']:.2f} s): {o['wall'] / f['wall']:.2f}x; output = floor's, row by row", flush=True)
     med = lambda rs, k: statistics.median(r[k] for r in rs)
     f, b = med(floors, "wall"), med(ours, "wall")
     names = list(ours[0]["stages"])
     return {"n": n, "floor": f, "batchrun": b, "ratio": b / f, "rounds": rounds,
+            "floor_cpu": med(floors, "cpu"), "batchrun_cpu": med(ours, "cpu"),
             "floor_emu_cpu": med(floors, "emu_cpu"), "batchrun_emu_cpu": med(ours, "emu_cpu"),
             "floor_rss": max(r["rss"] for r in floors), "rss": max(r["rss"] for r in ours),
             "state_mb": ours[-1]["state_mb"], "input_mb": data.stat().st_size / 1e6,
@@ -352,6 +359,8 @@ def main() -> None:
     for r in results:
         print(f"  {r['n']:>9,} rows: floor {r['floor']:.2f} s, batchrun {r['batchrun']:.2f} s: ratio {r['ratio']:.2f}x "
               f"(target <= 1.3x: {verdict(r['ratio'] <= 1.3)}; medians of {r['rounds']})")
+        print(f"             CPU (user + system): floor {r['floor_cpu']:.2f} s, batchrun {r['batchrun_cpu']:.2f} s: "
+              f"{r['batchrun_cpu'] / r['floor_cpu']:.2f}x (less sensitive to a loaded machine than wall time)")
         share = r["floor_emu_cpu"] / r["floor"]
         print(f"             emulator CPU: {r['floor_emu_cpu']:.2f} s beside the floor ({share:.0%} of its wall time; "
               f"target < 25%: {verdict(share < 0.25)}), {r['batchrun_emu_cpu']:.2f} s beside batchrun")

@@ -34,8 +34,8 @@ def prefetched(source: Iterable[T], *, depth: int = 2, chunk: int = 1) -> Iterat
 
     def produce() -> None:
         it = iter(source)
+        buf: list = []
         try:
-            buf: list = []
             for item in it:
                 buf.append(item)
                 if len(buf) >= chunk:
@@ -45,8 +45,9 @@ def prefetched(source: Iterable[T], *, depth: int = 2, chunk: int = 1) -> Iterat
             if buf and not put(buf):
                 return
             put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, after the items before it
+            if not buf or put(buf):
+                put(exc)
         finally:
             close = getattr(it, "close", None)
             if close is not None:

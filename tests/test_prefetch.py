@@ -1,0 +1,100 @@
+"""Overlapping stages (issue #17): the next input block is read while one is planned, results download
+while they are recorded — with the source's order, items and errors, and a bad row still stopping the
+job before anything is sent."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+import batchrun.inputs
+from batchrun.prefetch import prefetched
+
+from conftest import refused
+
+
+def test_items_and_order_are_the_sources():
+    assert list(prefetched(range(1000), depth=3, chunk=7)) == list(range(1000))
+    assert list(prefetched([])) == []
+
+
+def test_an_error_comes_after_every_item_before_it():
+    def source():
+        yield from range(10)
+        raise ValueError("line 11 is cut short")
+
+    got = []
+    with pytest.raises(ValueError, match="line 11"):
+        for item in prefetched(source(), chunk=3):
+            got.append(item)
+    assert got == list(range(10))
+
+
+def test_the_producer_runs_ahead_of_the_consumer():
+    produced = []
+
+    def source():
+        for i in range(4):
+            produced.append(i)
+            yield i
+
+    it = prefetched(source(), depth=2)
+    assert next(it) == 0
+    deadline = time.monotonic() + 5
+    while len(produced) < 3 and time.monotonic() < deadline:   # items 1 and 2 made while 0 is being used
+        time.sleep(0.01)
+    assert produced[:3] == [0, 1, 2]
+    assert list(it) == [1, 2, 3]
+
+
+def test_a_consumer_that_stops_stops_the_producer_and_closes_the_source():
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in range(10**9):
+                yield i
+        finally:
+            closed.set()
+
+    it = prefetched(source(), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert closed.wait(5), "the source was not closed"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(batchrun.inputs, "BATCH_ROWS", 16)   # many blocks, so the reading runs ahead
+
+
+def write_rows(path, n, bad_at=None):
+    lines = ["id,msg"]
+    for i in range(n):
+        lines.append(f"{'' if i == bad_at else f'r{i}'},text {i}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_bad_row_in_a_later_block_stops_the_job_before_anything_is_sent(emu, cli, tmp_path, small_blocks):
+    data = tmp_path / "in.csv"
+    write_rows(data, 200, bad_at=170)
+    r = cli("run", "--input", data, "--output", tmp_path / "out.parquet", "--state", tmp_path / "s.sqlite",
+            "--id-column", "id", "--prompt", "Say {{ msg }}", "--poll-interval", "0.05", "-q")
+    refused(r, 2, "row 171", "id")
+    assert emu.stats.create_calls == 0
+
+
+def test_every_row_once_in_order_across_blocks_and_batches(emu, cli, tmp_path, small_blocks):
+    data = tmp_path / "in.csv"
+    write_rows(data, 200)
+    emu.config.truncate_rate = 0.5   # downloads cut short: recorded as far as they went, downloaded again
+    r = cli("run", "--input", data, "--output", tmp_path / "out.parquet", "--state", tmp_path / "s.sqlite",
+            "--id-column", "id", "--prompt", "Say {{ msg }}", "--batch-size", "60", "--poll-interval", "0.05", "-q")
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [row["id"] for row in rows] == [f"r{i}" for i in range(200)]
+    for i, row in enumerate(rows):
+        assert (row["status"], row["text"][:22]) == ("succeeded", f"Reply to: Say text {i} #"[:22]), row
+    assert sorted(emu.stats.submitted_custom_ids.values()) == [1] * 200

@@ -153,6 +153,8 @@ def is_retryable(fields: dict) -> bool:
 
 
 def _int(value: Any) -> Optional[int]:
+    if type(value) is int:   # the usual case, first (a bool is not of type int)
+        return value
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 

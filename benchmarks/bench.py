@@ -184,9 +184,23 @@ def run_batchrun(data: Path, work: Path, tag: str, env: dict, emu: "EmulatorProc
     emu_cpu = emu.cpu() - cpu
     st = stages(state, started_at, started_at + wall)
     state_mb = sum(p.stat().st_size for p in state.parent.glob(state.name + "*") if p.is_file()) / 1e6
+    tables = state_tables(state)
     fresh_state(state)
     return {"wall": wall, "rss": rss, "stages": st, "output": out, "state_mb": state_mb, "emu_cpu": emu_cpu,
-            "cpu": LAST_CPU[0]}
+            "cpu": LAST_CPU[0], "tables": tables}
+
+
+def state_tables(state: Path) -> dict:
+    """MB of the state file per table and index (SQLite's dbstat; {} where it is not compiled in)."""
+    db = sqlite3.connect(state)
+    try:
+        return {name: size / 1e6 for name, size in
+                db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name HAVING sum(pgsize) > 100000 "
+                           "ORDER BY 2 DESC")}
+    except sqlite3.Error:
+        return {}
+    finally:
+        db.close()
 
 
 def run_floor(data: Path, work: Path, tag: str, env: dict, emu: "EmulatorProcess") -> dict:
@@ -292,7 +306,7 @@ def compare(n: int, rounds: int, work: Path, env: dict, emu: "EmulatorProcess") 
             "floor_cpu": med(floors, "cpu"), "batchrun_cpu": med(ours, "cpu"),
             "floor_emu_cpu": med(floors, "emu_cpu"), "batchrun_emu_cpu": med(ours, "emu_cpu"),
             "floor_rss": max(r["rss"] for r in floors), "rss": max(r["rss"] for r in ours),
-            "state_mb": ours[-1]["state_mb"], "input_mb": data.stat().st_size / 1e6,
+            "state_mb": ours[-1]["state_mb"], "input_mb": data.stat().st_size / 1e6, "tables": ours[-1]["tables"],
             "stages": {k: statistics.median(r["stages"][k] for r in ours) for k in names}}
 
 
@@ -336,7 +350,7 @@ def main() -> None:
             r = compare(n, args.rounds if k == 0 else args.large_rounds, work, env, emu)
             results.append(r)
             peaks[n] = r["rss"]
-            states[n] = (r["state_mb"], r["input_mb"])
+            states[n] = (r["state_mb"], r["input_mb"], r["tables"])
         for n in sizes:
             if n in peaks:
                 continue
@@ -344,7 +358,7 @@ def main() -> None:
             data = dataset(n, work)
             r = run_batchrun(data, work, f"{n}", env, emu)
             peaks[n] = r["rss"]
-            states[n] = (r["state_mb"], data.stat().st_size / 1e6)
+            states[n] = (r["state_mb"], data.stat().st_size / 1e6, r["tables"])
             print(f"{n:>9,} rows: batchrun {r['wall']:.1f} s, peak RSS {r['rss']:.0f} MiB, state file "
                   f"{r['state_mb']:.0f} MB; stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()),
                   flush=True)
@@ -367,9 +381,11 @@ def main() -> None:
         print(f"             peak RSS: floor {r['floor_rss']:.0f} MiB, batchrun {r['rss']:.0f} MiB")
         print("             batchrun stages (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()))
     for n in sorted(states):
-        st, inp = states[n]
+        st, inp, tables = states[n]
         print(f"  {n:>9,} rows: state file {st:.1f} MB, input {inp:.1f} MB: {st / inp:.2f}x the input "
               f"(target <= 1: {verdict(st <= inp)})")
+        if tables:
+            print("             by table/index (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in tables.items()))
     print("  peak RSS of batchrun: " + ", ".join(f"{n:,} rows {peaks[n]:.0f} MiB" for n in sorted(peaks)))
     if 20_000 in peaks and 100_000 in peaks:
         x = peaks[100_000] / peaks[20_000]

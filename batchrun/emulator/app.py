@@ -707,7 +707,8 @@ class Emulator:
             if i >= done:
                 outcomes[i] = rest
                 continue
-            problem = self._problem(params, batch.api_version, memo) if not cfg.lean else None
+            problem = (self._problem(params, batch.api_version, memo) if not cfg.lean or cfg.refuse_text
+                       else None)   # (lean: no per-request checks unless a refusal is asked for)
             if problem is not None:
                 outcomes[i] = ERR_NOT_FOUND if problem[0] == "not_found_error" else ERR_INVALID
                 batch.errors[i] = problem

@@ -594,8 +594,8 @@ class Emulator:
     def _result_line(self, batch: _Batch, i: int) -> bytes:
         custom_id, params = batch.requests[i]
         code = batch.outcomes[i]
-        lean_id = f"msg_{batch.id[-16:]}{i:08d}"   # (the lean mode's cheap message id)
         cfg = self.config
+        lean_id = f"msg_{batch.id[-16:]}{i:08d}" if cfg.lean else None   # (the lean mode's cheap message id)
         if code == SUCCEEDED and cfg.lean and cfg.report_output_tokens is None and not cfg.omit_usage:
             message = replies.lean_reply(params, lean_id)
             if message is not None:
@@ -606,7 +606,7 @@ class Emulator:
             message = replies.reply_for(
                 params, cache_write=n if kind == "write" else 0, cache_read=n if kind == "read" else 0,
                 cache_ttl=ttl, service_tier="batch",
-                message_id=lean_id if self.config.lean else self._message_id(batch, i),
+                message_id=lean_id or self._message_id(batch, i),
                 off_schema=self.config.off_schema_rate)
             self._misreport(message)
             result = {"type": "succeeded", "message": message}

@@ -219,7 +219,7 @@ def _rehash(conn: sqlite3.Connection, job_id: str, shared_params: str, endpoint:
 
 
 @migration
-def m006_job_tags(db: sqlite_utils.Database) -> None:
+def m006_job_tags(db: sqlite3.Connection) -> None:
     """Never pay twice, never take another job's batch:
     - `jobs.tag`: a short random tag of the job, sent in every custom_id of its batches (`<tag>-<id>`), so
       a batch whose create reply was lost is proved to be this job's by its results (NULL: planned

@@ -18,7 +18,8 @@ Replies are deterministic functions of the request params: see `batchrun.emulato
 """
 from .app import DroppedConnection, Emulator
 from .config import EmulatorConfig, EmulatorStats
-from .server import ServerHandle, SyncASGITransport, run_server, serve_in_thread
+from .server import ServerHandle, run_server, serve_in_thread
+from .transport import SyncASGITransport
 
 __all__ = ["Emulator", "EmulatorConfig", "EmulatorStats", "serve_in_thread", "run_server", "ServerHandle",
            "SyncASGITransport", "DroppedConnection"]

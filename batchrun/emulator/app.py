@@ -191,7 +191,7 @@ class Emulator:
 
     def sync_transport(self) -> httpx.BaseTransport:
         """An httpx sync transport that runs this app in process (on a private event loop)."""
-        from .server import SyncASGITransport
+        from .transport import SyncASGITransport
         return SyncASGITransport(self)
 
     # ------------------------------------------------------------------------------ ASGI

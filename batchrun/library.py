@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from .api import RetryPolicy
 from .errors import BudgetError, ExitCode, InputError
-from .runner import CancelResult, Progress, Runner, RunResult
+from .runner import CancelResult, Progress, Runner, RunResult, sent_elsewhere
 from .spec import JobSpec, merge
 from .store import state_errors
 
@@ -237,6 +237,9 @@ class Job:
         job = cls(JobSpec.from_mapping(raw), **connection)
         if job._runner.identify() != row["id"]:   # (a job planned under the old loopback key: as run settles it)
             job.close()
+            elsewhere = sent_elsewhere(row["id"], row["endpoint"], job._runner.job.endpoint)
+            if elsewhere:   # the same input, another endpoint: not a changed input
+                raise InputError(elsewhere)
             raise InputError(f"job {row['id'][:12]}: its input {raw.get('input')} has changed since it was "
                              "planned; the changed rows are a new job")
         return job

@@ -209,6 +209,15 @@ class Job:
         self.store.close()
 
 
+def sent_elsewhere(job_id: str, sent_to: Optional[str], here: Optional[str]) -> Optional[str]:
+    """Why a stored job cannot be moved on through the endpoint `here` (an `endpoint_key`, "" or None
+    for the Anthropic API): it was sent to `sent_to` (its recorded endpoint; None: not recorded)."""
+    if sent_to is None or sent_to == (here or ""):
+        return None
+    return (f"job {job_id[:12]} was sent to {endpoint_text(sent_to)}, not to {endpoint_text(here or None)}: "
+            "set ANTHROPIC_BASE_URL (or --base-url, base_url=) to its endpoint")
+
+
 class Runner:
     """Runs one job. The library API (`batchrun.run`) and the CLI both go through here."""
 
@@ -1390,10 +1399,10 @@ class Runner:
         sent_to, here = row["endpoint"], runner.job.endpoint or ""
         if sent_to == LEGACY_LOOPBACK and is_loopback_endpoint(here) and runner._claim_legacy_loopback(row["id"]):
             sent_to = here
-        if sent_to is not None and sent_to != here:   # its batches are not there: a 404 would read as "lost"
+        problem = sent_elsewhere(row["id"], sent_to, here)
+        if problem:   # its batches are not there: a 404 would read as "lost"
             runner.close()
-            raise InputError(f"job {row['id'][:12]} was sent to {endpoint_text(sent_to)}, not to "
-                             f"{endpoint_text(here)}: set ANTHROPIC_BASE_URL (or --base-url) to its endpoint")
+            raise InputError(problem)
         return runner
 
     def cancel(self, wait: float = CANCEL_WAIT) -> CancelResult:

@@ -286,3 +286,20 @@ def test_an_old_loopback_job_is_not_claimed_by_a_reply_about_another_batch(emu, 
         Runner.for_stored_job(str(tmp_path / "state.sqlite"), first.job_id, api_key="k",
                               base_url=answers_any_batch_id, retry=batchrun.RetryPolicy(max_retries=0))
     assert _jobs(tmp_path / "state.sqlite") == [(first.job_id, LEGACY_LOOPBACK)]   # not moved there
+
+
+def test_a_handle_picked_up_through_another_endpoint_says_so(emu, second_emulator, tmp_path, small_csv):
+    """Not 'its input has changed' (it has not): the job was sent elsewhere, and the line names where."""
+    emu.config.processing_seconds = 0.5
+    with batchrun.Job(_job(small_csv, tmp_path), api_key="k", base_url=emu.base_url) as job:
+        job.submit()
+        handle = job.handle
+    with pytest.raises(InputError) as refusal:
+        batchrun.Job.from_handle(handle, api_key="k", base_url=second_emulator.base_url)
+    assert f"was sent to {emu.base_url}, not to {second_emulator.base_url}" in str(refusal.value)
+    assert "changed" not in str(refusal.value)
+    assert second_emulator.stats.create_calls == 0
+    with batchrun.Job.from_handle(handle, api_key="k", base_url=emu.base_url) as job:   # its own endpoint
+        while not job.poll():
+            time.sleep(0.05)
+        assert job.collect().exit_code == 0

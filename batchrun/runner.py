@@ -30,7 +30,8 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from .api import ApiClient, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text, is_loopback_endpoint
+from .api import (ApiClient, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text,
+                  is_loopback_endpoint)
 from . import failpoints
 from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError, InputError,
                      LockedError, NoBatchApiError, NotFoundError,
@@ -214,8 +215,10 @@ def sent_elsewhere(job_id: str, sent_to: Optional[str], here: Optional[str]) -> 
     for the Anthropic API): it was sent to `sent_to` (its recorded endpoint; None: not recorded)."""
     if sent_to is None or sent_to == (here or ""):
         return None
-    return (f"job {job_id[:12]} was sent to {endpoint_text(sent_to)}, not to {endpoint_text(here or None)}: "
+    hint = ("only `batchrun run --emulator` moves it on (the emulator's batches end with the command that "
+            "started it)" if sent_to == BUILTIN_EMULATOR else
             "set ANTHROPIC_BASE_URL (or --base-url, base_url=) to its endpoint")
+    return f"job {job_id[:12]} was sent to {endpoint_text(sent_to)}, not to {endpoint_text(here or None)}: {hint}"
 
 
 class Runner:

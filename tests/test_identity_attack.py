@@ -303,3 +303,14 @@ def test_a_handle_picked_up_through_another_endpoint_says_so(emu, second_emulato
         while not job.poll():
             time.sleep(0.05)
         assert job.collect().exit_code == 0
+
+
+def test_cancel_by_id_of_a_job_of_the_built_in_emulator(cli, tmp_path, small_csv, monkeypatch):
+    """Its batches were the emulator's: the refusal says which command moves it on, not to set a base URL."""
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")
+    r = cli(*_args(small_csv, tmp_path, "--emulator", "--no-wait"))
+    assert r.exit_code == ExitCode.IN_PROGRESS, r.output
+    (job_id, _), = _jobs(tmp_path / "state.sqlite")
+    r = cli("cancel", job_id[:12], "--state", tmp_path / "state.sqlite")
+    refused(r, ExitCode.BAD_INPUT, "was sent to the built-in emulator", "batchrun run --emulator")

@@ -26,13 +26,17 @@ import tenacity
 
 from . import __version__
 from .errors import (AmbiguousCreateError, ApiError, AuthError, GaveUpError, InputError, NoBatchApiError,
-                     NotFoundError, RequestTooLargeError, ResultsGoneError, TransientApiError, register_secret)
+                     NotFoundError, RequestTooLargeError, ResultsGoneError, TransientApiError, UnreachableError,
+                     register_secret)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 # A create answered with these statuses did not create a batch (protocol: "A 4xx/429/529 reply means
 # not created"); any other failure after the request was sent may have.
 CREATE_NOT_CREATED = {408, 409, 429, 529}
+# Failures before any byte of the request left: no connection (refused, DNS, TLS, connect timeout) or
+# none free in the pool. Nothing was delivered, so nothing can have run or been paid for.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def is_loopback(host: str) -> bool:
@@ -277,7 +281,7 @@ class ApiClient:
         what = f"POST {self.full_url('v1/messages/batches')}"
         try:
             response = self.http.post(self._url("v1/messages/batches"), content=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:   # never sent
+        except NOT_SENT as exc:                   # never sent
             raise transport_error(exc, what) from None
         except httpx.LocalProtocolError as exc:   # refused by our own client before sending
             raise transport_error(exc, what) from None
@@ -412,6 +416,9 @@ def transport_error(exc: httpx.RequestError, what: str) -> ApiError:
     send, e.g. for a malformed header, is not retryable)."""
     if isinstance(exc, httpx.LocalProtocolError):
         return ApiError(f"{what}: the request could not be sent ({type(exc).__name__})")
+    if isinstance(exc, NOT_SENT):
+        return UnreachableError(f"{what}: connection failed before anything was sent ({type(exc).__name__}: {exc})",
+                                error_type="connection_error")
     if isinstance(exc, httpx.TimeoutException):
         return TransientApiError(f"{what}: timed out ({type(exc).__name__})", error_type="timeout_error")
     return TransientApiError(f"{what}: connection failed ({type(exc).__name__}: {exc})",

@@ -136,6 +136,37 @@ class TransientApiError(ApiError):
     """Retryable: connection problems, timeouts, 408/409/429/5xx."""
 
 
+class UnreachableError(TransientApiError):
+    """No connection was made (refused, DNS, TLS, connect timeout): nothing was delivered, so nothing
+    can have been run or paid for."""
+
+
+# ---- what an error says about the request that met it: ONE rule, both modes -------------------
+# An error ends a row only when it is about the request itself (it would fail again, whatever the
+# service's state). Every other error is the service's (or the account's, or a gateway's): the row is
+# sent again later, by this run or the next, and never ends for it.
+ABOUT_REQUEST = "request"   # invalid_request_error, 413 request_too_large: the row ends errored
+SLOW_DOWN = "slow_down"     # 429 / 529, rate_limit_error, overloaded_error: wait and send again
+ACCOUNT = "account"         # 401 / 402 / 403, authentication, billing, permission: stop the run at once
+SERVICE = "service"         # anything else (5xx, api_error, a gateway's own types): send again later
+
+REQUEST_ERROR_TYPES = frozenset({"invalid_request_error", "request_too_large"})
+SLOW_DOWN_TYPES = frozenset({"rate_limit_error", "overloaded_error"})
+ACCOUNT_ERROR_TYPES = frozenset({"authentication_error", "permission_error", "billing_error"})
+
+
+def error_class(error_type: Optional[str], status: Optional[int] = None) -> str:
+    """Which of ABOUT_REQUEST, SLOW_DOWN, ACCOUNT, SERVICE an error is, from its type (a reply's
+    `error.type`, or an errored batch result's) and, for a reply, its HTTP status."""
+    if status in (429, 529) or error_type in SLOW_DOWN_TYPES:
+        return SLOW_DOWN
+    if status in (401, 402, 403) or error_type in ACCOUNT_ERROR_TYPES:
+        return ACCOUNT
+    if status == 413 or (error_type in REQUEST_ERROR_TYPES and (status is None or 400 <= status < 500)):
+        return ABOUT_REQUEST
+    return SERVICE
+
+
 class GaveUpError(ApiError):
     """A transient failure outlasted the retries (RetryPolicy: count and time): the run stops here, and
     the job stays resumable. Not a TransientApiError, so that no caller retries it again."""

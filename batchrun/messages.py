@@ -9,19 +9,31 @@ Rows are never marked in flight: a run killed mid-way loses only the requests on
 `concurrency`), which the next run sends again; a row whose reply was recorded is never sent again.
 The Messages API has no idempotency key, so those few are the only requests that can be paid twice.
 
-Errors, per request: transient ones (429, 529, 5xx, timeouts, dropped connections) are retried
-with backoff that honours retry-after; a 429/529 slows every worker down (the limiter's shared
-cooldown, which the refused request waits for too, at the head of the queue). A row is sent
-at most `max_attempts` times counting only the sends that may have run (a 429 or 529 proves the
-request did not), and at most as often and as long as the client's RetryPolicy allows; then it ends
-errored with the last error. Any other 4xx ends the row errored (final). 401/403 stop the job (every
-request would fail), as do a 404 (a wrong base URL or model) and a reply that is not a Message.
+Errors, per request, by the one rule both modes follow (`errors.error_class`):
+
+* about the request (`invalid_request_error`, 413 `request_too_large`): the row ends errored (final);
+* 429 / 529 (rate limit, overloaded): never use up a row's attempts. Each slows every worker down (the
+  limiter's shared cooldown, honouring retry-after, which the refused request waits for too, at the
+  head of the queue). The run's patience is the RetryPolicy's `max_elapsed` without a single reply
+  that was not a refusal; then the run stops with exit 4, the rows pending;
+* no connection at all (refused, DNS, TLS, connect timeout — `UnreachableError`): nothing was
+  delivered, so nothing was run or paid: not an attempt; retried with backoff as the RetryPolicy
+  allows, then the run stops with exit 4, the rows pending, and the next run sends them;
+* a timeout or a connection dropped after sending: the request may have run (and be paid for). It
+  counts as an attempt — `max_attempts` is what bounds how often one row can be paid for — and keeps
+  its budget reservation as spent; when a row's attempts are all used up this way it ends errored,
+  saying its sends may have been paid for;
+* other transient replies (5xx, 408, 409): retried as the RetryPolicy allows (a 5xx counts as an
+  attempt, as it may have run); never end a row: the run stops with exit 4, the rows pending;
+* anything else is not about the request and no retry would help: 401 / 403 / 402, a 404 (a wrong
+  base URL or model), a gateway's own 4xx error types (`no_db_connection`…), a reply that is not a
+  Message: the run stops at once with exit 4, naming the error, the rows pending.
 
 With max_cost, each request reserves its maximum cost before it is sent, and its reply settles the
 reservation to what it cost. A send that may have run without a reply saying what it cost (a timeout, a
 dropped connection, a 5xx other than 529) keeps its reservation, counted as spent; sending the request
-again reserves again, and when that does not fit the row stays pending for a later run. Only a reply
-that proves the request was not run (any 4xx, or 529) gives the reservation back.
+again reserves again, and when that does not fit the row stays pending for a later run. Only a failure
+that proves the request was not run (no connection made, any 4xx, or 529) gives the reservation back.
 """
 from __future__ import annotations
 
@@ -36,8 +48,9 @@ from typing import Optional
 import httpx
 import tenacity
 
-from .api import CREATE_NOT_CREATED, http_client, transport_error, unwrap_gateway
-from .errors import ApiError, AuthError, InputError, NotFoundError, TransientApiError
+from .api import CREATE_NOT_CREATED, NOT_SENT, http_client, transport_error, unwrap_gateway
+from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, InputError, TransientApiError, UnreachableError,
+                     error_class)
 from .ratelimit import RateLimiter
 from .results import NOT_BILLED
 from .store import RESULT_FIELDS, now_iso
@@ -53,7 +66,6 @@ FLUSH_SECONDS = 0.5           # the progress tick
 REPORT_SECONDS = 2.0          # progress
 DEFAULT_COOLDOWN = 1.0        # after a 429/529 without retry-after (doubled for each refusal of the same row)
 NOT_RUN = CREATE_NOT_CREATED  # replies that prove the request was not processed (408, 409, 429, 529)
-SLOW_DOWN = {429, 529}        # replies that slow every worker down
 
 FIELDS = tuple(f for f in RESULT_FIELDS if f != "api_batch_id")
 RECORD_SQL = ("UPDATE requests SET state = ?, " + ", ".join(f"{f} = ?" for f in FIELDS) +
@@ -62,11 +74,6 @@ RECORD_SQL = ("UPDATE requests SET state = ?, " + ", ".join(f"{f} = ?" for f in 
 
 class _NoRoom(Exception):
     """Sending a request again (its last send may have run) does not fit what is left of the budget."""
-
-
-def _not_run(status: Optional[int]) -> bool:
-    """Whether a send that failed with this status (None: no reply) certainly was not run, so not billed."""
-    return status is not None and (400 <= status < 500 or status in NOT_RUN)
 
 
 class _RowFailed(Exception):
@@ -160,7 +167,7 @@ class MessagesDriver:
     async def _worker(self, http: httpx.AsyncClient, queue: asyncio.Queue) -> None:
         while (item := await queue.get()) is not None:
             custom_id, body, reserved = item
-            tries = {"sent": 0, "counted": 0, "refused": 0, "held": reserved, "need": reserved}
+            tries = {"sent": 0, "unsent": 0, "counted": 0, "refused": 0, "held": reserved, "need": reserved}
             fields = await self._send(http, body, tries)
             if fields is None:     # not sent again for want of budget: the row stays pending
                 self._flush()
@@ -201,9 +208,9 @@ class MessagesDriver:
         self.room += held - (Decimal(0) if not paid else held if cost is None else Decimal(str(cost)))
         self.sending -= 1
 
-    def _send_failed(self, tries: dict, status: Optional[int]) -> None:
-        """A send failed: unless its reply proves it was not run, its reservation is counted as spent."""
-        if self.room is not None and tries["held"] is not None and not _not_run(status):
+    def _send_failed(self, tries: dict, error: ApiError) -> None:
+        """A send failed: unless it provably was not run, its reservation is counted as spent."""
+        if self.room is not None and tries["held"] is not None and not _not_run(error):
             self.runner.estimator.unreplied += tries["held"]
             tries["held"] = None
 
@@ -243,18 +250,21 @@ class MessagesDriver:
     # ---- one row -----------------------------------------------------------------------------
     async def _send(self, http: httpx.AsyncClient, body: str, tries: dict) -> Optional[dict]:
         """Send one row until it has a result: the row's fields (`tries` counts the sends), or None when
-        sending it again does not fit the budget."""
+        sending it again does not fit the budget. Raises (stopping the run, the row left pending) when
+        the service, not the request, keeps failing (see the module's docstring)."""
         content = body.encode("utf-8")
         estimate = (len(body) // 4, int(json.loads(body).get("max_tokens") or 0))   # for the limiter
         policy, max_attempts = self.client.retry, self.spec.max_attempts
         started = time.monotonic()
 
         def stop(state: tenacity.RetryCallState) -> bool:
-            return (tries["counted"] >= max_attempts or tries["sent"] > policy.max_retries
+            if _slows_down(state.outcome.exception()):   # the run's patience: time without a reply
+                return self.limiter.stalled() >= policy.max_elapsed
+            return (tries["counted"] >= max_attempts or state.attempt_number - tries["refused"] > policy.max_retries
                     or time.monotonic() - started >= policy.max_elapsed)
 
         def wait(state: tenacity.RetryCallState) -> float:
-            if getattr(state.outcome.exception(), "status", None) in SLOW_DOWN:
+            if _slows_down(state.outcome.exception()):
                 return 0.0      # the limiter's shared cooldown holds it, at the head of the queue
             return self.client._wait(state)
 
@@ -267,24 +277,28 @@ class MessagesDriver:
                     message = await self._post(http, content, estimate, tries)
         except _NoRoom:
             return None
-        except (TransientApiError, _RowFailed) as exc:
-            error = exc.error if isinstance(exc, _RowFailed) else exc
-            # every send answered with an error was not billed; one that got no reply may have run
-            return {"result_type": "errored", "state": "errored", "error_type": error.error_type or "api_error",
-                    "error_message": str(error), "cost_usd": None if tries.get("unreplied") else NOT_BILLED}
+        except _RowFailed as exc:       # about the request: the row ends errored
+            return _errored(exc.error, tries)
+        except TransientApiError as exc:
+            if _ambiguous(exc) and tries["counted"] >= max_attempts:
+                # every attempt may have run (and been paid for) without a reply: the row ends here
+                return _errored(exc, tries, " (no reply to any of its sends: they may have run and been paid for)")
+            # the service's failure, not the request's: the run stops, this row and the rest stay pending
+            raise GaveUpError(f"{exc.message}; gave up after {tries['sent'] + tries['unsent']} tries in "
+                              f"{time.monotonic() - started:.0f} s; the rows not answered stay pending and the "
+                              "next run sends them", status=exc.status, error_type=exc.error_type,
+                              request_id=exc.request_id) from None
         return self.runner.parser.message(message)
 
     async def _post(self, http: httpx.AsyncClient, content: bytes, estimate: tuple, tries: dict) -> dict:
         """One exchange, admitted by the limiter and reported back to it."""
         ticket = await self.limiter.acquire(*estimate, again=tries["refused"] > 0)
-        tries["sent"] += 1
-        self.runner.requests_sent += 1
-        headers = usage = refused_for = status = None
+        headers = usage = refused_for = error = None
         try:
             try:
                 response = await http.post("v1/messages", content=content)
             except httpx.TransportError as exc:
-                if not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+                if not isinstance(exc, NOT_SENT):
                     tries["unreplied"] = True      # sent, and no reply: it may have run (and been billed)
                 raise transport_error(exc, self.what) from None
             headers = response.headers
@@ -293,9 +307,8 @@ class MessagesDriver:
             return message
         except (ApiError, _RowFailed) as exc:
             error = exc.error if isinstance(exc, _RowFailed) else exc
-            status = error.status
-            self._send_failed(tries, status)
-            if status in SLOW_DOWN:
+            self._send_failed(tries, error)
+            if _slows_down(error):
                 tries["refused"] += 1
                 wait = error.retry_after
                 if wait is None:     # no retry-after: back off more the more often this row was refused
@@ -303,8 +316,13 @@ class MessagesDriver:
                 refused_for = min(wait, self.client.retry.max_wait)
             raise
         finally:
-            if status not in NOT_RUN:
-                tries["counted"] += 1
+            if isinstance(error, UnreachableError):
+                tries["unsent"] += 1     # nothing was delivered: not a send, not an attempt
+            else:
+                tries["sent"] += 1
+                self.runner.requests_sent += 1
+                if error is None or not _not_run(error):
+                    tries["counted"] += 1
             self.limiter.release(ticket, headers=headers, usage=usage, refused_for=refused_for)
 
     def _message(self, response: httpx.Response) -> dict:
@@ -330,7 +348,33 @@ class MessagesDriver:
 
 
 def _classify(error: ApiError) -> Exception:
-    """Transient errors are retried, 401/403/404 stop the job; any other error ends the row."""
-    if isinstance(error, (TransientApiError, AuthError, NotFoundError)):
-        return error
-    return _RowFailed(error)
+    """One rule for both modes (errors.error_class): an error about the request ends the row; a
+    transient one is retried; any other (401/403, a 404, a gateway's own 4xx) stops the run at once."""
+    if error_class(error.error_type, error.status) == ABOUT_REQUEST and not isinstance(error, TransientApiError):
+        return _RowFailed(error)
+    return error
+
+
+def _not_run(error: ApiError) -> bool:
+    """Whether a send that failed with this error certainly was not run, so not billed: nothing was
+    delivered, or a 4xx / 529 reply."""
+    status = error.status
+    return isinstance(error, UnreachableError) or (status is not None and (400 <= status < 500 or status in NOT_RUN))
+
+
+def _slows_down(error: Optional[BaseException]) -> bool:
+    """A 429 / 529: it slows the job down and never uses up a row's attempts."""
+    return isinstance(error, ApiError) and error_class(error.error_type, error.status) == SLOW_DOWN \
+        and error.status is not None
+
+
+def _ambiguous(error: ApiError) -> bool:
+    """A send that may have run without a reply saying so: a timeout or a connection dropped after sending."""
+    return error.status is None and not isinstance(error, UnreachableError)
+
+
+def _errored(error: ApiError, tries: dict, note: str = "") -> dict:
+    """A row that ends errored: every send answered with an error was not billed; one that got no reply
+    may have run."""
+    return {"result_type": "errored", "state": "errored", "error_type": error.error_type or "api_error",
+            "error_message": str(error) + note, "cost_usd": None if tries.get("unreplied") else NOT_BILLED}

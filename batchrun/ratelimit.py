@@ -8,10 +8,13 @@ A request is admitted when all of these allow it:
   reserves its estimated input tokens plus its `max_tokens` (as the API itself does for output
   limits) and is settled to the usage its reply reports;
 * the server's limits — every reply's `anthropic-ratelimit-*-limit`, `-remaining` and `-reset`
-  headers, read as the API's token buckets: `remaining` now, refilling steadily until the bucket is
-  full at `reset`. Once less than a fifth of a limit is left, requests go no faster than it refills,
-  so sending slows down before the server refuses anything; when too little is left, the request
-  waits until enough has refilled;
+  headers (or, when a gateway sends none of those, the OpenAI-style `x-ratelimit-limit|remaining|
+  reset-requests` and `-tokens`, reset a duration such as `1.5s` or `6m0s`), read as the API's token
+  buckets: `remaining` now, refilling steadily until the bucket is full at `reset`. What the bucket
+  holds is used at once (less a sliver kept back, `SLACK`, for counts a moment old); when too little
+  is left, the request waits until enough has refilled, so requests then go at the refill rate and the
+  server refuses nothing. Only the newest reply's headers count (a late reply to an older request
+  carries older news);
 * one shared cooldown after a 429/529, as long as its `retry-after` says.
 
 Only the request at the head of the queue waits for these; the others queue behind it, in arrival
@@ -25,16 +28,19 @@ import datetime as dt
 import heapq
 import itertools
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 SPAN = 60.0          # the user's caps are per minute (tests scale this down; not a setting)
 MAX_RESET = 60.0     # a reset further away counts as this far (clock skew, odd gateways)
-LOW_WATER = 0.2      # pace requests once less than this share of a server limit is left
+MAX_RESET_DURATION = 3600.0   # the same for a reset given as a duration ("6m0s": no clock involved)
+SLACK = 0.02         # of a server limit, at most one request's worth, kept back (see ServerQuota.delay)
 
 # server limit name in the headers -> which of a request's costs it counts
 SERVER_LIMITS = {"requests": "requests", "tokens": "tokens", "input-tokens": "input", "output-tokens": "output"}
+OPENAI_LIMITS = ("requests", "tokens")   # the x-ratelimit-*-<name> headers some gateways send instead
 
 
 @dataclass
@@ -94,24 +100,24 @@ class ServerQuota:
     reset_at: float
     used: float          # our reservations since (in flight or sent after that reply)
 
-    def delay(self, cost: float, now: float, last_sent: float, active: int) -> float:
+    def delay(self, cost: float, now: float, active: int) -> float:
+        """Seconds until `cost` fits what the bucket holds by then, less what we sent since the reply:
+        nothing while it fits (a full bucket is used at once), else the time it takes to refill."""
         if cost <= 0:
             return 0.0
         if not self.limit or self.limit <= self.remaining or self.reset_at <= self.seen_at:
             rate = 0.0                                   # full, or how fast it refills is unknown
         else:
             rate = (self.limit - self.remaining) / (self.reset_at - self.seen_at)
-        available = self.remaining + rate * (min(now, self.reset_at) - self.seen_at) - self.used
-        if self.limit and available - cost >= LOW_WATER * self.limit:
-            return 0.0                                   # plenty left: no need to pace
-        if available < cost:
-            if rate > 0 and now < self.reset_at:
-                return (cost - available) / rate         # until enough has refilled
-            # what the server allows now is unknown until a reply tells: one request at a time
-            return 0.0 if active == 0 else math.inf
-        if rate <= 0:                                    # little left and no refill known: spread it
-            return max(0.0, last_sent + max(0.0, self.reset_at - now) * cost / available - now)
-        return max(0.0, last_sent + cost / rate - now)   # little left: no faster than it refills
+        available = self.remaining + rate * max(0.0, min(now, self.reset_at) - self.seen_at) - self.used
+        # keep a little back: a reply's count can be a moment old when the next request arrives
+        need = cost + (min(cost, SLACK * self.limit) if self.limit else 0.0)
+        if available >= need:
+            return 0.0
+        if rate > 0 and now < self.reset_at:
+            return (need - available) / rate             # until enough has refilled
+        # what the server allows now is unknown until a reply tells: one request at a time
+        return 0.0 if active == 0 else math.inf
 
 
 class RateLimiter:
@@ -128,6 +134,8 @@ class RateLimiter:
         self.last_sent = float("-inf")
         self.refusals = 0
         self.waited = 0.0                               # seconds the head waited for quota (not for a slot)
+        self.progress_at = clock()                      # the last reply that was not a refusal (or the start)
+        self._observed = float("-inf")                  # when the request whose headers we hold was sent
         self._queue: list = []                          # heap of waiting requests' (rank, arrival)
         self._arrivals = itertools.count()
         self._changed = asyncio.Event()
@@ -173,7 +181,7 @@ class RateLimiter:
     def _delay(self, costs: dict, now: float) -> float:
         waits = [self.cooldown_until - now]
         waits += [w.delay(costs[k], now) for k, w in self.caps.items()]
-        waits += [q.delay(costs[SERVER_LIMITS[n]], now, self.last_sent, self.active) for n, q in self.server.items()]
+        waits += [q.delay(costs[SERVER_LIMITS[n]], now, self.active) for n, q in self.server.items()]
         return max(waits)
 
     # ---- feedback ----------------------------------------------------------------------------
@@ -182,8 +190,11 @@ class RateLimiter:
         """A request is over. `usage` from its reply; `refused_for` = its retry-after on a 429/529."""
         now = self.clock()
         self.in_flight.subtract(ticket.costs)
-        if headers is not None:
+        if headers is not None and ticket.sent_at >= self._observed:   # not older news than what we hold
+            self._observed = ticket.sent_at
             self._observe(headers, now)
+        if usage is not None:
+            self.progress_at = now
         if refused_for is not None:
             self.refusals += 1
             self.cooldown_until = max(self.cooldown_until, now + refused_for)
@@ -198,14 +209,28 @@ class RateLimiter:
         self._changed.set()
 
     def _observe(self, headers: Mapping, now: float) -> None:
+        """Read the server's limits from a reply: `anthropic-ratelimit-<limit>-limit|remaining|reset`
+        (reset an RFC 3339 time), or when those are absent the OpenAI-style headers that gateways such
+        as LiteLLM send, `x-ratelimit-limit|remaining|reset-requests` and `-tokens` (reset a duration:
+        "1.5s", "6m0s", "250ms", or plain seconds)."""
         for name, cost in SERVER_LIMITS.items():
             remaining = _number(headers.get(f"anthropic-ratelimit-{name}-remaining"))
             reset_in = self._seconds_until(headers.get(f"anthropic-ratelimit-{name}-reset"))
+            limit = _number(headers.get(f"anthropic-ratelimit-{name}-limit"))
+            if (remaining is None or reset_in is None) and name in OPENAI_LIMITS:
+                remaining = _number(headers.get(f"x-ratelimit-remaining-{name}"))
+                reset_in = parse_duration(headers.get(f"x-ratelimit-reset-{name}"))
+                reset_in = None if reset_in is None else min(reset_in, MAX_RESET_DURATION)
+                limit = _number(headers.get(f"x-ratelimit-limit-{name}"))
+            elif reset_in is not None:
+                reset_in = min(reset_in, MAX_RESET)
             if remaining is None or reset_in is None:
                 continue
-            limit = _number(headers.get(f"anthropic-ratelimit-{name}-limit"))
-            self.server[name] = ServerQuota(limit, remaining, now, now + min(reset_in, MAX_RESET),
-                                            float(self.in_flight[cost]))
+            self.server[name] = ServerQuota(limit, remaining, now, now + reset_in, float(self.in_flight[cost]))
+
+    def stalled(self) -> float:
+        """Seconds since the last reply that was not a refusal (or since the start)."""
+        return self.clock() - self.progress_at
 
     def _seconds_until(self, value: Optional[str]) -> Optional[float]:
         if not value:
@@ -213,10 +238,29 @@ class RateLimiter:
         try:
             when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
-            return _number(value)     # some gateways send seconds
+            return parse_duration(value)     # some gateways send seconds, or a duration
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.timezone.utc)
         return max(0.0, when.timestamp() - self.wall())
+
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
+
+
+def parse_duration(value: Optional[str]) -> Optional[float]:
+    """Seconds in a reset value: plain seconds ("17", "0.5") or a Go-style duration as OpenAI-style
+    headers give it ("1.5s", "6m0s", "1m30.5s", "250ms", "1h2m"); None if it is neither."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    seconds = _number(text)
+    if seconds is not None:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
 def _used_tokens(usage: Mapping) -> float:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import jsonschema
 
+from .errors import ABOUT_REQUEST, error_class
 from .models import Catalog
 from .schema_types import SCHEMA_VALIDATOR, ColumnError, schema_converters
 from .requests import OUTPUT_TOOL
@@ -54,7 +55,8 @@ class ResultParser:
             inner = outer.get("error") if isinstance(outer.get("error"), dict) else outer
             return {"result_type": "errored", "state": "errored",
                     "error_type": inner.get("type") or "api_error",
-                    "error_message": inner.get("message") or "", "cost_usd": NOT_BILLED}
+                    "error_message": inner.get("message") or "", "cost_usd": NOT_BILLED,
+                    "from_api": True}
         if kind in ("expired", "canceled"):
             return {"result_type": kind, "state": kind, "error_type": kind, "cost_usd": NOT_BILLED,
                     "error_message": "the batch expired before this request ran" if kind == "expired"
@@ -146,10 +148,26 @@ class ResultParser:
         return None
 
 
-def is_retryable(fields: dict) -> bool:
+FREE, ATTEMPT = "free", "attempt"
+
+
+def retry_rule(fields: dict) -> Optional[str]:
+    """What a failed batch result does to its row: None (final), ATTEMPT (pending again while the row
+    has attempts left: expired), or FREE (pending again, never counted against max_attempts).
+
+    The rule messages mode follows too (errors.error_class): an errored result ends its row only when
+    the error is about the request (invalid_request_error, request_too_large). Any other error type the
+    API (or a gateway) puts in a result — rate_limit_error, overloaded_error, api_error, authentication,
+    billing, permission, a gateway's own — is the service's: errored results are not billed, so the row
+    is sent again at no cost but a round trip, and the runner stops a run that keeps meeting them."""
     if fields["state"] == "expired":
-        return True
-    return fields["state"] == "errored" and fields.get("error_type") in TRANSIENT_ERRORS
+        return ATTEMPT
+    if fields["state"] != "errored":
+        return None
+    if fields.get("from_api"):
+        return None if error_class(fields.get("error_type")) == ABOUT_REQUEST else FREE
+    # made up here (e.g. no line came back for the row): as before, by its type
+    return ATTEMPT if fields.get("error_type") in TRANSIENT_ERRORS else None
 
 
 def _int(value: Any) -> Optional[int]:

@@ -12,7 +12,8 @@ be killed at any moment and called again (from cron, say) to pick up exactly whe
 * poll     — retrieve in-flight batches with backoff until they end.
 * collect  — stream results line by line, match by custom_id, record; a download cut short is
              downloaded again; a batch is collected only when every member has its result.
-* retry    — transient errors and expired requests go back to pending, up to max_attempts.
+* retry    — expired requests go back to pending, up to max_attempts; rows whose errored result is the
+             service's error, not the request's (results.retry_rule), go back without using an attempt.
 * write    — stream the input again, join each record batch to its results, write atomically.
 """
 from __future__ import annotations
@@ -33,15 +34,15 @@ import pyarrow as pa
 from .api import (ApiClient, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text,
                   is_loopback_endpoint)
 from . import failpoints
-from .errors import (AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError, InputError,
-                     LockedError, NoBatchApiError, NotFoundError,
+from .errors import (ACCOUNT, AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError,
+                     InputError, LockedError, NoBatchApiError, NotFoundError, error_class,
                      RequestTooLargeError, ResultsGoneError, TransientApiError)
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
 from .output import OutputWriter, check_column_names, check_partition, check_writable
 from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, new_job_tag,
                        output_schema_for, params_hash, shared_params_hash, splice_prefix, wire_id)
-from .results import ResultParser, is_retryable
+from .results import ATTEMPT, FREE, ResultParser, retry_rule
 from .prefetch import prefetched
 from .spec import JobSpec, check_api_version, rules_version
 from .summary import PAID, budget_text, find_job, job_cost
@@ -221,6 +222,48 @@ def sent_elsewhere(job_id: str, sent_to: Optional[str], here: Optional[str]) -> 
     return f"job {job_id[:12]} was sent to {endpoint_text(sent_to)}, not to {endpoint_text(here or None)}: {hint}"
 
 
+class ServiceErrors:
+    """Batch mode: errored results whose error is the service's, not the request's (results.retry_rule).
+
+    Their rows go back to pending without using an attempt. The run stops (exit 4, the rows pending,
+    the next run sends them) at once when one is about the account (authentication, permission,
+    billing: no retry can fix it), and after PATIENCE rounds in a row that met such errors and in which
+    no row got an answer."""
+
+    PATIENCE = 3
+
+    def __init__(self) -> None:
+        self.strikes = 0
+        self._new_round()
+
+    def _new_round(self) -> None:
+        self.answered = 0
+        self.met: dict = {}           # error class -> [rows, first error type, its message]
+
+    def meet(self, fields: dict) -> None:
+        kind = error_class(fields.get("error_type"))
+        seen = self.met.setdefault(kind, [0, fields.get("error_type"), fields.get("error_message") or ""])
+        seen[0] += 1
+
+    def check(self, job: str) -> None:
+        met, answered = self.met, self.answered
+        self._new_round()
+        if not met:
+            return
+        if ACCOUNT in met:
+            n, error_type, message = met[ACCOUNT]
+            raise AuthError(f"{n} rows came back errored with {error_type}: {message} (the account or key, not the "
+                            "requests: they stay pending; fix it, then run again to send them)")
+        self.strikes = 0 if answered else self.strikes + 1
+        n, error_type, message = max(met.values(), key=lambda seen: seen[0])
+        if self.strikes >= self.PATIENCE:
+            raise GaveUpError(f"{n} rows came back errored with {error_type}: {message} — {self.strikes} rounds in "
+                              "a row with no row answered; not an error of the requests: they stay pending and the "
+                              "next run sends them again")
+        log.warning("job %s: %d rows came back errored with %s (%s): the service's error, not the requests'; "
+                    "sending them again (no attempt used)", job, n, error_type, message)
+
+
 class Runner:
     """Runs one job. The library API (`batchrun.run`) and the CLI both go through here."""
 
@@ -267,6 +310,7 @@ class Runner:
         self.requests_sent = 0                         # this run's: requests sent (batch members, or messages)
         self._paid_before: Optional[tuple] = None      # (replies paid, cost) when this run began
         self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
+        self._service_errors = ServiceErrors()         # errored results that were the service's (batch mode)
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
         self._waiting: dict = {}                       # intent -> running batches it waits for (logged once)
         self._job_tag: Optional[str] = None            # the job's tag, once read or made (see _tag)
@@ -342,6 +386,7 @@ class Runner:
                 else:
                     self.resolve_intents()
                     changed = self.poll()
+                    self._service_errors.check(self.job.short_id)   # stops a run that keeps meeting them
                     self.reuse_answers()
                     over = self.check_budget()
                     if not over:
@@ -671,7 +716,7 @@ class Runner:
             most = "an unknown amount (the model is not priced)"
         with store.transaction():
             n = store.conn.execute(
-                "UPDATE requests SET state = 'pending', attempts = 0, batch_id = NULL, api_batch_id = NULL, "
+                "UPDATE requests SET state = 'pending', attempts = 0, free_sends = 0, batch_id = NULL, api_batch_id = NULL, "
                 "result_type = NULL, error_type = NULL, error_message = NULL, finished_at = NULL "
                 f"WHERE job_id = ? AND state = 'errored' AND coalesce(error_type, '') NOT IN {LOST_ERRORS_SQL}",
                 (job.id,)).rowcount
@@ -1228,35 +1273,46 @@ class Runner:
     _FIELDS_SQL = "UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS)
     _WHERE_SQL = " WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = 'in_flight'"
     _FINAL = _FIELDS_SQL + ", state = ?, finished_at = ?" + _WHERE_SQL
-    _RETRY = (_FIELDS_SQL + ", state = CASE WHEN attempts < ? THEN 'pending' ELSE ? END, "
-              "batch_id = CASE WHEN attempts < ? THEN NULL ELSE batch_id END, finished_at = ?" + _WHERE_SQL)
+    _RETRY = (_FIELDS_SQL + ", state = CASE WHEN attempts - free_sends < ? THEN 'pending' ELSE ? END, "
+              "batch_id = CASE WHEN attempts - free_sends < ? THEN NULL ELSE batch_id END, finished_at = ?" + _WHERE_SQL)
+    _FREE = (_FIELDS_SQL + ", state = 'pending', batch_id = NULL, free_sends = free_sends + 1, finished_at = ?"
+             + _WHERE_SQL)
 
     def _record(self, b: dict, results) -> None:
         """Record (custom_id, fields) pairs of batch `b`, committing every 5000."""
         store, job, max_attempts = self.store, self.job, self.spec.max_attempts
         final: list = []
         retry: list = []
+        free: list = []
         now = now_iso()
 
         def flush() -> None:
             with store.transaction():
                 store.conn.executemany(self._FINAL, final)
                 store.conn.executemany(self._RETRY, retry)
+                store.conn.executemany(self._FREE, free)
             final.clear()
             retry.clear()
+            free.clear()
 
         for custom_id, f in results:
             if custom_id is None:
                 continue   # not one of this job's custom_ids
             values = (f["state"], *(f.get(k) for k in PARSED_FIELDS))
-            if is_retryable(f):
+            rule = retry_rule(f)
+            if rule == FREE:          # the service's error, not the request's: sent again, no attempt used
+                free.append((*values, now, job.id, custom_id, b["id"]))
+                self._service_errors.meet(f)
+            elif rule == ATTEMPT:
                 retry.append((*values, max_attempts, f["state"], max_attempts, now, job.id, custom_id, b["id"]))
             else:
                 final.append((*values, f["state"], now, job.id, custom_id, b["id"]))
+                if f["state"] in ("succeeded", "invalid_output"):
+                    self._service_errors.answered += 1
             failpoints.hit("result_line")
-            if len(final) + len(retry) >= 5000:
+            if len(final) + len(retry) + len(free) >= 5000:
                 flush()
-        if final or retry:
+        if final or retry or free:
             flush()
 
     def _download(self, b: dict) -> int:

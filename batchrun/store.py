@@ -236,6 +236,13 @@ def m006_job_tags(db: sqlite3.Connection) -> None:
                "noted_at TEXT NOT NULL, PRIMARY KEY (api_id, batch_id))")
 
 
+@migration
+def m007_free_sends(db: sqlite3.Connection) -> None:
+    """Per request, how many of its sends came back with an error that was the service's, not the
+    request's (errors.error_class): those never count against max_attempts."""
+    db.execute("ALTER TABLE requests ADD COLUMN free_sends INTEGER NOT NULL DEFAULT 0")
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

@@ -125,6 +125,7 @@ def test_estimate_of_a_partly_done_job_prices_only_what_remains(emu, cli, tmp_pa
     creates were refused; the estimate then shows done / failed and prices the 200 rows left."""
     inp = first_rows(tickets_csv, tmp_path, 300)
     emu.config.errored_rate = 0.2
+    emu.config.errored_types = ("invalid_request_error",)      # final (the service's errors are sent again)
     spec = library_job(inp, tmp_path, max_attempts=1)
     assert batchrun.run(spec, wait=False, transport=RefuseCreates(1), retry=QUICK).exit_code == ExitCode.IN_PROGRESS
     time.sleep(0.2)                                             # the batch ends (0.05 s)
@@ -203,15 +204,15 @@ def test_estimate_bracket_with_a_cached_system_prompt(emu, cli, tmp_path, ticket
 # ---- the end-of-run summary, jobs and status ------------------------------------------------------
 def test_run_summary_groups_failures_by_cause(emu, cli, tmp_path, tickets_csv):
     emu.config.errored_rate = 0.15
+    emu.config.errored_types = ("invalid_request_error",)      # final (the service's errors are sent again)
     emu.config.expired_rate = 0.1
     r = cli("run", *job(tickets_csv, tmp_path, "--max-attempts", "1"))
     assert r.exit_code == ExitCode.FAILED_ROWS, r.output
     rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
     by_status = Counter(row["status"] for row in rows)
     causes = Counter(row["error_type"] for row in rows if row["status"] != "succeeded")
-    assert set(causes) == {"api_error", "overloaded_error", "expired"}
-    names = {"api_error": "API error (api_error)", "overloaded_error": "overloaded (overloaded_error)",
-             "expired": "expired"}
+    assert set(causes) == {"invalid_request_error", "expired"}
+    names = {"invalid_request_error": "invalid request (invalid_request_error)", "expired": "expired"}
     expected = ", ".join(f"{n} {names[t]}" for t, n in sorted(causes.items(), key=lambda kv: (-kv[1], kv[0])))
     lines = r.stderr.splitlines()
     head = [l for l in lines if l.startswith("job ") and "finished after" in l]

@@ -587,11 +587,16 @@ def test_limiter_slows_down_before_the_server_limit_and_backs_off_on_429():
         headers["anthropic-ratelimit-requests-remaining"] = "10"
         ticket = await limiter.acquire(10, 100)
         limiter.release(ticket, headers=headers, usage={"input_tokens": 10, "output_tokens": 5})
-        # 10 left, full again (100) in 10 s: it refills 9 a second, so no faster than that
-        assert limiter._delay(ticket.costs, clock.now) == pytest.approx(1 / 9)
+        assert limiter._delay(ticket.costs, clock.now) == 0          # 10 left: used at once (issue #17)
+        headers["anthropic-ratelimit-requests-remaining"] = "1"
+        ticket = await limiter.acquire(10, 100)
+        limiter.release(ticket, headers=headers, usage={"input_tokens": 10, "output_tokens": 5})
+        # 1 left, less one request kept back (SLACK), full again (100) in 10 s: it refills 9.9 a second,
+        # so no faster than that
+        assert limiter._delay(ticket.costs, clock.now) == pytest.approx(1 / 9.9)
         clock.now += 1.0
         wall.now += 1.0
-        assert limiter._delay(ticket.costs, clock.now) == 0          # 19 left by now: under a fifth, but due
+        assert limiter._delay(ticket.costs, clock.now) == 0          # 10.9 left by now
         headers["anthropic-ratelimit-requests-remaining"] = "0"
         limiter.server.clear()
         limiter.last_sent = float("-inf")
@@ -603,8 +608,8 @@ def test_limiter_slows_down_before_the_server_limit_and_backs_off_on_429():
         assert limiter.window == 4                                   # one congestion event, halved once
         assert limiter._delay(ticket.costs, clock.now) == pytest.approx(2.0)   # the cooldown (retry-after)
         limiter.cooldown_until = 0
-        # nothing left, full in 8.9 s: one request's worth refills in 0.089 s
-        assert limiter._delay(ticket.costs, clock.now) == pytest.approx(8.9 / 100)
+        # nothing left, full in 8.9 s: one request's worth (and one kept back) refills in 2 x 0.089 s
+        assert limiter._delay(ticket.costs, clock.now) == pytest.approx(2 * 8.9 / 100)
         clock.now += 11
         wall.now += 11
         for _ in range(4):

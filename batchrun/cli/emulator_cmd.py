@@ -47,6 +47,13 @@ import click
               help='Be a gateway without the Message Batches API: its endpoints answer 404 {"detail": "Not Found"}.')
 @click.option("--no-count-tokens", is_flag=True,
               help='Be a gateway without count_tokens: it answers 404 {"detail": "Not Found"}.')
+@click.option("--openai-ratelimit-headers", is_flag=True,
+              help="Send the OpenAI-style x-ratelimit-limit|remaining|reset-requests and -tokens headers (as LiteLLM "
+                   "and other gateways do) instead of anthropic-ratelimit-*.")
+@click.option("--error-status", type=int, default=None, metavar="STATUS",
+              help="Answer every API call with this HTTP status, as a failing gateway does (e.g. 400, 401, 502, 529).")
+@click.option("--error-type", default="no_db_connection", show_default=True, metavar="TYPE",
+              help="The error.type of the --error-status replies (a gateway's own type, or an API one).")
 @click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 @click.option("--timing", is_flag=True,
@@ -59,8 +66,8 @@ def emulator(ctx: click.Context, host: str, port: int, processing_seconds: float
              create_delay: float, missing_result_lines: int, retry_after: float,
              archive_after: Optional[float], max_batch_requests: int, api_key: Optional[str], rpm: Optional[int],
              input_tpm: Optional[int], output_tpm: Optional[int], rate_window: float,
-             wrap_messages: bool, no_batches: bool, no_count_tokens: bool, no_validate: bool, seed: int,
-             timing: bool) -> None:
+             wrap_messages: bool, no_batches: bool, no_count_tokens: bool, openai_ratelimit_headers: bool,
+             error_status: Optional[int], error_type: str, no_validate: bool, seed: int, timing: bool) -> None:
     """Serve the built-in emulator of the Message Batches API (no network, nothing billed).
 
     A faithful stand-in for the API for trying jobs offline: batches stay in progress for a while,
@@ -101,6 +108,8 @@ def emulator(ctx: click.Context, host: str, port: int, processing_seconds: float
                         ("--archive-after", archive_after or 0)):
         if value < 0:
             raise click.BadParameter("must not be negative", param_hint=name)
+    if error_status is not None and not 400 <= error_status <= 599:
+        raise click.BadParameter("must be an HTTP error status (400-599)", param_hint="--error-status")
     if max_batch_requests < 1:
         raise click.BadParameter("must be at least 1", param_hint="--max-batch-requests")
 
@@ -111,7 +120,9 @@ def emulator(ctx: click.Context, host: str, port: int, processing_seconds: float
                             archive_after_seconds=archive_after, max_requests=max_batch_requests, api_key=api_key,
                             rpm=rpm, wrap_messages=wrap_messages, validate=not no_validate, seed=seed,
                             input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window,
-                            no_batches=no_batches, no_count_tokens=no_count_tokens)
+                            no_batches=no_batches, no_count_tokens=no_count_tokens,
+                            openai_ratelimit_headers=openai_ratelimit_headers, error_status=error_status,
+                            error_type=error_type)
     if timing:
         config.validate = False
         config.lean = True

@@ -81,6 +81,16 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".")
 
 
+def _go_duration(seconds: float) -> str:
+    """A duration as OpenAI-style reset headers give it: "250ms", "1.5s", "6m0s", "1m30.5s"."""
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{int(seconds * 1000 + 0.999)}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest = f"{rest:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{rest}s" if minutes else f"{rest}s"
+
+
 def _retry_headers(seconds: float) -> list:
     return [("retry-after", _fmt_seconds(seconds)), ("retry-after-ms", str(max(0, int(seconds * 1000 + 0.999))))]
 
@@ -295,6 +305,9 @@ class Emulator:
                 return req.error(401, "authentication_error", "invalid x-api-key")
         if not req.headers.get("anthropic-version"):
             return req.error(400, "invalid_request_error", "anthropic-version: header is required")
+        injected = self._injected_error(req)
+        if injected is not None:
+            return injected
         if name == "create":
             with self._lock:
                 self.stats.create_calls += 1
@@ -357,6 +370,20 @@ class Emulator:
         return req.error(404, "not_found_error", f"not found: {req.method} {req.path}")
 
     # ------------------------------------------------------------------------------ faults
+    def _injected_error(self, req: Request) -> Optional[Reply]:
+        """A gateway's own error (error_status / error_type), for every call or the next error_calls."""
+        cfg = self.config
+        if cfg.error_status is None:
+            return None
+        with self._lock:
+            if cfg.error_calls is not None:
+                if cfg.error_calls <= 0:
+                    return None
+                cfg.error_calls -= 1
+            self.stats.faults[f"error_{cfg.error_status}"] += 1
+        headers = _retry_headers(cfg.retry_after) if cfg.error_status in (429, 529) else []
+        return req.error(cfg.error_status, cfg.error_type, ERROR_TYPES.get(cfg.error_type, "error (injected)"), headers)
+
     def _pick_fault(self) -> Optional[str]:
         rate = self.config.fault_rate
         if not rate or rate <= 0:
@@ -911,9 +938,16 @@ class Emulator:
             header = BUCKETS[name].replace(" ", "-")
             headers += [(h + header + "-limit", limit), (h + header + "-remaining", left[name]),
                         (h + header + "-reset", iso(full_at[name]))]
-        return headers + [(h + "tokens-limit", limits["input"] + limits["output"]),
-                          (h + "tokens-remaining", left["input"] + left["output"]),
-                          (h + "tokens-reset", iso(max(full_at["input"], full_at["output"])))]
+        tokens = (limits["input"] + limits["output"], left["input"] + left["output"],
+                  max(full_at["input"], full_at["output"]))
+        if self.config.openai_ratelimit_headers:   # as LiteLLM and other gateways: requests and tokens, reset a duration
+            return [(f"x-ratelimit-{what}-{name}", value)
+                    for name, (limit, remaining, full) in (("requests", (limits["requests"], left["requests"],
+                                                                         full_at["requests"])), ("tokens", tokens))
+                    for what, value in (("limit", limit), ("remaining", remaining),
+                                        ("reset", _go_duration(full - now)))]
+        return headers + [(h + "tokens-limit", tokens[0]), (h + "tokens-remaining", tokens[1]),
+                          (h + "tokens-reset", iso(tokens[2]))]
 
     # ------------------------------------------------------------------------------ control
     def _control(self, req: Request) -> Reply:

@@ -10,7 +10,9 @@ from typing import Any, Optional
 # error types an errored batch result can carry (errored_types), with the message each comes with
 ERROR_TYPES = {"overloaded_error": "Overloaded", "api_error": "Internal server error",
                "rate_limit_error": "Rate limited", "invalid_request_error": "Invalid request (injected)",
-               "not_found_error": "Not found (injected)", "permission_error": "Permission denied (injected)"}
+               "not_found_error": "Not found (injected)", "permission_error": "Permission denied (injected)",
+               "authentication_error": "invalid x-api-key (injected)", "billing_error": "Billing issue (injected)",
+               "no_db_connection": "No connected db. (a gateway's own error type, injected)"}
 
 
 @dataclass
@@ -62,6 +64,12 @@ class EmulatorConfig:
     report_output_tokens: Optional[int] = None   # every reply reports this many output tokens, whatever its
                                                  # max_tokens (LiteLLM's mock replies report 503)
     omit_usage: bool = False             # replies carry no usage at all
+    openai_ratelimit_headers: bool = False   # send x-ratelimit-limit|remaining|reset-requests|tokens (as LiteLLM
+                                             # and other gateways do) instead of the anthropic-ratelimit-* headers
+    # a gateway's own errors: every API call (or only the next error_calls) answered with this status and type
+    error_status: Optional[int] = None   # e.g. 400 (LiteLLM with a wrong key), 401, 429, 502, 529
+    error_type: str = "no_db_connection" # the error.type of those replies
+    error_calls: Optional[int] = None    # how many calls get that error before the emulator answers again
 
     def update(self, changes: dict) -> None:
         """Apply a partial update (from JSON); unknown keys raise KeyError, bad types ValueError."""
@@ -82,13 +90,15 @@ class EmulatorConfig:
             elif value is None:
                 if names[key].default is not None:
                     raise ValueError(f"{key} cannot be null")
-            elif isinstance(names[key].default, bool) or key in ("validate", "wrap_messages", "lean"):
+            elif isinstance(names[key].default, bool) or key in ("validate", "wrap_messages", "lean",
+                                                                  "openai_ratelimit_headers"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
-            elif key in ("api_key", "refuse_text"):
+            elif key in ("api_key", "refuse_text", "error_type"):
                 value = str(value)
             elif key in ("seed", "max_requests", "max_body_bytes", "max_queued_requests", "drop_after_create",
-                         "rpm", "input_tpm", "output_tpm", "report_output_tokens", "missing_result_lines"):
+                         "rpm", "input_tpm", "output_tpm", "report_output_tokens", "missing_result_lines",
+                         "error_status", "error_calls"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
                     raise ValueError(f"{key} must be an integer")
                 value = int(value)

@@ -206,6 +206,26 @@ def test_150_rows_under_a_100_rpm_limit(emu, wire, tmp_path):
     assert emu.stats.messages_calls == calls
 
 
+def test_150_rows_under_a_100_rpm_limit_told_by_openai_style_headers(emu, wire, tmp_path):
+    """The same through a gateway that sends the OpenAI-style x-ratelimit-* headers (as LiteLLM does)
+    instead of anthropic-ratelimit-* (issue #19 item 5): read as the same token bucket, so the limit is
+    met by waiting for it, not by running into it. Before they were read: 54 429s in real time."""
+    emu.config.rpm = 100
+    emu.config.rate_window = 3.0
+    emu.config.openai_ratelimit_headers = True
+    rows = make_tickets(150)
+    inp = write_csv(tmp_path / "t.csv", rows)
+    out = tmp_path / "o.parquet"
+    r = cli(*cli_args(inp, out, tmp_path / "s.sqlite"))
+    assert r.exit_code == 0, r.output
+    assert_joined(out, rows)
+    seen = wire.messages()
+    assert emu.stats.messages_429 <= 3, emu.stats.messages_429
+    assert emu.stats.messages_calls == 150 + emu.stats.messages_429 == len(seen)
+    waited = float(re.search(r"([0-9.]+)s waiting on rate limits", r.output).group(1))
+    assert waited >= 0.3, r.output            # it held back (the 50 rows beyond the bucket refill in 1.5 s)
+
+
 def test_without_rate_limit_headers_429s_slow_every_worker_down(emu, wire, tmp_path):
     """A gateway that drops the rate-limit headers: the client learns of the limit only from 429s.
     Each holds every worker back for its retry-after, and the refused request goes first after it:

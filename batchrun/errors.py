@@ -17,8 +17,8 @@ class ExitCode:
     BAD_INPUT = 2      # the job, its input or the flags are wrong: nothing was sent (or, the input changed
                        # while its job ran: nothing was written)
     FAILED_ROWS = 3    # the job finished, but some rows ended errored/expired/canceled/invalid_output
-    API_ERROR = 4      # the API refused us (authentication, permission, a bad request) or stayed unreachable,
-                       # or the disk is full (NoSpaceError); the job stays resumable
+    API_ERROR = 4      # the API refused us (authentication, a gateway's error), stayed unreachable or overloaded
+                       # (rows stay pending), or the disk is full (NoSpaceError); the job stays resumable
     IN_PROGRESS = 5    # --no-wait: batches are still running; run again later
     LOCKED = 6         # another run holds this job
     BUDGET = 7         # the budget (--max-cost) stops the job

@@ -23,8 +23,9 @@ Errors, per request, by the one rule both modes follow (`errors.error_class`):
   counts as an attempt — `max_attempts` is what bounds how often one row can be paid for — and keeps
   its budget reservation as spent; when a row's attempts are all used up this way it ends errored,
   saying its sends may have been paid for;
-* other transient replies (5xx, 408, 409): retried as the RetryPolicy allows (a 5xx counts as an
-  attempt, as it may have run); never end a row: the run stops with exit 4, the rows pending;
+* other transient replies (5xx, 408, 409): retried as the RetryPolicy allows, and at most
+  `max_attempts` sends (a 5xx may have run); they never end a row: the run stops with exit 4, the
+  rows pending;
 * anything else is not about the request and no retry would help: 401 / 403 / 402, a 404 (a wrong
   base URL or model), a gateway's own 4xx error types (`no_db_connection`…), a reply that is not a
   Message: the run stops at once with exit 4, naming the error, the rows pending.

@@ -64,7 +64,7 @@ def main() -> None:
             proc = subprocess.run(BATCHRUN + [
                 "run", "--input", data, "--output", out, "--id-column", "ticket_id", "--mode", "messages",
                 "--prompt", "Summarise: {{ subject }}", "--model", "claude-haiku-4-5", "--max-tokens", "100",
-                "-q"], env=env, capture_output=True, text=True)
+                ], env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"batchrun failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -85,6 +85,9 @@ def main() -> None:
         print(f"  the bucket allows {allowed:.1f} s: {ratio:.2f}x (issue #17 target: <= 1.15x with no 429: "
               f"{'met' if met else 'NOT met'})")
     print(f"  rows joined to their own reply: {own} of {len(rows)}")
+    sending = [line.split("INFO ", 1)[-1] for line in proc.stderr.splitlines() if "replies recorded in" in line]
+    if sending:       # the sending phase alone (the rest of the wall time is start-up, planning, the output)
+        print(f"  batchrun: {sending[-1]}")
 
 
 if __name__ == "__main__":

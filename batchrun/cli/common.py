@@ -23,7 +23,8 @@ Exit codes:
      damaged or from a newer batchrun): nothing was sent; or the input changed
      while its job ran: nothing was written
   3  the job finished, but some rows failed (errored, expired, canceled, invalid_output)
-  4  API or authentication failure, or no space left on disk (the job stays resumable)
+  4  API unreachable, auth / gateway failure, rate limits past patience, or no space left on disk
+     (rows not answered stay pending; run again)
   5  --no-wait: batches are still running; run the same command again later
   6  another run holds this job
   7  the budget (--max-cost) stops the job
@@ -54,7 +55,7 @@ JOB_OPTIONS = [
     click.option("--batch-size", type=int, metavar="N", help="Requests per batch (default: 10000; max 100000)."),
     click.option("--poll-interval", metavar="DURATION", help="Longest wait between polls, e.g. 30, 2m (default: 60s)."),
     click.option("--state", metavar="PATH", help="SQLite state file, a local path (default: batchrun-state.sqlite next to the output; in the working directory when the output is a URI)."),
-    click.option("--max-attempts", type=int, metavar="N", help="Attempts per row for transient failures (default: 3)."),
+    click.option("--max-attempts", type=int, metavar="N", help="Attempts per row that may be paid without an answer (timeout, dropped connection) or that expired; 429, 529 and other service errors never use one (default: 3)."),
     click.option("--api-version", metavar="YYYY-MM-DD", help="anthropic-version header: 2023-06-01 (default) or "
                  "2026-10-21; another date only for a gateway that documents it (its rules unknown: those of "
                  "2023-06-01 are checked)."),

@@ -6,6 +6,7 @@ never all in memory: every reader yields record batches of bounded size.
 """
 from __future__ import annotations
 
+import base64
 import codecs
 import hashlib
 import re
@@ -33,14 +34,20 @@ BATCH_ROWS = 8192
 # again with larger blocks (see _grow_blocks).
 _CSV_BLOCK = 1 << 20
 _MAX_BLOCK = 1 << 30
+# The key of a JSONL file's schema in InputSource.pins() (not a column name).
+_JSONL_SCHEMA = "(jsonl schema)"
+# A float holds every integer up to 2**53 exactly; a JSON number past it is read as a decimal when its
+# column holds only integers (see InputSource._jsonl_schema).
+_EXACT_FLOAT = 2 ** 53
 
 
 class ColumnTypeConflict(Exception):
-    """A CSV column's type, inferred from the first rows, does not fit a later row (or would change
-    its text there, like 007 read as 7): the column must be read as text from the start."""
+    """A column's type, inferred from the first rows, does not fit a later row (or would change its
+    text there, like 007 read as 7; a JSONL key first seen late): the input must be read again from the
+    start. The source has already pinned what did not hold (see InputSource.pins)."""
 
-    def __init__(self, column: str):
-        super().__init__(column)
+    def __init__(self, column: Optional[str]):
+        super().__init__(column or "(schema)")
         self.column = column
 
 
@@ -135,6 +142,7 @@ class InputSource:
     shard: Optional[tuple[int, int]] = None   # (K, N): only the rows of shard K of N
     shard_key: Optional[str] = None           # the id column (see above); without one, position picks the shard
     block_size: int = _CSV_BLOCK              # CSV/JSONL read block; grows when a row does not fit
+    json_schema: Optional[pa.Schema] = None   # a JSONL file's whole schema, when its first block's was not enough
 
     def __post_init__(self) -> None:
         self.fs, self.path = filesystem_for(self.uri)
@@ -154,24 +162,39 @@ class InputSource:
     # ---- reading ---------------------------------------------------------------------------
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Record batches of at most BATCH_ROWS rows, in input order, honouring `limit`."""
+        for batch, _ in self.batches_with_text():
+            yield batch
+
+    def batches_with_text(self) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
+        """(batch, text): the rows of `batches()`, and the same rows with every cell as the file wrote it.
+
+        A CSV file's cells are text, whatever type their column is read as (`true`, `1.50`,
+        `2026-03-01T09:30:00+02:00` stay as written; the batch holds bool, float, timestamp); prompts
+        are rendered from the text. Parquet and JSONL cells are typed values in the file: text is batch.
+        """
         remaining = self.limit
         position = 0
-        for batch in self._raw_batches():
+        for batch, text in self._raw_batches():
             if self.shard is not None:
-                position, batch = position + batch.num_rows, self._shard_rows(batch, position)
+                mask = self._shard_mask(batch, position)
+                position += batch.num_rows
+                batch = batch.filter(mask)
+                text = batch if text is None else text.filter(mask)
             if remaining is not None:
                 if remaining <= 0:
                     return
                 if batch.num_rows > remaining:
                     batch = batch.slice(0, remaining)
+                    text = None if text is None else text.slice(0, remaining)
                 remaining -= batch.num_rows
             for start in range(0, batch.num_rows, BATCH_ROWS):
-                yield batch.slice(start, BATCH_ROWS)
+                part = batch.slice(start, BATCH_ROWS)
+                yield part, part if text is None else text.slice(start, BATCH_ROWS)
 
-    def _shard_rows(self, batch: pa.RecordBatch, position: int) -> pa.RecordBatch:
-        """The rows of `batch` in this source's shard: by a stable hash (CRC-32) of the key column's
-        value, so a row stays in its shard when rows are added or removed elsewhere; by input
-        position when there is no key column."""
+    def _shard_mask(self, batch: pa.RecordBatch, position: int) -> pa.Array:
+        """Which rows of `batch` are in this source's shard: by a stable hash (CRC-32) of the key
+        column's value, so a row stays in its shard when rows are added or removed elsewhere; by
+        input position when there is no key column."""
         k, n = self.shard
         if self.shard_key is not None:
             if self.shard_key not in batch.schema.names:
@@ -182,28 +205,66 @@ class InputSource:
             mask = [v is None or v == "" or zlib.crc32(str(v).encode("utf-8")) % n == k - 1 for v in keys]
         else:
             mask = [(position + i) % n == k - 1 for i in range(batch.num_rows)]
-        return batch.filter(pa.array(mask, type=pa.bool_()))
+        return pa.array(mask, type=pa.bool_())
 
     @property
     def schema(self) -> pa.Schema:
-        for batch in self.batches():
-            return batch.schema
-        raise InputError(f"{self.uri}: input is empty (no rows)")
+        while True:
+            try:
+                for batch in self.batches():
+                    return batch.schema
+            except ColumnTypeConflict:   # pinned: read again
+                continue
+            raise InputError(f"{self.uri}: input is empty (no rows)")
 
-    def _raw_batches(self) -> Iterator[pa.RecordBatch]:
+    # ---- what was learnt while reading, kept with the job's plan -------------------------------
+    def pins(self) -> dict:
+        """What reading learnt that the first rows did not tell (JSON-able; stored with the job's plan):
+        CSV columns read as text ({column: "string"}) and a JSONL file's whole schema."""
+        pins = {name: str(t) for name, t in self.column_types.items()}
+        if self.json_schema is not None:
+            pins[_JSONL_SCHEMA] = base64.b64encode(self.json_schema.serialize().to_pybytes()).decode("ascii")
+        return pins
+
+    def pin(self, pins: dict) -> None:
+        """Read as `pins` (from `pins()`) says."""
+        pins = dict(pins)
+        blob = pins.pop(_JSONL_SCHEMA, None)
+        if blob is not None:
+            self.json_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(blob)))
+        self.column_types = {name: pa.string() for name in pins}
+
+    def _raw_batches(self) -> Iterator[tuple[pa.RecordBatch, Optional[pa.RecordBatch]]]:
+        """(batch, text or None when the batch is its own text)."""
         try:
+            first = True
             if self.format == "csv":
-                yield from self._csv_batches()
+                pairs = self._csv_batches()
             elif self.format == "parquet":
-                yield from self._parquet_batches()
+                pairs = ((b, None) for b in self._parquet_batches())
             else:
-                yield from self._jsonl_batches()
+                pairs = self._jsonl_batches()
+            for batch, text in pairs:
+                if first:
+                    self._check_names(batch.schema.names)
+                    first = False
+                yield batch, text
         except ColumnTypeConflict:
             raise
         except InputError:
             raise
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{self.uri}: cannot read {self.format.upper()} input: {_short(exc)}") from None
+
+    def _check_names(self, names: list) -> None:
+        """Refuse two columns of one name (review_id,title,title): a template, an id or an output column
+        could only pick one of them."""
+        seen: dict = {}
+        for i, name in enumerate(names):
+            if name in seen:
+                raise InputError(f"{self.uri}: column {name!r} appears twice (columns {seen[name] + 1} and {i + 1}); "
+                                 "give each column its own name")
+            seen[name] = i
 
     def _open(self):
         compression = "gzip" if self.path.lower().endswith(".gz") else None
@@ -220,36 +281,37 @@ class InputSource:
             raise InputError(f"{self.uri}: cannot read CSV input: binary data, not CSV text (a UTF-16 file must "
                              "be saved as UTF-8)")
 
-    def _grow_blocks(self, read: Callable[[int, Optional[pa.Schema]], Iterator[pa.RecordBatch]]
-                     ) -> Iterator[pa.RecordBatch]:
-        """Batches of `read(block_size, schema)`; when a row does not fit in a block ("straddling
-        object"), read again with blocks 8x larger, skipping the rows already given and keeping the
-        column types they had (a larger first block could infer others)."""
+    def _grow_blocks(self, read: Callable[[int, Optional[pa.Schema]], Iterator[tuple]]) -> Iterator[tuple]:
+        """(batch, text) pairs of `read(block_size, schema)`; when a row does not fit in a block
+        ("straddling object"), read again with blocks 8x larger, skipping the rows already given and
+        keeping the column types they had (a larger first block could infer others)."""
         given, schema = 0, None
         while True:
             try:
                 skip = given
-                for batch in read(self.block_size, schema):
+                for batch, text in read(self.block_size, schema):
                     schema = schema or batch.schema
                     if skip >= batch.num_rows:
                         skip -= batch.num_rows
                         continue
                     if skip:
-                        batch, skip = batch.slice(skip), 0
+                        batch, text, skip = batch.slice(skip), None if text is None else text.slice(skip), 0
                     given += batch.num_rows
-                    yield batch
+                    yield batch, text
                 return
             except pa.ArrowInvalid as exc:
                 if "straddl" not in str(exc) or self.block_size >= _MAX_BLOCK:
                     raise
                 self.block_size = min(self.block_size * 8, _MAX_BLOCK)
 
-    def _csv_batches(self) -> Iterator[pa.RecordBatch]:
+    def _csv_batches(self) -> Iterator[tuple]:
         return self._grow_blocks(self._csv_read)
 
-    def _csv_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
-        """CSV batches with pyarrow's types, except that a number column is read as numbers only when
-        that keeps every value (see _as_numbers): those columns are read as text and converted here."""
+    def _csv_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[tuple]:
+        """(batch, text) pairs: every column is read as text, then converted here to the type pyarrow
+        infers from the first block (see _typed; a number column only when that keeps every value);
+        the text is what prompts are rendered from. A column whose first rows do not convert is text
+        from the start; a later row that does not fit pins it as text (ColumnTypeConflict)."""
         delimiter = "\t" if ".tsv" in self.path.lower() else ","
         pinned = dict(self.column_types)
         inferred = schema is None   # no types given (and so no batches given before this read)
@@ -257,35 +319,77 @@ class InputSource:
             self._check_text()
             with self._open() as stream:
                 schema = self._open_csv(stream, block_size, delimiter, pinned).schema
+            self._check_quotes(delimiter)
         types = {**{f.name: f.type for f in schema}, **pinned}
-        numeric = {name: t for name, t in types.items() if t in (pa.int64(), pa.float64())}
-        as_text = {**types, **{name: pa.string() for name in numeric}}
+        converted = {name: t for name, t in types.items() if _converts_from_text(t)}
+        as_text = {**types, **{name: pa.string() for name in converted}}
         with self._open() as stream:
             reader = self._open_csv(stream, block_size, delimiter, as_text)
             names = reader.schema.names
             first = inferred
             while True:
                 try:
-                    batch = reader.read_next_batch()
+                    text = reader.read_next_batch()
                 except StopIteration:
                     break
                 except pa.ArrowInvalid as exc:
                     m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
-                    if m and int(m.group(1)) < len(names):
+                    if m and int(m.group(1)) < len(names) and as_text[names[int(m.group(1))]] != pa.string():
+                        self.column_types[names[int(m.group(1))]] = pa.string()
                         raise ColumnTypeConflict(names[int(m.group(1))]) from None
                     raise
-                columns = batch.columns
-                for name, type_ in list(numeric.items()):
+                columns = text.columns
+                for name, type_ in list(converted.items()):
                     i = names.index(name)
-                    numbers = _as_numbers(columns[i], type_)
-                    if numbers is not None:
-                        columns[i] = numbers
+                    values = _typed(columns[i], type_)
+                    if values is not None:
+                        columns[i] = values
                     elif first:       # nothing given yet: the column is text from the start
-                        del numeric[name]
+                        del converted[name]
                     else:
+                        self.column_types[name] = pa.string()
                         raise ColumnTypeConflict(name)
                 first = False
-                yield pa.RecordBatch.from_arrays(columns, names=names)
+                yield (pa.RecordBatch.from_arrays(columns, names=names) if converted else text), text
+
+    def _check_quotes(self, delimiter: str) -> None:
+        """Refuse a quoted cell that never closes: pyarrow would read the rest of the file into it.
+
+        A quote opens a cell at the start of a field (after the delimiter or a line end); inside, ""
+        is a quote and a lone " closes it. One pass over the bytes, looking only at the quotes."""
+        sep, quote = delimiter.encode(), b'"'
+        in_quote, pending, line, opened, prev = False, False, 1, 0, b"\n"
+        with self._open() as stream:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                pos = 0
+                if pending:        # the last chunk ended on a quote inside a quoted cell
+                    pending = False
+                    if chunk[:1] == quote:
+                        pos = 1    # "" : a quote in the cell
+                    else:
+                        in_quote = False
+                while True:
+                    q = chunk.find(quote, pos)
+                    if q < 0:
+                        break
+                    if in_quote:
+                        if q + 1 == len(chunk):
+                            pending = True
+                            break
+                        if chunk[q + 1:q + 2] == quote:
+                            pos = q + 2
+                            continue
+                        in_quote, pos = False, q + 1
+                    else:
+                        before = chunk[q - 1:q] if q else prev
+                        if before in (sep, b"\n", b"\r"):
+                            in_quote, opened = True, line + chunk.count(b"\n", 0, q)
+                        pos = q + 1
+                line += chunk.count(b"\n")
+                prev = chunk[-1:]
+        if in_quote and not pending:
+            raise InputError(f"{self.uri}: line {opened}: a quoted cell opens here and never closes (a missing "
+                             "closing \"); the rest of the file would be read as one cell")
 
     def _open_csv(self, stream, block_size: int, delimiter: str, types: dict) -> pacsv.CSVStreamingReader:
         try:
@@ -321,14 +425,89 @@ class InputSource:
         with self.fs.open_input_file(self.path) as f:
             yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
 
-    def _jsonl_batches(self) -> Iterator[pa.RecordBatch]:
+    def _jsonl_batches(self) -> Iterator[tuple]:
         return self._grow_blocks(self._jsonl_read)
 
-    def _jsonl_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[pa.RecordBatch]:
-        parse = pajson.ParseOptions(explicit_schema=schema) if schema is not None else None
+    def _jsonl_read(self, block_size: int, schema: Optional[pa.Schema]) -> Iterator[tuple]:
+        """(batch, None) pairs. The types are pyarrow's, inferred from the first block; when a later line
+        does not fit them (a key first seen there, a number where the first lines had integers) or a
+        number is past what a float holds exactly, the whole file's schema is worked out
+        (_jsonl_schema) and the file read again from the start with it (ColumnTypeConflict)."""
+        explicit = self.json_schema or schema
+        parse = pajson.ParseOptions(explicit_schema=explicit) if explicit is not None else None
         with self._open() as stream:
-            yield from pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
-                                        parse_options=parse)
+            try:
+                for batch in pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=block_size),
+                                              parse_options=parse):
+                    if self.json_schema is None and _past_exact_floats(batch):
+                        raise self._whole_schema()
+                    yield batch, None
+            except pa.ArrowInvalid as exc:
+                if self.json_schema is None and re.search(r"unexpected field|Failed to convert JSON|changed from",
+                                                          str(exc)):
+                    raise self._whole_schema() from None
+                raise
+
+    def _whole_schema(self) -> ColumnTypeConflict:
+        self.json_schema = self._jsonl_schema()
+        return ColumnTypeConflict(None)
+
+    def _jsonl_schema(self) -> pa.Schema:
+        """The schema of the whole JSONL file: each part's own, unified (a key first seen late is a
+        column, null before; integers and numbers give numbers); a number column whose values past
+        2**53 are all integers is a decimal of scale 0, so they keep every digit. A pass over the file,
+        taken only when the first block's schema does not hold."""
+        schemas, big = [], []
+        for chunk in self._jsonl_chunks():
+            table = pajson.read_json(pa.py_buffer(chunk), read_options=pajson.ReadOptions(block_size=len(chunk) + 1))
+            schemas.append(table.schema)
+            for name in table.column_names:
+                column = table.column(name)
+                if name not in big and pa.types.is_floating(column.type) and \
+                        (pc.max(pc.abs(column)).as_py() or 0) >= _EXACT_FLOAT:
+                    big.append(name)
+        if not schemas:
+            raise InputError(f"{self.uri}: input is empty (no rows)")
+        try:
+            schema = pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"{self.uri}: cannot read JSONL input: a key holds values of different kinds "
+                             f"in different lines ({_short(exc)})") from None
+        for name in big:
+            for exact in (pa.decimal128(38, 0), pa.decimal256(76, 0)):
+                if self._jsonl_fits(name, exact):
+                    schema = schema.set(schema.get_field_index(name), schema.field(name).with_type(exact))
+                    break
+        return schema
+
+    def _jsonl_fits(self, name: str, type_: pa.DataType) -> bool:
+        """Whether every value of key `name` converts to `type_`."""
+        parse = pajson.ParseOptions(explicit_schema=pa.schema([(name, type_)]), unexpected_field_behavior="ignore")
+        try:
+            for chunk in self._jsonl_chunks():
+                pajson.read_json(pa.py_buffer(chunk), read_options=pajson.ReadOptions(block_size=len(chunk) + 1),
+                                 parse_options=parse)
+        except pa.ArrowInvalid:
+            return False
+        return True
+
+    def _jsonl_chunks(self) -> Iterator[bytes]:
+        """The file in parts of whole lines (about block_size bytes each; blank parts left out)."""
+        rest = b""
+        with self._open() as stream:
+            while True:
+                data = stream.read(self.block_size)
+                if not data:
+                    break
+                data = rest + data
+                cut = data.rfind(b"\n") + 1
+                if cut:
+                    if data[:cut].strip():
+                        yield data[:cut]
+                    data = data[cut:]
+                rest = data
+        if rest.strip():
+            yield rest
 
     # ---- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -370,6 +549,32 @@ _CSV_NULLS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
 # a whole number past a float's 15 exact digits (a long id), more than 15 significant digits anywhere
 # (0.12345678901234567891: from its first to its last non-zero digit). 1.50 -> 1.5 is the same number: kept.
 _LOSSY_FLOAT = r"^(?:\+\d+|[+-]?0\d.*|[+-]?\d{16,})$|^[+-]?[0.]*[1-9](?:\.?\d){14}\.?\d*[1-9]"
+
+
+def _converts_from_text(type_: pa.DataType) -> bool:
+    """Whether a CSV column of this type is read as text and converted by _typed (the others, like
+    time of day or an all-empty column, pyarrow reads as their type directly)."""
+    return type_ in (pa.int64(), pa.float64(), pa.bool_(), pa.date32()) or pa.types.is_timestamp(type_)
+
+
+def _typed(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:
+    """CSV cells (as text) as values of `type_`, or None when a cell does not fit it (or, for numbers,
+    its number would not keep its text: see _as_numbers). pyarrow's null markers are nulls."""
+    if type_ in (pa.int64(), pa.float64()):
+        return _as_numbers(text, type_)
+    cleaned = pc.if_else(pc.is_in(text, value_set=_CSV_NULLS), pa.scalar(None, pa.string()), text)
+    try:
+        return pc.cast(cleaned, type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _past_exact_floats(batch: pa.RecordBatch) -> bool:
+    """Whether a float column of the batch holds a number past 2**53, whose digits a float may not keep."""
+    for column in batch.columns:
+        if pa.types.is_floating(column.type) and (pc.max(pc.abs(column)).as_py() or 0) >= _EXACT_FLOAT:
+            return True
+    return False
 
 
 def _as_numbers(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:

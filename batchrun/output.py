@@ -278,6 +278,9 @@ class PartitionedWriter:
         values = batch.column(self.index)
         if pa.types.is_dictionary(values.type):   # e.g. a partition column read back from a dataset
             values = values.dictionary_decode()
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            # an empty cell goes with the nulls (as Hive writes an empty string), not to a directory "col="
+            values = pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
         keys = pc.dictionary_encode(values, null_encoding="encode")
         names = [self._directory(v) for v in pc.cast(keys.dictionary, pa.string()).to_pylist()]
         body = batch.drop_columns([self.column])

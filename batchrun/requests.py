@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -241,12 +242,15 @@ class RequestBuilder:
         self.spec = spec
         self.model = model
         self.columns = list(columns)
+        # a None inside a cell (a struct's null field) renders as "", as a null cell does
         env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
-                                   keep_trailing_newline=True)
+                                   keep_trailing_newline=True, finalize=_finalize)
+        self._ranges = env.globals["range"] = _Ranges()
         try:
             ast = env.parse(spec.prompt)
         except jinja2.TemplateSyntaxError as exc:
             raise InputError(f"prompt: template syntax error on line {exc.lineno}: {exc.message}") from None
+        _check_self_contained(ast)
         names = meta.find_undeclared_variables(ast)
         missing = sorted(names - set(self.columns) - {"row"})
         if missing:
@@ -268,6 +272,8 @@ class RequestBuilder:
         self.needed_columns = [c for c in self.columns if c in needed]
         self.schema = output_schema_for(spec)
         self.base = self._base_params()
+        # relative image paths are the input file's neighbours, as a job file's paths are the job file's
+        self.image_base = image_base(spec.input)
 
     # ---- the parts every request shares ------------------------------------------------------
     def _base_params(self) -> dict:
@@ -314,13 +320,18 @@ class RequestBuilder:
         if self._parts is not None:
             text = "".join(part if is_text else _cell(row.get(part)) for is_text, part in self._parts)
         else:
-            clean = {k: ("" if v is None else v) for k, v in row.items()}
+            clean = {k: (NULL if v is None else v) for k, v in row.items()}
+            self._ranges.left = MAX_RANGE
             try:
                 text = self.template.render(clean, row=clean)
-            except jinja2.TemplateError as exc:
+            except (jinja2.TemplateError, TemplateLimit) as exc:
                 raise InputError(f"prompt: cannot render {where}: {exc}") from None
+            except (OverflowError, RecursionError, MemoryError) as exc:
+                raise InputError(f"prompt: cannot render {where}: the template asks for too much "
+                                 f"({type(exc).__name__}: {str(exc)[:120]})") from None
         content: Any = text
-        image = image_block(row.get(spec.image_column), where, spec.image_column) if spec.image_column else None
+        image = (image_block(row.get(spec.image_column), where, spec.image_column, self.image_base)
+                 if spec.image_column else None)
         if image is not None:
             content = [image, {"type": "text", "text": text}] if text.strip() else [image]
         elif not text.strip():   # the API refuses an empty message, a whole batch later
@@ -338,11 +349,12 @@ class RequestBuilder:
         if spec.max_tokens_column:
             value = row.get(spec.max_tokens_column)
             part["max_tokens"] = spec.max_tokens
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+            if value is not None and value != "":
+                number = _whole_number(value)
+                if number is None or number < 1:
                     raise InputError(f"{spec.max_tokens_column}: {where} has max_tokens {value!r}, "
                                      "expected a whole number ≥ 1")
-                part["max_tokens"] = int(value)
+                part["max_tokens"] = number
         return part
 
     def build(self, row: dict, where: str) -> dict:
@@ -412,8 +424,94 @@ def _cell(value: Any) -> str:
     return "" if value is None else value if isinstance(value, str) else str(value)
 
 
-def image_block(value: Any, where: str, column: str) -> Optional[dict]:
-    """An image content block from a URL, a file path or raw bytes; None for an empty cell."""
+class _NullCell(str):
+    """A null cell in a template: renders as "", is false, and any field of it (`{{ meta.lang }}`,
+    `{{ meta["lang"] }}`) is itself: a null struct's fields are null too."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> "_NullCell":
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __getitem__(self, key: Any) -> "_NullCell":
+        return self
+
+
+NULL = _NullCell("")
+
+
+def _finalize(value: Any) -> Any:
+    return "" if value is None else value
+
+
+class TemplateLimit(Exception):
+    """A template asks for more than a prompt can hold (e.g. range(10**9))."""
+
+
+MAX_RANGE = 10_000   # items the range() calls of one row's render may give in all (loops in loops count)
+
+
+class _Ranges:
+    """A template's `range`, with a budget of MAX_RANGE items for each row's render (the sandbox's own
+    allows 100,000 per call, so a loop in a loop could run for hours)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_RANGE
+
+    def __call__(self, *args: int) -> range:
+        items = range(*args)
+        self.left -= len(items)
+        if self.left < 0:
+            raise TemplateLimit(f"range{args} has {len(items):,} items; the range() calls of a template may give "
+                                f"at most {MAX_RANGE:,} items in all for a row")
+        return items
+
+
+def _check_self_contained(ast: jinja2.nodes.Template) -> None:
+    """Refuse the tags that read other templates: a prompt is one template, and there are none to read."""
+    from jinja2 import nodes
+    tags = ((nodes.Include, "include"), (nodes.Import, "import"), (nodes.FromImport, "from ... import"),
+            (nodes.Extends, "extends"))
+    for kind, tag in tags:
+        node = next(iter(ast.find_all(kind)), None)
+        if node is not None:
+            raise InputError(f"prompt: {{% {tag} %}} on line {node.lineno} is not supported: a prompt is one "
+                             "template, it cannot read others (put the text in the prompt, or use prompt_file)")
+
+
+def _whole_number(value: Any) -> Optional[int]:
+    """A cell as a whole number (512, 512.0, "512", " 512 "), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\+?\d+", text):
+            return int(text)
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+    try:
+        if value == int(value):
+            return int(value)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return None
+
+
+def image_base(input_uri: str) -> Optional[str]:
+    """The folder relative image paths are read from: the input file's (None when the input is a URI:
+    such paths are then read as they are)."""
+    if "://" in input_uri:
+        return None
+    return os.path.dirname(os.path.abspath(input_uri))
+
+
+def image_block(value: Any, where: str, column: str, base: Optional[str] = None) -> Optional[dict]:
+    """An image content block from a URL, a file path (relative to `base`) or raw bytes; None for an
+    empty cell."""
     if value is None or value == "":
         return None
     if isinstance(value, str) and value.startswith(("http://", "https://")):
@@ -421,10 +519,14 @@ def image_block(value: Any, where: str, column: str) -> Optional[dict]:
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, str):
+        path = Path(value).expanduser()
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
         try:
-            data = Path(value).read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise InputError(f"{column}: {where}: cannot read image {value!r}: {exc.strerror or exc}") from None
+            raise InputError(f"{column}: {where}: cannot read image {value!r} ({path}): "
+                             f"{exc.strerror or exc}") from None
     else:
         raise InputError(f"{column}: {where}: expected an image path, URL or bytes, got {type(value).__name__}")
     media = sniff_image(data)   # the content decides, never the file name: a text file named x.png is refused

@@ -516,7 +516,6 @@ class Runner:
         if existing and existing["planned_at"]:
             self._load_plan(existing)
             return
-        column_types: dict = {}
         while True:
             try:
                 with store.transaction():
@@ -525,19 +524,19 @@ class Runner:
                         "endpoint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (job.id, spec.name, spec.to_json(), spec.input, spec.output, job.fingerprint, spec.mode,
                          spec.model, job.endpoint or "", now_iso()))
-                    n = self._plan_rows(column_types)
+                    n = self._plan_rows()
                     failpoints.hit("plan")
                     if job.source.fingerprint() != job.fingerprint:   # the rows read are not the job's input
                         raise InputError(f"{spec.input} changed while it was being read: nothing planned, nothing "
                                          "sent; run the same command again once it is written")
                     store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ?, shared_params = ? "
                                        "WHERE id = ?",
-                                       (now_iso(), n, json.dumps({k: str(v) for k, v in column_types.items()}),
+                                       (now_iso(), n, json.dumps(job.source.pins()),
                                         canonical_json(self.builder.shared), job.id))
                     store.event(job.id, "info", f"planned {n} requests")
                 break
-            except ColumnTypeConflict as conflict:
-                column_types[conflict.column] = pa.string()
+            except ColumnTypeConflict:   # the source pinned what did not hold: plan again from the start
+                pass
         for warning in warnings_for(spec, job.model, self.builder):
             log.warning("%s", warning)
         self.reuse_answers()
@@ -567,8 +566,7 @@ class Runner:
         return self.store.job(self.job.id)
 
     def _load_plan(self, row: dict) -> None:
-        types = json.loads(row["column_types"] or "{}")
-        self.job.source.column_types = {k: pa.string() for k in types}
+        self.job.source.pin(json.loads(row["column_types"] or "{}"))
         self._builder_for(self.job.source.schema)
         self.prefix = splice_prefix(json.loads(row["shared_params"])) if row["shared_params"] else None
 
@@ -588,13 +586,12 @@ class Runner:
         self.builder = builder
         return builder
 
-    def _plan_rows(self, column_types: dict) -> int:
+    def _plan_rows(self) -> int:
         spec, job, conn = self.spec, self.job, self.store.conn
         source = job.source
-        source.column_types = dict(column_types)
         builder: Optional[RequestBuilder] = None
         index = 0
-        for batch in prefetched(source.batches()):   # the next block is read while this one is planned
+        for batch, text in prefetched(source.batches_with_text()):   # the next block is read while this one is planned
             if builder is None:
                 if spec.id_column and spec.id_column not in batch.schema.names:
                     raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
@@ -606,16 +603,16 @@ class Runner:
                 self.prefix = splice_prefix(builder.shared)
             n = batch.num_rows
             if spec.id_column:
-                raw_ids = batch.column(spec.id_column).to_pylist()
+                raw_ids = batch.column(spec.id_column).to_pylist()   # as shown in messages
                 ids = []
-                for i, value in enumerate(raw_ids):
+                for i, value in enumerate(text.column(spec.id_column).to_pylist()):   # as written
                     if value is None or (isinstance(value, str) and value.strip() == ""):
                         raise InputError(f"{spec.input}: row {index + i + 1}: id column {spec.id_column!r} is empty")
                     ids.append(custom_id_for(value))
             else:
                 raw_ids = None
                 ids = [f"row-{index + i}" for i in range(n)]
-            rows = batch.select(builder.needed_columns).to_pylist() if builder.needed_columns else [{}] * n
+            rows = text.select(builder.needed_columns).to_pylist() if builder.needed_columns else [{}] * n
             records, bodies = [], []
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
@@ -1409,9 +1406,9 @@ class Runner:
     # ---- write ---------------------------------------------------------------------------------
     def write_output(self) -> int:
         row = self.store.job(self.job.id)
-        types = json.loads(row["column_types"] or "{}")
-        source = InputSource(self.spec.input, column_types={k: pa.string() for k in types}, limit=self.spec.limit,
-                             shard=self.spec.shard_pair, shard_key=self.spec.id_column)
+        source = InputSource(self.spec.input, limit=self.spec.limit, shard=self.spec.shard_pair,
+                             shard_key=self.spec.id_column)
+        source.pin(json.loads(row["column_types"] or "{}"))
         writer = OutputWriter(self.store, self.job.id, self.builder.schema if hasattr(self, "builder") else None)
         # rows are joined to their replies by position: only the input that was planned may be joined,
         # so it is checked before the output is written, and again before it is put in place

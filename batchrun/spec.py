@@ -292,6 +292,9 @@ class JobSpec:
                 if name.lower() in ("x-api-key", "authorization"):
                     raise SpecError(f"{where}headers: {name!r} must not be set in a job file "
                                     "(the key comes from ANTHROPIC_API_KEY or --api-key)")
+        if isinstance(self.stop_sequences, (str, tuple)):   # one sequence, as one --stop-sequences gives
+            self.stop_sequences = [self.stop_sequences] if isinstance(self.stop_sequences, str) else \
+                list(self.stop_sequences)
         if self.stop_sequences is not None:
             need(isinstance(self.stop_sequences, list) and all(isinstance(s, str) and s for s in self.stop_sequences),
                  "stop_sequences", "expected a list of non-empty strings")
@@ -305,16 +308,25 @@ class JobSpec:
                     raise SpecError(f"{where}metadata: user_id must be a string of at most 256 characters, "
                                     f"got {value!r}"[:200])
         if self.thinking is not None:
-            if isinstance(self.thinking, str):
-                self.thinking = {"type": self.thinking}
+            # one rule for the key and --thinking: "adaptive", "disabled", N (a budget of N tokens) or a table
+            if isinstance(self.thinking, str) and re.fullmatch(r"\s*\d+\s*", self.thinking):
+                self.thinking = int(self.thinking)
+            if isinstance(self.thinking, int) and not isinstance(self.thinking, bool):
+                self.thinking = {"type": "enabled", "budget_tokens": self.thinking}
+            elif isinstance(self.thinking, str):
+                self.thinking = {"type": self.thinking.strip()}
             need(isinstance(self.thinking, dict) and self.thinking.get("type") in ("enabled", "adaptive", "disabled"),
-                 "thinking", "expected \"adaptive\", \"disabled\" or {type = \"enabled\", budget_tokens = N}")
+                 "thinking", "expected \"adaptive\", \"disabled\", a budget of N tokens, or "
+                 "{type = \"enabled\", budget_tokens = N}")
             if self.thinking["type"] == "enabled":
                 need(isinstance(self.thinking.get("budget_tokens"), int), "thinking",
                      "type \"enabled\" needs budget_tokens")
         if self.effort is not None:
             need(self.effort in ("low", "medium", "high", "xhigh", "max"), "effort",
                  "must be one of low, medium, high, xhigh, max")
+        if isinstance(self.labels, (str, tuple)):   # "a,b,c" (as --labels takes it), or repeated flags
+            parts = [self.labels] if isinstance(self.labels, str) else list(self.labels)
+            self.labels = [x.strip() for p in parts if isinstance(p, str) for x in p.split(",") if x.strip()]
         if self.labels is not None:
             need(isinstance(self.labels, list) and len(self.labels) >= 2 and
                  all(isinstance(x, str) and x for x in self.labels) and len(set(self.labels)) == len(self.labels),

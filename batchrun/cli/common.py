@@ -32,15 +32,6 @@ Exit codes:
 """
 
 
-def _labels(ctx, param, value):
-    if not value:
-        return None
-    out = []
-    for v in value:
-        out.extend(x.strip() for x in v.split(",") if x.strip())
-    return out
-
-
 JOB_OPTIONS = [
     click.argument("job_file", metavar="[JOB.toml]", required=False, type=click.Path(dir_okay=False)),
     click.option("--input", "input", metavar="PATH", help="CSV, Parquet (file or directory) or JSONL to read; local path or URI."),
@@ -61,7 +52,7 @@ JOB_OPTIONS = [
                  "2023-06-01 are checked)."),
     click.option("--mode", type=click.Choice(["batch", "messages"]), help="Message Batches (default) or plain Messages."),
     click.option("--output-schema", metavar="FILE", help="JSON Schema file: each top-level property becomes a typed column."),
-    click.option("--labels", multiple=True, callback=_labels, metavar="A,B,C", help="Label set: the reply is one of these (column 'label')."),
+    click.option("--labels", multiple=True, metavar="A,B,C", help="Label set: the reply is one of these (column 'label')."),
     click.option("--multi-label", is_flag=True, default=None, help="With --labels: a list of labels per row."),
     click.option("--cache-system/--no-cache-system", default=None, help="Send the system prompt as a cached block."),
     click.option("--cache-ttl", type=click.Choice(["5m", "1h"]), help="Cache lifetime for --cache-system."),
@@ -121,12 +112,8 @@ def spec_from_options(job_file: Optional[str], options: dict) -> JobSpec:
         else:
             options[key] = value
     overrides: dict[str, Any] = {k: options.get(k) for k in SPEC_KEYS}
-    if overrides.get("stop_sequences"):
-        overrides["stop_sequences"] = list(overrides["stop_sequences"])
-    thinking = overrides.get("thinking")
-    if thinking:
-        overrides["thinking"] = ({"type": "enabled", "budget_tokens": int(thinking)} if thinking.isdigit()
-                                 else {"type": thinking})
+    for key in ("labels", "stop_sequences"):   # repeatable flags: each value parsed as the job key's string is
+        overrides[key] = tuple(overrides[key]) if overrides.get(key) else None
     return JobSpec.load(job_file, overrides)
 
 

@@ -122,11 +122,12 @@ def _check_replaceable(fs: pafs.FileSystem, path: str, output: str) -> None:
 
 
 class OutputWriter:
-    def __init__(self, store, job_id: str, output_schema: Optional[dict]):
+    def __init__(self, store, job_id: str, output_schema: Optional[dict], text_prefix: Optional[str] = None):
         self.store = store
         self.job_id = job_id
         self.output_schema = output_schema
         self.extra = schema_converters(output_schema)
+        self.text_prefix = text_prefix   # prefill_in_text: the prefill, put before each reply's continuation
 
     def rows(self, start: int, count: int) -> list[tuple]:
         cur = self.store.conn.execute(
@@ -140,6 +141,8 @@ class OutputWriter:
             raise BatchrunError("the input no longer matches the job's plan (rows are missing from the state); "
                                 "was the input file changed while the job ran?")
         cols = list(zip(*rows)) if rows else [[] for _ in range(16)]
+        if self.text_prefix is not None:
+            cols[2] = [None if t is None else self.text_prefix + t for t in cols[2]]
         arrays = list(batch.columns)
         names = list(batch.schema.names)
         out_names = iter(output_names(names, self.output_schema))

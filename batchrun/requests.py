@@ -7,6 +7,7 @@ identifiers are reachable as `row["first name"]`.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import jinja2
+import pyarrow as pa
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -314,6 +316,22 @@ class RequestBuilder:
         return params
 
     # ---- one row -----------------------------------------------------------------------------
+    def rows(self, batch: pa.RecordBatch, text: pa.RecordBatch) -> list[dict]:
+        """The cells the template reads, one dict per row, from a batch and its text (see
+        InputSource.batches_with_text): every cell renders as the file wrote it. A plain
+        `{{ column }}` template gets the text; Jinja gets typed cells that render as their text."""
+        columns = self.needed_columns
+        if not columns:
+            return [{} for _ in range(batch.num_rows)]
+        rows = text.select(columns).to_pylist()
+        if self._parts is not None:
+            return rows
+        for name in columns:
+            if batch.schema.field(name).type != text.schema.field(name).type:
+                for row, value in zip(rows, batch.column(name).to_pylist()):
+                    row[name] = as_written(value, row[name])
+        return rows
+
     def row_part(self, row: dict, where: str) -> dict:
         """The params that differ per row (messages, per-row max_tokens); `where` names the row in errors."""
         spec = self.spec
@@ -425,21 +443,59 @@ def _cell(value: Any) -> str:
 
 
 class _NullCell(str):
-    """A null cell in a template: renders as "", is false, and any field of it (`{{ meta.lang }}`,
-    `{{ meta["lang"] }}`) is itself: a null struct's fields are null too."""
+    """A null cell in a template: renders as "" (or as the file wrote it: a CSV's NA), is false, and any
+    field of it (`{{ meta.lang }}`, `{{ meta["lang"] }}`) is null too: a null struct's fields render ""."""
 
     __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
 
     def __getattr__(self, name: str) -> "_NullCell":
         if name.startswith("__"):
             raise AttributeError(name)
-        return self
+        return NULL
 
     def __getitem__(self, key: Any) -> "_NullCell":
-        return self
+        return NULL
 
 
 NULL = _NullCell("")
+
+
+def _written(base: type) -> type:
+    """A subclass of `base` whose values render as the text the file wrote (`1.50`, `true`), and
+    otherwise behave as the typed value (compare, sum, test in `{% if %}`)."""
+
+    def __str__(self) -> str:
+        return self.text
+
+    return type(f"Written{base.__name__.capitalize()}", (base,), {"__str__": __str__})
+
+
+_WrittenInt, _WrittenFloat = _written(int), _written(float)
+_WrittenDate, _WrittenDatetime = _written(dt.date), _written(dt.datetime)
+
+
+def as_written(value: Any, text: Any) -> Any:
+    """A typed cell for a template: it renders as `text` (as the file wrote it) and behaves as `value`."""
+    if value is None:
+        return NULL if text is None or text == "" else _NullCell(text)
+    if not isinstance(text, str):
+        return value
+    if isinstance(value, (bool, int)):
+        cell = _WrittenInt(int(value))
+    elif isinstance(value, float):
+        cell = _WrittenFloat(value)
+    elif isinstance(value, dt.datetime):
+        cell = _WrittenDatetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                                value.microsecond, value.tzinfo)
+    elif isinstance(value, dt.date):
+        cell = _WrittenDate(value.year, value.month, value.day)
+    else:
+        return text
+    cell.text = text
+    return cell
 
 
 def _finalize(value: Any) -> Any:
@@ -464,8 +520,8 @@ class _Ranges:
         items = range(*args)
         self.left -= len(items)
         if self.left < 0:
-            raise TemplateLimit(f"range{args} has {len(items):,} items; the range() calls of a template may give "
-                                f"at most {MAX_RANGE:,} items in all for a row")
+            raise TemplateLimit(f"range({', '.join(map(str, args))}) takes the template's loops past {MAX_RANGE:,} "
+                                "items for one row (a huge range, or a range in a loop)")
         return items
 
 

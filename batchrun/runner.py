@@ -593,10 +593,14 @@ class Runner:
         index = 0
         for batch, text in prefetched(source.batches_with_text()):   # the next block is read while this one is planned
             if builder is None:
-                if spec.id_column and spec.id_column not in batch.schema.names:
-                    raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
-                                     f"(columns: {', '.join(batch.schema.names[:12])})")
-                builder = self._builder_for(batch.schema)
+                try:
+                    if spec.id_column and spec.id_column not in batch.schema.names:
+                        raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
+                                         f"(columns: {', '.join(batch.schema.names[:12])})")
+                    builder = self._builder_for(batch.schema)
+                except InputError:
+                    source.widen()   # a JSONL key first seen past the first block: read again knowing it
+                    raise
                 check = RowCheck(builder, job.model, rules_version(spec.api_version))
                 # an answer is reused only from the same service, under the same API version
                 shared_hash = shared_params_hash(canonical_json(builder.shared), job.endpoint, spec.api_version)
@@ -612,7 +616,7 @@ class Runner:
             else:
                 raw_ids = None
                 ids = [f"row-{index + i}" for i in range(n)]
-            rows = text.select(builder.needed_columns).to_pylist() if builder.needed_columns else [{}] * n
+            rows = builder.rows(batch, text)
             records, bodies = [], []
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
@@ -1409,7 +1413,8 @@ class Runner:
         source = InputSource(self.spec.input, limit=self.spec.limit, shard=self.spec.shard_pair,
                              shard_key=self.spec.id_column)
         source.pin(json.loads(row["column_types"] or "{}"))
-        writer = OutputWriter(self.store, self.job.id, self.builder.schema if hasattr(self, "builder") else None)
+        writer = OutputWriter(self.store, self.job.id, self.builder.schema if hasattr(self, "builder") else None,
+                              text_prefix=self.spec.prefill if self.spec.prefill_in_text else None)
         # rows are joined to their replies by position: only the input that was planned may be joined,
         # so it is checked before the output is written, and again before it is put in place
         check = lambda: self._check_input_unchanged(source)   # noqa: E731

@@ -105,6 +105,7 @@ class JobSpec:
     # richer prompts
     few_shot: Optional[list] = None
     prefill: Optional[str] = None
+    prefill_in_text: bool = False       # the output's `text` is the prefill and its continuation (else the continuation)
     image_column: Optional[str] = None
     max_tokens_column: Optional[str] = None
     # cost and limits
@@ -257,7 +258,7 @@ class JobSpec:
              "gateway documents")
         need(self.mode in ("batch", "messages"), "mode", "must be 'batch' or 'messages'")
         need(self.cache_ttl in ("5m", "1h"), "cache_ttl", "must be '5m' or '1h'")
-        for key in ("multi_label", "cache_system", "allow_unknown_model"):
+        for key in ("multi_label", "cache_system", "allow_unknown_model", "prefill_in_text"):
             need(isinstance(getattr(self, key), bool), key, "expected true or false")
         for key in ("temperature", "top_p", "max_cost"):
             value = getattr(self, key)
@@ -333,6 +334,8 @@ class JobSpec:
                  "labels", "expected a list of at least two distinct non-empty strings")
         if self.multi_label and self.labels is None:
             raise SpecError(f"{where}multi_label: needs 'labels'")
+        if self.prefill_in_text and self.prefill is None:
+            raise SpecError(f"{where}prefill_in_text: needs 'prefill'")
         if self.output_schema is not None:
             need(isinstance(self.output_schema, dict) and self.output_schema.get("type", "object") == "object"
                  and isinstance(self.output_schema.get("properties"), dict) and self.output_schema["properties"],

@@ -319,7 +319,9 @@ class InputSource:
             self._check_text()
             with self._open() as stream:
                 schema = self._open_csv(stream, block_size, delimiter, pinned).schema
-            self._check_quotes(delimiter)
+            if self.limit is not None or self.path.lower().endswith(".gz"):
+                # the rows past the limit are not read (nor a compressed file's end looked at): check first
+                self._check_quotes(delimiter)
         types = {**{f.name: f.type for f in schema}, **pinned}
         converted = {name: t for name, t in types.items() if _converts_from_text(t)}
         as_text = {**types, **{name: pa.string() for name in converted}}
@@ -327,17 +329,7 @@ class InputSource:
             reader = self._open_csv(stream, block_size, delimiter, as_text)
             names = reader.schema.names
             first = inferred
-            while True:
-                try:
-                    text = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except pa.ArrowInvalid as exc:
-                    m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
-                    if m and int(m.group(1)) < len(names) and as_text[names[int(m.group(1))]] != pa.string():
-                        self.column_types[names[int(m.group(1))]] = pa.string()
-                        raise ColumnTypeConflict(names[int(m.group(1))]) from None
-                    raise
+            for text in self._csv_text_batches(reader, as_text, delimiter):
                 columns = text.columns
                 for name, type_ in list(converted.items()):
                     i = names.index(name)
@@ -352,6 +344,60 @@ class InputSource:
                 first = False
                 yield (pa.RecordBatch.from_arrays(columns, names=names) if converted else text), text
 
+    def _csv_text_batches(self, reader: pacsv.CSVStreamingReader, as_text: dict, delimiter: str
+                          ) -> Iterator[pa.RecordBatch]:
+        """The reader's (non-empty) batches, one behind: the last is given only once the file's end is
+        known not to be inside a quoted cell (see _check_last_cell)."""
+        names = reader.schema.names
+        held = None
+        while True:
+            try:
+                text = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as exc:
+                m = re.search(r"In CSV column #(\d+): CSV conversion error", str(exc))
+                if m and int(m.group(1)) < len(names) and as_text[names[int(m.group(1))]] != pa.string():
+                    self.column_types[names[int(m.group(1))]] = pa.string()
+                    raise ColumnTypeConflict(names[int(m.group(1))]) from None
+                self._explain_parse_error(exc, delimiter)
+                raise
+            if text.num_rows:
+                if held is not None:
+                    yield held
+                held = text
+        if held is not None:
+            self._check_last_cell(held, delimiter)
+            yield held
+
+    def _explain_parse_error(self, exc: Exception, delimiter: str) -> None:
+        """A row with too few cells may be a quote that never closes: name its line if it is."""
+        if re.search(r"Expected \d+ columns, got", str(exc)):
+            self._check_quotes(delimiter)
+
+    def _check_last_cell(self, last: pa.RecordBatch, delimiter: str) -> None:
+        """A quote that never closes makes pyarrow read the rest of the file into the last cell it reads:
+        that cell is then the file's tail after a quote that opens a field. Looking at the tail only
+        keeps a whole file's scan (_check_quotes) for when it is so."""
+        column = last.column(last.num_columns - 1)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            return
+        value = column[last.num_rows - 1].as_py()
+        if value is None or self.path.lower().endswith(".gz"):
+            return
+        raw = b'"' + value.replace('"', '""').encode("utf-8")
+        size = self.fs.get_file_info(self.path).size
+        start = max(0, size - len(raw) - 1)
+        with self.fs.open_input_file(self.path) as f:
+            f.seek(start)
+            tail = f.read()
+        if not tail.endswith(raw):
+            return
+        at = len(tail) - len(raw)
+        before = tail[at - 1:at] if at else b"\n"   # the file's start is a field's start
+        if before in (delimiter.encode(), b"\n", b"\r"):
+            self._check_quotes(delimiter)
+
     def _check_quotes(self, delimiter: str) -> None:
         """Refuse a quoted cell that never closes: pyarrow would read the rest of the file into it.
 
@@ -362,6 +408,7 @@ class InputSource:
         with self._open() as stream:
             for chunk in iter(lambda: stream.read(1 << 22), b""):
                 pos = 0
+                counted = 0        # line ends of this chunk counted into `line` so far: up to here
                 if pending:        # the last chunk ended on a quote inside a quoted cell
                     pending = False
                     if chunk[:1] == quote:
@@ -383,9 +430,10 @@ class InputSource:
                     else:
                         before = chunk[q - 1:q] if q else prev
                         if before in (sep, b"\n", b"\r"):
-                            in_quote, opened = True, line + chunk.count(b"\n", 0, q)
+                            line += chunk.count(b"\n", counted, q)
+                            in_quote, opened, counted = True, line, q
                         pos = q + 1
-                line += chunk.count(b"\n")
+                line += chunk.count(b"\n", counted)
                 prev = chunk[-1:]
         if in_quote and not pending:
             raise InputError(f"{self.uri}: line {opened}: a quoted cell opens here and never closes (a missing "
@@ -400,6 +448,7 @@ class InputSource:
                 convert_options=pacsv.ConvertOptions(column_types=types),
             )
         except pa.ArrowInvalid as exc:
+            self._explain_parse_error(exc, delimiter)
             if "Empty CSV file" in str(exc):   # pyarrow says so of any bytes without a line end
                 head = self._head()
                 if not head.strip():

@@ -159,10 +159,17 @@ def test_relative_image_paths_are_read_from_the_input_files_folder(emu, cli, tmp
 
 # ---- 6, 7. CSV files that cannot be read as meant --------------------------------------------------------
 
-def test_csv_with_an_unterminated_quote_is_refused_naming_its_line(emu, cli, tmp_path):
+@pytest.mark.parametrize("text, extra", [
+    ('id,body\n1,fine\n2,"never closed\n3,swallowed\n4,swallowed too\n', ()),
+    ('id,body\n1,fine\n2,"never closed\n3,swallowed\n4,swallowed too\n', ("--limit", 2)),   # rows past 2 unread
+    ('id,body,n\n1,fine,1\n"2,never closed,2\n3,swallowed,3\n', ()),                 # in the first column
+    ('id,body\n1,"fine, ""quoted"""\n2,"last line, never closed', ()),              # no line end at the end
+    ('id,body\n1,fine\n2,"', ()),
+])
+def test_csv_with_an_unterminated_quote_is_refused_naming_its_line(emu, cli, tmp_path, text, extra):
     inp = tmp_path / "broken.csv"
-    inp.write_text('id,body\n1,fine\n2,"never closed\n3,swallowed\n4,swallowed too\n', encoding="utf-8")
-    line = refused(run(cli, inp, tmp_path / "out.parquet"), ExitCode.BAD_INPUT, "broken.csv", "line 3",
+    inp.write_text(text, encoding="utf-8")
+    line = refused(run(cli, inp, tmp_path / "out.parquet", *extra), ExitCode.BAD_INPUT, "broken.csv", "line 3",
                    "never closes")
     assert emu.stats.create_calls == 0, line
     assert not (tmp_path / "out.parquet").exists()
@@ -176,6 +183,13 @@ def test_csv_quotes_that_close_and_quotes_inside_cells_are_read(emu, cli, tmp_pa
     r = run(cli, inp, out)
     assert r.exit_code == 0, r.output
     assert prompts(out) == ['a 5" screen', 'quoted, with "inner" quotes\nand a line', "last"]
+    for ending in ('3,"last, no line end"', "3,last", '3,""', '3,"a ""b"""', '3,"a\nb"\n'):
+        inp.write_text("id,body\n1,x\n" + ending, encoding="utf-8")
+        r = run(cli, inp, tmp_path / "out2.parquet", "--state", tmp_path / "s2.sqlite", prompt="[{{ body }}]")
+        assert r.exit_code == 0, (ending, r.output)
+        r = run(cli, inp, tmp_path / "out3.parquet", "--state", tmp_path / "s3.sqlite", "--limit", 1,
+                prompt="[{{ body }}]")
+        assert r.exit_code == 0, (ending, r.output)
 
 
 def test_duplicate_column_names_are_refused(emu, cli, tmp_path):

@@ -391,7 +391,9 @@ def run_table(table, *, prompt: str, state: Optional[str] = None, api_key: Optio
         src = Path(workdir) / "table-input.parquet"
         out = Path(workdir) / "table-output.parquet"
         pq.write_table(arrow, src)
-        spec = {"input": str(src), "output": str(out), "prompt": prompt, "state": state, **job}
+        # the table has no folder: its relative image paths are the caller's
+        spec = {"input": str(src), "output": str(out), "prompt": prompt, "state": state, "image_dir": os.getcwd(),
+                **job}
         result = run(spec, api_key=api_key, base_url=base_url, transport=transport, async_transport=async_transport,
                      on_progress=on_progress, retry=retry)
         replied = pq.read_table(out)

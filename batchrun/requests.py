@@ -274,8 +274,8 @@ class RequestBuilder:
         self.needed_columns = [c for c in self.columns if c in needed]
         self.schema = output_schema_for(spec)
         self.base = self._base_params()
-        # relative image paths are the input file's neighbours, as a job file's paths are the job file's
-        self.image_base = image_base(spec.input)
+        # relative image paths are the input file's neighbours (as a job file's paths are the job file's)
+        self.image_base = spec.image_dir or image_base(spec.input)
 
     # ---- the parts every request shares ------------------------------------------------------
     def _base_params(self) -> dict:
@@ -565,6 +565,14 @@ def image_base(input_uri: str) -> Optional[str]:
     return os.path.dirname(os.path.abspath(input_uri))
 
 
+def image_path(value: str, base: Optional[str]) -> str:
+    """Where an image cell's file is: a relative path is relative to `base` (a URL or empty cell is kept)."""
+    if not value or value.startswith(("http://", "https://")):
+        return value
+    path = os.path.expanduser(value)
+    return path if base is None or os.path.isabs(path) else os.path.join(base, path)
+
+
 def image_block(value: Any, where: str, column: str, base: Optional[str] = None) -> Optional[dict]:
     """An image content block from a URL, a file path (relative to `base`) or raw bytes; None for an
     empty cell."""
@@ -575,11 +583,9 @@ def image_block(value: Any, where: str, column: str, base: Optional[str] = None)
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, str):
-        path = Path(value).expanduser()
-        if base is not None and not path.is_absolute():
-            path = Path(base) / path
+        path = image_path(value, base)
         try:
-            data = path.read_bytes()
+            data = Path(path).read_bytes()
         except OSError as exc:
             raise InputError(f"{column}: {where}: cannot read image {value!r} ({path}): "
                              f"{exc.strerror or exc}") from None

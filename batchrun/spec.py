@@ -107,6 +107,7 @@ class JobSpec:
     prefill: Optional[str] = None
     prefill_in_text: bool = False       # the output's `text` is the prefill and its continuation (else the continuation)
     image_column: Optional[str] = None
+    image_dir: Optional[str] = None      # where relative image paths are read from (default: the input's folder)
     max_tokens_column: Optional[str] = None
     # cost and limits
     max_cost: Optional[float] = None
@@ -239,7 +240,7 @@ class JobSpec:
 
         for key in ("input", "output", "prompt", "model"):
             need(isinstance(getattr(self, key), str) and getattr(self, key) != "", key, "expected a non-empty string")
-        for key in ("name", "id_column", "system", "state", "prefill", "image_column", "max_tokens_column",
+        for key in ("name", "id_column", "system", "state", "prefill", "image_column", "image_dir", "max_tokens_column",
                     "partition_by", "models_file", "effort"):
             need(getattr(self, key) is None or isinstance(getattr(self, key), str), key, "expected a string")
         self.max_tokens = _as_int(self.max_tokens, "max_tokens", where)
@@ -434,7 +435,7 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
                                 out.pop(extra, None)
     out.update(overrides)
     return out
-_PATH_KEYS = ("input", "output", "state", "prompt_file", "system_file", "models_file")
+_PATH_KEYS = ("input", "output", "state", "prompt_file", "system_file", "models_file", "image_dir")
 
 
 def _resolve_paths(raw: dict, base: Path, job_file: Optional[str]) -> dict:

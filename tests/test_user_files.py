@@ -307,3 +307,21 @@ def test_prefill_text_is_the_continuation_unless_asked_for_the_full_text(emu, cl
     assert pq.read_table(full).column("text")[0].as_py() == "Reply to:" + continuation
     assert emu.stats.create_calls == 1          # the same requests: answered once, not paid twice
     refused(run(cli, inp, full, "--prefill-in-text"), ExitCode.BAD_INPUT, "prefill_in_text", "needs 'prefill'")
+
+
+def test_image_dir_names_the_folder_and_run_table_reads_from_the_callers(emu, cli, tmp_path, monkeypatch):
+    import batchrun
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    data = tmp_path / "data"
+    data.mkdir()
+    inp = data / "rows.csv"
+    inp.write_text("id,photo,body\n1,cat.png,a cat\n", encoding="utf-8")
+    r = run(cli, inp, tmp_path / "out.parquet", "--image-column", "photo", "--image-dir", pics)
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(tmp_path / "out.parquet").column("input_tokens")[0].as_py() >= 1000
+    monkeypatch.chdir(pics)      # a table has no folder: its relative paths are the caller's
+    out = batchrun.run_table(pa.table({"photo": ["cat.png"], "body": ["a cat"]}), prompt="{{ body }}", model=MODEL,
+                             max_tokens=50, poll_interval=0.05, image_column="photo", state=str(tmp_path / "t.sqlite"))
+    assert out.column("status").to_pylist() == ["succeeded"] and out.column("photo").to_pylist() == ["cat.png"]

@@ -68,6 +68,7 @@ JOB_OPTIONS = [
     click.option("--prefill-in-text", is_flag=True, default=None,
                  help="With --prefill: column text holds the prefill followed by the continuation."),
     click.option("--image-column", metavar="COL", help="Column with an image path, URL or bytes per row."),
+    click.option("--image-dir", metavar="DIR", help="Folder relative image paths are read from (default: the input file's)."),
     click.option("--max-tokens-column", metavar="COL", help="Column with a per-row max_tokens."),
     click.option("--max-cost", type=float, metavar="USD", help="Budget: never spend more than this on the job."),
     click.option("--limit", type=int, metavar="N", help="Only the first N rows (a smoke run)."),
@@ -95,7 +96,7 @@ def job_options(fn: Callable) -> Callable:
 SPEC_KEYS = ("input", "output", "id_column", "prompt", "prompt_file", "system", "system_file", "model",
              "max_tokens", "batch_size", "poll_interval", "state", "max_attempts", "api_version", "mode",
              "output_schema", "labels", "multi_label", "cache_system", "cache_ttl", "temperature", "top_p",
-             "top_k", "thinking", "effort", "stop_sequences", "prefill", "prefill_in_text", "image_column", "max_tokens_column",
+             "top_k", "thinking", "effort", "stop_sequences", "prefill", "prefill_in_text", "image_column", "image_dir", "max_tokens_column",
              "max_cost", "limit", "shard", "concurrency", "rpm", "tpm", "auth_header", "partition_by", "models_file",
              "allow_unknown_model", "name")
 # Old flag spellings, kept (hidden) so that existing command lines still work: flag -> job key.

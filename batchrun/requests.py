@@ -245,7 +245,7 @@ class RequestBuilder:
         self.model = model
         self.columns = list(columns)
         # a None inside a cell (a struct's null field) renders as "", as a null cell does
-        env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+        env = _PromptEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
                                    keep_trailing_newline=True, finalize=_finalize)
         self._ranges = env.globals["range"] = _Ranges()
         try:
@@ -523,6 +523,26 @@ class _Ranges:
             raise TemplateLimit(f"range({', '.join(map(str, args))}) takes the template's loops past {MAX_RANGE:,} "
                                 "items for one row (a huge range, or a range in a loop)")
         return items
+
+
+MAX_RESULT = 1 << 20   # characters (or items) a template's `*` may make, and digits its `**` may make
+
+
+class _PromptEnvironment(SandboxedEnvironment):
+    """The sandbox, with `*` and `**` kept to what a prompt can hold: `"x" * 10**9` or `10**10**10`
+    would take minutes and gigabytes before any limit of the API said no."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_RESULT:
+                    raise TemplateLimit(f"{type(seq).__name__} * {times:,} is too large for a prompt")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                right * max(1, abs(left).bit_length()) > MAX_RESULT:
+            raise TemplateLimit(f"{left} ** {right} is too large for a prompt")
+        return super().call_binop(context, operator, left, right)
 
 
 def _check_self_contained(ast: jinja2.nodes.Template) -> None:

@@ -209,6 +209,8 @@ def test_duplicate_column_names_are_refused(emu, cli, tmp_path):
     ("{% extends 'base.j2' %}{{ body }}", "{% extends %}"),
     ("{% for i in range(10**9) %}{% endfor %}{{ body }}", "range(1000000000)"),
     ("{% for i in range(9000) %}{% for j in range(9000) %}{% endfor %}{% endfor %}{{ body }}", "range(9000)"),
+    ("{{ body * 10**9 }}", "too large for a prompt"),
+    ("{{ 7 ** 100000000 }}{{ body }}", "too large for a prompt"),
 ])
 def test_templates_that_include_or_loop_without_end_are_refused(emu, cli, tmp_path, prompt, needle):
     inp = tmp_path / "rows.csv"

@@ -515,9 +515,18 @@ class InputSource:
         column, null before; integers and numbers give numbers); a number column whose values past
         2**53 are all integers is a decimal of scale 0, so they keep every digit. A pass over the file,
         taken only when the first block's schema does not hold."""
-        schemas, big = [], []
+        schemas, big, line = [], [], 1
         for chunk in self._jsonl_chunks():
-            table = pajson.read_json(pa.py_buffer(chunk), read_options=pajson.ReadOptions(block_size=len(chunk) + 1))
+            try:
+                table = pajson.read_json(pa.py_buffer(chunk),
+                                         read_options=pajson.ReadOptions(block_size=len(chunk) + 1))
+            except pa.ArrowInvalid as exc:
+                m = re.search(r"Column\(/?([^)]*)\) changed from (\w+) to (\w+) in row (\d+)", str(exc))
+                if m is None:
+                    raise
+                raise InputError(f"{self.uri}: line {line + int(m[4])}: key {m[1]!r} holds a {m[3]} where the lines "
+                                 f"before hold a {m[2]}; give each key one kind of value") from None
+            line += chunk.count(b"\n")
             schemas.append(table.schema)
             for name in table.column_names:
                 column = table.column(name)

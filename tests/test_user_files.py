@@ -369,3 +369,13 @@ def test_cells_whose_text_reads_the_same_keep_their_request_hash(cli, tmp_path, 
         finally:
             db.close()
         assert got == OLD_HASHES[name], name
+
+
+def test_jsonl_key_changing_kind_after_a_megabyte_is_refused_naming_its_line(emu, cli, tmp_path):
+    inp = tmp_path / "kinds.jsonl"
+    _big_jsonl(inp, 2000, {}, at=2000)
+    with open(inp, "a", encoding="utf-8") as f:
+        f.write('{"n": "two thousand", "body": "x"}\n')
+    refused(run(cli, inp, tmp_path / "out.parquet", prompt="{{ n }} {{ body }}"), ExitCode.BAD_INPUT,
+            "kinds.jsonl", "line 2001", "'n'")
+    assert emu.stats.create_calls == 0

@@ -246,7 +246,7 @@ class RequestBuilder:
         self.columns = list(columns)
         # a None inside a cell (a struct's null field) renders as "", as a null cell does
         env = _PromptEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
-                                   keep_trailing_newline=True, finalize=_finalize)
+                                 keep_trailing_newline=True, finalize=_finalize)
         self._ranges = env.globals["range"] = _Ranges()
         try:
             ast = env.parse(spec.prompt)
@@ -324,10 +324,9 @@ class RequestBuilder:
         if not columns:
             return [{} for _ in range(batch.num_rows)]
         rows = text.select(columns).to_pylist()
-        if self._parts is not None:
-            return rows
         for name in columns:
-            if batch.schema.field(name).type != text.schema.field(name).type:
+            if (self._parts is None or name == self.spec.max_tokens_column) and \
+                    batch.schema.field(name).type != text.schema.field(name).type:
                 for row, value in zip(rows, batch.column(name).to_pylist()):
                     row[name] = as_written(value, row[name])
         return rows
@@ -367,7 +366,7 @@ class RequestBuilder:
         if spec.max_tokens_column:
             value = row.get(spec.max_tokens_column)
             part["max_tokens"] = spec.max_tokens
-            if value is not None and value != "":
+            if value is not None and value != "" and not isinstance(value, _NullCell):   # null: the job's
                 number = _whole_number(value)
                 if number is None or number < 1:
                     raise InputError(f"{spec.max_tokens_column}: {where} has max_tokens {value!r}, "

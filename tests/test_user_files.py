@@ -379,3 +379,18 @@ def test_jsonl_key_changing_kind_after_a_megabyte_is_refused_naming_its_line(emu
     refused(run(cli, inp, tmp_path / "out.parquet", prompt="{{ n }} {{ body }}"), ExitCode.BAD_INPUT,
             "kinds.jsonl", "line 2001", "'n'")
     assert emu.stats.create_calls == 0
+
+
+def test_max_tokens_null_cells_take_the_jobs_max_tokens(emu, cli, tmp_path):
+    """A number column's null markers (NA, an empty cell) reach a template as written, and max_tokens
+    from them is the job's own, as for any null."""
+    inp = tmp_path / "rows.csv"
+    inp.write_text("id,mt,body\n1,5,a\n2,NA,b\n3,,c\n", encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    r = run(cli, inp, out, "--max-tokens-column", "mt", prompt="{{ body }} [{{ mt }}]")
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    assert table.column("stop_reason").to_pylist() == ["max_tokens", "end_turn", "end_turn"]
+    assert table.column("mt").to_pylist() == [5, None, None]
+    texts = table.column("text").to_pylist()
+    assert texts[1].startswith("Reply to: b [NA] #") and texts[2].startswith("Reply to: c [] #")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.errors import ExitCode
-from tests.conftest import refused
+from tests.conftest import refused, row_id
 
 MODEL = "claude-haiku-4-5"
 
@@ -77,7 +77,7 @@ def test_jsonl_integers_past_2_53_and_64_bits_reach_the_prompt_exactly(emu, cli,
     table = pq.read_table(out)
     assert table.column("custom_id").to_pylist() == ids                # distinct ids, every digit
     assert [str(v) for v in table.column("id").to_pylist()] == ids     # the output keeps them exact too
-    assert emu.stats.submitted_custom_ids.keys() == set(ids)
+    assert {row_id(c) for c in emu.stats.submitted_custom_ids} == set(ids)
 
 
 def _big_jsonl(path, rows: int, late: dict, at: int) -> None:

@@ -57,7 +57,11 @@ def load_spec(job: JobLike, **overrides: Any) -> JobSpec:
 
 
 def _fields(spec: JobSpec) -> dict:
-    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "source"}
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+              if f.name not in ("source", "cache_ttl_defaulted")}
+    if spec.cache_ttl_defaulted:   # chosen from the mode: chosen again for the overrides
+        fields["cache_ttl"] = None
+    return fields
 
 
 def _runner(job: JobLike, *, api_key=None, base_url=None, transport=None, async_transport=None,

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 from .errors import NoSpaceError
 from .requests import output_schema_for
-from .summary import (ROW_STATES, budget_text, cost_by_kind, failures_by_cause, invalid_output_reasons, job_status,
-                     usage_problems, usage_text)
+from .summary import (ROW_STATES, budget_text, cost_by_kind, failures_by_cause, invalid_output_reasons, job_cache_saved,
+                      job_status, stored_catalog, usage_problems, usage_text)
 from .store import Store, now_iso, parse_iso
 
 FAILED_STATES = ("errored", "expired", "canceled", "invalid_output")
@@ -56,6 +56,7 @@ def build_report_data(store: Store, job: dict, *, max_failed_rows: int = MAX_FAI
         "tokens": dict(st["tokens"]),
         "cost_usd": st["cost_usd"],
         "cost_by_kind": _cost_by_kind(store, job, spec, mode, cache_ttl),
+        "cache": {**st["cache"], "saved_usd": job_cache_saved(store, job)},
         "reused_rows": st["reused_rows"],
         "failures_by_cause": [{"cause": c, "error_type": t, "rows": n} for c, t, n in failures_by_cause(store, jid)],
         "invalid_output_reasons": [{"reason": m, "rows": n} for m, n in invalid_output_reasons(store, jid)[0]],
@@ -87,19 +88,9 @@ def _status_word(st: dict) -> str:
 
 def _cost_by_kind(store: Store, job: dict, spec: dict, mode: str, cache_ttl: str) -> Optional[dict]:
     """USD per token kind (batch discount applied in batch mode); None when the model is not priced."""
-    from .models import load_catalog
-    catalog = None
-    extra = spec.get("models_file")
-    if extra and os.path.exists(extra):
-        try:
-            catalog = load_catalog(extra)
-        except Exception:  # a models file changed since the run: fall back to the shipped catalog
-            catalog = None
+    catalog = stored_catalog(spec)
     if catalog is None:
-        try:
-            catalog = load_catalog()
-        except Exception:
-            return None
+        return None
     return cost_by_kind(store, job["id"], catalog, job["model"], batch=mode == "batch", cache_ttl=cache_ttl)
 
 

@@ -61,6 +61,11 @@ AMBIGUOUS_GRACE = 60.0                             # a create that failed ambigu
                                                    # before its rows are sent again (BATCHRUN_CREATE_GRACE)
 ADOPTED, PROVEN = 1, 2                             # batches.adopted: found after a lost create; and proved
                                                    # ours by its results before it was adopted
+PRIME_MIN_ROWS = 6                                 # rows to send for the cache to be primed first (see _priming)
+PRIME_LAPSE = 0.75                                 # a cache last touched this share of its TTL ago may lapse
+                                                   # before a batch sent now runs: it is primed again
+PRIME_TRIES = 2                                    # primers in a row that brought no answer before priming stops
+CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
 def create_grace() -> float:
@@ -83,6 +88,7 @@ class Progress:
     elapsed: float
     mode: str = "batch"
     url: Optional[str] = None     # messages mode: the URL requests are sent to (base URL and prefix included)
+    priming: int = 0            # requests of a batch in flight that primes the cache (the rest waits for it)
 
     @property
     def done(self) -> int:
@@ -131,13 +137,26 @@ def resolve_connection(api_key: Optional[str], base_url: Optional[str]) -> tuple
     return api_key, source, base
 
 
+def cached_prefix_tokens(spec: JobSpec) -> int:
+    """About how many tokens the prefix `cache_system` caches has (0: nothing is cached)."""
+    return len(spec.system) // 4 if spec.cache_system and spec.system else 0
+
+
+def primes_cache(spec: JobSpec, model: Optional[ModelInfo]) -> bool:
+    """Whether the job's batches are sent after one request has primed the cache (see Runner._priming):
+    batch mode, a cached prefix not below the model's minimum (the warning of warnings_for), cache_prime on."""
+    approx = cached_prefix_tokens(spec)
+    minimum = model.cache_min_tokens if model is not None else None
+    return spec.mode == "batch" and spec.cache_prime and approx > 0 and (minimum is None or approx >= minimum)
+
+
 def warnings_for(spec: JobSpec, model: Optional[ModelInfo], builder: Optional[RequestBuilder]) -> list:
     """Things that will work but probably not as the user hopes."""
     out = []
     if model is None:
         return out
     if spec.cache_system and spec.system:
-        approx = len(spec.system) // 4
+        approx = cached_prefix_tokens(spec)
         minimum = model.cache_min_tokens
         if minimum is None:
             out.append(f"cache_system: the minimum cacheable prompt of {spec.model} is not known; "
@@ -196,8 +215,23 @@ class Job:
                     legacy = self.store.job(spec.identity(self.fingerprint, LEGACY_LOOPBACK))
                     if legacy is not None and legacy["endpoint"] == LEGACY_LOOPBACK:
                         self.legacy_loopback = legacy["id"]
+            if spec.cache_ttl_defaulted and spec.cache_ttl == "1h" and not self.store.job(self.id) \
+                    and self.legacy_loopback is None:
+                self._five_minute_job(spec)
         else:  # a job already in the state file, its input not read (see Runner.for_stored_job)
             self.source, self.fingerprint, self.id = None, None, job_id
+
+    def _five_minute_job(self, spec: JobSpec) -> None:
+        """A cached batch job planned when batch jobs cached for 5 minutes by default is that job, with its
+        5-minute requests, not a new one to pay for again."""
+        old = dataclasses.replace(spec, cache_ttl="5m")
+        row = self.store.job(self.id_for(old))
+        if row is None and self.endpoint is not None:   # (and planned before the endpoint was kept)
+            row = self.store.job(old.identity(self.fingerprint))
+            row = row if row is not None and row["endpoint"] is None else None
+        if row is not None:
+            self.id, spec.cache_ttl = row["id"], "5m"
+            log.info("job %s: planned with the 5-minute cache (the default then): it keeps it", self.short_id)
 
     def id_for(self, spec: JobSpec) -> str:
         """The id `spec` has over this job's input, endpoint and catalog (this job's own id for its own spec)."""
@@ -506,7 +540,8 @@ class Runner:
         self.on_progress(Progress(job_id=self.job.id, total=total, counts=counts, batches_in_flight=b["live"],
                                   batches_total=b["total"], cost_usd=self.cost(),
                                   elapsed=time.monotonic() - self._started, mode=self.spec.mode,
-                                  url=self._client.full_url("v1/messages") if self._client is not None else None))
+                                  url=self._client.full_url("v1/messages") if self._client is not None else None,
+                                  priming=self.store.primer_requests(self.job.id)))
 
     # ---- plan ----------------------------------------------------------------------------------
     def plan(self) -> None:
@@ -548,7 +583,10 @@ class Runner:
         if self.job.fingerprint is None:
             return None
         other = "batch" if self.spec.mode == "messages" else "messages"
-        other_id = self.job.id_for(dataclasses.replace(self.spec, mode=other))
+        other_spec = dataclasses.replace(self.spec, mode=other)
+        if self.spec.cache_ttl_defaulted:   # that mode's own default
+            other_spec.cache_ttl = default_cache_ttl(other, self.spec.cache_system)
+        other_id = self.job.id_for(other_spec)
         if self.store.job(other_id) is None:   # (no lock file made for a job that is not there)
             return None
         lock = JobLock(self.spec.state_path, other_id)
@@ -859,6 +897,9 @@ class Runner:
         if store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]:
             self._cancel_pending()  # rows a canceled batch gave back for another attempt are not sent
             return 0
+        prime = self._priming()
+        if prime == "wait":
+            return 0
         created = 0
         tag = self._tag()
         silent = self._silent_twins()
@@ -876,6 +917,8 @@ class Runner:
                 self.estimator.request_max(first[0])
         after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
+            if prime and after >= 0:
+                return created   # a primer goes alone; the rest once it has ended
             # what to send is chosen and its intent committed in one (write-locked) transaction: another
             # job of this state file sharing these requests (even one planned a moment ago) sees them in
             # flight, or has them in flight already and they are not chosen here; never both sent
@@ -885,7 +928,7 @@ class Runner:
                     f"SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
                     f"WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {twins} "
                     "ORDER BY r.row_index LIMIT ?",
-                    (job.id, after, *(silent if twins else ()), self._chunk)).fetchall()
+                    (job.id, after, *(silent if twins else ()), 1 if prime else self._chunk)).fetchall()
                 if not rows:
                     return created
                 parts, ids, size = [], [], 16
@@ -910,6 +953,8 @@ class Runner:
                 # without twin filtering, the chunk is every pending row in its row range
                 span = None if twins else (rows[0][2], sent_through)
                 local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None, span, tag)
+                if prime:
+                    self._primer(local, ids[0])
             failpoints.hit("after_intent")
             try:
                 info = self.client.create_batch(payload)
@@ -954,6 +999,47 @@ class Runner:
             created += 1
             after = sent_through
             log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
+
+    # ---- priming the prompt cache ------------------------------------------------------------------
+    # The items of one batch run concurrently and do not read each other's cache writes: a batch sent
+    # cold writes the cached prefix once per row. So a job whose prefix is cached (primes_cache) first
+    # sends one request — its first pending row's own, so nothing is wasted — alone, as a batch like
+    # any other (intent, create, adoption of a lost reply), waits for it to end, then sends the rest,
+    # which read what it wrote. Rows sent later (retries, the rest of a full queue or a budget, a cron
+    # run hours on), when the cache may have lapsed, are primed again: the cache counts as warm for
+    # PRIME_LAPSE of its TTL after the intent of the latest batch whose replies wrote or read it.
+    def _priming(self) -> Optional[str]:
+        """None: send the pending rows now; "wait": a primer is in flight; "prime": send one row alone first."""
+        store, job = self.store, self.job
+        if not primes_cache(self.spec, job.model):
+            return None
+        if store.primer_requests(job.id):
+            return "wait"
+        if store.counts(job.id).get("pending", 0) < PRIME_MIN_ROWS:
+            return None
+        history = store.cache_history(job.id)
+        touched = history["touched_at"]
+        if touched and time.time() < parse_iso(touched).timestamp() + PRIME_LAPSE * CACHE_TTL_SECONDS[
+                self.spec.cache_ttl]:
+            return None   # warm
+        recent = history["recent"]   # (primer, collected, answered, touched), newest first
+        if recent and recent[0][0] and recent[0][2]:
+            return None   # a primer has just answered: the rest goes now, as warm as the cache can be
+        answered = next((r for r in recent if r[0] and r[2]), None)
+        if answered is not None and not answered[3]:
+            return None   # a primer answered without writing the cache: the API does not cache this prefix
+        failed = 0
+        for primer, collected, ok, _ in recent:
+            if not (primer and collected and not ok):
+                break
+            failed += 1
+        return None if failed >= PRIME_TRIES else "prime"
+
+    def _primer(self, local: int, custom_id: str) -> None:
+        self.store.mark_primer(local)
+        self.store.event(self.job.id, "info", f"priming the cache: 1 request ({custom_id}) before the rest")
+        log.info("job %s: priming the cache: 1 request (%s) first, the rest once it has ended",
+                 self.job.short_id, custom_id)
 
     def _silent_twins(self) -> list:
         """Other jobs of this state file that have our pending requests in flight but whose answers are

@@ -69,6 +69,12 @@ def parse_duration(value: Any, key: str) -> float:
     return seconds
 
 
+def default_cache_ttl(mode: str, cache_system: bool) -> str:
+    """The cache TTL of a job that names none: 1h for a cached batch job (the requests of a batch may run
+    long after it is created, and a job sends its batches over minutes or hours), else 5m."""
+    return "1h" if mode == "batch" and cache_system is True else "5m"
+
+
 @dataclass
 class JobSpec:
     """A validated job. Build with `JobSpec.load(...)` or `JobSpec.from_mapping(...)`."""
@@ -93,7 +99,8 @@ class JobSpec:
     multi_label: bool = False
     # prompt caching
     cache_system: bool = False
-    cache_ttl: str = "5m"
+    cache_ttl: Optional[str] = None      # None: "1h" for a cached batch job (batches may outlast 5 minutes), else "5m"
+    cache_prime: bool = True             # batch mode: one request warms the cache before the rest (runner.py)
     # model parameters
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -126,6 +133,8 @@ class JobSpec:
     allow_unknown_model: bool = False    # run a model the catalog does not know (its cost stays unknown)
     # where the spec came from (not part of the job's identity)
     source: Optional[str] = field(default=None, compare=False)
+    # whether cache_ttl was left to its default (see _validate; not a job key)
+    cache_ttl_defaulted: bool = field(default=False, compare=False)
 
     # ---- identity -------------------------------------------------------------------------
     # Fields that shape what is sent, and so what is paid for. Anything else (where the output
@@ -165,6 +174,7 @@ class JobSpec:
         """The spec as stored in the state file (it never holds a key)."""
         data = dataclasses.asdict(self)
         data.pop("source", None)  # where it came from is not part of the job (and not a job key)
+        data.pop("cache_ttl_defaulted", None)
         if data.get("headers"):  # gateway headers may carry credentials: keep their names only
             data["headers"] = {name: "<redacted>" for name in data["headers"]}
         return json.dumps(data, sort_keys=True, default=str)
@@ -209,7 +219,7 @@ class JobSpec:
     def from_mapping(cls, raw: Mapping[str, Any], source: Optional[str] = None) -> "JobSpec":
         where = f"{source}: " if source else ""
         raw = dict(raw)
-        known = ({f.name for f in dataclasses.fields(cls)} | set(_FILE_KEYS)) - {"source"}
+        known = ({f.name for f in dataclasses.fields(cls)} | set(_FILE_KEYS)) - {"source", "cache_ttl_defaulted"}
         for key in raw:
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -258,8 +268,11 @@ class JobSpec:
              f"must be a date (YYYY-MM-DD): {' or '.join(API_VERSIONS)} for the Anthropic API, or the version a "
              "gateway documents")
         need(self.mode in ("batch", "messages"), "mode", "must be 'batch' or 'messages'")
+        if self.cache_ttl is None:
+            self.cache_ttl = default_cache_ttl(self.mode, self.cache_system)
+            self.cache_ttl_defaulted = True
         need(self.cache_ttl in ("5m", "1h"), "cache_ttl", "must be '5m' or '1h'")
-        for key in ("multi_label", "cache_system", "allow_unknown_model", "prefill_in_text"):
+        for key in ("multi_label", "cache_system", "cache_prime", "allow_unknown_model", "prefill_in_text"):
             need(isinstance(getattr(self, key), bool), key, "expected true or false")
         for key in ("temperature", "top_p", "max_cost"):
             value = getattr(self, key)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from typing import Optional
 
@@ -56,7 +57,7 @@ def job_status(store: Store, job: dict) -> dict:
         {"batch_id": b["api_id"], "state": b["state"], "api_status": b["api_status"],
          "requests": b["request_count"], "created_at": b["created_at"], "ended_at": b["ended_at"],
          "request_counts": json.loads(b["request_counts"]) if b["request_counts"] else None,
-         "adopted": bool(b["adopted"])}
+         "adopted": bool(b["adopted"]), "primer": bool(b["primer"])}
         for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state != 'abandoned' ORDER BY id", (jid,))]
     spec = json.loads(job["spec"])
     finished = bool(job["finished_at"]) and counts["pending"] == 0 and counts["in_flight"] == 0
@@ -71,6 +72,8 @@ def job_status(store: Store, job: dict) -> dict:
         "tokens": {k: tokens[k] for k in ("input", "output", "cache_write", "cache_read")},
         # the budget of the job's latest run (each run records the max_cost it ran with)
         "cost_usd": job_cost(store, jid), "reused_rows": reused, "max_cost": spec.get("max_cost"), "batches": batches,
+        # the prompt cache: rows that read it of those that could, and a primer batch in flight
+        "cache": {**cache_use(store, jid), "priming": store.primer_requests(jid)},
     }
 
 
@@ -135,12 +138,32 @@ def usage_text(problems: dict) -> Optional[str]:
 
 def cost_by_kind(store: Store, job_id: str, catalog, model: str, *, batch: bool, cache_ttl: str) -> Optional[dict]:
     """What the job paid per token kind (rows reused from other jobs excluded); None if unpriced."""
+    totals = _priced(store, job_id, catalog, model, cache_ttl)
+    if totals is None:
+        return None
+    scale = Decimal("0.5") if batch else Decimal(1)
+    return {k: float(totals[k] * scale) for k in ("input", "output", "cache_write", "cache_read")}
+
+
+def cache_saved(store: Store, job_id: str, catalog, model: str, *, batch: bool, cache_ttl: str) -> Optional[float]:
+    """What prompt caching saved the job against sending the same tokens uncached (negative: what it cost
+    more, as when every row wrote the cache); None if unpriced."""
+    totals = _priced(store, job_id, catalog, model, cache_ttl)
+    if totals is None:
+        return None
+    scale = Decimal("0.5") if batch else Decimal(1)
+    return float((totals["cache_as_input"] - totals["cache_write"] - totals["cache_read"]) * scale)
+
+
+def _priced(store: Store, job_id: str, catalog, model: str, cache_ttl: str) -> Optional[dict]:
+    """USD per token kind at full price (no batch discount), and what the cache tokens would have cost as
+    plain input ("cache_as_input"); None if unpriced."""
     info = catalog.resolve(model)
     if info is None or info.prices is None:
         return None
-    from decimal import Decimal
     bounds = [0] + [t.above_prompt_tokens for t in info.tiers] + [None]
-    totals = {"input": Decimal(0), "output": Decimal(0), "cache_write": Decimal(0), "cache_read": Decimal(0)}
+    totals = {"input": Decimal(0), "output": Decimal(0), "cache_write": Decimal(0), "cache_read": Decimal(0),
+              "cache_as_input": Decimal(0)}
     prompt = ("(coalesce(input_tokens,0) + coalesce(cache_creation_input_tokens,0) + "
               "coalesce(cache_read_input_tokens,0))")
     for low, high in zip(bounds, bounds[1:]):
@@ -152,9 +175,61 @@ def cost_by_kind(store: Store, job_id: str, catalog, model: str, *, batch: bool,
         prices = info.prices_for((low or 0) + 1)
         write = prices.cache_write_1h if cache_ttl == "1h" else prices.cache_write_5m
         for kind, tokens, price in (("input", r["i"], prices.input), ("output", r["o"], prices.output),
-                                    ("cache_write", r["w"], write), ("cache_read", r["c"], prices.cache_read)):
+                                    ("cache_write", r["w"], write), ("cache_read", r["c"], prices.cache_read),
+                                    ("cache_as_input", r["w"] + r["c"], prices.input)):
             if tokens and price is None:
                 return None
             totals[kind] += Decimal(tokens) * (price or 0) / Decimal(1_000_000)
-    scale = Decimal("0.5") if batch else Decimal(1)
-    return {k: float(v * scale) for k, v in totals.items()}
+    return totals
+
+
+def cache_use(store: Store, job_id: str) -> dict:
+    """Rows this job paid for that read the cache, that wrote it, and that could have read it (every row
+    whose prefix was cached: it wrote or read); read_rate = read / could (None when none could)."""
+    r = store.one("SELECT count(*) FILTER (WHERE coalesce(cache_read_input_tokens, 0) > 0) AS read, "
+                  "count(*) FILTER (WHERE coalesce(cache_creation_input_tokens, 0) > 0) AS wrote, "
+                  "count(*) FILTER (WHERE coalesce(cache_creation_input_tokens, 0) + "
+                  "coalesce(cache_read_input_tokens, 0) > 0) AS could "
+                  f"FROM requests WHERE job_id = ? AND {PAID}", (job_id,))
+    return {"rows_read": r["read"], "rows_wrote": r["wrote"], "rows_could": r["could"],
+            "read_rate": round(r["read"] / r["could"], 4) if r["could"] else None}
+
+
+def cache_line(use: dict, saved: Optional[float], priming: int = 0) -> Optional[str]:
+    """One line on the job's prompt cache, for the run summary and status; None when nothing was cached."""
+    parts = []
+    if priming:
+        parts.append(f"priming the cache: {priming} request{'s' if priming != 1 else ''} "
+                     "(the rest is sent once it has ended)")
+    if use["rows_could"]:
+        parts.append(f"{use['rows_read']:,} of {use['rows_could']:,} rows read it ({use['read_rate']:.1%}), "
+                     f"{use['rows_wrote']:,} wrote it")
+        if saved is not None:
+            parts.append(f"caching saved ${saved:,.6f} against no cache" if saved >= 0
+                         else f"caching cost ${-saved:,.6f} more than no cache")
+    return "cache: " + "; ".join(parts) if parts else None
+
+
+def job_cache_saved(store: Store, job: dict) -> Optional[float]:
+    """cache_saved for a stored job, at the prices of the catalog it was run with."""
+    spec = json.loads(job["spec"] or "{}")
+    catalog = stored_catalog(spec)
+    if catalog is None:
+        return None
+    return cache_saved(store, job["id"], catalog, job["model"], batch=(job["mode"] or "batch") == "batch",
+                       cache_ttl=spec.get("cache_ttl") or "5m")
+
+
+def stored_catalog(spec: dict):
+    """The model catalog a stored job was run with (its models_file if still there), or None."""
+    from .models import load_catalog
+    extra = spec.get("models_file")
+    if extra and os.path.exists(extra):
+        try:
+            return load_catalog(extra)
+        except Exception:  # a models file changed since the run: fall back to the shipped catalog
+            pass
+    try:
+        return load_catalog()
+    except Exception:
+        return None

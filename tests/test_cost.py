@@ -182,7 +182,8 @@ def test_estimate_bracket_with_a_cached_system_prompt(emu, cli, tmp_path, ticket
     base = [*job(tickets_csv, tmp_path, "--limit", "40", "--system", system)]
     base[base.index("claude-haiku-4-5")] = "claude-sonnet-4-5"
     plain = json.loads(cli("estimate", *base, "--json").output)
-    cached = json.loads(cli("estimate", *base, "--cache-system", "--json").output)
+    # (the 5-minute cache, asked for: batch jobs cache for an hour by default)
+    cached = json.loads(cli("estimate", *base, "--cache-system", "--cache-ttl", "5m", "--json").output)
     assert cached["system_tokens"] == 2 + 1 + 2 * 700 == 1403     # Poli|cy, ":", bill|ing × 700
     n, sys_t, rest = 40, 1403, cached["input_tokens"] - 40 * 1403
     # Sonnet 4.5 per million: input 3, output 15, cache write (5 m) 3.75, cache read 0.30; batch: half
@@ -192,7 +193,7 @@ def test_estimate_bracket_with_a_cached_system_prompt(emu, cli, tmp_path, ticket
     assert cached["cost_usd_max"] == pytest.approx(float(high), rel=1e-6)
     assert cached["cost_usd_min"] < plain["cost_usd_min"] and cached["cost_usd_max"] > plain["cost_usd_max"]
     assert cached["input_tokens"] == plain["input_tokens"]
-    r = cli("run", *base, "--cache-system")
+    r = cli("run", *base, "--cache-system", "--cache-ttl", "5m")
     assert r.exit_code == 0, r.output
     rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert sum(row["cache_creation_input_tokens"] for row in rows) == sys_t          # one write

@@ -354,6 +354,33 @@ def test_cache_write_then_reads_in_a_batch(emu, sdk):
     assert sdk.messages.create(**cached(6000, 99)).usage.cache_read_input_tokens == 1500
 
 
+def test_cold_batches_read_only_writes_of_batches_that_ended(emu, sdk, monkeypatch):
+    """cold_batches: the items of one batch never read each other's writes, nor those of a batch still
+    running when theirs was created; a batch created after the writing batch ended reads, within the TTL."""
+    emu.config.cold_batches, emu.config.processing_seconds = True, 0.3
+
+    def usage(requests: list) -> dict:
+        batch_id = sdk.messages.batches.create(requests=requests).id
+        wait_ended(sdk, batch_id)
+        return {cid: r.result.message.usage for cid, r in results(sdk, batch_id).items()}
+
+    first = sdk.messages.batches.create(requests=[{"custom_id": f"a{i}", "params": cached(6000, i)} for i in range(4)])
+    during = usage([{"custom_id": "b0", "params": cached(6000, 10)}])     # created while `first` ran
+    wait_ended(sdk, first.id)
+    written = {cid: r.result.message.usage for cid, r in results(sdk, first.id).items()}
+    assert all(u.cache_creation_input_tokens == 1500 and u.cache_read_input_tokens == 0 for u in written.values())
+    assert during["b0"].cache_creation_input_tokens == 1500 and during["b0"].cache_read_input_tokens == 0
+    after = usage([{"custom_id": f"c{i}", "params": cached(6000, 20 + i)} for i in range(3)])
+    assert all(u.cache_read_input_tokens == 1500 and u.cache_creation_input_tokens == 0 for u in after.values())
+    # past the 5-minute TTL the entry is gone: the next batch writes again
+    monkeypatch.setattr(emu, "clock", lambda: time.time() + 301)
+    assert usage([{"custom_id": "d0", "params": cached(6000, 30)}])["d0"].cache_creation_input_tokens == 1500
+    # without the flag (the default) the items of one batch read the first one's write
+    emu.config.cold_batches = False
+    warm = usage([{"custom_id": f"e{i}", "params": cached(7000, i)} for i in range(4)])
+    assert sorted(u.cache_read_input_tokens for u in warm.values()) == [0, 1750, 1750, 1750]
+
+
 def test_cache_minimum_per_model_and_ttl(emu, sdk):
     small = sdk.messages.create(**cached(3000, 1))              # 750 tokens < 1024: not cached, no error
     assert small.usage.cache_creation_input_tokens == 0 and small.usage.cache_read_input_tokens == 0

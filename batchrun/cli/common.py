@@ -55,7 +55,11 @@ JOB_OPTIONS = [
     click.option("--labels", multiple=True, metavar="A,B,C", help="Label set: the reply is one of these (column 'label')."),
     click.option("--multi-label", is_flag=True, default=None, help="With --labels: a list of labels per row."),
     click.option("--cache-system/--no-cache-system", default=None, help="Send the system prompt as a cached block."),
-    click.option("--cache-ttl", type=click.Choice(["5m", "1h"]), help="Cache lifetime for --cache-system."),
+    click.option("--cache-ttl", type=click.Choice(["5m", "1h"]),
+                 help="Cache lifetime for --cache-system (default: 1h in batch mode, 5m in messages mode)."),
+    click.option("--cache-prime/--no-cache-prime", default=None,
+                 help="Batch mode, cached prefix: send one request alone first to write the cache, then the rest "
+                      "to read it (default: on)."),
     click.option("--temperature", type=float, help="Sampling temperature (refused by models that take none)."),
     click.option("--top-p", type=float),
     click.option("--top-k", type=int),
@@ -95,8 +99,9 @@ def job_options(fn: Callable) -> Callable:
 
 SPEC_KEYS = ("input", "output", "id_column", "prompt", "prompt_file", "system", "system_file", "model",
              "max_tokens", "batch_size", "poll_interval", "state", "max_attempts", "api_version", "mode",
-             "output_schema", "labels", "multi_label", "cache_system", "cache_ttl", "temperature", "top_p",
-             "top_k", "thinking", "effort", "stop_sequences", "prefill", "prefill_in_text", "image_column", "image_dir", "max_tokens_column",
+             "output_schema", "labels", "multi_label", "cache_system", "cache_ttl", "cache_prime", "temperature",
+             "top_p", "top_k", "thinking", "effort", "stop_sequences", "prefill", "prefill_in_text", "image_column",
+             "image_dir", "max_tokens_column",
              "max_cost", "limit", "shard", "concurrency", "rpm", "tpm", "auth_header", "partition_by", "models_file",
              "allow_unknown_model", "name")
 # Old flag spellings, kept (hidden) so that existing command lines still work: flag -> job key.
@@ -243,6 +248,8 @@ class ProgressPrinter:
         eta = f", ETA {format_seconds(eta)}" if eta is not None else ""
         where = (f"in {p.batches_in_flight} batches ({p.batches_total} created)" if p.mode == "batch"
                  else f"over POST {p.url or '/v1/messages'}")
+        if p.priming:
+            where += f", priming the cache: {p.priming} request{'s' if p.priming != 1 else ''}"
         click.echo(f"progress: {p.done}/{p.total} rows done ({p.failed} failed), "
                    f"{p.counts.get('in_flight', 0)} in flight {where}, {cost}, "
                    f"{format_seconds(p.elapsed)} elapsed{eta}", err=True)
@@ -301,6 +308,9 @@ class ProgressPrinter:
         grid.add_row("rows", rows)
         if p.mode == "batch":
             grid.add_row("batches", f"{p.batches_in_flight:,} in flight · {p.batches_total:,} created")
+            if p.priming:
+                grid.add_row("cache", f"priming the cache: {p.priming} request{'s' if p.priming != 1 else ''} "
+                                      "(the rest is sent once it has ended)")
         else:
             grid.add_row("mode", f"messages (POST {p.url or '/v1/messages'}, no batches)")
         grid.add_row("cost", f"${p.cost_usd:,.4f}" if p.cost_usd is not None else "unknown (model not priced)")

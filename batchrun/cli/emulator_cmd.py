@@ -54,6 +54,9 @@ import click
               help="Answer every API call with this HTTP status, as a failing gateway does (e.g. 400, 401, 502, 529).")
 @click.option("--error-type", default="no_db_connection", show_default=True, metavar="TYPE",
               help="The error.type of the --error-status replies (a gateway's own type, or an API one).")
+@click.option("--cold-batches", is_flag=True,
+              help="Prompt caching as in a cold batch: no item reads a cache written by another item of its "
+                   "batch; a write is read only by batches created after its batch ended.")
 @click.option("--no-validate", is_flag=True, help="Skip per-parameter request validation (for benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 @click.option("--timing", is_flag=True,
@@ -67,7 +70,8 @@ def emulator(ctx: click.Context, host: str, port: int, processing_seconds: float
              archive_after: Optional[float], max_batch_requests: int, api_key: Optional[str], rpm: Optional[int],
              input_tpm: Optional[int], output_tpm: Optional[int], rate_window: float,
              wrap_messages: bool, no_batches: bool, no_count_tokens: bool, openai_ratelimit_headers: bool,
-             error_status: Optional[int], error_type: str, no_validate: bool, seed: int, timing: bool) -> None:
+             error_status: Optional[int], error_type: str, cold_batches: bool, no_validate: bool, seed: int,
+             timing: bool) -> None:
     """Serve the built-in emulator of the Message Batches API (no network, nothing billed).
 
     A faithful stand-in for the API for trying jobs offline: batches stay in progress for a while,
@@ -122,7 +126,7 @@ def emulator(ctx: click.Context, host: str, port: int, processing_seconds: float
                             input_tpm=input_tpm, output_tpm=output_tpm, rate_window=rate_window,
                             no_batches=no_batches, no_count_tokens=no_count_tokens,
                             openai_ratelimit_headers=openai_ratelimit_headers, error_status=error_status,
-                            error_type=error_type)
+                            error_type=error_type, cold_batches=cold_batches)
     if timing:
         config.validate = False
         config.lean = True

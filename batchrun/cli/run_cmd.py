@@ -127,8 +127,8 @@ def run(job_file, no_wait, resume_canceled, resend_lost, retry_errored, wait_loc
 
 def print_summary(runner, result) -> None:
     """The end-of-run summary: rows by status, failures by cause, tokens and cost by kind."""
-    from ..summary import (cost_by_kind, failures_by_cause, invalid_output_reasons, job_status, usage_problems,
-                          usage_text)
+    from ..summary import (cache_line, cache_saved, cost_by_kind, failures_by_cause, invalid_output_reasons,
+                           job_status, usage_problems, usage_text)
     from .common import format_seconds
     store, spec = runner.store, runner.spec
     job = store.job(result.job_id)
@@ -164,6 +164,11 @@ def print_summary(runner, result) -> None:
     else:
         echo(f"  this run: {result.sent:,} requests sent, {result.replies:,} replies recorded, "
              f"{money(result.run_cost_usd)} spent; the job cost {money(result.cost_usd)} in all")
+    cache = cache_line(st["cache"], cache_saved(store, result.job_id, runner.job.catalog, spec.model,
+                                                batch=spec.mode == "batch", cache_ttl=spec.cache_ttl),
+                       st["cache"]["priming"])
+    if cache:
+        echo(f"  {cache}")
     if result.finished:
         echo(f"  output: {result.output}")
     else:

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..errors import InputError
-from ..summary import ROW_STATES, budget_text, job_status
+from ..summary import ROW_STATES, budget_text, cache_line, job_cache_saved, job_status
 from ..store import Store
 from .common import handle_errors
 
@@ -36,6 +36,8 @@ def status(job, state, as_json):
         if job and not jobs:
             raise InputError(f"no job {job!r} in {state}")
         reports = [job_status(store, j) for j in jobs]
+        for r, j in zip(reports, jobs):
+            r["cache"]["saved_usd"] = job_cache_saved(store, j) if r["cache"]["rows_could"] else None
     if as_json:
         click.echo(json.dumps(reports if not job else reports[0], indent=2))
         return
@@ -51,9 +53,12 @@ def status(job, state, as_json):
         click.echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
                    f"{t['cache_read']:,} cache read; cost {cost}"
                    + (f" (budget {budget_text(r['max_cost'])})" if r["max_cost"] is not None else ""))
+        if r["cache"]["rows_could"] or r["cache"]["priming"]:
+            click.echo(f"  {cache_line(r['cache'], r['cache']['saved_usd'], r['cache']['priming'])}")
         for b in r["batches"]:
             click.echo(f"  batch {b['batch_id'] or '(creating)'}: {b['api_status'] or b['state']}, "
-                       f"{b['requests']} requests{', adopted' if b['adopted'] else ''}")
+                       f"{b['requests']} requests{', adopted' if b['adopted'] else ''}"
+                       f"{', priming the cache' if b['primer'] else ''}")
 
 
 @click.command()

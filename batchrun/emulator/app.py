@@ -180,6 +180,7 @@ class Emulator:
             self._order: list = []         # every batch id ever created, oldest first
             self._seq: dict = {}           # id -> position in _order (deleted ones too, for pagination)
             self._cache: dict = {}         # cache key -> expiry time
+            self._cache_since: dict = {}   # cache key -> when its entry became readable (cold_batches)
             self._spent = dict.fromkeys(BUCKETS, 0.0)   # how far each rate-limit bucket is below full
             self._refilled_at = self.clock()
             self._rng_seed = self.config.seed
@@ -758,7 +759,7 @@ class Emulator:
                                                    else None][1])
             if plan is not None:
                 key, tokens, ttl = plan
-                batch.cache[i] = (self._touch_cache(key, ttl, at), tokens, ttl)
+                batch.cache[i] = (self._touch_cache(key, ttl, at, batch), tokens, ttl)
         counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
         names = {SUCCEEDED: "succeeded", EXPIRED: "expired", CANCELED: "canceled"}
         for code in outcomes:
@@ -770,14 +771,26 @@ class Emulator:
         self.stats.outcomes[batch.id] = [names.get(code, "errored") for code in outcomes]
         batch.ended_at = at
 
-    def _touch_cache(self, key: str, ttl: str, at: float) -> str:
-        """Look a prefix up in the prompt cache at time `at`: "write" (a miss, now stored) or "read"."""
+    def _touch_cache(self, key: str, ttl: str, at: float, batch: Optional[_Batch] = None) -> str:
+        """Look a prefix up in the prompt cache at time `at`: "write" (a miss, now stored) or "read".
+
+        With `cold_batches`, an item of `batch` reads only an entry that was readable when its batch was
+        created: the items of one batch run concurrently and never see each other's writes, and a write
+        becomes readable when its own batch ends (`at`, the end of the batch processed now)."""
         expiry = self._cache.get(key)
-        self._cache[key] = at + replies.CACHE_TTLS.get(ttl, 300.0)
-        if expiry is not None and expiry > at:
+        live = expiry is not None and expiry > at
+        if live and batch is not None and self.config.cold_batches:
+            live_for_batch = self._cache_since.get(key, at) <= batch.created
+        else:
+            live_for_batch = live
+        self._cache[key] = max(expiry if live else 0.0, at + replies.CACHE_TTLS.get(ttl, 300.0))
+        if not live:
+            self._cache_since[key] = at
+        if live_for_batch:
             return "read"
         if len(self._cache) > 200_000:   # forget expired entries now and then
             self._cache = {k: v for k, v in self._cache.items() if v > at}
+            self._cache_since = {k: v for k, v in self._cache_since.items() if k in self._cache}
         return "write"
 
     def _model(self, name: Any) -> tuple:

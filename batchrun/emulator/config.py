@@ -32,6 +32,9 @@ class EmulatorConfig:
     lean: bool = False                   # timing mode (benchmarks, not tests): tokens = ceil(characters / 4),
                                          # CRC-32 reply hashes, cheap message ids, no per-request model
                                          # checks, no prompt cache, no per-hash counters (params_submitted, billed)
+    cold_batches: bool = False           # prompt caching as in a cold batch: no item reads a cache written by
+                                         # another item of its batch; a write is read only by batches created
+                                         # after the batch that wrote it ended (and within its TTL)
     # faults
     fault_rate: float = 0.0              # fraction of API calls answered with 429 / 500 / 529 / a dropped connection
     drop_after_create: int = 0           # the next N creates create the batch, then drop the connection

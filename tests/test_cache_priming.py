@@ -1,0 +1,191 @@
+"""Issue 18: a cached prefix is written once and read by every other row, on an emulator whose batches
+are cold (no item reads a cache another item of its batch wrote), through the CLI."""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun.store import Store
+from tests.conftest import PROMPT, refused
+
+MODEL = "claude-haiku-4-5"         # caches prefixes of 4,096 tokens and more
+# ~4,400 tokens as the emulator counts them (a word or a punctuation mark each); ~28k characters
+GUIDE = "\n".join(f"Rule {i}: label the ticket by its main request, and say why in one line." for i in range(300))
+
+
+@pytest.fixture
+def cold(emu):
+    emu.config.cold_batches = True
+    return emu
+
+
+def job(tickets_csv, tmp_path, name, *extra, rows=300):
+    guide = tmp_path / "guide.txt"
+    guide.write_text(GUIDE, encoding="utf-8")
+    return ["run", "--input", tickets_csv, "--output", tmp_path / f"{name}.parquet", "--state",
+            tmp_path / f"{name}.sqlite", "--id-column", "ticket_id", "--prompt", PROMPT, "--model", MODEL,
+            "--max-tokens", 50, "--batch-size", 100, "--limit", rows, "--system-file", guide, "--cache-system",
+            "--poll-interval", "0.05", *extra]
+
+
+def output(tmp_path, name) -> list:
+    return pq.read_table(tmp_path / f"{name}.parquet").to_pylist()
+
+
+def cost_line(text: str) -> float:
+    return float(re.search(r"^  cost: \$([0-9.,]+)", text, re.M)[1].replace(",", ""))
+
+
+def test_a_primed_job_reads_the_cache_on_a_cold_emulator(cold, cli, tmp_path, tickets_csv):
+    """The issue's "done when": 300 rows in batches of 100, a ~4k-token cached system prompt. One row
+    goes first, alone; the other 299 read what it wrote. Priming off, every row writes, and pays for it."""
+    est = json.loads(cli("estimate", *job(tickets_csv, tmp_path, "primed")[1:], "--json").output)
+    r = cli(*job(tickets_csv, tmp_path, "primed"))
+    assert r.exit_code == 0, r.output
+    assert "priming the cache: 1 request" in r.output                        # the progress says so
+    rows = output(tmp_path, "primed")
+    assert len(rows) == 300 and all(row["status"] == "succeeded" for row in rows)
+    reads = sum(1 for row in rows if row["cache_read_input_tokens"])
+    writes = sum(1 for row in rows if row["cache_creation_input_tokens"])
+    assert reads >= 285 and writes <= 3, (reads, writes)
+    assert all(row["cache_read_input_tokens"] >= 4096 for row in rows if row["cache_read_input_tokens"])
+    # no row paid twice; the first batch is the primer, alone; then the rest in batches of 100
+    assert len(cold.stats.submitted_custom_ids) == 300 and max(cold.stats.submitted_custom_ids.values()) == 1
+    assert max(cold.stats.billed.values()) == 1
+    assert [len(items) for items in cold.stats.accepted.values()] == [1, 100, 100, 99]
+    # the 1-hour cache by default for batches
+    with Store(str(tmp_path / "primed.sqlite")) as s:
+        assert all(p["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"} for _, _, p in s.params())
+    line = re.search(r"cache: (\d+) of (\d+) rows read it \(([\d.]+)%\), (\d+) wrote it; caching saved \$", r.output)
+    assert line and (int(line[1]), int(line[2]), int(line[4])) == (reads, 300, writes), r.output
+    primed = cost_line(r.output)
+    assert primed == pytest.approx(sum(row["cost_usd"] for row in rows), abs=1e-6)
+
+    cold.reset()
+    # batches of the real API run for minutes: none ends before the next ones are created (each create
+    # uploads ~3 MB here, longer than the fast config's processing time)
+    cold.config.cold_batches, cold.config.processing_seconds = True, 1.0
+    r = cli(*job(tickets_csv, tmp_path, "unprimed", "--no-cache-prime"))
+    assert r.exit_code == 0, r.output
+    assert "priming the cache" not in r.output
+    rows = output(tmp_path, "unprimed")
+    assert sum(1 for row in rows if row["cache_creation_input_tokens"]) == 300          # every row wrote
+    assert sum(1 for row in rows if row["cache_read_input_tokens"]) == 0
+    assert "cache: 0 of 300 rows read it (0.0%), 300 wrote it; caching cost $" in r.output
+    unprimed = cost_line(r.output)
+    assert unprimed > 5 * primed
+    # the estimate brackets both: its minimum is the primed plan (one write, then reads), its maximum
+    # assumes no read
+    assert est["cost_usd_min"] <= primed and unprimed <= est["cost_usd_max"]
+
+
+def test_status_and_report_show_the_read_rate_and_the_saving(cold, cli, tmp_path, tickets_csv):
+    r = cli(*job(tickets_csv, tmp_path, "j", rows=40))
+    assert r.exit_code == 0, r.output
+    rows = output(tmp_path, "j")
+    reads = sum(1 for row in rows if row["cache_read_input_tokens"])
+    assert reads == 39
+    st = cli("status", "--state", tmp_path / "j.sqlite")
+    assert "cache: 39 of 40 rows read it (97.5%), 1 wrote it; caching saved $" in st.output, st.output
+    assert "priming the cache" in st.output          # the primer batch is marked
+    data = json.loads(cli("status", "--state", tmp_path / "j.sqlite", "--json").output)[0]
+    assert data["cache"]["rows_read"] == 39 and data["cache"]["read_rate"] == 0.975
+    # what caching saved: the cached tokens at the input price, less what their writes and reads cost
+    write = sum(row["cache_creation_input_tokens"] for row in rows)
+    read = sum(row["cache_read_input_tokens"] for row in rows)
+    saved = ((write + read) * 1.00 - write * 2.00 - read * 0.10) / 1e6 / 2          # Haiku 4.5, 1h, batch
+    assert data["cache"]["saved_usd"] == pytest.approx(saved, rel=1e-9)
+    page = tmp_path / "r.html"
+    assert cli("report", "--state", tmp_path / "j.sqlite", "--html", page).exit_code == 0
+    html = page.read_text(encoding="utf-8")
+    assert "39 of 40 rows read it (97.5%)" in html and "caching saved" in html
+
+
+def test_no_wait_submits_the_primer_and_the_next_run_the_rest(cold, cli, tmp_path, tickets_csv):
+    args = job(tickets_csv, tmp_path, "cron", "--no-wait", rows=120)
+    r = cli(*args)
+    assert r.exit_code == 5, r.output
+    assert [len(items) for items in cold.stats.accepted.values()] == [1]       # the primer only
+    st = cli("status", "--state", tmp_path / "cron.sqlite")
+    assert "priming the cache: 1 request" in st.output, st.output
+    time.sleep(0.15)                                                              # the primer ends
+    r = cli(*args)
+    assert r.exit_code == 5, r.output
+    assert [len(items) for items in cold.stats.accepted.values()] == [1, 100, 19]
+    time.sleep(0.15)
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    rows = output(tmp_path, "cron")
+    assert sum(1 for row in rows if row["cache_read_input_tokens"]) == 119
+    assert max(cold.stats.submitted_custom_ids.values()) == 1
+
+
+def test_a_primer_whose_create_reply_is_lost_is_adopted(cold, cli, tmp_path, tickets_csv):
+    cold.config.drop_after_create = 1                     # the primer is created, its reply dropped
+    r = cli(*job(tickets_csv, tmp_path, "lost", rows=60))
+    assert r.exit_code == 0, r.output
+    assert cold.stats.faults["drop_after_create"] == 1
+    assert [len(items) for items in cold.stats.accepted.values()] == [1, 59]  # adopted, not sent again
+    assert max(cold.stats.submitted_custom_ids.values()) == 1
+    assert sum(1 for row in output(tmp_path, "lost") if row["cache_read_input_tokens"]) == 59
+
+
+def test_no_priming_below_the_minimum_or_when_turned_off(cold, cli, tmp_path, tickets_csv):
+    args = job(tickets_csv, tmp_path, "short", rows=60)
+    args[args.index("--system-file"):args.index("--system-file") + 2] = ["--system", "Label tickets. " * 50]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "below the 4096-token minimum" in r.output and "priming the cache" not in r.output
+    assert [len(items) for items in cold.stats.accepted.values()] == [60]
+    cold.reset()
+    cold.config.cold_batches = True
+    job_file = tmp_path / "j.toml"
+    job_file.write_text("cache_prime = false\n", encoding="utf-8")
+    r = cli("run", job_file, *job(tickets_csv, tmp_path, "off", rows=60)[1:])
+    assert r.exit_code == 0, r.output
+    assert [len(items) for items in cold.stats.accepted.values()] == [60]
+    assert "cache: 0 of 60 rows read it" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('cache_prime = "no"\n', encoding="utf-8")
+    refused(cli("run", bad, *job(tickets_csv, tmp_path, "bad", rows=60)[1:]), 2, "cache_prime")
+
+
+def test_rows_sent_after_the_cache_may_have_lapsed_are_primed_again(cold, cli, tmp_path, tickets_csv, monkeypatch):
+    """A later chunk (here the rows retried after transient errors, two hours on) is primed again, so
+    it reads the cache instead of writing it once per row."""
+    args = job(tickets_csv, tmp_path, "later", "--no-wait", "--batch-size", 10, rows=30)
+    assert cli(*args).exit_code == 5                            # the primer
+    time.sleep(0.15)
+    assert cli(*args).exit_code == 5                            # the rest: 29 rows in 3 batches
+    assert [len(items) for items in cold.stats.accepted.values()] == [1, 10, 10, 9]
+    cold.config.errored_rate = 0.5                              # their batches end with transient errors
+    time.sleep(0.15)
+    # two hours pass: the cache those batches read has lapsed, at the API and by batchrun's reckoning
+    with sqlite3.connect(tmp_path / "later.sqlite") as db:
+        db.execute("UPDATE batches SET intent_at = '2026-01-01T00:00:00.000Z'")
+    real = time.time
+    monkeypatch.setattr(cold, "clock", lambda: real() + 7200)
+    assert cli(*args).exit_code == 5
+    sizes = [len(items) for items in cold.stats.accepted.values()]
+    assert sizes[:4] == [1, 10, 10, 9] and sizes[4:] == [1], sizes           # primed again
+    retried = sum(1 for v in cold.stats.submitted_custom_ids.values() if v > 1)
+    assert retried == 1   # the primer is the first row to retry; the others wait for it
+    cold.config.errored_rate = 0.0
+    time.sleep(0.15)
+    assert cli(*args).exit_code == 5                            # the retried rows, after the primer
+    time.sleep(0.15)
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    sent_late = list(cold.stats.accepted.values())[5:]
+    assert sent_late and sum(len(b) for b in sent_late) >= PRIME_MIN_RETRIED
+    late_ids = {cid for b in sent_late for cid, _ in b}
+    late = [row for row in output(tmp_path, "later") if row["custom_id"] in late_ids]
+    assert all(row["cache_read_input_tokens"] and not row["cache_creation_input_tokens"] for row in late)
+
+
+PRIME_MIN_RETRIED = 5

@@ -58,6 +58,7 @@ class Estimate:
     max_tokens: int
     model: str
     batch: bool
+    cache: Optional[str] = None     # how the cached prefix is expected to be paid (see Estimator.cache_plan)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -298,7 +299,22 @@ class Estimator:
             cost_usd_max=None if unknown else float(high.quantize(CENT_MILLIONTH, rounding=ROUND_CEILING)),
             method=method, sample_size=sample_n, done=counts.get("succeeded", 0), failed=failed,
             in_flight=counts.get("in_flight", 0), remaining=bodies_n, spent_usd=runner.cost(),
-            max_tokens=spec.max_tokens, model=spec.model, batch=spec.mode == "batch")
+            max_tokens=spec.max_tokens, model=spec.model, batch=spec.mode == "batch",
+            cache=self.cache_plan(bodies_n) if cacheable else None)
+
+    def cache_plan(self, requests: int) -> str:
+        """The plan the bracket's minimum prices: one write, then reads. In batch mode, that is what
+        priming does (runner.primes_cache); without it a cold batch may write once per row."""
+        from .runner import PRIME_MIN_ROWS, primes_cache
+        if self.spec.mode != "batch":
+            return "one request writes the cache, the others read it (minimum); every one writes it (maximum)"
+        if primes_cache(self.spec, self.runner.job.model) and requests >= PRIME_MIN_ROWS:
+            return ("primed: 1 request is sent alone first and writes the cache, the others read it once it "
+                    "has ended (minimum); every one writes it (maximum)")
+        if not self.spec.cache_prime:
+            return ("not primed (cache_prime = false): a cold batch may write the cache once per row, up to "
+                    "the maximum")
+        return "one request writes the cache, the others read it (minimum); every one writes it (maximum)"
 
     # ---- the budget while running -------------------------------------------------------------------
     def request_max(self, body: str) -> Decimal:

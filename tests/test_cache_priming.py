@@ -189,3 +189,35 @@ def test_rows_sent_after_the_cache_may_have_lapsed_are_primed_again(cold, cli, t
 
 
 PRIME_MIN_RETRIED = 5
+
+
+def test_the_cache_ttl_default_and_jobs_planned_with_the_old_one(cold, cli, tmp_path, tickets_csv):
+    """Batch jobs cache for an hour unless 5m is asked for; messages mode keeps 5 minutes. A job planned
+    with the 5-minute cache when that was the default is continued as it was, not planned and paid again."""
+    args = job(tickets_csv, tmp_path, "old", rows=30)
+    shown = cli("validate", *args[1:args.index("--poll-interval")], "--show", 1)
+    assert '"ttl": "1h"' in shown.output, shown.output
+    messages = cli("validate", *args[1:args.index("--poll-interval")], "--mode", "messages", "--show", 1)
+    assert messages.exit_code == 0 and '"ttl"' not in messages.output, messages.output
+    r = cli(*args, "--cache-ttl", "5m", "--no-wait")           # as planned by the 5-minute default
+    assert r.exit_code == 5, r.output
+    time.sleep(0.15)
+    r = cli(*args)                                              # the same job: its primer, then the rest
+    assert r.exit_code == 0, r.output
+    with Store(str(tmp_path / "old.sqlite")) as s:
+        assert len(s.find_jobs()) == 1
+        assert all(p["system"][0]["cache_control"] == {"type": "ephemeral"} for _, _, p in s.params())
+    assert max(cold.stats.submitted_custom_ids.values()) == 1 and len(cold.stats.submitted_custom_ids) == 30
+
+
+def test_estimate_says_how_the_cache_is_paid(cold, cli, tmp_path, tickets_csv):
+    args = job(tickets_csv, tmp_path, "est", rows=40)[1:]
+    args = args[:args.index("--poll-interval")]
+    primed = cli("estimate", *args)
+    assert primed.exit_code == 0, primed.output
+    assert "primed: 1 request is sent alone first and writes the cache" in primed.output
+    off = json.loads(cli("estimate", *args, "--no-cache-prime", "--json").output)
+    assert off["cache"].startswith("not primed (cache_prime = false)")
+    on = json.loads(cli("estimate", *args, "--json").output)
+    assert on["cost_usd_max"] == off["cost_usd_max"]        # the maximum assumes no read either way
+    assert cold.stats.batches_created == 0

@@ -47,7 +47,9 @@ def maybe_emulator(enabled: bool, options: dict) -> Iterator[Optional[str]]:
         return
     from ..emulator import Emulator, EmulatorConfig, serve_in_thread
 
-    handle = serve_in_thread(Emulator(EmulatorConfig(processing_seconds=2.0)), host="127.0.0.1", port=0)
+    # batches that do not read each other's cache writes, as the API's cold batches (see cache priming)
+    handle = serve_in_thread(Emulator(EmulatorConfig(processing_seconds=2.0, cold_batches=True)), host="127.0.0.1",
+                             port=0)
     click.echo(f"batchrun: using the built-in emulator at {handle.base_url} (no API key needed; nothing billed)",
                err=True)
     try:
@@ -300,6 +302,8 @@ def estimate(job_file, as_json, **options):
                              f"{money(out(est.cost_usd_max, ROUND_CEILING))}"),
         ("spent so far", money(est.spent_usd)),
     ]
+    if est.cache:
+        lines.insert(-1, ("prompt cache", est.cache))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         click.echo(f"{k:<{width}}  {v}")

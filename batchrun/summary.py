@@ -202,12 +202,12 @@ def cache_line(use: dict, saved: Optional[float], priming: int = 0) -> Optional[
         parts.append(f"priming the cache: {priming} request{'s' if priming != 1 else ''} "
                      "(the rest is sent once it has ended)")
     if use["rows_could"]:
-        parts.append(f"{use['rows_read']:,} of {use['rows_could']:,} rows read it ({use['read_rate']:.1%}), "
+        parts.append(f"cache: {use['rows_read']:,} of {use['rows_could']:,} rows read it ({use['read_rate']:.1%}), "
                      f"{use['rows_wrote']:,} wrote it")
         if saved is not None:
             parts.append(f"caching saved ${saved:,.6f} against no cache" if saved >= 0
                          else f"caching cost ${-saved:,.6f} more than no cache")
-    return "cache: " + "; ".join(parts) if parts else None
+    return "; ".join(parts) if parts else None
 
 
 def job_cache_saved(store: Store, job: dict) -> Optional[float]:

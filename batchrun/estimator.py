@@ -147,21 +147,28 @@ class Estimator:
         return json.loads(body)["max_tokens"] if self.spec.max_tokens_column else self.spec.max_tokens
 
     def system_tokens(self, body: str, which: int = 0) -> int:
-        """Tokens of the system prompt alone (the part that can be cached), from a stored request. Counted:
-        one figure; approximated: `which` picks the expected (0), minimum (1) or maximum (2) figure."""
+        """Tokens of the part that can be cached, from a stored request: the system prompt, and with
+        cache_system the few-shot turns after it. Counted: one figure; approximated: `which` picks the
+        expected (0), minimum (1) or maximum (2) figure."""
         if self._system_tokens is None:
             params = json.loads(self.runner.full_body(body))
-            if not params.get("system"):
+            shots = params["messages"][:2 * len(self.spec.few_shot or ())] if self.spec.cache_system else []
+            if not params.get("system") and not shots:
                 self._system_tokens = (0, 0, 0)
             else:
                 probe = {"model": params["model"], "messages": [{"role": "user", "content": "x"}]}
+                full = {**probe, "messages": shots + probe["messages"]}
+                if params.get("system"):
+                    full["system"] = params["system"]
                 without = self._api_count(probe)
-                with_system = None if without is None else self._api_count({**probe, "system": params["system"]})
-                if with_system is None:
-                    alone = {"model": params["model"], "system": params["system"], "messages": []}
+                with_prefix = None if without is None else self._api_count(full)
+                if with_prefix is None:
+                    alone = {"model": params["model"], "messages": shots}
+                    if params.get("system"):
+                        alone["system"] = params["system"]
                     self._system_tokens = self._approx(alone)
                 else:
-                    self._system_tokens = (max(0, with_system - without),) * 3
+                    self._system_tokens = (max(0, with_prefix - without),) * 3
         return self._system_tokens[which]
 
     def ratio(self) -> Decimal:

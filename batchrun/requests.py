@@ -236,6 +236,11 @@ def _primitive(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+def cache_control(spec) -> dict:
+    """The cache breakpoint of a job with cache_system (after its system prompt and its few-shot turns)."""
+    return {"type": "ephemeral", **({"ttl": "1h"} if spec.cache_ttl == "1h" else {})}
+
+
 class RequestBuilder:
     """Renders rows into Messages create params for one job."""
 
@@ -283,10 +288,7 @@ class RequestBuilder:
         params: dict = {"model": spec.model, "max_tokens": spec.max_tokens}
         if spec.system:
             if spec.cache_system:
-                cache: dict = {"type": "ephemeral"}
-                if spec.cache_ttl == "1h":
-                    cache["ttl"] = "1h"
-                params["system"] = [{"type": "text", "text": spec.system, "cache_control": cache}]
+                params["system"] = [{"type": "text", "text": spec.system, "cache_control": cache_control(spec)}]
             else:
                 params["system"] = spec.system
         for key in ("temperature", "top_p", "top_k", "stop_sequences", "metadata", "thinking"):
@@ -359,6 +361,9 @@ class RequestBuilder:
         for example in spec.few_shot or ():
             messages.append({"role": "user", "content": example["user"]})
             messages.append({"role": "assistant", "content": example["assistant"]})
+        if spec.cache_system and spec.few_shot:   # the shared prefix runs through the last few-shot turn
+            messages[-1] = {"role": "assistant", "content": [
+                {"type": "text", "text": spec.few_shot[-1]["assistant"], "cache_control": cache_control(spec)}]}
         messages.append({"role": "user", "content": content})
         if spec.prefill:
             messages.append({"role": "assistant", "content": spec.prefill})

@@ -138,8 +138,11 @@ def resolve_connection(api_key: Optional[str], base_url: Optional[str]) -> tuple
 
 
 def cached_prefix_tokens(spec: JobSpec) -> int:
-    """About how many tokens the prefix `cache_system` caches has (0: nothing is cached)."""
-    return len(spec.system) // 4 if spec.cache_system and spec.system else 0
+    """About how many tokens the prefix `cache_system` caches has — the system prompt and the few-shot
+    turns (0: nothing is cached)."""
+    if not spec.cache_system:
+        return 0
+    return (len(spec.system or "") + sum(len(ex["user"]) + len(ex["assistant"]) for ex in spec.few_shot or ())) // 4
 
 
 def primes_cache(spec: JobSpec, model: Optional[ModelInfo]) -> bool:
@@ -155,17 +158,18 @@ def warnings_for(spec: JobSpec, model: Optional[ModelInfo], builder: Optional[Re
     out = []
     if model is None:
         return out
-    if spec.cache_system and spec.system:
+    if spec.cache_system and (spec.system or spec.few_shot):
         approx = cached_prefix_tokens(spec)
         minimum = model.cache_min_tokens
+        what = "the system prompt" if not spec.few_shot else "the cached prefix (system prompt and few-shot turns)"
         if minimum is None:
             out.append(f"cache_system: the minimum cacheable prompt of {spec.model} is not known; "
                        "check cache_creation_input_tokens in the output")
         elif approx < minimum:
-            out.append(f"cache_system: the system prompt is about {approx} tokens, below the {minimum}-token "
+            out.append(f"cache_system: {what} is about {approx} tokens, below the {minimum}-token "
                        f"minimum {spec.model} caches: it will not be cached")
-    elif spec.cache_system and not spec.system:
-        out.append("cache_system: there is no system prompt to cache")
+    elif spec.cache_system:
+        out.append("cache_system: there is no system prompt (or few-shot turns) to cache")
     thinking = (spec.thinking or {}).get("type") or model.thinking_default
     if thinking in ("enabled", "adaptive"):
         budget = (spec.thinking or {}).get("budget_tokens") or 0

@@ -221,3 +221,32 @@ def test_estimate_says_how_the_cache_is_paid(cold, cli, tmp_path, tickets_csv):
     on = json.loads(cli("estimate", *args, "--json").output)
     assert on["cost_usd_max"] == off["cost_usd_max"]        # the maximum assumes no read either way
     assert cold.stats.batches_created == 0
+
+
+def test_few_shot_turns_are_part_of_the_cached_prefix(cold, cli, tmp_path, tickets_csv):
+    """With cache_system, the breakpoint goes after the few-shot turns: a short system prompt and long
+    examples make a prefix long enough to cache, primed and read like a system prompt alone."""
+    example = " ".join(f"word{i}" for i in range(1500))
+    job_file = tmp_path / "shots.toml"
+    job_file.write_text('system = "Label support tickets."\ncache_system = true\nfew_shot = [\n'
+                        + "".join(f'  {{user = "Example {k}: {example}", assistant = "Label {k}: {example}"}},\n'
+                                  for k in range(2))
+                        + "]\n", encoding="utf-8")
+    args = job(tickets_csv, tmp_path, "shots", rows=40)
+    del args[args.index("--system-file"):args.index("--system-file") + 3]      # the system comes from the file
+    est = json.loads(cli("estimate", job_file, *args[1:args.index("--poll-interval")], "--json").output)
+    assert est["system_tokens"] >= 6000 and est["cache"].startswith("primed")
+    r = cli("run", job_file, *args[1:])
+    assert r.exit_code == 0, r.output
+    assert "priming the cache: 1 request" in r.output and "below the" not in r.output
+    with Store(str(tmp_path / "shots.sqlite")) as s:
+        params = next(p for _, _, p in s.params())
+    assert params["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    assert params["messages"][3]["content"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    assert params["messages"][3]["content"][0]["text"].startswith("Label 1:")
+    rows = output(tmp_path, "shots")
+    assert all(row["status"] == "succeeded" for row in rows)
+    assert sum(1 for row in rows if row["cache_read_input_tokens"]) == 39
+    assert all(row["cache_read_input_tokens"] >= 6000 for row in rows if row["cache_read_input_tokens"])
+    cost = sum(row["cost_usd"] for row in rows)
+    assert est["cost_usd_min"] <= cost <= est["cost_usd_max"]

@@ -44,7 +44,7 @@ from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, 
                        output_schema_for, params_hash, shared_params_hash, splice_prefix, wire_id)
 from .results import ATTEMPT, FREE, ResultParser, retry_rule
 from .prefetch import prefetched
-from .spec import JobSpec, check_api_version, rules_version
+from .spec import JobSpec, check_api_version, default_cache_ttl, rules_version
 from .summary import PAID, budget_text, find_job, job_cost
 from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 

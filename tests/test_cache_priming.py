@@ -250,3 +250,16 @@ def test_few_shot_turns_are_part_of_the_cached_prefix(cold, cli, tmp_path, ticke
     assert all(row["cache_read_input_tokens"] >= 6000 for row in rows if row["cache_read_input_tokens"])
     cost = sum(row["cost_usd"] for row in rows)
     assert est["cost_usd_min"] <= cost <= est["cost_usd_max"]
+
+
+def test_a_cached_job_moving_to_messages_mode_is_the_same_job(cold, cli, tmp_path, tickets_csv):
+    """Each mode has its own default TTL (batch 1h, messages 5m): a cached job planned in batch mode at a
+    gateway without batches still continues in messages mode as the same job."""
+    cold.config.no_batches = True
+    args = job(tickets_csv, tmp_path, "moved", rows=12)
+    refused(cli(*args), 4, "--mode messages")
+    r = cli(*args, "--mode", "messages")
+    assert r.exit_code == 0, r.output
+    with Store(str(tmp_path / "moved.sqlite")) as s:
+        assert len(s.find_jobs()) == 1
+    assert cold.stats.messages_calls == 12

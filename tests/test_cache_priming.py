@@ -183,8 +183,9 @@ def test_rows_sent_after_the_cache_may_have_lapsed_are_primed_again(cold, cli, t
     assert r.exit_code == 0, r.output
     sent_late = list(cold.stats.accepted.values())[5:]
     assert sent_late and sum(len(b) for b in sent_late) >= PRIME_MIN_RETRIED
-    late_ids = {cid for b in sent_late for cid, _ in b}
+    late_ids = {wire.split("-", 1)[1] for b in sent_late for wire, _ in b}     # (sent as <job tag>-<custom_id>)
     late = [row for row in output(tmp_path, "later") if row["custom_id"] in late_ids]
+    assert len(late) == len(late_ids) >= PRIME_MIN_RETRIED
     assert all(row["cache_read_input_tokens"] and not row["cache_creation_input_tokens"] for row in late)
 
 

@@ -312,7 +312,7 @@ class Estimator:
     def cache_plan(self, requests: int) -> str:
         """The plan the bracket's minimum prices: one write, then reads. In batch mode, that is what
         priming does (runner.primes_cache); without it a cold batch may write once per row."""
-        from .runner import PRIME_MIN_ROWS, primes_cache
+        from .spec import PRIME_MIN_ROWS, primes_cache
         if self.spec.mode != "batch":
             return "one request writes the cache, the others read it (minimum); every one writes it (maximum)"
         if primes_cache(self.spec, self.runner.job.model) and requests >= PRIME_MIN_ROWS:

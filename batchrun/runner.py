@@ -44,7 +44,8 @@ from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, 
                        output_schema_for, params_hash, shared_params_hash, splice_prefix, wire_id)
 from .results import ATTEMPT, FREE, ResultParser, retry_rule
 from .prefetch import prefetched
-from .spec import JobSpec, check_api_version, default_cache_ttl, rules_version
+from .spec import (PRIME_MIN_ROWS, JobSpec, cached_prefix_tokens, check_api_version, default_cache_ttl, primes_cache,
+                   rules_version)
 from .summary import PAID, budget_text, find_job, job_cost
 from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
 
@@ -61,7 +62,6 @@ AMBIGUOUS_GRACE = 60.0                             # a create that failed ambigu
                                                    # before its rows are sent again (BATCHRUN_CREATE_GRACE)
 ADOPTED, PROVEN = 1, 2                             # batches.adopted: found after a lost create; and proved
                                                    # ours by its results before it was adopted
-PRIME_MIN_ROWS = 6                                 # rows to send for the cache to be primed first (see _priming)
 PRIME_LAPSE = 0.75                                 # a cache last touched this share of its TTL ago may lapse
                                                    # before a batch sent now runs: it is primed again
 PRIME_TRIES = 2                                    # primers in a row that brought no answer before priming stops
@@ -135,22 +135,6 @@ def resolve_connection(api_key: Optional[str], base_url: Optional[str]) -> tuple
         api_key, source = os.environ.get("ANTHROPIC_API_KEY"), "ANTHROPIC_API_KEY"
     base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
     return api_key, source, base
-
-
-def cached_prefix_tokens(spec: JobSpec) -> int:
-    """About how many tokens the prefix `cache_system` caches has — the system prompt and the few-shot
-    turns (0: nothing is cached)."""
-    if not spec.cache_system:
-        return 0
-    return (len(spec.system or "") + sum(len(ex["user"]) + len(ex["assistant"]) for ex in spec.few_shot or ())) // 4
-
-
-def primes_cache(spec: JobSpec, model: Optional[ModelInfo]) -> bool:
-    """Whether the job's batches are sent after one request has primed the cache (see Runner._priming):
-    batch mode, a cached prefix not below the model's minimum (the warning of warnings_for), cache_prime on."""
-    approx = cached_prefix_tokens(spec)
-    minimum = model.cache_min_tokens if model is not None else None
-    return spec.mode == "batch" and spec.cache_prime and approx > 0 and (minimum is None or approx >= minimum)
 
 
 def warnings_for(spec: JobSpec, model: Optional[ModelInfo], builder: Optional[RequestBuilder]) -> list:

@@ -75,6 +75,25 @@ def default_cache_ttl(mode: str, cache_system: bool) -> str:
     return "1h" if mode == "batch" and cache_system is True else "5m"
 
 
+PRIME_MIN_ROWS = 6          # rows to send for the cache to be primed first (see Runner._priming)
+
+
+def cached_prefix_tokens(spec: "JobSpec") -> int:
+    """About how many tokens the prefix `cache_system` caches has — the system prompt and the few-shot
+    turns (0: nothing is cached)."""
+    if not spec.cache_system:
+        return 0
+    return (len(spec.system or "") + sum(len(ex["user"]) + len(ex["assistant"]) for ex in spec.few_shot or ())) // 4
+
+
+def primes_cache(spec: "JobSpec", model) -> bool:
+    """Whether the job's batches are sent after one request has primed the cache (see Runner._priming):
+    batch mode, a cached prefix not below the model's minimum (the warning of warnings_for), cache_prime on."""
+    approx = cached_prefix_tokens(spec)
+    minimum = model.cache_min_tokens if model is not None else None
+    return spec.mode == "batch" and spec.cache_prime and approx > 0 and (minimum is None or approx >= minimum)
+
+
 @dataclass
 class JobSpec:
     """A validated job. Build with `JobSpec.load(...)` or `JobSpec.from_mapping(...)`."""

@@ -25,6 +25,7 @@ import httpx
 import tenacity
 
 from . import __version__
+from .spec import DEFAULT_API_VERSION
 from .errors import (AmbiguousCreateError, ApiError, AuthError, GaveUpError, InputError, NoBatchApiError,
                      NotFoundError, RequestTooLargeError, ResultsGoneError, TransientApiError, UnreachableError,
                      register_secret)
@@ -121,7 +122,7 @@ class ApiClient:
     """A small synchronous client. `transport` lets tests run it against the emulator in-process."""
 
     def __init__(self, *, api_key: Optional[str], base_url: Optional[str] = None,
-                 api_version: str = "2023-06-01", auth_header: str = "x-api-key",
+                 api_version: str = DEFAULT_API_VERSION, auth_header: str = "x-api-key",
                  extra_headers: Optional[dict] = None, transport: Optional[httpx.BaseTransport] = None,
                  timeout: float = 600.0, connect_timeout: float = 5.0,
                  retry: Optional[RetryPolicy] = None, key_source: str = "ANTHROPIC_API_KEY",

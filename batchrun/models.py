@@ -21,12 +21,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .spec import API_VERSIONS, CACHE_TTLS, EFFORT_LEVELS, THINKING_TYPES
+
 ENV_VAR = "BATCHRUN_MODELS"
-THINKING_TYPES = ("enabled", "adaptive", "disabled")
 THINKING_DEFAULTS = ("off", "adaptive")
-EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")
 SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
-NO_SAMPLING_VERSION = "2026-10-21"  # this API version (and, we assume, later ones) refuses sampling params
+NO_SAMPLING_VERSION = API_VERSIONS[1]  # 2026-10-21: this API version (and, we assume, later ones) refuses sampling params
 MIN_THINKING_BUDGET = 1024
 _MILLION_EXP = -6
 
@@ -135,7 +135,7 @@ class Catalog:
         Cache writes are split by `usage["cache_creation"]` when present; writes it does not account
         for are billed at the `cache_ttl` rate ("5m" or "1h"). Batch requests cost 50% of every figure.
         """
-        if cache_ttl not in ("5m", "1h"):
+        if cache_ttl not in CACHE_TTLS:
             raise ValueError(f"cache_ttl must be '5m' or '1h', not {cache_ttl!r}")
         info = self.resolve(model)
         if info is None or info.prices is None:

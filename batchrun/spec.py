@@ -30,6 +30,9 @@ API_VERSIONS = ("2023-06-01", "2026-10-21")   # the Anthropic API's; the only on
 # rules of the first Anthropic version checked (`rules_version`)
 _DATE_VERSION = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
 DEFAULT_API_VERSION = API_VERSIONS[0]
+EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")   # output_config.effort
+CACHE_TTLS = ("5m", "1h")                                  # cache_control.ttl
+THINKING_TYPES = ("enabled", "adaptive", "disabled")       # thinking.type
 MAX_BATCH_REQUESTS = 100_000
 DEFAULT_MODEL = "claude-haiku-5-5"
 
@@ -290,7 +293,7 @@ class JobSpec:
         if self.cache_ttl is None:
             self.cache_ttl = default_cache_ttl(self.mode, self.cache_system)
             self.cache_ttl_defaulted = True
-        need(self.cache_ttl in ("5m", "1h"), "cache_ttl", "must be '5m' or '1h'")
+        need(self.cache_ttl in CACHE_TTLS, "cache_ttl", "must be " + " or ".join(map(repr, CACHE_TTLS)))
         for key in ("multi_label", "cache_system", "cache_prime", "allow_unknown_model", "prefill_in_text"):
             need(isinstance(getattr(self, key), bool), key, "expected true or false")
         for key in ("temperature", "top_p", "max_cost"):
@@ -349,14 +352,14 @@ class JobSpec:
                 self.thinking = {"type": "enabled", "budget_tokens": self.thinking}
             elif isinstance(self.thinking, str):
                 self.thinking = {"type": self.thinking.strip()}
-            need(isinstance(self.thinking, dict) and self.thinking.get("type") in ("enabled", "adaptive", "disabled"),
+            need(isinstance(self.thinking, dict) and self.thinking.get("type") in THINKING_TYPES,
                  "thinking", "expected \"adaptive\", \"disabled\", a budget of N tokens, or "
                  "{type = \"enabled\", budget_tokens = N}")
             if self.thinking["type"] == "enabled":
                 need(isinstance(self.thinking.get("budget_tokens"), int), "thinking",
                      "type \"enabled\" needs budget_tokens")
         if self.effort is not None:
-            need(self.effort in ("low", "medium", "high", "xhigh", "max"), "effort",
+            need(self.effort in EFFORT_LEVELS, "effort",
                  "must be one of low, medium, high, xhigh, max")
         if isinstance(self.labels, (str, tuple)):   # "a,b,c" (as --labels takes it), or repeated flags
             parts = [self.labels] if isinstance(self.labels, str) else list(self.labels)

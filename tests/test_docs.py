@@ -32,7 +32,9 @@ def test_readme_python_examples_run(emu, tmp_path, monkeypatch):
     assert set(scope["out"]["label"]) <= {"pos", "neg"}
     exec(compile(second, "README.md", "exec"), scope)  # noqa: S102
     assert scope["handle"]["job_id"] == scope["job"].id
-    assert emu.stats.requests_created == 400 + 2 + 300
+    # the label job caches its system prompt, so its first submit sends one row to prime the cache; the
+    # rest go once the primer has ended (when poll() already saw it end, the second submit sent them)
+    assert emu.stats.requests_created in (400 + 2 + 1, 400 + 2 + 300)
 
 
 def test_cli_reference_is_current():

@@ -14,7 +14,7 @@ import click
 
 from ..errors import (ApiError, AuthError, BatchrunError, ExitCode, NoBatchApiError, SpecError, redact,
                       register_secret)
-from ..spec import JobSpec
+from ..spec import CACHE_TTLS, EFFORT_LEVELS, JobSpec
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -56,7 +56,7 @@ JOB_OPTIONS = [
     click.option("--multi-label", is_flag=True, default=None, help="With --labels: a list of labels per row."),
     click.option("--cache-system/--no-cache-system", default=None,
                  help="Send the system prompt (and the few-shot turns) as a cached prefix."),
-    click.option("--cache-ttl", type=click.Choice(["5m", "1h"]),
+    click.option("--cache-ttl", type=click.Choice(CACHE_TTLS),
                  help="Cache lifetime for --cache-system (default: 1h in batch mode, 5m in messages mode)."),
     click.option("--cache-prime/--no-cache-prime", default=None,
                  help="Batch mode, cached prefix: send one request alone first to write the cache, then the rest "
@@ -65,7 +65,7 @@ JOB_OPTIONS = [
     click.option("--top-p", type=float),
     click.option("--top-k", type=int),
     click.option("--thinking", metavar="adaptive|disabled|N", help="Thinking mode, or a budget of N tokens."),
-    click.option("--effort", type=click.Choice(["low", "medium", "high", "xhigh", "max"])),
+    click.option("--effort", type=click.Choice(EFFORT_LEVELS)),
     click.option("--stop-sequences", "stop_sequences", multiple=True, metavar="TEXT",
                  help="Stop generating at this text (repeat for several)."),
     click.option("--stop-sequence", "stop_sequence_alias", multiple=True, hidden=True),   # the old spelling

@@ -53,7 +53,7 @@ from .api import CREATE_NOT_CREATED, NOT_SENT, http_client, transport_error, unw
 from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, InputError, TransientApiError, UnreachableError,
                      error_class)
 from .ratelimit import RateLimiter
-from .results import NOT_BILLED
+from .results import NOT_BILLED, clean_usage
 from .store import RESULT_FIELDS, now_iso
 
 log = logging.getLogger("batchrun")
@@ -304,7 +304,7 @@ class MessagesDriver:
                 raise transport_error(exc, self.what) from None
             headers = response.headers
             message = self._message(response)
-            usage = message.get("usage") or {}
+            usage = clean_usage(message.get("usage"))[0]
             return message
         except (ApiError, _RowFailed) as exc:
             error = exc.error if isinstance(exc, _RowFailed) else exc

@@ -10,12 +10,68 @@ import json
 from decimal import Decimal
 from typing import Any, Optional
 
+import logging
+
 import jsonschema
 
 from .errors import ABOUT_REQUEST, error_class
 from .models import Catalog
 from .schema_types import SCHEMA_VALIDATOR, ColumnError, schema_converters
 from .requests import OUTPUT_TOOL
+
+
+USAGE_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+MAX_TOKEN_COUNT = 2 ** 53   # past this no count is a JSON integer any reader keeps exactly
+
+
+def clean_usage(value: Any) -> tuple[dict, list]:
+    """A reply's `usage` as batchrun reads it, and what in it could not be read. Only non-negative whole
+    numbers (below MAX_TOKEN_COUNT) are token counts: a count that is a string, negative, fractional, a
+    boolean or absurdly large — or a usage that is not an object — is dropped (recorded as missing, priced
+    at 0 like a missing count, and flagged), never taken at face value nor allowed to lower a cost."""
+    if not isinstance(value, dict):
+        return {}, ([] if value is None else ["usage"])
+    usage, bad = dict(value), []
+    for key in USAGE_COUNTS:
+        if key not in usage or usage[key] is None:
+            continue
+        n = usage[key]
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < MAX_TOKEN_COUNT:
+            bad.append(key)
+            usage.pop(key)
+        else:
+            usage[key] = n
+    split = usage.get("cache_creation")
+    if isinstance(split, dict):
+        kept, split_bad = clean_usage_split(split)
+        usage["cache_creation"] = kept
+        bad += [f"cache_creation.{k}" for k in split_bad]
+    elif split is not None:
+        usage.pop("cache_creation")
+        bad.append("cache_creation")
+    return usage, bad
+
+
+def clean_usage_split(split: dict) -> tuple[dict, list]:
+    kept, bad = {}, []
+    for key, n in split.items():
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if n is None or (not isinstance(n, bool) and isinstance(n, int) and 0 <= n < MAX_TOKEN_COUNT):
+            kept[key] = n
+        else:
+            bad.append(key)
+    return kept, bad
+
+
+log = logging.getLogger("batchrun")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 TRANSIENT_ERRORS = {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
@@ -31,6 +87,7 @@ class ResultParser:
         self.cache_ttl = cache_ttl
         self.schema = schema
         self.unpriced = False
+        self.unreadable_usage = 0    # replies of this run whose usage held counts that cannot be right
         self._costs: dict = {}
 
     @property
@@ -65,7 +122,13 @@ class ResultParser:
                 "error_message": f"unknown result type {kind!r}"}
 
     def message(self, message: dict) -> dict:
-        usage = message.get("usage") or {}
+        usage, bad = clean_usage(message.get("usage"))
+        if bad:
+            self.unreadable_usage += 1
+            if self.unreadable_usage == 1:
+                log.warning("a reply's usage cannot be right (%s: %s): the counts that cannot be read are "
+                            "recorded as missing (priced at $0) and flagged", ", ".join(bad),
+                            _short(message.get("usage")))
         texts, tool_input = [], None
         for block in message.get("content") or []:
             btype = block.get("type")

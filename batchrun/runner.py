@@ -503,6 +503,12 @@ class Runner:
             if note not in self.notes:
                 self.notes.append(note)
                 log.warning(note)
+        if self.parser.unreadable_usage:
+            note = (f"{self.parser.unreadable_usage} replies of this run reported usage that cannot be right "
+                    "(counts that are not whole non-negative numbers): recorded as missing, priced at $0")
+            if note not in self.notes:
+                self.notes.append(note)
+                log.warning(note)
         replies, paid = self._paid()
         before_n, before_cost = self._paid_before or (replies, paid)
         run_cost = None if paid is None or before_cost is None else round(paid - before_cost, 10)

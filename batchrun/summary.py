@@ -112,11 +112,13 @@ def invalid_output_reasons(store: Store, job_id: str, first: int = 3) -> tuple[l
 
 def usage_problems(store: Store, job_id: str) -> dict:
     """Replies this job paid for whose usage cannot be right, recorded and priced as reported: `over`, more
-    output tokens than the request's max_tokens allow; `missing`, no usage at all (priced at 0)."""
+    output tokens than the request's max_tokens allow; `missing`, no usage, or input or output tokens that
+    cannot be read (null, a string, negative: recorded as missing and priced at 0)."""
     job = store.job(job_id)
     shared = json.loads(job["shared_params"] or "{}") if job else {}
     paid = f"SELECT body_id, input_tokens, output_tokens FROM requests WHERE job_id = ? AND {PAID}"
-    missing = "count(*) FILTER (WHERE r.output_tokens IS NULL AND r.input_tokens IS NULL) AS missing"
+    # no usage, or none that can be read (results.clean_usage drops counts that cannot be right)
+    missing = "count(*) FILTER (WHERE r.output_tokens IS NULL OR r.input_tokens IS NULL) AS missing"
     if shared.get("max_tokens") is not None:   # one max_tokens for every row: no need to read the bodies
         row = store.one(f"SELECT count(*) FILTER (WHERE r.output_tokens > ?) AS over, {missing} FROM ({paid}) r",
                         (shared["max_tokens"], job_id))
@@ -132,7 +134,7 @@ def usage_text(problems: dict) -> Optional[str]:
     if problems["over"]:
         parts.append(f"{problems['over']} replies reported more output tokens than their max_tokens")
     if problems["missing"]:
-        parts.append(f"{problems['missing']} replies reported no usage (priced at $0)")
+        parts.append(f"{problems['missing']} replies reported no usage or counts that cannot be read (those priced at $0)")
     return "; ".join(parts) + " (recorded and priced as reported)" if parts else None
 
 

@@ -909,6 +909,9 @@ class Emulator:
             message["usage"]["output_tokens"] = self.config.report_output_tokens
         if self.config.omit_usage:
             message.pop("usage", None)
+        patch = self.config.usage_patch
+        if patch is not None:
+            message["usage"] = {**message.get("usage", {}), **patch} if isinstance(patch, dict) else patch
 
     # Rate limits are token buckets, as the API's are: each holds up to its limit and refills
     # continuously at limit / rate_window per second (not all at once at the end of a window).

@@ -73,6 +73,8 @@ class EmulatorConfig:
     error_status: Optional[int] = None   # e.g. 400 (LiteLLM with a wrong key), 401, 429, 502, 529
     error_type: str = "no_db_connection" # the error.type of those replies
     error_calls: Optional[int] = None    # how many calls get that error before the emulator answers again
+    usage_patch: Optional[dict] = None   # merged into every reply's usage, or the whole usage when not a dict
+                                         # (a lying server: null, negative or string counts, a list)
 
     def update(self, changes: dict) -> None:
         """Apply a partial update (from JSON); unknown keys raise KeyError, bad types ValueError."""
@@ -90,6 +92,8 @@ class EmulatorConfig:
                         or any(v not in ERROR_TYPES for v in value):
                     raise ValueError(f"errored_types must be a non-empty list of: {', '.join(ERROR_TYPES)}")
                 value = tuple(value)
+            elif key == "usage_patch":
+                pass   # any JSON value, sent as given
             elif value is None:
                 if names[key].default is not None:
                     raise ValueError(f"{key} cannot be null")

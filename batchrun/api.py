@@ -295,17 +295,34 @@ class ApiClient:
                 raise AmbiguousCreateError(f"{what}: {response.status_code} with a reply that is not JSON; "
                                            "the batch may exist") from None
         error = self._error(response, what)
-        if response.status_code in (404, 405) and endpoint_key(self.base_url) is not None:
-            # a gateway that serves only POST /v1/messages (LiteLLM answers 404 {"detail": "Not Found"})
-            raise NoBatchApiError(
-                f"{self.base_url} has no Message Batches API ({what} "
-                f"answered {response.status_code}): no batch was created; run with `--mode messages` (the Messages "
-                "API, at standard prices, not the batch discount)", status=response.status_code,
-                error_type=error.error_type, request_id=error.request_id) from None
+        if self._no_batch_api(error):
+            raise self._no_batches(error, what, "no batch was created; ") from None
         if response.status_code >= 500 and response.status_code not in CREATE_NOT_CREATED:
             raise AmbiguousCreateError(f"{error.message}; the batch may exist", status=error.status,
                                        error_type=error.error_type, request_id=error.request_id) from None
         raise error   # 408/409/429/529 are transient (retried) unless x-should-retry: false; 4xx are final
+
+    def _no_batch_api(self, error: ApiError) -> bool:
+        """A 404 or 405 on a batch endpoint at a non-Anthropic base URL: a gateway that serves only
+        POST /v1/messages (LiteLLM answers 404 {"detail": "Not Found"})."""
+        return error.status in (404, 405) and endpoint_key(self.base_url) is not None
+
+    def _no_batches(self, error: ApiError, what: str, said: str = "") -> NoBatchApiError:
+        return NoBatchApiError(
+            f"{self.base_url} has no Message Batches API ({what} answered {error.status}): {said}run with "
+            "`--mode messages` (the Messages API, at standard prices, not the batch discount)", status=error.status,
+            error_type=error.error_type, request_id=error.request_id)
+
+    def has_batch_create(self) -> bool:
+        """Whether the batch create endpoint exists, asked without creating anything: an empty batch is
+        refused (400) by an API that has the endpoint; a gateway without it answers 404 or 405."""
+        try:
+            self._create_once(b'{"requests": []}')
+        except NoBatchApiError:
+            return False
+        except ApiError:
+            return True
+        return True
 
     def retrieve_batch(self, batch_id: str) -> dict:
         return self._call("GET", f"v1/messages/batches/{batch_id}").json()
@@ -317,7 +334,12 @@ class ApiClient:
             params: dict = {"limit": page_size}
             if after:
                 params["after_id"] = after
-            page = self._call("GET", "v1/messages/batches", params=params).json()
+            try:
+                page = self._call("GET", "v1/messages/batches", params=params).json()
+            except ApiError as exc:
+                if self._no_batch_api(exc):
+                    raise self._no_batches(exc, f"GET {self.full_url('v1/messages/batches')}") from None
+                raise
             yield from page.get("data", [])
             if not page.get("has_more") or not page.get("last_id"):
                 return

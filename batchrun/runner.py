@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 from decimal import ROUND_CEILING, Decimal
 import logging
@@ -1172,7 +1173,21 @@ class Runner:
         longest = intent + self.client.retry.max_elapsed + (self.client.http.timeout.read or 600.0)
         sent_by = min(parse_iso(b["ambiguous_at"]).timestamp(), longest) + create_grace()
         candidates = []
-        for item in self.client.list_batches():   # newest first; its first page tells the API's clock
+        pages = self.client.list_batches()
+        try:
+            first = next(pages, None)
+        except NoBatchApiError as exc:
+            if self.client.has_batch_create():
+                raise ApiError(f"{self.client.base_url} creates batches but does not list them ({exc.status}): "
+                               "whether the create a run lost made a batch cannot be checked, so its rows are not "
+                               "sent again; ask the gateway's operator, or run with `--mode messages`",
+                               status=exc.status) from None
+            # no batch endpoint at all: the create can have made nothing. The intent is dropped (the job
+            # is as if never sent, and may continue in messages mode)
+            self.store.drop_intent(local)
+            raise
+        for item in itertools.chain([first] if first is not None else [], pages):   # newest first; its first
+            # page tells the API's clock
             offset = self.client.server_offset
             if offset is None:
                 since, until = intent - ADOPT_WINDOW, sent_by + ADOPT_WINDOW

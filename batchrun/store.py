@@ -569,8 +569,10 @@ class Store:
                           (job_id, now_iso(), level, message))
 
     def unsent(self, job_id: str) -> bool:
-        """True when nothing of the job was ever sent: no batch (nor intent) made, no row sent."""
-        return not self.one("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ?) OR "
+        """True when nothing of the job was ever sent: no batch made nor intent open (an intent abandoned
+        because its create certainly made no batch does not count), no row sent."""
+        return not self.one("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ? AND "
+                            "(api_id IS NOT NULL OR state != 'abandoned')) OR "
                             "EXISTS (SELECT 1 FROM requests WHERE job_id = ? AND attempts > 0) AS sent",
                             (job_id, job_id))["sent"]
 
@@ -587,6 +589,7 @@ class Store:
                               (new, mode, json.dumps(spec, sort_keys=True), old))
             self.conn.execute("UPDATE requests SET job_id = ? WHERE job_id = ?", (new, old))
             self.conn.execute("UPDATE events SET job_id = ? WHERE job_id = ?", (new, old))
+            self.conn.execute("UPDATE batches SET job_id = ? WHERE job_id = ?", (new, old))   # (abandoned intents)
             self.event(new, "info", f"continued in {mode} mode (it was job {old[:12]}, never sent)")
         return True
 

@@ -26,21 +26,55 @@ def spawn_run(emu, args, failpoint=None, timeout=60):
     return subprocess.run(CLI + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# ---- (1) a gateway without batches, killed between -----------------------------------------------
-def test_a_run_killed_after_its_batch_intent_at_a_gateway_without_batches_is_not_stuck(emu, cli, tmp_path):
+# ---- (1) a gateway without batches ----------------------------------------------------------------
+@pytest.mark.parametrize("only", ["", "create"])
+def test_a_run_killed_after_its_batch_intent_at_a_gateway_without_batches_is_not_stuck(emu, cli, tmp_path, only):
+    """Killed between the batch intent and the create's 404 (the gateway lists nothing, or lists but
+    cannot create): the next run gives the same one line, the job shows as not started, and messages
+    mode continues the same job."""
     emu.config.no_batches = True
+    emu.config.no_batches_only = only
     args = job_args(tmp_path, n=6)
     p = spawn_run(emu, args, failpoint="after_intent")
     assert p.returncode == -9, p.stderr
     r = cli(*args)
-    refused(r, ExitCode.API_ERROR, "no Message Batches API", "--mode messages")
+    line = refused(r, ExitCode.API_ERROR, "no Message Batches API", "--mode messages")
+    assert "resume" not in line
     jobs = status(cli, tmp_path)
-    assert len(jobs) == 1 and jobs[0]["state"] == "planned", jobs
+    assert len(jobs) == 1 and jobs[0]["state"] == "planned" and jobs[0]["counts"]["pending"] == 6, jobs
+    assert emu.stats.batches_created == 0
     r = cli(*args, "--mode", "messages")
     assert r.exit_code == 0, r.output
     jobs = status(cli, tmp_path)
     assert len(jobs) == 1 and jobs[0]["counts"]["succeeded"] == 6, jobs
     assert emu.stats.messages_calls == 6
+
+
+@pytest.mark.parametrize("reply", ["html", "405"])
+def test_a_gateway_answering_its_missing_batches_with_html_or_405_gets_the_same_one_line(emu, cli, tmp_path, reply):
+    emu.config.no_batches = True
+    emu.config.no_batches_reply = reply
+    args = job_args(tmp_path, n=4)
+    line = refused(cli(*args), ExitCode.API_ERROR, "no Message Batches API", "--mode messages",
+                   emu.base_url + "/v1/messages/batches", "405" if reply == "405" else "404")
+    assert "resume" not in line and "<html" not in line.lower()
+    assert status(cli, tmp_path)[0]["state"] == "planned"
+    r = cli(*args, "--mode", "messages")
+    assert r.exit_code == 0, r.output
+    assert len(status(cli, tmp_path)) == 1 and emu.stats.messages_calls == 4
+
+
+def test_a_gateway_that_creates_batches_but_cannot_list_them_is_never_sent_twice(emu, cli, tmp_path):
+    """Killed after the intent at a gateway whose list endpoint is missing: whether the create made a
+    batch cannot be checked, so nothing is sent again (one line), and no batch is created."""
+    emu.config.no_batches = True
+    emu.config.no_batches_only = "list"
+    args = job_args(tmp_path, n=4)
+    p = spawn_run(emu, args, failpoint="after_intent")
+    assert p.returncode == -9, p.stderr
+    created = emu.stats.batches_created
+    refused(cli(*args), ExitCode.API_ERROR, "does not list", "not sent again")
+    assert emu.stats.batches_created == created
 
 
 # ---- (4) usage a lying server reports ------------------------------------------------------------

@@ -291,8 +291,16 @@ class Emulator:
                 self.stats.count_tokens_calls += 1
             if self.config.count_tokens_fails:
                 return req.error(500, "api_error", "CountTokens processing error: cannot connect to the upstream")
-        if (self.config.no_batches and name in BATCH_ROUTES) or (self.config.no_count_tokens and name == "count_tokens"):
+        if self.config.no_batches and name in BATCH_ROUTES and self.config.no_batches_only in ("", name):
+            how = self.config.no_batches_reply
+            if how == "html":
+                return Reply(404, b"<!DOCTYPE html><html><body><h1>404 Not Found</h1></body></html>",
+                             content_type="text/html")
+            if how == "405":
+                return Reply(405, b"Method Not Allowed", content_type="text/plain")
             return json_reply(404, {"detail": "Not Found"})   # a gateway that serves only some of the API
+        if self.config.no_count_tokens and name == "count_tokens":
+            return json_reply(404, {"detail": "Not Found"})
         with self._lock:
             self.stats.api_versions[req.headers.get("anthropic-version")] += 1
             self.stats.prefixes[req.prefix] += 1

@@ -62,6 +62,9 @@ class EmulatorConfig:
     latency: float = 0.0                 # seconds to wait before a messages reply
     # gateways
     no_batches: bool = False             # the batch endpoints answer 404 {"detail": "Not Found"} (like LiteLLM)
+    no_batches_reply: str = "json"       # how no_batches answers: "json" (above), "html" (404 with an HTML
+                                         # page), "405" (405 Method Not Allowed, text)
+    no_batches_only: str = ""            # with no_batches, only this batch route answers so ("create", "list")
     no_count_tokens: bool = False        # count_tokens answers 404 {"detail": "Not Found"}
     count_tokens_fails: bool = False     # count_tokens answers 500 api_error (a gateway whose upstream is down)
     report_output_tokens: Optional[int] = None   # every reply reports this many output tokens, whatever its
@@ -101,7 +104,7 @@ class EmulatorConfig:
                                                                   "openai_ratelimit_headers"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
-            elif key in ("api_key", "refuse_text", "error_type"):
+            elif key in ("api_key", "refuse_text", "error_type", "no_batches_reply", "no_batches_only"):
                 value = str(value)
             elif key in ("seed", "max_requests", "max_body_bytes", "max_queued_requests", "drop_after_create",
                          "rpm", "input_tpm", "output_tpm", "report_output_tokens", "missing_result_lines",

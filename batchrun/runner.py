@@ -745,17 +745,31 @@ class Runner:
             log.info("job %s: --retry-errored: no row ended errored", job.short_id)
             return
         try:
-            most = f"${sum((self.estimator.request_max(body) for (body,) in rows), Decimal(0)):.6f}"
-        except InputError:    # an unpriced model
-            most = "an unknown amount (the model is not priced)"
+            most_usd: Optional[Decimal] = sum((self.estimator.request_max(body) for (body,) in rows), Decimal(0))
+            most = f"${most_usd:.6f}"
+        except InputError:    # an unpriced model (a budget then refuses it below, as every run does)
+            most_usd, most = None, "an unknown amount (the model is not priced)"
+        if most_usd is not None and self.spec.max_cost is not None:
+            # all of them or none: a budget too small for them leaves them errored, their errors kept (a
+            # later run without the flag must not send them)
+            why = self._over_budget(most_usd, f"--retry-errored: the {len(rows)} rows that ended errored")
+            if why is not None:
+                raise BudgetError(self._budget_stop(why + " (nothing sent: they stay errored)",
+                                                    store.counts(job.id)))
+        canceled = store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]
         with store.transaction():
             n = store.conn.execute(
                 "UPDATE requests SET state = 'pending', attempts = 0, free_sends = 0, batch_id = NULL, api_batch_id = NULL, "
                 "result_type = NULL, error_type = NULL, error_message = NULL, finished_at = NULL "
                 f"WHERE job_id = ? AND state = 'errored' AND coalesce(error_type, '') NOT IN {LOST_ERRORS_SQL}",
                 (job.id,)).rowcount
-            store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (job.id,))
+            # a canceled job too: sending its errored rows is what was asked (else they would end canceled,
+            # their errors lost); its canceled rows stay canceled unless --resume-canceled
+            store.conn.execute("UPDATE jobs SET finished_at = NULL, canceled_at = NULL WHERE id = ?", (job.id,))
             store.event(job.id, "info", f"--retry-errored: {n} errored rows sent again")
+        if canceled:
+            log.warning("job %s: --retry-errored: the job was canceled; its errored rows are sent again, its "
+                        "canceled rows stay canceled (--resume-canceled sends them)", job.short_id)
         log.warning("job %s: --retry-errored: %d rows that ended errored are sent again; they may cost up to %s%s",
                     job.short_id, n, most, f" (the budget, {budget_text(self.spec.max_cost)}, still holds)"
                     if self.spec.max_cost is not None else "")

@@ -100,3 +100,51 @@ def test_usage_a_server_lies_about_never_crashes_nor_lowers_the_cost_silently(em
         assert "cannot be right" in r.output, r.output                    # said, not taken silently
     if not (isinstance(lie, dict) and "cache_read_input_tokens" in lie):
         assert "  usage: 3 replies reported no usage or counts that cannot be read" in r.output, r.output
+
+
+# ---- (2) run --retry-errored ----------------------------------------------------------------------
+def errored_job(emu, cli, tmp_path, *extra, n=10):
+    """A finished batch job some rows of which ended errored (a final error: not retried by itself)."""
+    emu.config.errored_rate, emu.config.errored_types = 0.4, ("invalid_request_error",)
+    args = job_args(tmp_path, None, *extra, n=n)
+    r = cli(*args)
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    errored = {g["custom_id"] for g in pq.read_table(tmp_path / "o.parquet").to_pylist() if g["status"] == "errored"}
+    assert 1 <= len(errored) < n
+    emu.config.errored_rate = 0.0
+    return args, errored
+
+
+def test_retry_errored_twice_the_second_sends_nothing_and_says_so(emu, cli, tmp_path):
+    args, errored = errored_job(emu, cli, tmp_path)
+    assert cli(*args, "--retry-errored").exit_code == 0
+    sent = sum(emu.stats.submitted_custom_ids.values())
+    r = cli(*args, "--retry-errored")
+    assert r.exit_code == 0, r.output
+    assert sum(emu.stats.submitted_custom_ids.values()) == sent
+    assert "this run: nothing sent" in r.output, r.output
+    assert [g["status"] for g in pq.read_table(tmp_path / "o.parquet").to_pylist()] == ["succeeded"] * 10
+
+
+def test_retry_errored_on_a_canceled_job_sends_the_errored_rows_rather_than_canceling_them(emu, cli, tmp_path):
+    args, errored = errored_job(emu, cli, tmp_path)
+    r = cli("cancel", "--input", tmp_path / "t.csv", *args[3:])
+    r = cli(*args, "--retry-errored")
+    got = {g["custom_id"]: g for g in pq.read_table(tmp_path / "o.parquet").to_pylist()}
+    assert r.exit_code == 0, r.output
+    assert all(got[c]["status"] == "succeeded" for c in errored), [got[c]["status"] for c in errored]
+
+
+def test_retry_errored_refused_by_the_budget_leaves_the_rows_errored(emu, cli, tmp_path):
+    """Nothing sent: the rows keep their errors (a later run without the flag does not send them)."""
+    args, errored = errored_job(emu, cli, tmp_path)
+    sent = sum(emu.stats.submitted_custom_ids.values())
+    r = cli(*args, "--retry-errored", "--max-cost", "0.0000001")
+    refused(r, ExitCode.BUDGET, f"the {len(errored)} rows that ended errored", "nothing sent", "--max-cost")
+    assert sum(emu.stats.submitted_custom_ids.values()) == sent
+    r = cli(*args)
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    assert sum(emu.stats.submitted_custom_ids.values()) == sent
+    got = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert {g["custom_id"] for g in got if g["status"] == "errored"} == errored
+    assert all(g["error_type"] for g in got if g["status"] == "errored")

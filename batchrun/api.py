@@ -96,6 +96,16 @@ def endpoint_key(base_url: Optional[str]) -> Optional[str]:
     return None if key == DEFAULT_BASE_URL else key
 
 
+ANTHROPIC_HOST = "api.anthropic.com"
+
+
+def is_anthropic_api(base_url: Optional[str]) -> bool:
+    """Whether a base URL is the Anthropic API's host (whatever its path: `https://api.anthropic.com/v1`
+    is a mistyped base URL of the Anthropic API, not a gateway)."""
+    host = (urlsplit((base_url or DEFAULT_BASE_URL).strip()).hostname or "").lower().rstrip(".")
+    return host == ANTHROPIC_HOST
+
+
 def is_loopback_endpoint(key: Optional[str]) -> bool:
     """Whether an endpoint key names a server on loopback (by its URL; the built-in emulator's is not one)."""
     host = urlsplit(key).hostname if key and "://" in key else None
@@ -305,7 +315,7 @@ class ApiClient:
     def _no_batch_api(self, error: ApiError) -> bool:
         """A 404 or 405 on a batch endpoint at a non-Anthropic base URL: a gateway that serves only
         POST /v1/messages (LiteLLM answers 404 {"detail": "Not Found"})."""
-        return error.status in (404, 405) and endpoint_key(self.base_url) is not None
+        return error.status in (404, 405) and not is_anthropic_api(self.base_url)
 
     def _no_batches(self, error: ApiError, what: str, said: str = "") -> NoBatchApiError:
         return NoBatchApiError(

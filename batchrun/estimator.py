@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Optional
 
+from .api import is_anthropic_api
 from .errors import ApiError, AuthError, InputError
 from .requests import canonical_json as canonical
 
@@ -91,7 +92,7 @@ class Estimator:
         if self.approximate:
             return None
         client = self.runner.client
-        at_anthropic = self.runner.job.endpoint is None   # which has count_tokens: its transient errors retried
+        at_anthropic = is_anthropic_api(self.runner.job.endpoint)   # has count_tokens: its transient errors retried
         try:
             n = client.count_tokens(params, retry=bool(self.counts_tokens) or at_anthropic)
         except AuthError:

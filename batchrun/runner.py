@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import pyarrow as pa
 
 from .api import (ApiClient, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text,
+                  is_anthropic_api,
                   is_loopback_endpoint)
 from . import failpoints
 from .errors import (ACCOUNT, AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError,
@@ -305,7 +306,8 @@ class Runner:
                        job_id=job_id)
         self.store = self.job.store
         try:
-            version_note = check_api_version(spec.api_version, self.job.endpoint)
+            version_note = check_api_version(spec.api_version, None if is_anthropic_api(self.job.endpoint)
+                                             else self.job.endpoint)
         except InputError:
             self.job.close()
             raise

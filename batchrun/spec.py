@@ -37,6 +37,17 @@ MAX_BATCH_REQUESTS = 100_000
 DEFAULT_MODEL = "claude-haiku-5-5"
 
 
+def _is_date(text: str) -> bool:
+    """YYYY-MM-DD naming a day of the calendar (not 2025-02-31)."""
+    if not _DATE_VERSION.match(text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
 def rules_version(api_version: str) -> str:
     """The API version whose rules a request is checked against: a gateway's own version is unknown to
     batchrun, so the rules of 2023-06-01 are checked for it."""
@@ -286,7 +297,9 @@ class JobSpec:
         need(self.poll_interval >= 0.01, "poll_interval", "must be positive")
         if isinstance(self.api_version, datetime.date):   # TOML reads api_version = 2025-10-01 as a date
             self.api_version = self.api_version.isoformat()
-        need(isinstance(self.api_version, str) and bool(_DATE_VERSION.match(self.api_version)), "api_version",
+        if isinstance(self.api_version, str):
+            self.api_version = self.api_version.strip()
+        need(isinstance(self.api_version, str) and _is_date(self.api_version), "api_version",
              f"must be a date (YYYY-MM-DD): {' or '.join(API_VERSIONS)} for the Anthropic API, or the version a "
              "gateway documents")
         need(self.mode in ("batch", "messages"), "mode", "must be 'batch' or 'messages'")

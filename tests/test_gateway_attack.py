@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 
@@ -148,3 +149,52 @@ def test_retry_errored_refused_by_the_budget_leaves_the_rows_errored(emu, cli, t
     got = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert {g["custom_id"] for g in got if g["status"] == "errored"} == errored
     assert all(g["error_type"] for g in got if g["status"] == "errored")
+
+
+# ---- (6) api_version -----------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["2025-13-45", "2025-02-31", "latest", "2025-10-01T00:00:00", "20251001", ""])
+def test_api_versions_that_are_not_days_are_refused_for_a_gateway_before_anything_is_sent(emu, cli, tmp_path, bad):
+    refused(cli(*job_args(tmp_path, None, "--api-version", bad, "--mode", "messages", n=2)), ExitCode.BAD_INPUT,
+            "api_version", "YYYY-MM-DD")
+    assert emu.stats.messages_calls == 0 and sum(emu.stats.api_versions.values()) == 0
+
+
+def test_an_api_version_with_spaces_around_it_is_the_version(emu, cli, tmp_path):
+    r = cli(*job_args(tmp_path, None, "--api-version", " 2025-10-01 ", "--mode", "messages", n=2))
+    assert r.exit_code == 0, r.output
+    assert emu.stats.api_versions == {"2025-10-01": 2}
+
+
+@pytest.mark.parametrize("base", ["https://api.anthropic.com/v1", "https://API.anthropic.com./", "https://api.anthropic.com:443"])
+def test_the_anthropic_api_with_a_path_or_spelled_otherwise_takes_only_its_own_versions(emu, cli, tmp_path, base):
+    refused(cli(*job_args(tmp_path, None, "--api-version", "2025-10-01", "--base-url", base, n=2)),
+            ExitCode.BAD_INPUT, "api_version", "2023-06-01")
+
+
+class Forward(httpx.BaseTransport):
+    """Requests to any host, answered by the emulator over loopback (the URL's path kept)."""
+    def __init__(self, base_url):
+        self.base, self.inner = httpx.URL(base_url), httpx.HTTPTransport()
+
+    def handle_request(self, request):
+        request.url = request.url.copy_with(scheme=self.base.scheme, host=self.base.host, port=self.base.port)
+        return self.inner.handle_request(request)
+
+
+def test_a_404_on_creating_a_batch_at_the_anthropic_host_never_says_use_messages_mode(emu):
+    """At api.anthropic.com (here with a mistyped /v1 path) a 404 is about the path, not a missing batch API:
+    never "use --mode messages" (messages mode would meet the same 404)."""
+    from batchrun.api import ApiClient
+    from batchrun.errors import ApiError, NoBatchApiError
+    emu.config.no_batches = True
+    client = ApiClient(api_key="sk-ant-test-0123456789", base_url="https://api.anthropic.com/v1",
+                       transport=Forward(emu.base_url))
+    with pytest.raises(ApiError) as got:
+        client.create_batch(b'{"requests": []}')
+    assert not isinstance(got.value, NoBatchApiError) and "--mode messages" not in str(got.value)
+    assert got.value.status == 404
+    # the same reply at a gateway's URL is the missing batch API
+    gateway = ApiClient(api_key="sk-ant-test-0123456789", base_url="https://gateway.example/anthropic",
+                        transport=Forward(emu.base_url))
+    with pytest.raises(NoBatchApiError):
+        gateway.create_batch(b'{"requests": []}')

@@ -182,7 +182,7 @@ class ResultParser:
             except (json.JSONDecodeError, ValueError) as exc:
                 cut = " (the reply was cut at max_tokens)" if fields["stop_reason"] == "max_tokens" else ""
                 fields.update(state="invalid_output", error_type="invalid_output",
-                              error_message=f"reply is not JSON{cut}: {exc.msg} at char {exc.pos}")
+                              error_message=f"reply is not JSON{cut}: {exc.msg} (char {exc.pos})")
                 return
         problem = self._problem(value)
         if problem is not None:

@@ -103,11 +103,21 @@ def failures_by_cause(store: Store, job_id: str) -> list[tuple[str, str, int]]:
 
 
 def invalid_output_reasons(store: Store, job_id: str, first: int = 3) -> tuple[list[tuple[str, int]], int]:
-    """Why replies ended invalid_output: the `first` most frequent distinct reasons with their rows, and how
-    many rows have another reason."""
+    """Why replies ended invalid_output: the `first` most frequent causes with their rows, and how many rows
+    have another cause. A cause is a reason's text before its first ": " (`reply is not JSON`, `reply does
+    not fit the schema at score`): reasons that differ only in their detail (the value, the character
+    where the JSON broke) are one cause, shown with its most frequent detail and how many others it has."""
     rows = store.q("SELECT coalesce(error_message, '(no reason recorded)') AS m, count(*) AS n FROM requests "
                    "WHERE job_id = ? AND state = 'invalid_output' GROUP BY m ORDER BY n DESC, m", (job_id,))
-    return [(r["m"], r["n"]) for r in rows[:first]], sum(r["n"] for r in rows[first:])
+    causes: dict = {}   # cause -> [rows, first (most frequent) reason, distinct reasons]
+    for r in rows:
+        cause = r["m"].split(": ", 1)[0]
+        seen = causes.setdefault(cause, [0, r["m"], 0])
+        seen[0] += r["n"]
+        seen[2] += 1
+    ranked = sorted(causes.values(), key=lambda c: (-c[0], c[1]))
+    shown = [(m if d == 1 else f"{m} (and {d - 1} more like it)", n) for n, m, d in ranked[:first]]
+    return shown, sum(n for n, _, _ in ranked[first:])
 
 
 def usage_problems(store: Store, job_id: str) -> dict:

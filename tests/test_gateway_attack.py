@@ -198,3 +198,25 @@ def test_a_404_on_creating_a_batch_at_the_anthropic_host_never_says_use_messages
                         transport=Forward(emu.base_url))
     with pytest.raises(NoBatchApiError):
         gateway.create_batch(b'{"requests": []}')
+
+
+# ---- (7) the summary ---------------------------------------------------------------------------------
+def test_invalid_output_reasons_that_differ_only_in_detail_are_one_cause(emu, cli, tmp_path):
+    """Replies cut at max_tokens each break their JSON at their own character: one cause (reply is not
+    JSON), not a list of distinct reasons of one row each."""
+    rows = [{"ticket_id": f"T{i}", "customer": "", "priority": 1, "body": "word", "mt": i + 1} for i in range(8)]
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
+                                  "c": {"type": "string"}}, "required": ["a", "b", "c"]}))
+    args = job_args(tmp_path, rows, "--mode", "messages", "--output-schema", schema, "--max-tokens-column", "mt")
+    i = args.index("--max-tokens")
+    del args[i:i + 2]
+    r = cli(*args)
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    got = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    reasons = {g["error_message"] for g in got}
+    assert len(reasons) > 3, reasons          # (the case: more distinct details than the summary shows)
+    line = [x for x in r.output.splitlines() if x.strip().startswith("invalid output:")]
+    assert len(line) == 1, r.output
+    assert line[0].strip().startswith("invalid output: 8 × reply is not JSON"), (reasons, line[0])
+    assert "other reasons" not in line[0]

@@ -220,3 +220,45 @@ def test_invalid_output_reasons_that_differ_only_in_detail_are_one_cause(emu, cl
     assert len(line) == 1, r.output
     assert line[0].strip().startswith("invalid output: 8 × reply is not JSON"), (reasons, line[0])
     assert "other reasons" not in line[0]
+
+
+# ---- (3) estimate and budgets without count_tokens ---------------------------------------------------
+@pytest.mark.parametrize("model", ["claude-haiku-4-5", "claude-haiku-5-5"])
+def test_batch_mode_budget_of_exactly_the_approximate_maximum_with_a_cached_system_prompt(emu, cli, tmp_path, model):
+    from tests.test_gateway import estimate_json, mixed_rows
+    emu.config.no_count_tokens = True
+    args = job_args(tmp_path, mixed_rows(15), "--model", model, "--system", "Answer in one word. " * 300,
+                    "--batch-size", "4")
+    est = estimate_json(cli, args)
+    assert est["method"] == "approximate"
+    r = cli(*args, "--max-cost", est["cost_usd_max"])
+    assert r.exit_code == 0, r.output
+    cost = sum(g["cost_usd"] for g in pq.read_table(tmp_path / "o.parquet").to_pylist())
+    assert est["cost_usd_min"] <= cost <= est["cost_usd_max"]
+
+
+def test_count_tokens_missing_then_back_the_next_estimate_counts(emu, cli, tmp_path):
+    from tests.test_gateway import estimate_json, mixed_rows
+    args = job_args(tmp_path, mixed_rows(6))
+    emu.config.no_count_tokens = True
+    assert estimate_json(cli, args)["method"] == "approximate"
+    emu.config.no_count_tokens = False
+    assert estimate_json(cli, args)["method"] == "exact"
+
+
+def test_image_rows_without_count_tokens_hold_the_bracket(emu, cli, tmp_path):
+    from tests.test_gateway import estimate_json
+    import base64
+    png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+    for i in range(3):
+        (tmp_path / f"i{i}.png").write_bytes(png)
+    rows = [{"ticket_id": f"T{i}", "customer": "", "priority": 1, "body": "what is this?", "img": str(tmp_path / f"i{i}.png")}
+            for i in range(3)]
+    emu.config.no_count_tokens = True
+    args = job_args(tmp_path, rows, "--image-column", "img", "--mode", "messages")
+    est = estimate_json(cli, args)
+    assert est["method"] == "approximate"
+    r = cli(*args, "--max-cost", est["cost_usd_max"])
+    assert r.exit_code == 0, r.output
+    cost = sum(g["cost_usd"] for g in pq.read_table(tmp_path / "o.parquet").to_pylist())
+    assert est["cost_usd_min"] <= cost <= est["cost_usd_max"], (est, cost)

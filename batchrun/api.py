@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import tenacity
@@ -99,6 +99,14 @@ def endpoint_key(base_url: Optional[str]) -> Optional[str]:
 ANTHROPIC_HOST = "api.anthropic.com"
 
 
+def shown_url(url: str) -> str:
+    """A URL as messages and logs may show it: without the credentials a user:password@ part carries."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def is_anthropic_api(base_url: Optional[str]) -> bool:
     """Whether a base URL is the Anthropic API's host (whatever its path: `https://api.anthropic.com/v1`
     is a mistyped base URL of the Anthropic API, not a gateway)."""
@@ -140,6 +148,7 @@ class ApiClient:
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         register_secret(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.shown_url = shown_url(self.base_url)   # what messages name: never a user:password@ of the URL
         if transport is None:
             check_secure_url(self.base_url, base_url_source or _base_url_source(base_url))
         api_key = (api_key or "").strip()   # a trailing newline from a file or a heredoc is not part of the key
@@ -194,7 +203,7 @@ class ApiClient:
 
     def full_url(self, path: str) -> str:
         """The URL a path is sent to, base URL (and its path prefix) included: what messages name."""
-        return f"{self.base_url}/{path.lstrip('/')}"
+        return f"{self.shown_url}/{path.lstrip('/')}"
 
     def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One HTTP exchange; failures mapped to our exceptions (TransientApiError is retryable)."""
@@ -319,7 +328,7 @@ class ApiClient:
 
     def _no_batches(self, error: ApiError, what: str, said: str = "") -> NoBatchApiError:
         return NoBatchApiError(
-            f"{self.base_url} has no Message Batches API ({what} answered {error.status}): {said}run with "
+            f"{self.shown_url} has no Message Batches API ({what} answered {error.status}): {said}run with "
             "`--mode messages` (the Messages API, at standard prices, not the batch discount)", status=error.status,
             error_type=error.error_type, request_id=error.request_id)
 

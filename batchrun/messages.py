@@ -344,7 +344,7 @@ class MessagesDriver:
             raise _classify(self.client._error(httpx.Response(code, json=body, headers=keep), self.what))
         snippet = response.text[:200].strip().replace("\n", " ")
         raise ApiError(f"{self.what}: {response.status_code} but the reply is not a Message "
-                       f"({snippet or 'empty body'}): is {self.client.base_url} an Anthropic Messages endpoint?",
+                       f"({snippet or 'empty body'}): is {self.client.shown_url} an Anthropic Messages endpoint?",
                        status=response.status_code, request_id=response.headers.get("request-id"))
 
 

@@ -1194,7 +1194,7 @@ class Runner:
             first = next(pages, None)
         except NoBatchApiError as exc:
             if self.client.has_batch_create():
-                raise ApiError(f"{self.client.base_url} creates batches but does not list them ({exc.status}): "
+                raise ApiError(f"{self.client.shown_url} creates batches but does not list them ({exc.status}): "
                                "whether the create a run lost made a batch cannot be checked, so its rows are not "
                                "sent again; ask the gateway's operator, or run with `--mode messages`",
                                status=exc.status) from None

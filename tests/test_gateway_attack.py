@@ -262,3 +262,19 @@ def test_image_rows_without_count_tokens_hold_the_bracket(emu, cli, tmp_path):
     assert r.exit_code == 0, r.output
     cost = sum(g["cost_usd"] for g in pq.read_table(tmp_path / "o.parquet").to_pylist())
     assert est["cost_usd_min"] <= cost <= est["cost_usd_max"], (est, cost)
+
+
+# ---- (7) full URLs in logs and errors ------------------------------------------------------------------
+def test_full_urls_in_logs_and_errors_never_show_a_password_in_the_base_url(emu, cli, tmp_path, monkeypatch):
+    emu.config.no_batches = True
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", emu.base_url.replace("http://", "http://user:pw8chars@") + "/gw")
+    args = job_args(tmp_path, n=3)
+    r = cli(*args)
+    refused(r, ExitCode.API_ERROR, "no Message Batches API", f"POST {emu.base_url}/gw/v1/messages/batches")
+    assert "pw8chars" not in r.output
+    r = cli(*args, "--mode", "messages")
+    assert r.exit_code == 0, r.output
+    assert f"over POST {emu.base_url}/gw/v1/messages" in r.output and "pw8chars" not in r.output
+    for f in tmp_path.iterdir():
+        if f.is_file():
+            assert b"pw8chars" not in f.read_bytes(), f

@@ -632,7 +632,8 @@ class Emulator:
         code = batch.outcomes[i]
         cfg = self.config
         lean_id = f"msg_{batch.id[-16:]}{i:08d}" if cfg.lean else None   # (the lean mode's cheap message id)
-        if code == SUCCEEDED and cfg.lean and cfg.report_output_tokens is None and not cfg.omit_usage:
+        if code == SUCCEEDED and cfg.lean and cfg.report_output_tokens is None and not cfg.omit_usage \
+                and cfg.usage_patch is None:
             message = replies.lean_reply(params, lean_id)
             if message is not None:
                 return (f'{{"custom_id":{_JSON_STRING(custom_id)},"result":{{"type":"succeeded","message":'

@@ -319,6 +319,9 @@ class InputSource:
             self._check_text()
             with self._open() as stream:
                 schema = self._open_csv(stream, block_size, delimiter, pinned).schema
+            binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+            if binary:   # pyarrow reads a cell that is not UTF-8 as bytes: a prompt would show b'caf\xe9'
+                self._refuse_not_utf8(binary[0])
             if self.limit is not None or self.path.lower().endswith(".gz"):
                 # the rows past the limit are not read (nor a compressed file's end looked at): check first
                 self._check_quotes(delimiter)
@@ -438,6 +441,21 @@ class InputSource:
         if in_quote and not pending:
             raise InputError(f"{self.uri}: line {opened}: a quoted cell opens here and never closes (a missing "
                              "closing \"); the rest of the file would be read as one cell")
+
+    def _refuse_not_utf8(self, column: str) -> None:
+        """Refuse a CSV whose bytes are not UTF-8 (Latin-1, Windows-1252), naming the first such line."""
+        decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+        with self._open() as stream:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    at = max(0, exc.start - len(exc.object) + len(chunk))
+                    line += chunk.count(b"\n", 0, at)
+                    raise InputError(f"{self.uri}: line {line}: column {column!r} is not UTF-8 text (byte "
+                                     f"0x{exc.object[exc.start]:02x}); save the file as UTF-8") from None
+                line += chunk.count(b"\n")
+        raise InputError(f"{self.uri}: column {column!r} is not UTF-8 text; save the file as UTF-8")
 
     def _open_csv(self, stream, block_size: int, delimiter: str, types: dict) -> pacsv.CSVStreamingReader:
         try:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jinja2
 import pyarrow as pa
@@ -252,7 +252,11 @@ class RequestBuilder:
         # a None inside a cell (a struct's null field) renders as "", as a null cell does
         env = _PromptEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
                                  keep_trailing_newline=True, finalize=_finalize)
+        # |tojson prints a cell as the file wrote it when JSON has no type for it (a date, a decimal)
+        env.policies["json.dumps_kwargs"] = {"sort_keys": True, "default": str}
         self._ranges = env.globals["range"] = _Ranges()
+        self._loops = env.globals["_loop_turns"] = _Loops()
+        env.globals["lipsum"] = _lipsum
         try:
             ast = env.parse(spec.prompt)
         except jinja2.TemplateSyntaxError as exc:
@@ -340,7 +344,7 @@ class RequestBuilder:
             text = "".join(part if is_text else _cell(row.get(part)) for is_text, part in self._parts)
         else:
             clean = {k: (NULL if v is None else v) for k, v in row.items()}
-            self._ranges.left = MAX_RANGE
+            self._ranges.left, self._loops.left = MAX_RANGE, MAX_LOOP
             try:
                 text = self.template.render(clean, row=clean)
             except (jinja2.TemplateError, TemplateLimit) as exc:
@@ -348,6 +352,8 @@ class RequestBuilder:
             except (OverflowError, RecursionError, MemoryError) as exc:
                 raise InputError(f"prompt: cannot render {where}: the template asks for too much "
                                  f"({type(exc).__name__}: {str(exc)[:120]})") from None
+            except Exception as exc:   # the template's own error on this row's cells (1/0, "a" + 1, ...)
+                raise InputError(f"prompt: cannot render {where}: {type(exc).__name__}: {str(exc)[:200]}") from None
         content: Any = text
         image = (image_block(row.get(spec.image_column), where, spec.image_column, self.image_base)
                  if spec.image_column else None)
@@ -530,6 +536,30 @@ class _Ranges:
 
 
 MAX_RESULT = 1 << 20   # characters (or items) a template's `*` may make, and digits its `**` may make
+MAX_LOOP = 1_000_000   # turns the {% for %} loops of one row's render may take in all (loops in loops count)
+MAX_LIPSUM = 100       # paragraphs lipsum() may make: lipsum(10**6) would take minutes
+
+
+class _Loops:
+    """What each `{% for %}` iterates over, counted against MAX_LOOP turns for each row's render: a loop over
+    a long cell inside another would otherwise run for hours (range() has its own, smaller budget)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_LOOP
+
+    def __call__(self, iterable: Any) -> Iterator[Any]:
+        for item in iterable:
+            self.left -= 1
+            if self.left < 0:
+                raise TemplateLimit(f"the template's {{% for %}} loops take more than {MAX_LOOP:,} turns for one "
+                                    "row (a loop over a long value inside another loop?)")
+            yield item
+
+
+def _lipsum(n: int = 5, *args: Any, **kwargs: Any) -> str:
+    if not isinstance(n, int) or n > MAX_LIPSUM:
+        raise TemplateLimit(f"lipsum({n}) is too large for a prompt (at most {MAX_LIPSUM} paragraphs)")
+    return jinja2.utils.generate_lorem_ipsum(n, *args, **kwargs)
 
 
 class _PromptEnvironment(SandboxedEnvironment):
@@ -547,6 +577,14 @@ class _PromptEnvironment(SandboxedEnvironment):
                 right * max(1, abs(left).bit_length()) > MAX_RESULT:
             raise TemplateLimit(f"{left} ** {right} is too large for a prompt")
         return super().call_binop(context, operator, left, right)
+
+    def _generate(self, source: Any, *args: Any, **kwargs: Any) -> str:
+        """Compile with every `{% for %}`'s iterable passed through `_loop_turns` (a _Loops: the turns counted)."""
+        from jinja2 import nodes
+        for loop in source.find_all(nodes.For):
+            loop.iter = nodes.Call(nodes.Name("_loop_turns", "load"), [loop.iter], [], None, None,
+                                   lineno=loop.lineno)
+        return super()._generate(source, *args, **kwargs)
 
 
 def _check_self_contained(ast: jinja2.nodes.Template) -> None:

@@ -1,0 +1,90 @@
+"""A hostile new user's files and templates (issue 15, probed again): each is refused in one line naming
+the row, line or column, with nothing sent, or renders quickly as written — never a hang or an internal
+error. Through the CLI against the emulator on loopback (its reply echoes the prompt's start)."""
+from __future__ import annotations
+
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun.errors import ExitCode
+from tests.conftest import refused
+
+MODEL = "claude-haiku-4-5"
+
+
+def run(cli, inp, out, *extra, prompt="{{ body }}"):
+    return cli("run", "--input", inp, "--output", out, "--prompt", prompt, "--model", MODEL,
+               "--max-tokens", 200, "--poll-interval", "0.05", *extra)
+
+
+def prompts(out) -> list:
+    return [t[len("Reply to: "):t.rindex(" #")] for t in pq.read_table(out).column("text").to_pylist()]
+
+
+# ---- templates: an error of the template on a row's cells names the row -----------------------------------
+
+@pytest.mark.parametrize("prompt, needle", [
+    ("{{ 10 / (n - 2) }}", "ZeroDivisionError"),          # row 2's cell makes it divide by zero
+    ("{{ body + n }}", "TypeError"),                      # text + number
+    ("{{ '%d'|format(body) }}", "TypeError"),
+])
+def test_a_template_that_fails_on_a_rows_cells_is_refused_naming_the_row(emu, cli, tmp_path, prompt, needle):
+    inp = tmp_path / "rows.csv"
+    inp.write_text("id,body,n\n1,a,1\n2,b,2\n", encoding="utf-8")
+    line = refused(run(cli, inp, tmp_path / "out.parquet", prompt=prompt), ExitCode.BAD_INPUT,
+                   "prompt: cannot render row", needle)
+    if "ZeroDivision" in needle:
+        assert "row 2" in line
+    assert emu.stats.create_calls == 0
+
+
+def test_tojson_of_a_row_with_typed_csv_cells_renders_them_as_written(emu, cli, tmp_path):
+    """A timestamp cell is typed (it compares as a time) but JSON has no time: |tojson gives the file's text."""
+    inp = tmp_path / "rows.csv"
+    inp.write_text("id,when\n1,2026-03-01T09:30:00+02:00\n", encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    r = run(cli, inp, out, prompt="{{ row|tojson }}")
+    assert r.exit_code == 0, r.output
+    assert prompts(out) == ['{"id": 1, "when": "2026-03-01T09:30:00+02:00"}']
+
+
+# ---- templates that would run for hours: refused in one line, quickly ----------------------------------
+
+@pytest.mark.parametrize("prompt, needle", [
+    ("{{ lipsum(10**6) }}", "lipsum(1000000)"),
+    ('{% set s = "ab" * 500000 %}{% for c in s %}{% for d in s %}x{% endfor %}{% endfor %}', "{% for %} loops"),
+    ("{% for c in body %}{% for d in body %}{% for e in body %}x{% endfor %}{% endfor %}{% endfor %}",
+     "{% for %} loops"),
+])
+def test_templates_that_would_run_for_hours_are_refused_quickly(emu, cli, tmp_path, prompt, needle):
+    inp = tmp_path / "rows.csv"
+    inp.write_text("id,body\n1," + "w" * 2000 + "\n", encoding="utf-8")
+    started = time.monotonic()
+    refused(run(cli, inp, tmp_path / "out.parquet", prompt=prompt), ExitCode.BAD_INPUT,
+            "prompt: cannot render row 1", needle)
+    assert time.monotonic() - started < 30
+    assert emu.stats.create_calls == 0
+
+
+def test_loops_and_lipsum_within_reason_still_render(emu, cli, tmp_path):
+    inp = tmp_path / "rows.csv"
+    inp.write_text("id,body\n1,abc\n", encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    r = run(cli, inp, out, prompt="{% for c in body %}{% for k, v in row.items() %}{{ c }}{{ k }}{% endfor %}"
+                                   "{% if loop.last %}.{% endif %}{% endfor %} {{ lipsum(2)|length > 10 }}")
+    assert r.exit_code == 0, r.output
+    assert prompts(out) == ["aidabodybidbbodycidcbody. True"]
+
+
+# ---- CSV bytes that are not UTF-8 -------------------------------------------------------------------------
+
+def test_a_latin1_csv_is_refused_naming_its_line_and_column(emu, cli, tmp_path):
+    """pyarrow reads a cell that is not UTF-8 as bytes: every prompt of the column would say b'...'."""
+    inp = tmp_path / "latin1.csv"
+    inp.write_bytes(b"id,body\n1,fine\n2,caf\xe9\n")
+    refused(run(cli, inp, tmp_path / "out.parquet"), ExitCode.BAD_INPUT, "latin1.csv", "line 3", "'body'",
+            "not UTF-8", "0xe9")
+    assert emu.stats.create_calls == 0
+    assert not (tmp_path / "out.parquet").exists()

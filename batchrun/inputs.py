@@ -14,7 +14,7 @@ import zlib
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -547,10 +547,7 @@ class InputSource:
             line += chunk.count(b"\n")
             schemas.append(table.schema)
             for name in table.column_names:
-                column = table.column(name)
-                if name not in big and pa.types.is_floating(column.type) and \
-                        (pc.max(pc.abs(column)).as_py() or 0) >= _EXACT_FLOAT:
-                    big.append(name)
+                big += [(name, path) for path in _big_floats(table.column(name)) if (name, path) not in big]
         if not schemas:
             raise InputError(f"{self.uri}: input is empty (no rows)")
         try:
@@ -558,10 +555,11 @@ class InputSource:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"{self.uri}: cannot read JSONL input: a key holds values of different kinds "
                              f"in different lines ({_short(exc)})") from None
-        for name in big:
+        for name, path in big:   # a number past 2**53 inside an object or a list too
             for exact in (pa.decimal128(38, 0), pa.decimal256(76, 0)):
-                if self._jsonl_fits(name, exact):
-                    schema = schema.set(schema.get_field_index(name), schema.field(name).with_type(exact))
+                type_ = _retyped(schema.field(name).type, path, exact)
+                if self._jsonl_fits(name, type_):
+                    schema = schema.set(schema.get_field_index(name), schema.field(name).with_type(type_))
                     break
         return schema
 
@@ -655,11 +653,36 @@ def _typed(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:
 
 
 def _past_exact_floats(batch: pa.RecordBatch) -> bool:
-    """Whether a float column of the batch holds a number past 2**53, whose digits a float may not keep."""
-    for column in batch.columns:
-        if pa.types.is_floating(column.type) and (pc.max(pc.abs(column)).as_py() or 0) >= _EXACT_FLOAT:
-            return True
-    return False
+    """Whether a float of the batch (in a column, or inside its objects and lists) is past 2**53, whose
+    digits a float may not keep."""
+    return any(_big_floats(column) for column in batch.columns)
+
+
+def _big_floats(column: Any, path: tuple = ()) -> list:
+    """The paths (struct field indices, "item" for a list's values; () for the column itself) of the
+    floats of `column` that hold a number past 2**53."""
+    type_ = column.type
+    if pa.types.is_struct(type_):
+        return [found for i in range(type_.num_fields)
+                for found in _big_floats(pc.struct_field(column, [i]), path + (i,))]
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return _big_floats(pc.list_flatten(column), path + ("item",))
+    if pa.types.is_floating(type_) and (pc.max(pc.abs(column)).as_py() or 0) >= _EXACT_FLOAT:
+        return [path]
+    return []
+
+
+def _retyped(type_: pa.DataType, path: tuple, new: pa.DataType) -> pa.DataType:
+    """`type_` with the type at `path` (see _big_floats) replaced by `new`."""
+    if not path:
+        return new
+    if path[0] == "item":
+        item = type_.value_field
+        make = pa.large_list if pa.types.is_large_list(type_) else pa.list_
+        return make(item.with_type(_retyped(item.type, path[1:], new)))
+    fields = [type_.field(i) for i in range(type_.num_fields)]
+    fields[path[0]] = fields[path[0]].with_type(_retyped(fields[path[0]].type, path[1:], new))
+    return pa.struct(fields)
 
 
 def _as_numbers(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:

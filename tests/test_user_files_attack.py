@@ -88,3 +88,16 @@ def test_a_latin1_csv_is_refused_naming_its_line_and_column(emu, cli, tmp_path):
             "not UTF-8", "0xe9")
     assert emu.stats.create_calls == 0
     assert not (tmp_path / "out.parquet").exists()
+
+
+# ---- JSONL integers past 2**53 inside objects and lists ----------------------------------------------------
+
+def test_jsonl_integers_past_2_53_inside_objects_and_lists_keep_every_digit(emu, cli, tmp_path):
+    inp = tmp_path / "nested.jsonl"
+    inp.write_text('{"id": 1, "m": {"a": 9007199254740993, "l": [18446744073709551617, 1]}}\n'
+                   '{"id": 2, "m": {"a": 5, "l": [123456789012345678901234567890]}}\n', encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    r = run(cli, inp, out, prompt="{{ m.a }} {{ m.l|join(',') }}")
+    assert r.exit_code == 0, r.output
+    assert prompts(out) == ["9007199254740993 18446744073709551617,1", "5 123456789012345678901234567890"]
+    assert [str(v) for v in pq.read_table(out).column("m").to_pylist()[1]["l"]] == ["123456789012345678901234567890"]

@@ -254,6 +254,7 @@ class RequestBuilder:
                                  keep_trailing_newline=True, finalize=_finalize)
         # |tojson prints a cell as the file wrote it when JSON has no type for it (a date, a decimal)
         env.policies["json.dumps_kwargs"] = {"sort_keys": True, "default": str}
+        env.filters["tojson"] = _tojson
         self._ranges = env.globals["range"] = _Ranges()
         self._loops = env.globals["_loop_turns"] = _Loops()
         env.globals["lipsum"] = _lipsum
@@ -484,6 +485,7 @@ def _written(base: type) -> type:
 
 
 _WrittenInt, _WrittenFloat = _written(int), _written(float)
+_WrittenBool = type("WrittenBool", (_WrittenInt,), {})   # bool cannot be subclassed: an int that was a bool
 _WrittenDate, _WrittenDatetime = _written(dt.date), _written(dt.datetime)
 
 
@@ -493,7 +495,9 @@ def as_written(value: Any, text: Any) -> Any:
         return NULL if text is None or text == "" else _NullCell(text)
     if not isinstance(text, str):
         return value
-    if isinstance(value, (bool, int)):
+    if isinstance(value, bool):
+        cell = _WrittenBool(int(value))
+    elif isinstance(value, int):
         cell = _WrittenInt(int(value))
     elif isinstance(value, float):
         cell = _WrittenFloat(value)
@@ -506,6 +510,24 @@ def as_written(value: Any, text: Any) -> Any:
         return text
     cell.text = text
     return cell
+
+
+def _json_ready(value: Any) -> Any:
+    """A template's value for |tojson: a null cell is null (not ""), a bool cell true/false (not 1/0)."""
+    if isinstance(value, _NullCell):
+        return None
+    if isinstance(value, _WrittenBool):
+        return bool(value)
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
+@jinja2.pass_eval_context
+def _tojson(eval_ctx: Any, value: Any, indent: Optional[int] = None) -> Any:
+    return jinja2.filters.do_tojson(eval_ctx, _json_ready(value), indent)
 
 
 def _finalize(value: Any) -> Any:

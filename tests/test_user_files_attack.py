@@ -41,13 +41,16 @@ def test_a_template_that_fails_on_a_rows_cells_is_refused_naming_the_row(emu, cl
 
 
 def test_tojson_of_a_row_with_typed_csv_cells_renders_them_as_written(emu, cli, tmp_path):
-    """A timestamp cell is typed (it compares as a time) but JSON has no time: |tojson gives the file's text."""
+    """A timestamp cell is typed (it compares as a time) but JSON has no time: |tojson gives the file's text;
+    a bool cell is true/false (not 1/0), an empty cell of a number column null (not "")."""
     inp = tmp_path / "rows.csv"
-    inp.write_text("id,when\n1,2026-03-01T09:30:00+02:00\n", encoding="utf-8")
+    inp.write_text("id,when,ok,n\n1,2026-03-01T09:30:00+02:00,TRUE,\n2,2026-03-02T10:00:00Z,false,4\n",
+                   encoding="utf-8")
     out = tmp_path / "out.parquet"
-    r = run(cli, inp, out, prompt="{{ row|tojson }}")
+    r = run(cli, inp, out, prompt="{{ row|tojson }} {{ ok }}")
     assert r.exit_code == 0, r.output
-    assert prompts(out) == ['{"id": 1, "when": "2026-03-01T09:30:00+02:00"}']
+    assert prompts(out) == ['{"id": 1, "n": null, "ok": true, "when": "2026-03-01T09:30:00+02:00"} TRUE',
+                            '{"id": 2, "n": 4, "ok": false, "when": "2026-03-02T10:00:00Z"} false']
 
 
 # ---- templates that would run for hours: refused in one line, quickly ----------------------------------

@@ -359,12 +359,12 @@ class JobSpec:
                                     f"got {value!r}"[:200])
         if self.thinking is not None:
             # one rule for the key and --thinking: "adaptive", "disabled", N (a budget of N tokens) or a table
-            if isinstance(self.thinking, str) and re.fullmatch(r"\s*\d+\s*", self.thinking):
+            if isinstance(self.thinking, str) and re.fullmatch(r"\s*[+-]?\d+\s*", self.thinking):
                 self.thinking = int(self.thinking)
             if isinstance(self.thinking, int) and not isinstance(self.thinking, bool):
                 self.thinking = {"type": "enabled", "budget_tokens": self.thinking}
-            elif isinstance(self.thinking, str):
-                self.thinking = {"type": self.thinking.strip()}
+            elif isinstance(self.thinking, str) and self.thinking.strip() in THINKING_TYPES:
+                self.thinking = {"type": self.thinking.strip()}   # (any other text is refused as it was given)
             need(isinstance(self.thinking, dict) and self.thinking.get("type") in THINKING_TYPES,
                  "thinking", "expected \"adaptive\", \"disabled\", a budget of N tokens, or "
                  "{type = \"enabled\", budget_tokens = N}")

@@ -104,3 +104,20 @@ def test_jsonl_integers_past_2_53_inside_objects_and_lists_keep_every_digit(emu,
     assert r.exit_code == 0, r.output
     assert prompts(out) == ["9007199254740993 18446744073709551617,1", "5 123456789012345678901234567890"]
     assert [str(v) for v in pq.read_table(out).column("m").to_pylist()[1]["l"]] == ["123456789012345678901234567890"]
+
+
+# ---- keys and flags: the same value, the same answer ------------------------------------------------------
+
+@pytest.mark.parametrize("value, needle", [("-5", "not -5"), ("2048.5", "2048.5"), ("lots", "'lots'")])
+def test_a_bad_thinking_value_is_refused_alike_as_key_and_flag_as_it_was_given(emu, cli, tmp_path, value, needle):
+    inp = tmp_path / "rows.csv"
+    inp.write_text("id,body\n1,a\n", encoding="utf-8")
+    job = tmp_path / "job.toml"
+    toml_value = value if value != "lots" else '"lots"'
+    job.write_text(f'input = "rows.csv"\nprompt = "{{{{ body }}}}"\nmodel = "claude-sonnet-4-5"\n'
+                   f'max_tokens = 4000\nthinking = {toml_value}\n', encoding="utf-8")
+    by_key = refused(cli("validate", job), ExitCode.BAD_INPUT, "thinking", needle)
+    by_flag = refused(cli("validate", "--input", inp, "--prompt", "{{ body }}", "--model", "claude-sonnet-4-5",
+                          "--max-tokens", 4000, "--thinking", value), ExitCode.BAD_INPUT, "thinking", needle)
+    assert "{'type'" not in by_flag, by_flag
+    assert by_key.rsplit("thinking", 1)[1] == by_flag.rsplit("thinking", 1)[1] or value == "2048.5", (by_key, by_flag)

@@ -255,6 +255,8 @@ class RequestBuilder:
         # |tojson prints a cell as the file wrote it when JSON has no type for it (a date, a decimal)
         env.policies["json.dumps_kwargs"] = {"sort_keys": True, "default": str}
         env.filters["tojson"] = _tojson
+        for name in ("center", "indent"):
+            env.filters[name] = _width_filter(name, env.filters[name])
         self._ranges = env.globals["range"] = _Ranges()
         self._loops = env.globals["_loop_turns"] = _Loops()
         env.globals["lipsum"] = _lipsum
@@ -355,6 +357,9 @@ class RequestBuilder:
                                  f"({type(exc).__name__}: {str(exc)[:120]})") from None
             except Exception as exc:   # the template's own error on this row's cells (1/0, "a" + 1, ...)
                 raise InputError(f"prompt: cannot render {where}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        if len(text) > MAX_PROMPT:   # ("%*s"|format(10**9, x) and the like: the widths no one checked)
+            raise InputError(f"prompt: {where} renders {len(text):,} characters, more than the API takes in one "
+                             "request (256 MB)")
         content: Any = text
         image = (image_block(row.get(spec.image_column), where, spec.image_column, self.image_base)
                  if spec.image_column else None)
@@ -584,6 +589,23 @@ def _lipsum(n: int = 5, *args: Any, **kwargs: Any) -> str:
     return jinja2.utils.generate_lorem_ipsum(n, *args, **kwargs)
 
 
+MAX_PROMPT = 256 * 1000 * 1000   # characters: a longer prompt is past the API's 256 MB and can never be sent
+
+
+def _check_widths(name: str, args: tuple) -> None:
+    for arg in args:
+        if isinstance(arg, int) and arg > MAX_RESULT:
+            raise TemplateLimit(f"{name}({arg:,}) is too large for a prompt")
+
+
+def _width_filter(name: str, filter_: Callable) -> Callable:
+    """Jinja's filter `name`, refusing a width past MAX_RESULT (`|center(10**9)`, `|indent(10**9)`)."""
+    def checked(value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_widths(name, (*args, *kwargs.values()))
+        return filter_(value, *args, **kwargs)
+    return checked
+
+
 class _PromptEnvironment(SandboxedEnvironment):
     """The sandbox, with `*` and `**` kept to what a prompt can hold: `"x" * 10**9` or `10**10**10`
     would take minutes and gigabytes before any limit of the API said no."""
@@ -599,6 +621,13 @@ class _PromptEnvironment(SandboxedEnvironment):
                 right * max(1, abs(left).bit_length()) > MAX_RESULT:
             raise TemplateLimit(f"{left} ** {right} is too large for a prompt")
         return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:   # noqa: N805 (Jinja's)
+        """A text method asked for a width past MAX_RESULT (`body.ljust(10**9)`, `.zfill`, `.center`) is refused
+        before it makes a gigabyte."""
+        if isinstance(getattr(__obj, "__self__", None), str):
+            _check_widths(getattr(__obj, "__name__", "method"), (*args, *kwargs.values()))
+        return super().call(__context, __obj, *args, **kwargs)
 
     def _generate(self, source: Any, *args: Any, **kwargs: Any) -> str:
         """Compile with every `{% for %}`'s iterable passed through `_loop_turns` (a _Loops: the turns counted)."""

@@ -60,6 +60,10 @@ def test_tojson_of_a_row_with_typed_csv_cells_renders_them_as_written(emu, cli, 
     ('{% set s = "ab" * 500000 %}{% for c in s %}{% for d in s %}x{% endfor %}{% endfor %}', "{% for %} loops"),
     ("{% for c in body %}{% for d in body %}{% for e in body %}x{% endfor %}{% endfor %}{% endfor %}",
      "{% for %} loops"),
+    ("{{ body|center(10**9) }}", "center(1,000,000,000)"),     # a gigabyte of spaces, then an internal error
+    ("{{ body|indent(10**9, true) }}", "indent(1,000,000,000)"),
+    ("{{ body.ljust(10**9) }}", "ljust(1,000,000,000)"),
+    ("{{ body.zfill(10**10) }}", "zfill(10,000,000,000)"),
 ])
 def test_templates_that_would_run_for_hours_are_refused_quickly(emu, cli, tmp_path, prompt, needle):
     inp = tmp_path / "rows.csv"
@@ -76,9 +80,10 @@ def test_loops_and_lipsum_within_reason_still_render(emu, cli, tmp_path):
     inp.write_text("id,body\n1,abc\n", encoding="utf-8")
     out = tmp_path / "out.parquet"
     r = run(cli, inp, out, prompt="{% for c in body %}{% for k, v in row.items() %}{{ c }}{{ k }}{% endfor %}"
-                                   "{% if loop.last %}.{% endif %}{% endfor %} {{ lipsum(2)|length > 10 }}")
+                                   "{% if loop.last %}.{% endif %}{% endfor %} {{ lipsum(2)|length > 10 }}"
+                                   "|{{ body|center(7) }}|{{ body.zfill(5) }}|{{ 'x\ny'|indent(2) }}")
     assert r.exit_code == 0, r.output
-    assert prompts(out) == ["aidabodybidbbodycidcbody. True"]
+    assert prompts(out) == ["aidabodybidbbodycidcbody. True|  abc  |00abc|x\n  y"]
 
 
 # ---- CSV bytes that are not UTF-8 -------------------------------------------------------------------------

@@ -655,7 +655,11 @@ class Runner:
             records, bodies = [], []
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
-                part = builder.row_part(rows[i], where)
+                try:
+                    part = builder.row_part(rows[i], where)
+                except InputError:
+                    source.widen()   # a key inside an object first seen past the first block (meta.late): read again
+                    raise
                 check(part, where)
                 body = canonical_json(part)
                 records.append((job.id, ids[i], index + i, params_hash(body, shared_hash)))

@@ -126,3 +126,21 @@ def test_a_bad_thinking_value_is_refused_alike_as_key_and_flag_as_it_was_given(e
                           "--max-tokens", 4000, "--thinking", value), ExitCode.BAD_INPUT, "thinking", needle)
     assert "{'type'" not in by_flag, by_flag
     assert by_key.rsplit("thinking", 1)[1] == by_flag.rsplit("thinking", 1)[1] or value == "2048.5", (by_key, by_flag)
+
+
+# ---- JSONL: a key inside an object first seen past the first block ----------------------------------------
+
+def test_a_jsonl_key_inside_an_object_first_seen_late_is_read(emu, cli, tmp_path):
+    """The first megabyte's objects lack `late`; a later line has it: the file is valid, {{ m.late }} is ""
+    for the rows without it (was: 'dict object' has no attribute 'late' for row 1)."""
+    import json
+    inp = tmp_path / "late.jsonl"
+    lines = [json.dumps({"id": i, "m": {"a": i, "pad": "x" * 5000}}) for i in range(250)]
+    lines.append(json.dumps({"id": 250, "m": {"a": 250, "pad": "", "late": "L"}}))
+    inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert inp.stat().st_size > 1 << 20
+    out = tmp_path / "out.parquet"
+    r = run(cli, inp, out, prompt="[{{ m.late }}] {{ m.a }}")
+    assert r.exit_code == 0, r.output
+    got = prompts(out)
+    assert got[0] == "[] 0" and got[-1] == "[L] 250" and len(got) == 251

@@ -37,7 +37,10 @@ RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 CREATE_NOT_CREATED = {408, 409, 429, 529}
 # Failures before any byte of the request left: no connection (refused, DNS, TLS, connect timeout) or
 # none free in the pool. Nothing was delivered, so nothing can have run or been paid for.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# failures that prove nothing reached the API: no connection made (refused, DNS, TLS handshake, connect
+# timeout), no connection from the pool, or a proxy that refused to open the tunnel (CONNECT answered non-2xx,
+# a SOCKS handshake refused: https goes through a proxy only as a tunnel, so the API saw nothing)
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
 
 
 def is_loopback(host: str) -> bool:
@@ -269,14 +272,15 @@ class ApiClient:
 
         def stop(state: tenacity.RetryCallState) -> bool:
             waited = self.clock() - started + (getattr(state, "upcoming_sleep", 0.0) or 0.0)
-            return state.attempt_number > self.retry.max_retries or waited > self.retry.max_elapsed
+            return state.attempt_number > self.retry.max_retries or waited > self.retry.max_elapsed \
+                or asks_past(state.outcome.exception(), self.clock() - started, self.retry)
 
         def give_up(state: tenacity.RetryCallState) -> Any:
             exc = state.outcome.exception()
             if not isinstance(exc, TransientApiError):
                 raise exc
             raise GaveUpError(f"{exc.message}; gave up after {state.attempt_number} attempts in "
-                              f"{self.clock() - started:.0f} s", status=exc.status, error_type=exc.error_type,
+                              f"{self.clock() - started:.0f} s{asked_wait(exc)}", status=exc.status, error_type=exc.error_type,
                               request_id=exc.request_id, retry_after=exc.retry_after) from None
 
         return tenacity.Retrying(retry=tenacity.retry_if_exception_type(TransientApiError), wait=self._wait,
@@ -451,6 +455,20 @@ def http_client(cls: type, *, transport: Any = None, limits: Optional[httpx.Limi
         if urlsplit(str(kw.get("base_url", ""))).scheme == "http":   # a loopback endpoint needs no proxy
             return cls(transport=transport, limits=limits, mounts=mounts, trust_env=False, **kw)
         raise InputError(f"proxy settings of the environment: {exc}") from None
+
+
+def asks_past(exc: Optional[BaseException], elapsed: float, policy: RetryPolicy) -> bool:
+    """Whether a refusal's retry-after asks for a wait that ends past the patience (`policy.max_elapsed`,
+    of which `elapsed` is spent): waiting less and asking again would only be refused again, so give up now."""
+    return isinstance(exc, ApiError) and exc.retry_after is not None and elapsed + exc.retry_after > policy.max_elapsed
+
+
+def asked_wait(exc: ApiError) -> str:
+    """What a refusal's retry-after asked for, said in a give-up message (when to run again)."""
+    if exc.retry_after is None or exc.retry_after <= 1:
+        return ""
+    until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=exc.retry_after)
+    return f"; the API asks to wait {exc.retry_after:.0f} s: run again after {until:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def transport_error(exc: httpx.RequestError, what: str) -> ApiError:

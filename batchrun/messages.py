@@ -49,7 +49,7 @@ from typing import Optional
 import httpx
 import tenacity
 
-from .api import CREATE_NOT_CREATED, NOT_SENT, http_client, transport_error, unwrap_gateway
+from .api import CREATE_NOT_CREATED, NOT_SENT, asked_wait, asks_past, http_client, transport_error, unwrap_gateway
 from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, InputError, TransientApiError, UnreachableError,
                      error_class)
 from .ratelimit import RateLimiter
@@ -259,8 +259,9 @@ class MessagesDriver:
         started = time.monotonic()
 
         def stop(state: tenacity.RetryCallState) -> bool:
-            if _slows_down(state.outcome.exception()):   # the run's patience: time without a reply
-                return self.limiter.stalled() >= policy.max_elapsed
+            exc = state.outcome.exception()
+            if _slows_down(exc):   # the run's patience: time without a reply (or asked to wait past it)
+                return self.limiter.stalled() >= policy.max_elapsed or asks_past(exc, self.limiter.stalled(), policy)
             return (tries["counted"] >= max_attempts or state.attempt_number - tries["refused"] > policy.max_retries
                     or time.monotonic() - started >= policy.max_elapsed)
 
@@ -287,7 +288,7 @@ class MessagesDriver:
             # the service's failure, not the request's: the run stops, this row and the rest stay pending
             raise GaveUpError(f"{exc.message}; gave up after {tries['sent'] + tries['unsent']} tries in "
                               f"{time.monotonic() - started:.0f} s; the rows not answered stay pending and the "
-                              "next run sends them", status=exc.status, error_type=exc.error_type,
+                              f"next run sends them{asked_wait(exc)}", status=exc.status, error_type=exc.error_type,
                               request_id=exc.request_id) from None
         return self.runner.parser.message(message)
 
@@ -312,7 +313,8 @@ class MessagesDriver:
             if _slows_down(error):
                 tries["refused"] += 1
                 wait = error.retry_after
-                if wait is None:     # no retry-after: back off more the more often this row was refused
+                if wait is None or wait <= 0:   # no (or a zero) retry-after: back off more the more often
+                    # this row was refused (as the SDK does), never a loop of refusals as fast as they come
                     wait = DEFAULT_COOLDOWN * 2 ** (tries["refused"] - 1)
                 refused_for = min(wait, self.client.retry.max_wait)
             raise

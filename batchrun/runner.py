@@ -1239,16 +1239,26 @@ class Runner:
             else:
                 running.append(item["id"])
         if running:
+            self._wait_note(local, f"create reply was lost: waiting for batch {', '.join(running)} (running, of "
+                                   "the same size) to end, when its results tell whether it is this job's")
             if running != self._waiting.get(local):
                 self._waiting[local] = running
                 log.warning("job %s: batch %s may be the one whose create reply was lost; its rows wait for it to "
                             "end, when its results tell whose it is", self.job.short_id, ", ".join(running))
             return False
         if time.time() < sent_by:
+            self._wait_note(local, "create reply was lost: looking for its batch in the API's list until "
+                                   f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(sent_by))}")
             return False   # it may still show: looked for again next round, its rows kept in flight
         self._abandon(local, "create reply lost and no batch of this job's appeared: requests are pending again")
         log.info("job %s: the lost create made no batch; its requests will be sent again", self.job.short_id)
         return False
+
+    def _wait_note(self, local: int, note: str) -> None:
+        """What an unresolved intent waits for, kept on its batch row for `status` to show."""
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE batches SET note = ? WHERE id = ? AND coalesce(note, '') != ?",
+                                    (note, local, note))
 
     def _proof(self, b: dict, item: dict) -> Optional[bool]:
         """Whether an ended batch is the one intent `b` sent: True when every custom_id in its results is

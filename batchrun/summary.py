@@ -57,7 +57,7 @@ def job_status(store: Store, job: dict) -> dict:
         {"batch_id": b["api_id"], "state": b["state"], "api_status": b["api_status"],
          "requests": b["request_count"], "created_at": b["created_at"], "ended_at": b["ended_at"],
          "request_counts": json.loads(b["request_counts"]) if b["request_counts"] else None,
-         "adopted": bool(b["adopted"]), "primer": bool(b["primer"])}
+         "adopted": bool(b["adopted"]), "primer": bool(b["primer"]), "note": b["note"]}
         for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state != 'abandoned' ORDER BY id", (jid,))]
     spec = json.loads(job["spec"])
     finished = bool(job["finished_at"]) and counts["pending"] == 0 and counts["in_flight"] == 0

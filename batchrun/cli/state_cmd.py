@@ -56,6 +56,9 @@ def status(job, state, as_json):
         if r["cache"]["rows_could"] or r["cache"]["priming"]:
             click.echo(f"  {cache_line(r['cache'], r['cache']['saved_usd'], r['cache']['priming'])}")
         for b in r["batches"]:
+            if b["state"] == "intent" and b["note"]:   # a create whose reply was lost: what it waits for
+                click.echo(f"  batch (not known yet): {b['requests']} requests; {b['note']}")
+                continue
             click.echo(f"  batch {b['batch_id'] or '(creating)'}: {b['api_status'] or b['state']}, "
                        f"{b['requests']} requests{', adopted' if b['adopted'] else ''}"
                        f"{', priming the cache' if b['primer'] else ''}")

@@ -62,6 +62,7 @@ CLOCK_TOLERANCE = 3.0                              # the Date header's 1 s resol
 AMBIGUOUS_GRACE = 60.0                             # a create that failed ambiguously, or was cut off by a
                                                    # crash: how long its batch may take to show in the list
                                                    # before its rows are sent again (BATCHRUN_CREATE_GRACE)
+GONE = "gone"                                      # _proof: a candidate whose results can no longer be read
 ADOPTED, PROVEN = 1, 2                             # batches.adopted: found after a lost create; and proved
                                                    # ours by its results before it was adopted
 PRIME_LAPSE = 0.75                                 # a cache last touched this share of its TTL ago may lapse
@@ -1220,9 +1221,12 @@ class Runner:
                 continue
             if sum((item.get("request_counts") or {}).values()) == b["request_count"]:
                 candidates.append(item)
-        running = []
+        running, gone = [], []
         for item in reversed(candidates):   # the earliest first: the one sent first
             verdict = self._proof(b, item) if item.get("processing_status") == "ended" else None
+            if verdict == GONE:   # ours or not, it cannot be told any more
+                gone.append(item["id"])
+                continue
             if verdict:
                 self._submitted(local, item, adopted=PROVEN)
                 store.event(self.job.id, "warning", f"adopted batch {item['id']} whose create reply was lost "
@@ -1250,6 +1254,15 @@ class Runner:
             self._wait_note(local, "create reply was lost: looking for its batch in the API's list until "
                                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(sent_by))}")
             return False   # it may still show: looked for again next round, its rows kept in flight
+        if gone:   # it may be ours, and paid for: not sent again blindly
+            message = (f"the create reply of this request's batch was lost, and batch {', '.join(gone)}, of the same "
+                       "size and created then, may be that batch, but its results are gone (deleted, or past the 29 "
+                       "days results are kept), so it cannot be proved this job's or not. Not sent again, since it "
+                       "may have been paid for; `run --resend-lost` sends it again")
+            n = self._gone(b, "results_gone", message, "UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
+                           (f"create reply lost; candidate {', '.join(gone)} has no results any more", local))
+            log.error("job %s: %d rows: %s", self.job.short_id, n, message)
+            return False
         self._abandon(local, "create reply lost and no batch of this job's appeared: requests are pending again")
         log.info("job %s: the lost create made no batch; its requests will be sent again", self.job.short_id)
         return False
@@ -1260,10 +1273,10 @@ class Runner:
             self.store.conn.execute("UPDATE batches SET note = ? WHERE id = ? AND coalesce(note, '') != ?",
                                     (note, local, note))
 
-    def _proof(self, b: dict, item: dict) -> Optional[bool]:
+    def _proof(self, b: dict, item: dict):
         """Whether an ended batch is the one intent `b` sent: True when every custom_id in its results is
         one the intent sent (with this job's tag), False at the first that is not; None when its results
-        could not be read now (asked again next round)."""
+        could not be read now (asked again next round); GONE when they never can be (it proves nothing)."""
         url = item.get("results_url")
         sent = self._sent_ids(b)
         seen = 0
@@ -1278,7 +1291,7 @@ class Runner:
                         return False
                     seen += 1
         except (ResultsGoneError, NotFoundError):
-            return False   # gone: it could never be read, ours or not
+            return GONE
         except (TransientApiError, GaveUpError):
             return None
         return seen > 0 or None
@@ -1466,6 +1479,10 @@ class Runner:
         """A batch adopted before adoption needed proof (by an older batchrun) is proved now, before any
         row takes an answer from it; one that is not the intent's goes back to being looked for."""
         verdict = self._proof(b, {"id": b["api_id"], "results_url": b["results_url"]})
+        if verdict == GONE:   # whoever's it was, its rows cannot be answered from it, nor sent again blindly
+            self._results_gone(b, f"the results of batch {b['api_id']}, adopted after a lost create reply, are gone "
+                                  "before it could be proved this job's; its rows may have been paid for")
+            return False
         if verdict is False:
             with self.store.transaction():
                 self.store.conn.execute("INSERT OR IGNORE INTO foreign_batches (api_id, batch_id, noted_at) "

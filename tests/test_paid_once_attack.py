@@ -45,3 +45,25 @@ def test_a_lost_create_waiting_for_a_running_candidate_says_what_it_waits_for(em
     r = cli("status", "--state", job["state"], "--json")
     (batch,) = json.loads(r.output)[0]["batches"]
     assert "waiting for batch msgbatch_" in batch["note"]
+
+
+def test_a_candidate_whose_results_are_gone_is_not_paid_for_again_blindly(emu, cli, tmp_path, monkeypatch):
+    """Our create's reply was lost but the batch was made; by the time it ended its results were gone
+    (archived: a restart weeks later). It cannot be proved ours — nor another job's: its rows are not
+    sent again blindly, they end errored saying so, and `run --resend-lost` sends them."""
+    monkeypatch.setenv("BATCHRUN_CREATE_GRACE", "0.2")
+    emu.config.drop_after_create = 1
+    emu.config.archive_after_seconds = 0.0
+    csv = _table(tmp_path, n=10)
+    argv = ["run", "--input", str(csv), "--output", str(tmp_path / "o.parquet"), "--state", str(tmp_path / "s.sqlite"),
+            "--prompt", "{{ body }}", "--model", MODEL, "--max-tokens", "50", "--poll-interval", "0.05"]
+    r = cli(*argv)
+    assert emu.stats.requests_created == 10, r.output          # sent once
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert {(x["status"], x["error_type"]) for x in rows} == {("errored", "results_gone")}
+    assert "may have been paid for" in rows[0]["error_message"] and "--resend-lost" in rows[0]["error_message"]
+    emu.config.archive_after_seconds = None
+    r = cli(*argv, "--resend-lost")
+    assert r.exit_code == 0, r.output
+    assert emu.stats.requests_created == 20

@@ -1221,11 +1221,14 @@ class Runner:
                 continue
             if sum((item.get("request_counts") or {}).values()) == b["request_count"]:
                 candidates.append(item)
-        running, gone = [], []
+        running, gone, untagged = [], [], []
         for item in reversed(candidates):   # the earliest first: the one sent first
             verdict = self._proof(b, item) if item.get("processing_status") == "ended" else None
             if verdict == GONE:   # ours or not, it cannot be told any more
                 gone.append(item["id"])
+                continue
+            if verdict and b["tag"] is None:   # sent untagged (an older batchrun): its ids prove nothing
+                untagged.append(item["id"])
                 continue
             if verdict:
                 self._submitted(local, item, adopted=PROVEN)
@@ -1261,6 +1264,17 @@ class Runner:
                        "may have been paid for; `run --resend-lost` sends it again")
             n = self._gone(b, "results_gone", message, "UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
                            (f"create reply lost; candidate {', '.join(gone)} has no results any more", local))
+            log.error("job %s: %d rows: %s", self.job.short_id, n, message)
+            return False
+        if untagged:   # the same ids as ours, but an older batchrun sent them without the job's tag
+            message = (f"the create reply of this request's batch was lost (sent by an older batchrun, without the "
+                       f"job's tag in its custom_ids), and batch {', '.join(untagged)}, of the same size and ids, "
+                       "may be that batch or another job's with the same ids: it cannot be proved this job's, so "
+                       "its answers are not taken. Not sent again, since it may have been paid for; `run "
+                       "--resend-lost` sends it again")
+            n = self._gone(b, "batch_unproven", message,
+                           "UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
+                           (f"create reply lost; untagged candidate {', '.join(untagged)} cannot be proved", local))
             log.error("job %s: %d rows: %s", self.job.short_id, n, message)
             return False
         self._abandon(local, "create reply lost and no batch of this job's appeared: requests are pending again")

@@ -263,8 +263,9 @@ PARSED_FIELDS = ("text", "parsed", "stop_reason", "model", "input_tokens", "outp
 RESULT_FIELDS = ("result_type",) + PARSED_FIELDS + ("api_batch_id",)
 FINAL_STATES = ("succeeded", "errored", "expired", "canceled", "invalid_output")
 # error types of rows that ended errored without their result (batch 404, results gone, a result line that never
-# came): they may have been paid for, so they are sent again only with --resend-lost
-LOST_ERRORS = ("batch_not_found", "results_gone", "result_missing")
+# came, a lost create's candidate that cannot be proved the job's): they may have been paid for, so they are
+# sent again only with --resend-lost
+LOST_ERRORS = ("batch_not_found", "results_gone", "result_missing", "batch_unproven")
 LOST_ERRORS_SQL = "(" + ", ".join(f"'{e}'" for e in LOST_ERRORS) + ")"
 
 

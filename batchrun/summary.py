@@ -92,6 +92,7 @@ CAUSES = {
     "invalid_request_error": "invalid request", "not_found_error": "not found",
     "invalid_output": "invalid output", "expired": "expired", "canceled": "canceled",
     "results_gone": "results gone", "result_missing": "result never came",
+    "batch_unproven": "lost create's batch not provably the job's",
 }
 
 

@@ -3,6 +3,10 @@ a candidate whose results cannot be read any more, two messages-mode jobs sharin
 from __future__ import annotations
 
 import json
+import time
+
+import httpx
+import pytest
 
 import pyarrow.parquet as pq
 
@@ -67,3 +71,75 @@ def test_a_candidate_whose_results_are_gone_is_not_paid_for_again_blindly(emu, c
     r = cli(*argv, "--resend-lost")
     assert r.exit_code == 0, r.output
     assert emu.stats.requests_created == 20
+
+
+class DiesInCreate(httpx.BaseTransport):
+    """A run that dies inside its first create (the process killed): the create is passed on first when
+    `lands`, then the run stops at once (nothing after it runs, as after a kill -9)."""
+
+    def __init__(self, inner: httpx.BaseTransport, lands: bool):
+        self.inner, self.lands, self.creates = inner, lands, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/v1/messages/batches"):
+            self.creates += 1
+            if self.creates == 1:
+                if self.lands:
+                    self.inner.handle_request(request).read()
+                raise _Killed()
+        return self.inner.handle_request(request)
+
+
+class _Killed(BaseException):
+    pass
+
+
+def _old_intent(tmp_path, csv, emu, monkeypatch, lands: bool, name: str) -> dict:
+    """A state file of a batchrun from before tags, with an intent in flight (its run died in its create)."""
+    import batchrun.runner as runner_mod
+    from batchrun.store import Store
+    job = _job(tmp_path, csv, output=str(tmp_path / f"{name}.parquet"), state=str(tmp_path / f"{name}.sqlite"))
+    with monkeypatch.context() as old:
+        old.setattr(runner_mod, "wire_id", lambda tag, cid: cid)
+        with pytest.raises(_Killed):
+            batchrun.run(job, api_key="k", base_url="https://gw.example",
+                         transport=DiesInCreate(emu.sync_transport(), lands))
+    with Store(job["state"]) as store:
+        store.conn.execute("UPDATE jobs SET tag = NULL")
+        store.conn.execute("UPDATE batches SET tag = NULL")
+        assert store.conn.execute("SELECT state FROM batches").fetchall() == [("intent",)]
+    return job
+
+
+def _own_answers(job, n=10):
+    return [r["text"].split(" #")[0] for r in pq.read_table(job["output"]).to_pylist()] == \
+        [f"Reply to: row {i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["its-own-batch-landed", "another-jobs-batch-only"])
+def test_an_old_state_files_intent_in_flight_never_takes_a_batch_its_ids_cannot_prove(emu, tmp_path, monkeypatch,
+                                                                                      lands):
+    """A state file of a batchrun from before tags, its run killed inside a create. Meanwhile another
+    job (another state file: a shard) sent a batch of the same size and the same row-N ids. Untagged,
+    those ids prove nothing: no batch is adopted, no row shows another job's answer, nothing is sent
+    again blindly (the rows end errored `batch_unproven`, exit 3), and `--resend-lost` sends them."""
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    monkeypatch.setenv("BATCHRUN_CREATE_GRACE", "0.2")
+    csv = _table(tmp_path, n=10)
+    job = _old_intent(tmp_path, csv, emu, monkeypatch, lands=lands, name="a")
+    emu.sync_transport().handle_request(httpx.Request(
+        "POST", "https://gw.example/v1/messages/batches", headers={"x-api-key": "k", "anthropic-version": "2023-06-01",
+                                                                    "content-type": "application/json"},
+        content=_foreign(10))).read()
+    before = emu.stats.requests_created
+    time.sleep(0.2)
+    result = batchrun.run(job, api_key="k", base_url="https://gw.example", transport=emu.sync_transport())
+    rows = pq.read_table(job["output"]).to_pylist()
+    assert not any("OTHER" in (r["text"] or "") for r in rows), [r["text"] for r in rows]
+    assert result.exit_code == ExitCode.FAILED_ROWS and emu.stats.requests_created == before
+    assert {(r["status"], r["error_type"]) for r in rows} == {("errored", "batch_unproven")}
+    assert "--resend-lost" in rows[0]["error_message"]
+    again = batchrun.run(job, api_key="k", base_url="https://gw.example", transport=emu.sync_transport(),
+                         resend_lost=True)
+    assert again.exit_code == 0 and _own_answers(job)
+    assert emu.stats.requests_created == before + 10

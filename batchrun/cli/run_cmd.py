@@ -90,8 +90,9 @@ def make_runner(job_file, options: dict, base_url_override: Optional[str] = None
               "(code 5 while batches still run). For cron.")
 @click.option("--resume-canceled", is_flag=True, help="Send rows that ended canceled again.")
 @click.option("--resend-lost", is_flag=True, help="Send again rows whose batch the API no longer knows (404), "
-              "whose results are gone (after 29 days) or whose result line never came (result_missing): they "
-              "may have been paid for once already.")
+              "whose results are gone (after 29 days), whose result line never came (result_missing) or whose lost "
+              "create's batch could not be proved the job's (batch_unproven): they may have been paid for once "
+              "already.")
 @click.option("--retry-errored", is_flag=True, help="Send again the rows that ended errored (never the succeeded "
               "ones), saying first how many and the most they may cost; --max-cost still holds.")
 @click.option("--wait-lock", is_flag=True, help="If another run holds the job, wait for it instead of exiting.")

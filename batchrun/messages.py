@@ -139,6 +139,7 @@ class MessagesDriver:
                     task.cancel()
                 await asyncio.gather(*tasks, ticker, return_exceptions=True)
                 self._flush()              # replies already received are kept, whatever happened
+                self.store.release_claims(self.job_id)
         log.info("job %s: %d replies recorded in %.1fs over %s; %d refused (429/529), %.1fs waiting on rate limits",
                  self.runner.job.short_id, self.recorded, time.monotonic() - started, self.what,
                  self.limiter.refusals, self.limiter.waited)
@@ -148,9 +149,8 @@ class MessagesDriver:
     async def _feed(self, queue: asyncio.Queue) -> None:
         last = -1
         while True:
-            page = self.store.conn.execute(
-                "SELECT r.row_index, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-                "WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? ORDER BY r.row_index LIMIT ?", (self.job_id, last, PAGE)).fetchall()
+            # chosen and claimed in one transaction: a job sharing these requests never sends them too
+            page = self.store.claim_for_messages(self.job_id, last, PAGE)
             if not page:
                 break
             for _, custom_id, body in page:

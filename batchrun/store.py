@@ -249,6 +249,16 @@ def m008_cache_primers(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE batches ADD COLUMN primer INTEGER NOT NULL DEFAULT 0")
 
 
+@migration
+def m009_message_claims(db: sqlite3.Connection) -> None:
+    """`requests.claimed_at`: when a messages-mode run claimed the pending row to send it (NULL once that
+    run is over). Chosen and claimed in one write-locked transaction, so that another job of the state
+    file sharing the request, started at the same moment, sees it taken and waits for its answer
+    instead of buying it too (see Store.claim_for_messages)."""
+    db.execute("ALTER TABLE requests ADD COLUMN claimed_at TEXT")
+    db.execute("CREATE INDEX requests_claimed ON requests(job_id) WHERE claimed_at IS NOT NULL")
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -638,6 +648,39 @@ class Store:
             f"SELECT b.primer, b.state, {answered}, {touched} FROM batches b WHERE b.job_id = ? "
             "AND b.state NOT IN ('abandoned', 'foreign') ORDER BY b.id DESC LIMIT 5", (job_id,))]
         return {"touched_at": at, "recent": recent}
+
+    # Another job's row whose exact request (params_hash) is ours: answered (reused instead of sent), or
+    # being sent by a run that moves that job now (in flight in a batch, or claimed in messages mode).
+    _TAKEN = ("EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
+              "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR ((o.state = 'in_flight' "
+              "OR o.claimed_at IS NOT NULL) AND o.job_id IN ({live}))))")
+
+    def claim_for_messages(self, job_id: str, after: int, limit: int) -> list:
+        """Messages mode: the next pending rows of the job (row_index > after, in order), each claimed
+        for this run before it is sent, in one write-locked transaction with the check that no other job
+        of the state file has the same request answered or being sent now (a run holds that job's lock).
+        Rows so taken are left pending: the other job's answer is reused, or they are sent once no run
+        moves it. Returns (row_index, custom_id, body) rows."""
+        sql = ("SELECT r.row_index, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+               "WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {taken}ORDER BY r.row_index LIMIT ?")
+        with self.transaction():
+            others = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE id != ?", (job_id,))]
+            if not others:
+                return self.conn.execute(sql.format(taken=""), (job_id, after, limit)).fetchall()
+            live = [j for j in others if JobLock(self.path, j).held_elsewhere()]   # checked inside the lock
+            taken = "AND NOT " + self._TAKEN.format(live=",".join("?" * len(live))) + " "
+            page = self.conn.execute(sql.format(taken=taken), (job_id, after, *live, limit)).fetchall()
+            now = now_iso()
+            self.conn.executemany("UPDATE requests SET claimed_at = ? WHERE job_id = ? AND custom_id = ?",
+                                  [(now, job_id, row[1]) for row in page])
+        return page
+
+    def release_claims(self, job_id: str) -> None:
+        """A messages-mode run is over: its rows are no longer being sent (the ones still pending wait for
+        the next run)."""
+        with self.transaction():
+            self.conn.execute("UPDATE requests SET claimed_at = NULL WHERE job_id = ? AND claimed_at IS NOT NULL",
+                              (job_id,))
 
     def counts(self, job_id: str) -> dict:
         return {r["state"]: r["n"] for r in

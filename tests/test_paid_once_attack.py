@@ -143,3 +143,30 @@ def test_an_old_state_files_intent_in_flight_never_takes_a_batch_its_ids_cannot_
                          resend_lost=True)
     assert again.exit_code == 0 and _own_answers(job)
     assert emu.stats.requests_created == before + 10
+
+
+# ---- messages mode: two jobs sharing requests, started together on one state file ---------------------------
+def test_two_messages_mode_jobs_sharing_requests_started_together_buy_each_request_once(emu, tmp_path, tickets_csv):
+    """A full run and a --limit 200 run in messages mode, one state file, started at the same moment,
+    three times over: each shared request is bought once (the other job takes its answer), and each
+    output has every row once, with its own reply."""
+    from tests.test_reliability import spawn
+    from tests.test_messages_mode import cli_args
+    emu.config.latency = 0.01
+    for attempt in range(3):
+        emu.reset()
+        d = tmp_path / str(attempt)
+        d.mkdir()
+        state = d / "s.sqlite"
+        full = spawn(emu, cli_args(tickets_csv, d / "full.parquet", state, "--poll-interval", "0.1"))
+        part = spawn(emu, cli_args(tickets_csv, d / "part.parquet", state, "--poll-interval", "0.1",
+                                   "--limit", "200"))
+        for p in (full, part):
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        assert max(emu.stats.billed.values()) == 1, attempt
+        assert sum(emu.stats.billed.values()) == 450, attempt
+        whole = pq.read_table(d / "full.parquet").to_pylist()
+        some = pq.read_table(d / "part.parquet").to_pylist()
+        assert len(whole) == 450 and [r["text"] for r in some] == [r["text"] for r in whole[:200]]
+        assert {r["status"] for r in whole + some} == {"succeeded"}

@@ -924,7 +924,8 @@ class Runner:
         # flight in another job, whose answers are coming (unless that job cannot be moved from here)
         filtered = ("AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash "
                     "AND o.job_id != r.job_id AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') "
-                    f"OR (o.state = 'in_flight' AND o.job_id NOT IN ({marks}))))")
+                    f"OR (o.state = 'in_flight' AND o.job_id NOT IN ({marks})) "
+                    "OR (o.claimed_at IS NOT NULL AND o.job_id IN ({live}))))")
         if spec.max_cost is not None:   # the figures a reservation needs (count_tokens calls, once) are had
             first = store.conn.execute(   # before the write lock is taken, not while holding it
                 "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? "
@@ -939,12 +940,14 @@ class Runner:
             # job of this state file sharing these requests (even one planned a moment ago) sees them in
             # flight, or has them in flight already and they are not chosen here; never both sent
             with store.transaction(durable=True):
-                twins = "" if self._alone() else filtered
+                # (and rows a messages-mode job being run now has claimed: it is sending them)
+                live = [] if self._alone() else store.live_others(job.id)
+                twins = "" if self._alone() else filtered.replace("{live}", ",".join("?" * len(live)))
                 rows = store.conn.execute(
                     f"SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
                     f"WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {twins} "
                     "ORDER BY r.row_index LIMIT ?",
-                    (job.id, after, *(silent if twins else ()), 1 if prime else self._chunk)).fetchall()
+                    (job.id, after, *((*silent, *live) if twins else ()), 1 if prime else self._chunk)).fetchall()
                 if not rows:
                     return created
                 parts, ids, size = [], [], 16

@@ -664,16 +664,23 @@ class Store:
         sql = ("SELECT r.row_index, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
                "WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {taken}ORDER BY r.row_index LIMIT ?")
         with self.transaction():
-            others = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE id != ?", (job_id,))]
-            if not others:
-                return self.conn.execute(sql.format(taken=""), (job_id, after, limit)).fetchall()
-            live = [j for j in others if JobLock(self.path, j).held_elsewhere()]   # checked inside the lock
-            taken = "AND NOT " + self._TAKEN.format(live=",".join("?" * len(live))) + " "
-            page = self.conn.execute(sql.format(taken=taken), (job_id, after, *live, limit)).fetchall()
+            if self.one("SELECT EXISTS (SELECT 1 FROM jobs WHERE id != ?) AS n", (job_id,))["n"]:
+                live = self.live_others(job_id)
+                taken = "AND NOT " + self._TAKEN.format(live=",".join("?" * len(live))) + " "
+                page = self.conn.execute(sql.format(taken=taken), (job_id, after, *live, limit)).fetchall()
+            else:   # alone: still claimed, for a job planned a moment later to see
+                page = self.conn.execute(sql.format(taken=""), (job_id, after, limit)).fetchall()
             now = now_iso()
             self.conn.executemany("UPDATE requests SET claimed_at = ? WHERE job_id = ? AND custom_id = ?",
                                   [(now, job_id, row[1]) for row in page])
         return page
+
+    def live_others(self, job_id: str) -> list:
+        """The other jobs of the state file that a run (another process) is moving now: it holds their
+        lock. Asked inside the write transaction that chooses what to send, so that a job found not
+        live cannot claim or send anything before that transaction ends."""
+        return [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE id != ?", (job_id,))
+                if JobLock(self.path, r[0]).held_elsewhere()]
 
     def release_claims(self, job_id: str) -> None:
         """A messages-mode run is over: its rows are no longer being sent (the ones still pending wait for

@@ -170,3 +170,54 @@ def test_two_messages_mode_jobs_sharing_requests_started_together_buy_each_reque
         some = pq.read_table(d / "part.parquet").to_pylist()
         assert len(whole) == 450 and [r["text"] for r in some] == [r["text"] for r in whole[:200]]
         assert {r["status"] for r in whole + some} == {"succeeded"}
+
+
+def test_a_messages_job_and_a_batch_job_sharing_requests_started_together_buy_each_once(emu, tmp_path, tickets_csv):
+    """The same, one job in each mode: a messages-mode full run and a batch-mode --limit 200 run."""
+    from tests.test_reliability import args, spawn
+    from tests.test_messages_mode import cli_args
+    emu.config.latency = 0.01
+    for attempt in range(2):
+        emu.reset()
+        d = tmp_path / str(attempt)
+        d.mkdir()
+        state = d / "s.sqlite"
+        full = spawn(emu, cli_args(tickets_csv, d / "full.parquet", state, "--poll-interval", "0.1"))
+        part = spawn(emu, args(tickets_csv, d / "part.parquet", state, "--limit", "200", "--max-tokens", "100"))
+        for p in (full, part):
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        assert max(emu.stats.billed.values()) == 1, attempt
+        assert sum(emu.stats.billed.values()) == 450, attempt
+        whole = pq.read_table(d / "full.parquet").to_pylist()
+        some = pq.read_table(d / "part.parquet").to_pylist()
+        assert [r["text"] for r in some] == [r["text"] for r in whole[:200]]
+
+
+def test_a_killed_messages_runs_claims_hold_back_no_other_job(emu, tmp_path, tickets_csv):
+    """A messages-mode run killed mid-way leaves its rows claimed; another job sharing them, started
+    after, sends them (no run moves the killed job) rather than waiting for it forever."""
+    import signal
+    import sqlite3
+    from tests.test_reliability import spawn
+    from tests.test_messages_mode import cli_args
+    from tests.test_paid_once import wait_for
+    emu.config.latency = 0.05
+    state = tmp_path / "s.sqlite"
+
+    def answered():
+        try:
+            with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5) as db:
+                return db.execute("SELECT count(*) FROM requests WHERE state = 'succeeded'").fetchone()[0] >= 20
+        except sqlite3.Error:
+            return False
+    full = spawn(emu, cli_args(tickets_csv, tmp_path / "full.parquet", state, "--concurrency", "2"))
+    wait_for(answered)
+    full.send_signal(signal.SIGKILL)
+    full.wait(timeout=30)
+    emu.config.latency = 0.0
+    part = spawn(emu, cli_args(tickets_csv, tmp_path / "part.parquet", state, "--limit", "200",
+                               "--poll-interval", "0.1"))
+    _, err = part.communicate(timeout=60)
+    assert part.returncode == 0, err
+    assert len(pq.read_table(tmp_path / "part.parquet")) == 200

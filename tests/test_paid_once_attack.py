@@ -221,3 +221,48 @@ def test_a_killed_messages_runs_claims_hold_back_no_other_job(emu, tmp_path, tic
     _, err = part.communicate(timeout=60)
     assert part.returncode == 0, err
     assert len(pq.read_table(tmp_path / "part.parquet")) == 200
+
+
+# ---- results files that are not what they should be -------------------------------------------------------------
+class OddResults(httpx.BaseTransport):
+    """Results files rewritten on their way: `how` adds lines that are not the batch's own."""
+
+    def __init__(self, inner: httpx.BaseTransport, how: str):
+        self.inner, self.how, self.seen = inner, how, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method != "GET" or not request.url.path.endswith("/results"):
+            return response
+        lines = [json.loads(x) for x in response.read().decode().splitlines() if x.strip()]
+        self.seen.append(lines)
+        extra = []
+        first = lines[0]
+        tag, _, cid = first["custom_id"].partition("-")
+        other_reply = json.loads(json.dumps(first))
+        other_reply["result"]["message"]["content"][0]["text"] = "FOREIGN"
+        if self.how == "duplicates":
+            extra = [dict(x) for x in lines]
+        elif self.how == "foreign_tag":     # another job's tag, one of our ids
+            extra = [dict(other_reply, custom_id="0123456789-" + cid)]
+        elif self.how == "no_tag":          # our row's id without any tag
+            extra = [dict(other_reply, custom_id=cid)]
+        elif self.how == "other_batch":     # our tag, a row of this job sent in another batch
+            prior = [x["custom_id"] for batch in self.seen[:-1] for x in batch]
+            extra = [dict(other_reply, custom_id=c) for c in prior]
+        if self.how == "foreign_first":
+            lines = [dict(other_reply, custom_id="0123456789-" + cid)] + lines
+        body = "".join(json.dumps(x) + "\n" for x in lines + extra).encode()
+        return httpx.Response(200, headers={"content-type": "application/binary"}, content=body, request=request)
+
+
+@pytest.mark.parametrize("how", ["duplicates", "foreign_tag", "no_tag", "other_batch", "foreign_first"])
+def test_results_with_lines_that_are_not_the_batchs_own_never_answer_a_row(emu, tmp_path, monkeypatch, how):
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    csv = _table(tmp_path, n=20)
+    transport = OddResults(emu.sync_transport(), how)
+    job = _job(tmp_path, csv)
+    result = batchrun.run(job, api_key="k", base_url="https://gw.example", transport=transport)
+    assert result.exit_code == 0 and result.counts == {"succeeded": 20}
+    assert _own_answers(job, 20)
+    assert emu.stats.requests_created == 20

@@ -63,6 +63,7 @@ AMBIGUOUS_GRACE = 60.0                             # a create that failed ambigu
                                                    # crash: how long its batch may take to show in the list
                                                    # before its rows are sent again (BATCHRUN_CREATE_GRACE)
 GONE = "gone"                                      # _proof: a candidate whose results can no longer be read
+EMPTY = "empty"                                    # _proof: its results file came whole without a line
 ADOPTED, PROVEN = 1, 2                             # batches.adopted: found after a lost create; and proved
                                                    # ours by its results before it was adopted
 PRIME_LAPSE = 0.75                                 # a cache last touched this share of its TTL ago may lapse
@@ -1224,11 +1225,14 @@ class Runner:
                 continue
             if sum((item.get("request_counts") or {}).values()) == b["request_count"]:
                 candidates.append(item)
-        running, gone, untagged = [], [], []
+        running, gone, untagged, empty = [], [], [], []
         for item in reversed(candidates):   # the earliest first: the one sent first
             verdict = self._proof(b, item) if item.get("processing_status") == "ended" else None
             if verdict == GONE:   # ours or not, it cannot be told any more
                 gone.append(item["id"])
+                continue
+            if verdict == EMPTY:   # nothing in it to tell whose it is (yet: downloaded again, as collect does)
+                empty.append(item["id"])
                 continue
             if verdict and b["tag"] is None:   # sent untagged (an older batchrun): its ids prove nothing
                 untagged.append(item["id"])
@@ -1248,6 +1252,12 @@ class Runner:
                          "custom_ids are not the ones sent)", self.job.short_id, item["id"])
             else:
                 running.append(item["id"])
+        if empty:
+            again = self._empty_again(b)
+            if again < MISSING_AFTER:
+                running += empty   # waited for as a batch whose results cannot be read yet
+            else:
+                gone += empty      # the same empty file, again and again: it never proves anything
         if running:
             self._wait_note(local, f"create reply was lost: waiting for batch {', '.join(running)} (running, of "
                                    "the same size) to end, when its results tell whether it is this job's")
@@ -1263,7 +1273,8 @@ class Runner:
         if gone:   # it may be ours, and paid for: not sent again blindly
             message = (f"the create reply of this request's batch was lost, and batch {', '.join(gone)}, of the same "
                        "size and created then, may be that batch, but its results are gone (deleted, or past the 29 "
-                       "days results are kept), so it cannot be proved this job's or not. Not sent again, since it "
+                       "days results are kept) or hold no line, so it cannot be proved this job's or not. Not sent "
+                       "again, since it "
                        "may have been paid for; `run --resend-lost` sends it again")
             n = self._gone(b, "results_gone", message, "UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
                            (f"create reply lost; candidate {', '.join(gone)} has no results any more", local))
@@ -1290,10 +1301,18 @@ class Runner:
             self.store.conn.execute("UPDATE batches SET note = ? WHERE id = ? AND coalesce(note, '') != ?",
                                     (note, local, note))
 
+    def _empty_again(self, b: dict) -> int:
+        """One more whole download of an empty results file for intent or batch `b`: how many so far after the
+        first (kept in batches.short_downloads, across runs, as collect counts a file that lacks lines)."""
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE batches SET short_downloads = short_downloads + 1 WHERE id = ?", (b["id"],))
+        return self.store.one("SELECT short_downloads AS n FROM batches WHERE id = ?", (b["id"],))["n"] - 1
+
     def _proof(self, b: dict, item: dict):
         """Whether an ended batch is the one intent `b` sent: True when every custom_id in its results is
         one the intent sent (with this job's tag), False at the first that is not; None when its results
-        could not be read now (asked again next round); GONE when they never can be (it proves nothing)."""
+        could not be read now (asked again next round); GONE when they never can be, EMPTY when the file came
+        whole without a line (neither proves anything)."""
         url = item.get("results_url")
         sent = self._sent_ids(b)
         seen = 0
@@ -1311,7 +1330,7 @@ class Runner:
             return GONE
         except (TransientApiError, GaveUpError):
             return None
-        return seen > 0 or None
+        return True if seen else EMPTY
 
     def _sent_ids(self, b: dict) -> set:
         """The custom_ids batch (or intent) `b` sent, as sent: with the tag it carried."""
@@ -1496,6 +1515,11 @@ class Runner:
         """A batch adopted before adoption needed proof (by an older batchrun) is proved now, before any
         row takes an answer from it; one that is not the intent's goes back to being looked for."""
         verdict = self._proof(b, {"id": b["api_id"], "results_url": b["results_url"]})
+        if verdict == EMPTY:   # downloaded again next round; the same empty file again and again: lines missing
+            again = self._empty_again(b)
+            if again >= MISSING_AFTER:
+                self._results_missing(b, again)
+            return False
         if verdict == GONE:   # whoever's it was, its rows cannot be answered from it, nor sent again blindly
             self._results_gone(b, f"the results of batch {b['api_id']}, adopted after a lost create reply, are gone "
                                   "before it could be proved this job's; its rows may have been paid for")

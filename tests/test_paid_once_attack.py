@@ -266,3 +266,27 @@ def test_results_with_lines_that_are_not_the_batchs_own_never_answer_a_row(emu, 
     assert result.exit_code == 0 and result.counts == {"succeeded": 20}
     assert _own_answers(job, 20)
     assert emu.stats.requests_created == 20
+
+
+def test_a_lost_creates_candidate_whose_results_file_is_empty_does_not_hold_the_job_forever(emu, cli, tmp_path,
+                                                                                            monkeypatch):
+    """A one-row batch whose create reply was lost, and whose results file, once ended, lacks its only
+    line: nothing in it can prove it ours or not. The job ends (the row errored, not sent again blindly;
+    `--resend-lost` sends it) instead of waiting for a proof that never comes."""
+    monkeypatch.setenv("BATCHRUN_CREATE_GRACE", "0.2")
+    emu.config.drop_after_create = 1
+    emu.config.missing_result_lines = 1
+    csv = _table(tmp_path, n=1)
+    argv = ["run", "--input", str(csv), "--output", str(tmp_path / "o.parquet"), "--state", str(tmp_path / "s.sqlite"),
+            "--prompt", "{{ body }}", "--model", MODEL, "--max-tokens", "50", "--poll-interval", "0.05", "--no-wait"]
+    codes = []
+    for _ in range(8):
+        r = cli(*argv)
+        codes.append(r.exit_code)
+        if r.exit_code != ExitCode.IN_PROGRESS:
+            break
+        time.sleep(0.1)
+    assert codes[-1] == ExitCode.FAILED_ROWS, (codes, r.output)
+    assert emu.stats.requests_created == 1
+    (row,) = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert row["status"] == "errored" and "--resend-lost" in row["error_message"]

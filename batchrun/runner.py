@@ -590,7 +590,7 @@ class Runner:
             return None
         lock = JobLock(self.spec.state_path, other_id)
         try:
-            lock.acquire()
+            lock.acquire(probe=True)
         except LockedError:
             return None   # a run is moving it: not ours to take
         try:
@@ -1083,7 +1083,7 @@ class Runner:
         """Poll and collect another job's batches (see _silent_twins); False if that cannot be done."""
         lock = JobLock(self.spec.state_path, job_id)
         try:
-            lock.acquire()
+            lock.acquire(probe=True)
         except LockedError:
             return True   # a run is moving it: its answers are coming
         try:

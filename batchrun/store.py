@@ -21,6 +21,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -707,7 +708,10 @@ class JobLock:
         self.path = os.path.join(self.dir, job_id[:32] + ".lock")
         self.fd: Optional[int] = None
 
-    def acquire(self, wait: bool = False) -> None:
+    PROBE_GRACE = 0.25   # seconds a run keeps trying a lock that another job's run may be probing
+
+    def acquire(self, wait: bool = False, probe: bool = False) -> None:
+        """Take the lock (`wait`: until it is free). `probe`: another job's lock, taken only if free now."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock
@@ -724,9 +728,17 @@ class JobLock:
                 raise
             raise StateFileError(f"{self.path} is a symbolic link: batchrun does not follow links for its job "
                                  "locks and left it as it is; remove it") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:
+        # another job's run may be probing this lock (held_elsewhere) for a moment: a run is refused only
+        # once the lock stays taken a little while, so a probe never makes it exit as if another run held it
+        deadline = time.monotonic() + (0.0 if probe else self.PROBE_GRACE)
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                return
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
             os.close(self.fd)
             self.fd = None
             raise LockedError("another batchrun run holds this job (same state file); "
@@ -735,7 +747,7 @@ class JobLock:
     def held_elsewhere(self) -> bool:
         """True while another process holds this job's lock (a run is moving it now)."""
         try:
-            self.acquire(wait=False)
+            self.acquire(wait=False, probe=True)
         except LockedError:
             return True
         self.release()

@@ -290,3 +290,19 @@ def test_a_lost_creates_candidate_whose_results_file_is_empty_does_not_hold_the_
     assert emu.stats.requests_created == 1
     (row,) = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert row["status"] == "errored" and "--resend-lost" in row["error_message"]
+
+
+def test_a_run_is_not_refused_for_a_moment_another_jobs_run_looks_at_its_lock(emu, tmp_path):
+    """A run that chooses what to send looks whether the other jobs of its state file are being run (it
+    takes each free lock for an instant). A run of such a job starting at that instant waits that
+    instant out, rather than exiting 6 as if another run held its job."""
+    import threading
+    from batchrun.store import JobLock
+    csv = _table(tmp_path, n=5)
+    job = _job(tmp_path, csv)
+    first = batchrun.run(job, wait=False)
+    probe = JobLock(job["state"], first.job_id)
+    probe.acquire(probe=True)
+    threading.Timer(0.2, probe.release).start()
+    result = batchrun.run(job)
+    assert result.exit_code == 0 and result.counts == {"succeeded": 5}

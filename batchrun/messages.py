@@ -282,6 +282,9 @@ class MessagesDriver:
         except _RowFailed as exc:       # about the request: the row ends errored
             return _errored(exc.error, tries)
         except TransientApiError as exc:
+            if error_class(exc.error_type, exc.status) == ABOUT_REQUEST:
+                # about the request, retried as its reply asked (x-should-retry: true, a 409): still the row's
+                return _errored(exc, tries)
             if _ambiguous(exc) and tries["counted"] >= max_attempts:
                 # every attempt may have run (and been paid for) without a reply: the row ends here
                 return _errored(exc, tries, " (no reply to any of its sends: they may have run and been paid for)")

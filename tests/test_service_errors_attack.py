@@ -124,3 +124,22 @@ def test_messages_mode_reset_after_the_request_was_read_uses_attempts_and_says_i
     assert r.exit_code == ExitCode.FAILED_ROWS
     assert counts(tmp_path) == {"errored": 2}
     assert len(seen) == 4                          # max_attempts bounds how often a row may be paid for
+
+
+# ---- a 400 invalid_request_error with `x-should-retry: true`: retried, then it still ends its row ----------
+def test_messages_mode_invalid_request_marked_retryable_still_ends_its_row_not_the_run(tmp_path):
+    rows = make_tickets(2)
+    inp = write_csv(tmp_path / "t.csv", rows)
+    body = b'{"type":"error","error":{"type":"invalid_request_error","message":"messages: bad"}}'
+    server, seen = socket_server(lambda c: c.sendall(
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nx-should-retry: true\r\n"
+        b"Connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)))
+    try:
+        r = batchrun.run(job(inp, tmp_path, max_attempts=2, concurrency=1), api_key=KEY,
+                         base_url=f"http://127.0.0.1:{server.getsockname()[1]}", retry=QUICK)
+    finally:
+        server.close()
+    # before: exit 4 with the rows pending, and the same again on every run, for good
+    assert r.exit_code == ExitCode.FAILED_ROWS
+    assert counts(tmp_path) == {"errored": 2}
+    assert len(seen) <= 2 * (QUICK.max_retries + 1)

@@ -302,6 +302,7 @@ def _make_private(fd: int, path: str) -> None:
 APPLICATION_ID = int.from_bytes(b"btrn", "big")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 MIGRATIONS_TABLE = "_batchrun_migrations"
+BUSY_TIMEOUT = 30.0                # seconds a statement waits for another process's write to the state file
 META_TABLE = "_batchrun_meta"      # key/value: the batchrun version that last changed the schema
 # the state file the current command uses (set when it is opened), named by `state_error`
 _CURRENT: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("batchrun_state", default=None)
@@ -393,6 +394,9 @@ def state_error(exc: BaseException, path: Optional[str] = None) -> Optional[Batc
         return StateFileError(f"state file {path} is damaged ({text}); it was not changed any further. Restore it "
                               f"from a backup (`sqlite3 {path} .recover` may rescue what it holds); with a new "
                               "state file, rows not yet finished would be sent, and paid for, again")
+    if name.startswith("SQLITE_BUSY") or "database is locked" in text:
+        return LockedError(f"state file {path} is busy: another process kept it locked for more than "
+                           f"{BUSY_TIMEOUT:.0f} s; what was committed is kept: run again")
     if name.startswith("SQLITE_IOERR") or "disk I/O error" in text:
         if _nearly_full(path):
             return NoSpaceError(path)
@@ -437,6 +441,24 @@ def _create(path: str) -> bool:
     return True
 
 
+def _use_wal(conn: sqlite3.Connection, patience: float = BUSY_TIMEOUT) -> None:
+    """Put the state file in WAL mode (it stays so). Switching needs the file to itself, and SQLite does
+    not wait for that with the busy timeout: two runs opening a new state file at the same moment (two
+    cron lines) would see "database is locked". So the switch is tried again, for up to `patience`."""
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 class Store:
     """One state file. Use as a context manager or call close()."""
 
@@ -455,15 +477,15 @@ class Store:
             raise InputError(f"state file {path}: cannot open it ({exc.strerror or exc})") from None
         _CURRENT.set(path)
         with state_errors(path):
-            conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                _use_wal(conn)
                 # NORMAL in WAL mode: every commit survives the process being killed; the few commits that
                 # must also survive a power cut (around creating a batch) use transaction(durable=True)
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA cache_size=-16384")        # 16 MiB of page cache (the default is 2 MiB)
                 conn.execute("PRAGMA wal_autocheckpoint=8192")  # checkpoint every 32 MiB of WAL, not every 4 MiB
-                conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
                 self.conn = conn
                 self._migrate()
             except BaseException:

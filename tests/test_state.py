@@ -75,3 +75,53 @@ def test_a_fresh_state_file_is_created_whole(tmp_path):
         assert {"jobs", "requests", "bodies", "batches", "events", "_batchrun_migrations"} <= tables
     with Store(path) as s:                                        # opening again applies nothing twice
         assert s.one("SELECT count(*) AS n FROM _batchrun_migrations")["n"] == len(MIGRATIONS)
+
+
+def _open_at_once(path, barrier, results):
+    from batchrun.store import Store
+    barrier.wait()
+    try:
+        with Store(path) as store:
+            with store.transaction():
+                store.conn.execute("SELECT count(*) FROM jobs").fetchone()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_runs_opening_a_new_state_file_at_the_same_moment_all_get_it(tmp_path):
+    """Two cron lines firing together on a state file that does not exist yet: switching it to WAL mode
+    needs the file to itself, and SQLite's busy timeout does not wait for that ("database is locked" in
+    about one open in thirty, before the switch was retried)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for round_ in range(25):
+        path = str(tmp_path / f"s{round_}.sqlite")
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(path, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes += [results.get(timeout=5) for _ in procs]
+    assert outcomes == ["ok"] * 100, [o for o in outcomes if o != "ok"][:3]
+
+
+def test_a_state_file_another_process_keeps_locked_is_one_line_not_an_internal_error(emu, cli, tmp_path, tickets_csv,
+                                                                                    monkeypatch):
+    from tests.conftest import refused
+    state = tmp_path / "s.sqlite"
+    args = run_args(tickets_csv, tmp_path / "out.parquet", "--state", state)
+    assert cli(*args).exit_code == ExitCode.OK
+    import batchrun.store
+    monkeypatch.setattr(batchrun.store, "BUSY_TIMEOUT", 0.3)
+    other = sqlite3.connect(state, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")          # another process writing to it, for longer than the busy timeout
+    try:
+        line = refused(cli(*args, "--limit", "10"), ExitCode.LOCKED, "is busy", str(state))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "run again" in line
+    assert cli(*args, "--limit", "10").exit_code == ExitCode.OK      # and once it is free, the run goes on

@@ -26,7 +26,7 @@ Exit codes:
   4  API unreachable, auth / gateway failure, rate limits past patience, or no space left on disk
      (rows not answered stay pending; run again)
   5  --no-wait: batches are still running; run the same command again later
-  6  another run holds this job
+  6  another run holds this job (or kept the state file locked for more than 30 s)
   7  the budget (--max-cost) stops the job
   130 interrupted by Ctrl-C or SIGTERM (the job stays resumable)
 """

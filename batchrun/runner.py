@@ -49,7 +49,7 @@ from .prefetch import prefetched
 from .spec import (PRIME_MIN_ROWS, JobSpec, cached_prefix_tokens, check_api_version, default_cache_ttl, primes_cache,
                    rules_version)
 from .summary import PAID, budget_text, find_job, job_cost
-from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, now_iso, parse_iso
+from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, existing_state, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
 
@@ -1628,8 +1628,7 @@ class Runner:
         The job's input is not read (it may have changed, or be gone): such a runner can poll, collect
         and cancel the job's batches, but not plan the job or write its output.
         """
-        if not os.path.exists(state_path):
-            raise InputError(f"state file {state_path} does not exist (pass --state PATH)")
+        existing_state(state_path)
         with Store(state_path) as store:
             row = find_job(store, ref)
         raw = json.loads(row["spec"])

@@ -459,6 +459,16 @@ def _use_wal(conn: sqlite3.Connection, patience: float = BUSY_TIMEOUT) -> None:
         delay = min(delay * 2, 0.1)
 
 
+def existing_state(path: str) -> None:
+    """Refuse, for a command that only reads a state file (status, jobs, report, a job by id), a path with
+    no state in it: none there, or an empty file (which opening as a Store would make a state file of)."""
+    if not os.path.lexists(path):   # (a symbolic link, even a dangling one, is refused by Store)
+        raise InputError(f"state file {path} does not exist (pass --state PATH)")
+    if os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0:
+        raise InputError(f"state file {path} is empty: it holds no job (batchrun left it as it is; pass the "
+                         "state file of a job as --state)")
+
+
 class Store:
     """One state file. Use as a context manager or call close()."""
 

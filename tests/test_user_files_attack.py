@@ -3,6 +3,7 @@ the row, line or column, with nothing sent, or renders quickly as written — ne
 error. Through the CLI against the emulator on loopback (its reply echoes the prompt's start)."""
 from __future__ import annotations
 
+import os
 import time
 
 import pyarrow.parquet as pq
@@ -144,3 +145,17 @@ def test_a_jsonl_key_inside_an_object_first_seen_late_is_read(emu, cli, tmp_path
     assert r.exit_code == 0, r.output
     got = prompts(out)
     assert got[0] == "[] 0" and got[-1] == "[L] 250" and len(got) == 251
+
+
+# ---- a command that only reads a state file leaves an empty file as it is ----------------------------------
+
+@pytest.mark.parametrize("command", [("status",), ("jobs",), ("cancel", "abc123")])
+def test_reading_commands_refuse_an_empty_state_file_and_leave_it(emu, cli, tmp_path, command):
+    """An empty file at --state (a placeholder, another program's) holds no job: `status` made it a state
+    file of its own (73 KB, mode 0600) and said nothing."""
+    state = tmp_path / "empty.sqlite"
+    state.write_bytes(b"")
+    os.chmod(state, 0o644)
+    refused(cli(*command, "--state", state), ExitCode.BAD_INPUT, "empty.sqlite", "is empty")
+    assert state.read_bytes() == b"" and oct(state.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
 from ..errors import InputError
 from ..summary import ROW_STATES, budget_text, cache_line, job_cache_saved, job_status
-from ..store import Store
+from ..store import Store, existing_state
 from .common import handle_errors
 
 STATE_WORDS = {"finished": "finished", "canceled": "canceled", "in progress": "in progress",
@@ -19,8 +18,7 @@ STATE_OPTION = click.option("--state", metavar="PATH", default="batchrun-state.s
 
 
 def open_store(path: str) -> Store:
-    if not os.path.lexists(path):   # (a symbolic link, even a dangling one, is refused by Store)
-        raise InputError(f"state file {path} does not exist (pass --state PATH)")
+    existing_state(path)
     return Store(path)
 
 

@@ -131,7 +131,6 @@ class RateLimiter:
         self.in_flight: dict = collections.Counter()    # cost name -> reserved by requests in flight
         self.cooldown_until = 0.0
         self.last_decrease = float("-inf")
-        self.last_sent = float("-inf")
         self.refusals = 0
         self.waited = 0.0                               # seconds the head waited for quota (not for a slot)
         self.progress_at = clock()                      # the last reply that was not a refusal (or the start)
@@ -175,7 +174,6 @@ class RateLimiter:
         self.in_flight.update(costs)
         for name, quota in self.server.items():
             quota.used += costs[SERVER_LIMITS[name]]
-        self.last_sent = now
         return ticket
 
     def _delay(self, costs: dict, now: float) -> float:

@@ -619,7 +619,6 @@ def test_limiter_slows_down_before_the_server_limit_and_backs_off_on_429():
         assert limiter._delay(ticket.costs, clock.now) == 0          # 10.9 left by now
         headers["anthropic-ratelimit-requests-remaining"] = "0"
         limiter.server.clear()
-        limiter.last_sent = float("-inf")
         tickets = [await limiter.acquire(1, 1) for _ in range(4)]    # in flight together ...
         clock.now += 0.1
         wall.now += 0.1

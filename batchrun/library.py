@@ -145,6 +145,16 @@ def _is_state_file(path: Union[str, os.PathLike]) -> bool:
         return False
 
 
+def _job_status(store, job_id: str, name: Optional[str]) -> dict:
+    """A job's status in `store` (see summary.job_status); state "not started" when it has no row there."""
+    from .summary import job_status
+    row = store.job(job_id)
+    if row is None:
+        return {"job_id": job_id, "name": name, "state": "not started", "rows": 0, "counts": {},
+                "cost_usd": None, "finished": False}
+    return job_status(store, row)
+
+
 @_one_line
 def status(job_or_state: JobLike, *, job: Optional[str] = None, base_url: Optional[str] = None,
            **overrides: Any) -> Union[dict, list]:
@@ -170,11 +180,7 @@ def status(job_or_state: JobLike, *, job: Optional[str] = None, base_url: Option
         raise InputError(f"state file {spec.state_path} does not exist: the job has not been started")
     planned = PlannedJob(spec, allow_unknown_model=True, endpoint=endpoint_key(resolve_connection(None, base_url)[2]))
     try:
-        row = planned.store.job(planned.id)
-        if row is None:
-            return {"job_id": planned.id, "name": spec.name, "state": "not started", "rows": 0, "counts": {},
-                    "cost_usd": None, "finished": False}
-        return job_status(planned.store, row)
+        return _job_status(planned.store, planned.id, spec.name)
     finally:
         planned.close()
 
@@ -307,12 +313,7 @@ class Job:
     @_one_line
     def status(self) -> dict:
         """This job's status, as `batchrun status --json JOB` prints it."""
-        from .summary import job_status
-        row = self._runner.store.job(self.id)
-        if row is None:
-            return {"job_id": self.id, "name": self.spec.name, "state": "not started", "rows": 0, "counts": {},
-                    "cost_usd": None, "finished": False}
-        return job_status(self._runner.store, row)
+        return _job_status(self._runner.store, self.id, self.spec.name)
 
     @_one_line
     def run(self, wait: bool = True) -> RunResult:

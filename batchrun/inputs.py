@@ -520,9 +520,7 @@ class InputSource:
         work out the whole file's schema and raise ColumnTypeConflict to read it again; else nothing."""
         if self.format == "jsonl" and self.json_schema is None and (
                 self.path.lower().endswith(".gz") or self.fs.get_file_info(self.path).size > self.block_size):
-            schema = self._jsonl_schema()
-            self.json_schema = schema
-            raise ColumnTypeConflict(None)
+            raise self._whole_schema()
 
     def _whole_schema(self) -> ColumnTypeConflict:
         self.json_schema = self._jsonl_schema()

@@ -240,8 +240,9 @@ class Estimator:
             for (body,) in pending:
                 tokens, least, most = self.approx_tokens(body)
                 total_tokens += tokens
-                lo = self.bracket(least, sys_low, self.max_tokens(body), cacheable)[0]
-                hi = self.bracket(most, sys_high, self.max_tokens(body), cacheable)[1]
+                mt = self.max_tokens(body)
+                lo = self.bracket(least, sys_low, mt, cacheable)[0]
+                hi = self.bracket(most, sys_high, mt, cacheable)[1]
                 if lo is None or hi is None:
                     unknown = True
                 else:

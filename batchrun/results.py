@@ -35,10 +35,8 @@ def clean_usage(value: Any) -> tuple[dict, list]:
     for key in USAGE_COUNTS:
         if key not in usage or usage[key] is None:
             continue
-        n = usage[key]
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < MAX_TOKEN_COUNT:
+        n = _token_count(usage[key])
+        if n is None:
             bad.append(key)
             usage.pop(key)
         else:
@@ -57,13 +55,22 @@ def clean_usage(value: Any) -> tuple[dict, list]:
 def clean_usage_split(split: dict) -> tuple[dict, list]:
     kept, bad = {}, []
     for key, n in split.items():
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        if n is None or (not isinstance(n, bool) and isinstance(n, int) and 0 <= n < MAX_TOKEN_COUNT):
-            kept[key] = n
+        count = None if n is None else _token_count(n)
+        if n is None or count is not None:
+            kept[key] = count
         else:
             bad.append(key)
     return kept, bad
+
+
+def _token_count(n: Any) -> Optional[int]:
+    """`n` as a token count: a non-negative whole number below MAX_TOKEN_COUNT (a whole float as its int),
+    or None when it cannot be one (a string, a boolean, negative, fractional, absurdly large)."""
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < MAX_TOKEN_COUNT:
+        return None
+    return n
 
 
 log = logging.getLogger("batchrun")

@@ -1404,9 +1404,10 @@ class Runner:
         # whole downloads in a row that came back the same (as many lines) without the rows still missing:
         # a file cut short at random differs from one download to the next; a line that never arrives does not
         short, last = b["short_downloads"], None
+        missing = store.one(missing_sql, (b["id"],))["n"]
         for attempt in range(MAX_DOWNLOADS):
             lines = None
-            before = store.one(missing_sql, (b["id"],))["n"]
+            before = missing   # (counted after the last download: nothing records between)
             try:
                 lines = self._download(b)
             except TransientApiError as exc:

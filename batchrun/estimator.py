@@ -233,6 +233,15 @@ class Estimator:
         low = high = Decimal(0)
         unknown = False
         total_tokens = 0
+
+        def add(lo: Optional[Decimal], hi: Optional[Decimal]) -> None:
+            """One row's bracket into the job's (a row that cannot be priced makes the job's unknown)."""
+            nonlocal low, high, unknown
+            if lo is None or hi is None:
+                unknown = True
+            else:
+                low, high = low + lo, high + hi
+
         if self.approximate:
             method, sample_n = "approximate", 0
             sys_low, sys_high = (self.system_tokens(first["body"], 1), self.system_tokens(first["body"], 2)) \
@@ -241,12 +250,7 @@ class Estimator:
                 tokens, least, most = self.approx_tokens(body)
                 total_tokens += tokens
                 mt = self.max_tokens(body)
-                lo = self.bracket(least, sys_low, mt, cacheable)[0]
-                hi = self.bracket(most, sys_high, mt, cacheable)[1]
-                if lo is None or hi is None:
-                    unknown = True
-                else:
-                    low, high = low + lo, high + hi
+                add(self.bracket(least, sys_low, mt, cacheable)[0], self.bracket(most, sys_high, mt, cacheable)[1])
         elif bodies_n <= EXACT_LIMIT:
             method, sample_n = "exact", bodies_n
             chars = 0
@@ -256,11 +260,7 @@ class Estimator:
                     return self.estimate()
                 total_tokens += tokens
                 chars += len(body) + len(runner.prefix or "")
-                lo, hi = self.bracket(tokens, sys_tokens, self.max_tokens(body), cacheable)
-                if lo is None or hi is None:
-                    unknown = True
-                else:
-                    low, high = low + lo, high + hi
+                add(*self.bracket(tokens, sys_tokens, self.max_tokens(body), cacheable))
             if chars:
                 self._ratio = Decimal(total_tokens) / Decimal(chars)
         else:
@@ -288,12 +288,8 @@ class Estimator:
                     tokens = int((Decimal(length) * ratio).to_integral_value())
                     most = self.uncounted_tokens(length)
                 total_tokens += tokens
-                lo = self.bracket(tokens, sys_tokens, mt, cacheable)[0]
-                hi = self.bracket(most, sys_tokens, mt, cacheable)[1]
-                if lo is None or hi is None:
-                    unknown = True
-                else:
-                    low, high = low + lo, high + hi
+                add(self.bracket(tokens, sys_tokens, mt, cacheable)[0],
+                    self.bracket(most, sys_tokens, mt, cacheable)[1])
         if cacheable and bodies_n and not unknown:
             # one request writes the cache: the minimum pays that write, not a read
             first_write = self._cost({"cache_creation_input_tokens": sys_tokens})

@@ -80,7 +80,6 @@ class Estimator:
         self.note: Optional[str] = None
         # messages mode: the maximum of each send of this run that may have run (been billed) with no
         # reply saying what it cost; the budget counts it as spent
-        self.unreplied = Decimal(0)
 
     # ---- counting --------------------------------------------------------------------------------
     @property

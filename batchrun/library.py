@@ -264,11 +264,11 @@ class Job:
         r.check_connection_settings()
         with r.locked():
             r.start()
-            r._held = None
+            r.ledger.new_round()
             before = r.batches_created
             if r.spec.mode == "messages":
                 r.reuse_answers()
-                over = r.check_budget()
+                over = r.ledger.check()
                 answered = 0 if over else r.store.counts(r.job.id).get("pending", 0)
                 if not over:
                     r.messages_step()
@@ -276,13 +276,13 @@ class Job:
             else:
                 r.resolve_intents()
                 r.reuse_answers()
-                over = r.check_budget()
+                over = r.ledger.check()
                 if not over:
                     r.submit()
             counts = r.store.counts(r.job.id)
-            stop = over or r._held
+            stop = over or r.ledger.held
             if stop and not counts.get("in_flight") and counts.get("pending"):
-                raise BudgetError(r._budget_stop(stop, counts))
+                raise BudgetError(r.ledger.stop_message(stop, counts))
             return answered if r.spec.mode == "messages" else r.batches_created - before
 
     @_one_line

@@ -121,7 +121,7 @@ class MessagesDriver:
         spec, sync = self.spec, self.client.http
         self.limiter = RateLimiter(spec.concurrency, spec.rpm, spec.tpm)
         if spec.max_cost is not None:
-            self.room = self.runner.budget_left()[0]
+            self.room = self.runner.ledger.left()[0]
         started = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue(maxsize=spec.concurrency)
         limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
@@ -172,8 +172,7 @@ class MessagesDriver:
             fields = await self._send(http, body, tries)
             if fields is None:     # not sent again for want of budget: the row stays pending
                 self._flush()
-                self.runner._held = self.runner._held or self.runner._over_budget(
-                    tries["need"], "sending again a request whose last send may have run (no reply)")
+                self.runner.ledger.hold(tries["need"], "sending again a request whose last send may have run (no reply)")
             else:
                 self._buffer.append((fields["state"], *(fields.get(f) for f in FIELDS), tries["sent"], now_iso(),
                                      self.job_id, custom_id))
@@ -192,8 +191,7 @@ class MessagesDriver:
             await asyncio.sleep(0.02)
         if need > self.room:
             self._flush()
-            self.runner._held = self.runner._over_budget(need, "the next request (reserved at its maximum "
-                                                               "before it is sent)")
+            self.runner.ledger.hold(need, "the next request (reserved at its maximum before it is sent)", first=False)
             return None
         self.room -= need
         self.sending += 1
@@ -212,7 +210,7 @@ class MessagesDriver:
     def _send_failed(self, tries: dict, error: ApiError) -> None:
         """A send failed: unless it provably was not run, its reservation is counted as spent."""
         if self.room is not None and tries["held"] is not None and not _not_run(error):
-            self.runner.estimator.unreplied += tries["held"]
+            self.runner.ledger.unreplied += tries["held"]
             tries["held"] = None
 
     def _reserve_again(self, tries: dict) -> None:

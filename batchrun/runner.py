@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 import logging
 import os
 import sqlite3
@@ -48,6 +48,7 @@ from .results import ATTEMPT, FREE, ResultParser, retry_rule
 from .prefetch import prefetched
 from .spec import (PRIME_MIN_ROWS, JobSpec, cached_prefix_tokens, check_api_version, default_cache_ttl, primes_cache,
                    rules_version)
+from .budget import BudgetLedger
 from .summary import PAID, budget_text, find_job, job_cost
 from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, existing_state, now_iso, parse_iso
 
@@ -342,12 +343,7 @@ class Runner:
         self._waiting: dict = {}                       # intent -> running batches it waits for (logged once)
         self._job_tag: Optional[str] = None            # the job's tag, once read or made (see _tag)
         create_grace()                                 # a bad BATCHRUN_CREATE_GRACE is refused before anything is sent
-        # budget (see "budget"): why a reservation stopped sending this round; the pending rows last
-        # priced and their maximum; reservations of batches sent without a budget; the budget a stop needs
-        self._held: Optional[str] = None
-        self._gate: tuple = (None, Decimal(0))
-        self._unreserved_cache: dict = {}
-        self._need = Decimal(0)
+        self.ledger = BudgetLedger(spec, self.store, self.job.id, lambda: self.estimator)   # max_cost (budget.py)
 
     # ---- the client, created only when needed -----------------------------------------------------
     @property
@@ -405,26 +401,26 @@ class Runner:
             self.start()
             backoff = 1.0
             while True:
-                self._held = None   # why a reservation stopped sending this round (see "budget")
+                self.ledger.new_round()
                 if spec.mode == "messages":
                     self.reuse_answers()
-                    over = self.check_budget()
+                    over = self.ledger.check()
                     changed = False if over else self.messages_step()
                 else:
                     self.resolve_intents()
                     changed = self.poll()
                     self._service_errors.check(self.job.short_id)   # stops a run that keeps meeting them
                     self.reuse_answers()
-                    over = self.check_budget()
+                    over = self.ledger.check()
                     if not over:
                         self.submit()
                 counts = store.counts(job.id)
                 self._report(counts)
                 if not counts.get("pending") and not counts.get("in_flight"):
                     break
-                stop = over or self._held
+                stop = over or self.ledger.held
                 if stop and (not counts.get("in_flight") or (over and not wait)):
-                    raise BudgetError(self._budget_stop(stop, counts))
+                    raise BudgetError(self.ledger.stop_message(stop, counts))
                 if not wait:
                     return self._result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
                 self.sleep(min(backoff, spec.poll_interval))
@@ -440,7 +436,7 @@ class Runner:
             self._resend_lost()
         if self.retry_errored:
             self._retry_errored()
-        self._record_max_cost()
+        self.ledger.record_max_cost()
         self._paid_before = self._paid()
 
     def finish(self) -> RunResult:
@@ -760,9 +756,9 @@ class Runner:
         if most_usd is not None and self.spec.max_cost is not None:
             # all of them or none: a budget too small for them leaves them errored, their errors kept (a
             # later run without the flag must not send them)
-            why = self._over_budget(most_usd, f"--retry-errored: the {len(rows)} rows that ended errored")
+            why = self.ledger.over(most_usd, f"--retry-errored: the {len(rows)} rows that ended errored")
             if why is not None:
-                raise BudgetError(self._budget_stop(why + " (nothing sent: they stay errored)",
+                raise BudgetError(self.ledger.stop_message(why + " (nothing sent: they stay errored)",
                                                     store.counts(job.id)))
         canceled = store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]
         with store.transaction():
@@ -804,108 +800,6 @@ class Runner:
             from .estimator import Estimator
             self._estimator = Estimator(self)
         return self._estimator
-
-    # max_cost holds in two steps. (1) Before anything more is sent, in every round of a run, the rows
-    # still to send, priced at the maximum `batchrun estimate` prints for them (cost_usd_max: a budget
-    # read off the estimate passes), must fit in what is left: max_cost minus what was spent (from the
-    # results) minus what the batches in flight may still cost; otherwise nothing more is sent.
-    # (2) Each batch (in messages mode, each request) reserves before it is sent the maximum of its
-    # requests (`Estimator.request_max`: the estimate's own figure for each row, its input tokens
-    # counted or, where the estimate extrapolated them, padded by 10%; every request at its full
-    # max_tokens), so a budget of the estimate's maximum sends every row of it; a batch that does not
-    # fit whole is cut to the rows that do. So what was spent plus the reservations in flight never
-    # passes the budget.
-    # A refusal stops sending, never collecting: batches in flight are still polled and collected
-    # (their reservation then settles to what they cost) and the budget is checked again; the job
-    # stops (BudgetError, exit code 7) only when the rest still does not fit once nothing is in
-    # flight, or, with --no-wait, once what has ended is collected.
-    def budget_left(self) -> tuple[Decimal, Decimal, Decimal]:
-        """(left, spent, reserved): max_cost minus what was spent and what batches in flight may still cost.
-
-        Spent: what the results cost, and (messages mode) the maximum of each send of this run that may
-        have been billed without a reply (`Estimator.unreplied`)."""
-        reserved = Decimal(0)
-        for b in self.store.q("SELECT id, max_cost FROM batches WHERE job_id = ? "
-                              "AND state IN ('intent', 'submitted', 'ended')", (self.job.id,)):
-            reserved += Decimal(str(b["max_cost"])) if b["max_cost"] is not None else self._unreserved(b["id"])
-        spent = Decimal(str(self.cost() or 0.0)) + self.estimator.unreplied
-        return Decimal(str(self.spec.max_cost)) - spent - reserved, spent, reserved
-
-    def _unreserved(self, local: int) -> Decimal:
-        """A batch sent before the job had a budget reserved nothing: its rows in flight at their maximum."""
-        known = self._unreserved_cache
-        n = self.store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'",
-                           (local,))["n"]
-        if local not in known or known[local][0] != n:
-            bodies = self.store.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-                                             "WHERE r.batch_id = ? AND r.state = 'in_flight'", (local,)).fetchall()
-            known[local] = (n, sum((self.estimator.request_max(body) for (body,) in bodies),
-                                   Decimal(0)))
-        return known[local][1]
-
-    def check_budget(self) -> Optional[str]:
-        """Why nothing more may be sent now; None when the rows still to send fit what is left of the budget."""
-        if self.spec.max_cost is None:
-            return None
-        row = self.store.one("SELECT count(*) AS n, coalesce(sum(row_index), 0) AS s FROM requests "
-                             "WHERE job_id = ? AND state = 'pending'", (self.job.id,))
-        if not row["n"]:
-            return None
-        key = (row["n"], row["s"])
-        if self._gate[0] != key:   # the same rows are not estimated twice
-            est = self.estimator.estimate()
-            if est.cost_usd_max is None:
-                raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
-                                 "cannot be enforced; add its prices with --models FILE")
-            self._gate = (key, Decimal(str(est.cost_usd_max)))
-        return self._over_budget(self._gate[1], f"the {row['n']} rows still to send (at the maximum "
-                                                "`batchrun estimate` gives)")
-
-    def _over_budget(self, cost: Decimal, what: str) -> Optional[str]:
-        """Why `cost` does not fit what is left of the budget (None when it does)."""
-        left, spent, reserved = self.budget_left()
-        if cost <= left:
-            return None
-        self._need = spent + reserved + cost
-        in_flight = f", ${reserved:.6f} reserved by batches in flight" if reserved else ""
-        return (f"max_cost: {what} may cost up to ${cost:.6f}, but only ${max(left, Decimal(0)):.6f} of the "
-                f"{budget_text(self.spec.max_cost)} budget is left (spent ${spent:.6f}{in_flight})")
-
-    def _reserve(self, bodies: list) -> tuple[int, Decimal]:
-        """How many of these requests, from the first, fit in what is left of the budget, and their reservation."""
-        left = self.budget_left()[0]
-        total = Decimal(0)
-        for n, body in enumerate(bodies):
-            cost = self.estimator.request_max(body)
-            if total + cost > left:
-                if n == 0:
-                    self._held = self._over_budget(cost, "the next request (reserved at its maximum before it "
-                                                         "is sent)")
-                else:
-                    log.info("job %s: budget: sending %d of %d requests now, the rest once what is in flight has "
-                             "cost what it costs", self.job.short_id, n, len(bodies))
-                return n, total
-            total += cost
-        return len(bodies), total
-
-    def _budget_stop(self, why: str, counts: dict) -> str:
-        """The line a budget stop ends with: why, what was spent, and how to continue."""
-        need = self._need.quantize(Decimal("0.0001"), rounding=ROUND_CEILING)
-        paid = self.store.one(f"SELECT count(*) AS n FROM requests WHERE job_id = ? AND {PAID}", (self.job.id,))["n"]
-        flying = counts.get("in_flight", 0)
-        sent = (f"{flying} rows still in flight: the next run collects them" if flying
-                else "nothing is in flight")
-        return (f"{why}; {paid} rows paid so far, {counts.get('pending', 0)} not sent, {sent}. To continue, run "
-                f"again with --max-cost {need} or more")
-
-    def _record_max_cost(self) -> None:
-        """The stored spec keeps the budget of the job's latest run: status and report show that one."""
-        stored = json.loads(self.store.job(self.job.id)["spec"])
-        if stored.get("max_cost") != self.spec.max_cost:
-            stored["max_cost"] = self.spec.max_cost
-            with self.store.transaction():
-                self.store.conn.execute("UPDATE jobs SET spec = ? WHERE id = ?",
-                                        (json.dumps(stored, sort_keys=True), self.job.id))
 
     # ---- submit --------------------------------------------------------------------------------
     def submit(self) -> int:
@@ -964,7 +858,7 @@ class Runner:
                     size += piece_size
                 reserve = None
                 if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
-                    fit, reserve = self._reserve([body for _, body, _ in rows[:len(ids)]])
+                    fit, reserve = self.ledger.reserve([body for _, body, _ in rows[:len(ids)]], job.short_id)
                     if not fit:
                         return created
                     del parts[fit:], ids[fit:]

@@ -114,8 +114,10 @@ def test_a_state_file_another_process_keeps_locked_is_one_line_not_an_internal_e
     state = tmp_path / "s.sqlite"
     args = run_args(tickets_csv, tmp_path / "out.parquet", "--state", state)
     assert cli(*args).exit_code == ExitCode.OK
-    import batchrun.store
-    monkeypatch.setattr(batchrun.store, "BUSY_TIMEOUT", 0.3)
+    import batchrun.store.core
+    import batchrun.store.files
+    monkeypatch.setattr(batchrun.store.core, "BUSY_TIMEOUT", 0.3)   # (where the state file is opened)
+    monkeypatch.setattr(batchrun.store.files, "BUSY_TIMEOUT", 0.3)  # (where its error line is written)
     other = sqlite3.connect(state, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")          # another process writing to it, for longer than the busy timeout
     try:

@@ -33,10 +33,10 @@ log = logging.getLogger("batchrun")
 
 
 class BudgetLedger:
-    def __init__(self, spec: JobSpec, store, job_id: str, estimator: Callable[[], object]):
+    def __init__(self, spec: JobSpec, store, job, estimator: Callable[[], object]):
         self.spec = spec
         self.store = store
-        self.job_id = job_id
+        self.job = job                    # its id may be settled after the ledger is made (a legacy loopback job)
         self._estimator = estimator       # made on first use (counting tokens may call the API)
         self.held: Optional[str] = None   # why a reservation stopped sending this round
         self.unreplied = Decimal(0)       # messages mode: the maximum of each send of this run that may have
@@ -48,6 +48,10 @@ class BudgetLedger:
     @property
     def estimator(self):
         return self._estimator()
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
 
     @property
     def limited(self) -> bool:

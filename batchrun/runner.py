@@ -343,7 +343,7 @@ class Runner:
         self._waiting: dict = {}                       # intent -> running batches it waits for (logged once)
         self._job_tag: Optional[str] = None            # the job's tag, once read or made (see _tag)
         create_grace()                                 # a bad BATCHRUN_CREATE_GRACE is refused before anything is sent
-        self.ledger = BudgetLedger(spec, self.store, self.job.id, lambda: self.estimator)   # max_cost (budget.py)
+        self.ledger = BudgetLedger(spec, self.store, self.job, lambda: self.estimator)   # max_cost (budget.py)
 
     # ---- the client, created only when needed -----------------------------------------------------
     @property

@@ -182,3 +182,15 @@ class AmbiguousCreateError(ApiError):
 
 class RequestTooLargeError(ApiError):
     """413: the batch must be split."""
+
+
+# ---- not a user's error -----------------------------------------------------------------------
+class ColumnTypeConflict(Exception):
+    """A column's type, inferred from the first rows, does not fit a later row (or would change its
+    text there, like 007 read as 7; a JSONL key first seen late): the input must be read again from the
+    start. The source has already pinned what did not hold (see InputSource.pins). Raised by the readers
+    of inputs.py and csv_input.py, caught by whoever reads the input (the plan), never shown to a user."""
+
+    def __init__(self, column: Optional[str]):
+        super().__init__(column or "(schema)")
+        self.column = column

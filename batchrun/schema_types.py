@@ -1,7 +1,8 @@
 """JSON Schema → Arrow: the typed column each top-level property of an output schema becomes, and the
 converter that turns a (schema-valid) value into what that column holds. Used by the request builder
 (to check a schema up front), the result parser (a value that cannot fill its column is
-`invalid_output`) and the output writer; it depends on none of them.
+`invalid_output`) and the output writer; it depends on none of them. And `schema_problem`: whether a
+job's schema can be used at all (the spec checks it when the job is loaded).
 """
 from __future__ import annotations
 
@@ -207,3 +208,39 @@ def schema_converters(output_schema: Optional[dict]) -> list[tuple]:
         return []
     return [(name, *column_for(sub, output_schema))
             for name, sub in (output_schema.get("properties") or {}).items()]
+
+
+def schema_problem(schema: dict) -> Optional[str]:
+    """What makes `schema` unusable as an output schema, naming where in it; None when it is fine.
+
+    Checked with the validator class replies are checked with, so a schema that passes here never
+    fails while results are read (after they were paid for).
+    """
+    meta = SCHEMA_VALIDATOR(SCHEMA_VALIDATOR.META_SCHEMA, format_checker=SCHEMA_VALIDATOR.FORMAT_CHECKER)
+    error = jsonschema.exceptions.best_match(meta.iter_errors(schema))   # as check_schema, with the path
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        message = error.message
+        if error.absolute_path and error.absolute_path[-1] == "type" and error.validator == "anyOf":
+            message = (f"{error.instance!r} is not a JSON Schema type (use string, integer, number, boolean, "
+                       "array, object or null)")
+        return f"not a valid JSON Schema at {where}: {message}"
+    for where, ref in _refs(schema, ()):
+        if not ref.startswith("#"):
+            return f"$ref {ref!r} at {where}: only references inside the schema (#/...) can be used"
+        if not isinstance(resolve_ref(schema, ref), (dict, bool)):
+            return f"$ref {ref!r} at {where}: the schema has nothing there"
+    return None
+
+
+def _refs(node: Any, path: tuple):
+    """(where, ref) of every $ref in a schema."""
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield "/".join(map(str, path)) or "(root)", node["$ref"]
+        for key, value in node.items():
+            if key not in ("enum", "const", "default", "examples"):
+                yield from _refs(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _refs(value, (*path, i))

@@ -108,63 +108,130 @@ def primes_cache(spec: "JobSpec", model) -> bool:
     return spec.mode == "batch" and spec.cache_prime and approx > 0 and (minimum is None or approx >= minimum)
 
 
+MODES = ("batch", "messages")                              # Message Batches, or plain Messages
+AUTH_HEADERS = ("x-api-key", "bearer")                     # how the key is sent (bearer: a gateway's Authorization)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a job key is given on the command line: `--key` (its name with dashes), on run, validate,
+    estimate and cancel. cli/common.py makes the click options from these, so a job key is declared once,
+    here, with its flag; `FILE_ONLY` marks a key that only a job file (or the library) can give."""
+
+    help: Optional[str] = None
+    metavar: Optional[str] = None
+    type: Any = None                  # int or float: the CLI parses the number; None: the text, parsed here
+    choices: Optional[tuple] = None   # one of these
+    many: bool = False                # may be repeated (--labels a --labels b); each value read as the key's text
+    switch: bool = False              # --key sets it true
+    negatable: bool = False           # --key / --no-key
+    old: Optional[str] = None         # an old spelling, still taken and hidden from --help
+
+
+FILE_ONLY = None
+
+
+def job_key(default: Any = dataclasses.MISSING, flag: Optional[Flag] = FILE_ONLY, *,
+            file_key: Optional[tuple[str, Flag]] = None) -> Any:
+    """A job key: a field of JobSpec with its flag (FILE_ONLY: none), and the `*_file` key that gives its text
+    from a file (`prompt_file` for prompt), with that key's own flag."""
+    metadata: dict = {"flag": flag}
+    if file_key is not None:
+        metadata["file_key"] = file_key
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class JobSpec:
-    """A validated job. Build with `JobSpec.load(...)` or `JobSpec.from_mapping(...)`."""
+    """A validated job. Build with `JobSpec.load(...)` or `JobSpec.from_mapping(...)`.
 
-    input: str
-    output: str
-    prompt: str
-    model: str = DEFAULT_MODEL
-    max_tokens: int = 1024
-    name: Optional[str] = None
-    id_column: Optional[str] = None
-    system: Optional[str] = None
-    batch_size: int = 10_000
-    poll_interval: float = 60.0
-    state: Optional[str] = None
-    max_attempts: int = 3
-    api_version: str = DEFAULT_API_VERSION
-    mode: str = "batch"
+    Each field made by `job_key()` is a job key, with its flag: the order here is the order of `--help`.
+    """
+
+    input: str = job_key(flag=Flag("CSV, Parquet (file or directory) or JSONL to read; local path or URI.", "PATH"))
+    output: str = job_key(flag=Flag("Parquet file (a directory with --partition-by) to write; local path or URI "
+                                    "(default: <input>.results.parquet).", "PATH"))
+    prompt: str = job_key(flag=Flag("Jinja2 template over the row's columns, e.g. 'Classify: {{ text }}'.", "TEMPLATE"),
+                          file_key=("prompt_file", Flag("Read the prompt template from a file.", "PATH")))
+    _: dataclasses.KW_ONLY   # the keys below are given by name
+    id_column: Optional[str] = job_key(None, Flag("Column whose values become custom_ids (default: row position).",
+                                                  "COL"))
+    system: Optional[str] = job_key(None, Flag("System prompt.", "TEXT"),
+                                    file_key=("system_file", Flag("Read the system prompt from a file.", "PATH")))
+    model: str = job_key(DEFAULT_MODEL, Flag(f"Model id or alias (default: {DEFAULT_MODEL}).", "MODEL"))
+    max_tokens: int = job_key(1024, Flag("Max output tokens per request (default: 1024).", "N", int))
+    batch_size: int = job_key(10_000, Flag(f"Requests per batch (default: 10000; max {MAX_BATCH_REQUESTS}).", "N", int))
+    poll_interval: float = job_key(60.0, Flag("Longest wait between polls, e.g. 30, 2m (default: 60s).", "DURATION"))
+    state: Optional[str] = job_key(None, Flag(
+        "SQLite state file, a local path (default: batchrun-state.sqlite next to the output; in the working "
+        "directory when the output is a URI).", "PATH"))
+    max_attempts: int = job_key(3, Flag(
+        "Attempts per row that may be paid without an answer (timeout, dropped connection) or that expired; "
+        "429, 529 and other service errors never use one (default: 3).", "N", int))
+    api_version: str = job_key(DEFAULT_API_VERSION, Flag(
+        f"anthropic-version header: {API_VERSIONS[0]} (default) or {' or '.join(API_VERSIONS[1:])}; another date "
+        f"only for a gateway that documents it (its rules unknown: those of {API_VERSIONS[0]} are checked).",
+        "YYYY-MM-DD"))
+    mode: str = job_key("batch", Flag("Message Batches (default) or plain Messages.", choices=MODES))
     # structured output
-    output_schema: Optional[dict] = None
-    labels: Optional[list] = None
-    multi_label: bool = False
+    output_schema: Optional[dict] = job_key(None, Flag(
+        "JSON Schema file: each top-level property becomes a typed column.", "FILE"))
+    labels: Optional[list] = job_key(None, Flag("Label set: the reply is one of these (column 'label').", "A,B,C",
+                                                many=True))
+    multi_label: bool = job_key(False, Flag("With --labels: a list of labels per row.", switch=True))
     # prompt caching
-    cache_system: bool = False
-    cache_ttl: Optional[str] = None      # None: "1h" for a cached batch job (batches may outlast 5 minutes), else "5m"
-    cache_prime: bool = True             # batch mode: one request warms the cache before the rest (runner.py)
+    cache_system: bool = job_key(False, Flag("Send the system prompt (and the few-shot turns) as a cached prefix.",
+                                             negatable=True))
+    # None: "1h" for a cached batch job (batches may outlast 5 minutes), else "5m"
+    cache_ttl: Optional[str] = job_key(None, Flag(
+        "Cache lifetime for --cache-system (default: 1h in batch mode, 5m in messages mode).", choices=CACHE_TTLS))
+    cache_prime: bool = job_key(True, Flag(   # (see primes_cache)
+        "Batch mode, cached prefix: send one request alone first to write the cache, then the rest to read it "
+        "(default: on).", negatable=True))
     # model parameters
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    thinking: Optional[dict] = None
-    effort: Optional[str] = None
-    stop_sequences: Optional[list] = None
-    metadata: Optional[dict] = None
+    temperature: Optional[float] = job_key(None, Flag("Sampling temperature (refused by models that take none).",
+                                                      type=float))
+    top_p: Optional[float] = job_key(None, Flag(type=float))
+    top_k: Optional[int] = job_key(None, Flag(type=int))
+    thinking: Optional[dict] = job_key(None, Flag("Thinking mode, or a budget of N tokens.", "adaptive|disabled|N"))
+    effort: Optional[str] = job_key(None, Flag(choices=EFFORT_LEVELS))
+    stop_sequences: Optional[list] = job_key(None, Flag("Stop generating at this text (repeat for several).", "TEXT",
+                                                        many=True, old="--stop-sequence"))
+    metadata: Optional[dict] = job_key(None, FILE_ONLY)
     # richer prompts
-    few_shot: Optional[list] = None
-    prefill: Optional[str] = None
-    prefill_in_text: bool = False       # the output's `text` is the prefill and its continuation (else the continuation)
-    image_column: Optional[str] = None
-    image_dir: Optional[str] = None      # where relative image paths are read from (default: the input's folder)
-    max_tokens_column: Optional[str] = None
+    few_shot: Optional[list] = job_key(None, FILE_ONLY)
+    prefill: Optional[str] = job_key(None, Flag(
+        "Start of the reply; the model continues it (column text holds the continuation).", "TEXT"))
+    prefill_in_text: bool = job_key(False, Flag("With --prefill: column text holds the prefill followed by the "
+                                                "continuation.", switch=True))
+    image_column: Optional[str] = job_key(None, Flag("Column with an image path, URL or bytes per row.", "COL"))
+    image_dir: Optional[str] = job_key(None, Flag(
+        "Folder relative image paths are read from (default: the input file's).", "DIR"))
+    max_tokens_column: Optional[str] = job_key(None, Flag("Column with a per-row max_tokens.", "COL"))
     # cost and limits
-    max_cost: Optional[float] = None
-    limit: Optional[int] = None
-    shard: Optional[str] = None          # "K/N": only this shard's rows (see shard_of)
+    max_cost: Optional[float] = job_key(None, Flag("Budget: never spend more than this on the job.", "USD", float))
+    limit: Optional[int] = job_key(None, Flag("Only the first N rows (a smoke run).", "N", int))
+    # "K/N": only this shard's rows (see shard_of)
+    shard: Optional[str] = job_key(None, Flag(
+        "Only shard K of N (rows split by a hash of the id column, or by position without one); run each shard "
+        "as its own job with its own state and output.", "K/N"))
     # messages mode and gateways
-    concurrency: int = 8
-    rpm: Optional[int] = None
-    tpm: Optional[int] = None
-    auth_header: str = "x-api-key"
-    headers: Optional[dict] = None
+    concurrency: int = job_key(8, Flag("Messages mode: requests in flight at once.", "N", int))
+    rpm: Optional[int] = job_key(None, Flag("Messages mode: cap on requests per minute.", type=int))
+    tpm: Optional[int] = job_key(None, Flag("Messages mode: cap on tokens per minute.", type=int))
+    auth_header: str = job_key("x-api-key", Flag(choices=AUTH_HEADERS))
+    headers: Optional[dict] = job_key(None, FILE_ONLY)
     # output
-    partition_by: Optional[str] = None
+    partition_by: Optional[str] = job_key(None, Flag(
+        "Write a Hive-partitioned Parquet dataset (OUTPUT/COL=value/part-N.parquet) by this input, result or "
+        "schema column.", "COL"))
     # models
-    models_file: Optional[str] = None
-    allow_unknown_model: bool = False    # run a model the catalog does not know (its cost stays unknown)
-    # where the spec came from (not part of the job's identity)
+    models_file: Optional[str] = job_key(None, Flag(
+        "Extra model catalog (TOML) to extend or override the built-in one.", "FILE", old="--models"))
+    allow_unknown_model: bool = job_key(False, Flag("Run a model the catalog does not know (its cost stays unknown).",
+                                                    switch=True))
+    name: Optional[str] = job_key(None, Flag("A name for the job (shown by status).", "NAME"))
+    # where the spec came from (not a job key, not part of the job's identity)
     source: Optional[str] = field(default=None, compare=False)
     # whether cache_ttl was left to its default (see _validate; not a job key)
     cache_ttl_defaulted: bool = field(default=False, compare=False)
@@ -205,9 +272,7 @@ class JobSpec:
 
     def to_json(self) -> str:
         """The spec as stored in the state file (it never holds a key)."""
-        data = dataclasses.asdict(self)
-        data.pop("source", None)  # where it came from is not part of the job (and not a job key)
-        data.pop("cache_ttl_defaulted", None)
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k in JOB_KEYS}   # (not where it came from)
         if data.get("headers"):  # gateway headers may carry credentials: keep their names only
             data["headers"] = {name: "<redacted>" for name in data["headers"]}
         return json.dumps(data, sort_keys=True, default=str)
@@ -252,7 +317,7 @@ class JobSpec:
     def from_mapping(cls, raw: Mapping[str, Any], source: Optional[str] = None) -> "JobSpec":
         where = f"{source}: " if source else ""
         raw = dict(raw)
-        known = ({f.name for f in dataclasses.fields(cls)} | set(_FILE_KEYS)) - {"source", "cache_ttl_defaulted"}
+        known = set(JOB_KEYS) | set(_FILE_KEYS)
         for key in raw:
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -302,7 +367,7 @@ class JobSpec:
         need(isinstance(self.api_version, str) and _is_date(self.api_version), "api_version",
              f"must be a date (YYYY-MM-DD): {' or '.join(API_VERSIONS)} for the Anthropic API, or the version a "
              "gateway documents")
-        need(self.mode in ("batch", "messages"), "mode", "must be 'batch' or 'messages'")
+        need(self.mode in MODES, "mode", "must be " + " or ".join(map(repr, MODES)))
         if self.cache_ttl is None:
             self.cache_ttl = default_cache_ttl(self.mode, self.cache_system)
             self.cache_ttl_defaulted = True
@@ -334,7 +399,7 @@ class JobSpec:
             if getattr(self, key) is not None:
                 setattr(self, key, _as_int(getattr(self, key), key, where))
                 need(getattr(self, key) >= 1, key, "must be at least 1")
-        need(self.auth_header in ("x-api-key", "bearer"), "auth_header", "must be 'x-api-key' or 'bearer'")
+        need(self.auth_header in AUTH_HEADERS, "auth_header", "must be " + " or ".join(map(repr, AUTH_HEADERS)))
         if self.headers is not None:
             need(isinstance(self.headers, dict) and all(isinstance(v, str) for v in self.headers.values()),
                  "headers", "expected a table of strings")
@@ -372,8 +437,7 @@ class JobSpec:
                 need(isinstance(self.thinking.get("budget_tokens"), int), "thinking",
                      "type \"enabled\" needs budget_tokens")
         if self.effort is not None:
-            need(self.effort in EFFORT_LEVELS, "effort",
-                 "must be one of low, medium, high, xhigh, max")
+            need(self.effort in EFFORT_LEVELS, "effort", "must be one of " + ", ".join(EFFORT_LEVELS))
         if isinstance(self.labels, (str, tuple)):   # "a,b,c" (as --labels takes it), or repeated flags
             parts = [self.labels] if isinstance(self.labels, str) else list(self.labels)
             self.labels = [x.strip() for p in parts if isinstance(p, str) for x in p.split(",") if x.strip()]
@@ -389,6 +453,7 @@ class JobSpec:
             need(isinstance(self.output_schema, dict) and self.output_schema.get("type", "object") == "object"
                  and isinstance(self.output_schema.get("properties"), dict) and self.output_schema["properties"],
                  "output_schema", "expected a JSON Schema object with 'properties'")
+            from .schema_types import schema_problem   # (jsonschema and pyarrow: only for a schema)
             problem = schema_problem(self.output_schema)
             if problem:
                 raise SpecError(f"{where}output_schema: {problem}")
@@ -408,45 +473,22 @@ class JobSpec:
             raise SpecError(f"{where}output: cannot write to a web address")
 
 
-def schema_problem(schema: dict) -> Optional[str]:
-    """What makes `schema` unusable as an output schema, naming where in it; None when it is fine.
-
-    Checked with the validator class replies are checked with, so a schema that passes here never
-    fails while results are read (after they were paid for).
-    """
-    import jsonschema
-    from .schema_types import SCHEMA_VALIDATOR, resolve_ref
-    meta = SCHEMA_VALIDATOR(SCHEMA_VALIDATOR.META_SCHEMA, format_checker=SCHEMA_VALIDATOR.FORMAT_CHECKER)
-    error = jsonschema.exceptions.best_match(meta.iter_errors(schema))   # as check_schema, with the path
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        message = error.message
-        if error.absolute_path and error.absolute_path[-1] == "type" and error.validator == "anyOf":
-            message = (f"{error.instance!r} is not a JSON Schema type (use string, integer, number, boolean, "
-                       "array, object or null)")
-        return f"not a valid JSON Schema at {where}: {message}"
-    for where, ref in _refs(schema, ()):
-        if not ref.startswith("#"):
-            return f"$ref {ref!r} at {where}: only references inside the schema (#/...) can be used"
-        if not isinstance(resolve_ref(schema, ref), (dict, bool)):
-            return f"$ref {ref!r} at {where}: the schema has nothing there"
-    return None
+def job_flags() -> list[tuple[str, Flag]]:
+    """(key, flag) of every job key the command line gives, in JobSpec's order, each `*_file` key right after
+    the key it fills: what the CLI's job options are made of."""
+    out = []
+    for f in dataclasses.fields(JobSpec):
+        if f.metadata.get("flag") is not None:
+            out.append((f.name, f.metadata["flag"]))
+        if "file_key" in f.metadata:
+            out.append(f.metadata["file_key"])
+    return out
 
 
-def _refs(node: Any, path: tuple):
-    """(where, ref) of every $ref in a schema."""
-    if isinstance(node, dict):
-        if isinstance(node.get("$ref"), str):
-            yield "/".join(map(str, path)) or "(root)", node["$ref"]
-        for key, value in node.items():
-            if key not in ("enum", "const", "default", "examples"):
-                yield from _refs(value, (*path, key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _refs(value, (*path, i))
-
-
-_FILE_KEYS = {"prompt_file": "prompt", "system_file": "system"}
+# The job keys (JobSpec's fields made by job_key()), with their flags (FILE_ONLY: None); the *_file keys
+# that give a key's text from a file (prompt_file -> prompt).
+JOB_KEYS = {f.name: f.metadata["flag"] for f in dataclasses.fields(JobSpec) if "flag" in f.metadata}
+_FILE_KEYS = {f.metadata["file_key"][0]: f.name for f in dataclasses.fields(JobSpec) if "file_key" in f.metadata}
 # Keys that say the same thing two ways: a job gives at most one of each group, and an override of
 # one replaces the others (a flag --prompt-file replaces the file's prompt; --output-schema its labels).
 _ALTERNATIVES = (("prompt", "prompt_file"), ("system", "system_file"), ("labels", "output_schema"))

@@ -14,7 +14,7 @@ import click
 
 from ..errors import (ApiError, AuthError, BatchrunError, ExitCode, NoBatchApiError, SpecError, redact,
                       register_secret)
-from ..spec import CACHE_TTLS, EFFORT_LEVELS, JobSpec
+from ..spec import Flag, JobSpec, job_flags
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -32,64 +32,30 @@ Exit codes:
 """
 
 
-JOB_OPTIONS = [
-    click.argument("job_file", metavar="[JOB.toml]", required=False, type=click.Path(dir_okay=False)),
-    click.option("--input", "input", metavar="PATH", help="CSV, Parquet (file or directory) or JSONL to read; local path or URI."),
-    click.option("--output", metavar="PATH", help="Parquet file (a directory with --partition-by) to write; local path or URI (default: <input>.results.parquet)."),
-    click.option("--id-column", metavar="COL", help="Column whose values become custom_ids (default: row position)."),
-    click.option("--prompt", metavar="TEMPLATE", help="Jinja2 template over the row's columns, e.g. 'Classify: {{ text }}'."),
-    click.option("--prompt-file", metavar="PATH", help="Read the prompt template from a file."),
-    click.option("--system", metavar="TEXT", help="System prompt."),
-    click.option("--system-file", metavar="PATH", help="Read the system prompt from a file."),
-    click.option("--model", metavar="MODEL", help="Model id or alias (default: claude-haiku-5-5)."),
-    click.option("--max-tokens", type=int, metavar="N", help="Max output tokens per request (default: 1024)."),
-    click.option("--batch-size", type=int, metavar="N", help="Requests per batch (default: 10000; max 100000)."),
-    click.option("--poll-interval", metavar="DURATION", help="Longest wait between polls, e.g. 30, 2m (default: 60s)."),
-    click.option("--state", metavar="PATH", help="SQLite state file, a local path (default: batchrun-state.sqlite next to the output; in the working directory when the output is a URI)."),
-    click.option("--max-attempts", type=int, metavar="N", help="Attempts per row that may be paid without an answer (timeout, dropped connection) or that expired; 429, 529 and other service errors never use one (default: 3)."),
-    click.option("--api-version", metavar="YYYY-MM-DD", help="anthropic-version header: 2023-06-01 (default) or "
-                 "2026-10-21; another date only for a gateway that documents it (its rules unknown: those of "
-                 "2023-06-01 are checked)."),
-    click.option("--mode", type=click.Choice(["batch", "messages"]), help="Message Batches (default) or plain Messages."),
-    click.option("--output-schema", metavar="FILE", help="JSON Schema file: each top-level property becomes a typed column."),
-    click.option("--labels", multiple=True, metavar="A,B,C", help="Label set: the reply is one of these (column 'label')."),
-    click.option("--multi-label", is_flag=True, default=None, help="With --labels: a list of labels per row."),
-    click.option("--cache-system/--no-cache-system", default=None,
-                 help="Send the system prompt (and the few-shot turns) as a cached prefix."),
-    click.option("--cache-ttl", type=click.Choice(CACHE_TTLS),
-                 help="Cache lifetime for --cache-system (default: 1h in batch mode, 5m in messages mode)."),
-    click.option("--cache-prime/--no-cache-prime", default=None,
-                 help="Batch mode, cached prefix: send one request alone first to write the cache, then the rest "
-                      "to read it (default: on)."),
-    click.option("--temperature", type=float, help="Sampling temperature (refused by models that take none)."),
-    click.option("--top-p", type=float),
-    click.option("--top-k", type=int),
-    click.option("--thinking", metavar="adaptive|disabled|N", help="Thinking mode, or a budget of N tokens."),
-    click.option("--effort", type=click.Choice(EFFORT_LEVELS)),
-    click.option("--stop-sequences", "stop_sequences", multiple=True, metavar="TEXT",
-                 help="Stop generating at this text (repeat for several)."),
-    click.option("--stop-sequence", "stop_sequence_alias", multiple=True, hidden=True),   # the old spelling
-    click.option("--prefill", metavar="TEXT", help="Start of the reply; the model continues it (column text holds the continuation)."),
-    click.option("--prefill-in-text", is_flag=True, default=None,
-                 help="With --prefill: column text holds the prefill followed by the continuation."),
-    click.option("--image-column", metavar="COL", help="Column with an image path, URL or bytes per row."),
-    click.option("--image-dir", metavar="DIR", help="Folder relative image paths are read from (default: the input file's)."),
-    click.option("--max-tokens-column", metavar="COL", help="Column with a per-row max_tokens."),
-    click.option("--max-cost", type=float, metavar="USD", help="Budget: never spend more than this on the job."),
-    click.option("--limit", type=int, metavar="N", help="Only the first N rows (a smoke run)."),
-    click.option("--shard", metavar="K/N", help="Only shard K of N (rows split by a hash of the id column, or "
-                 "by position without one); run each shard as its own job with its own state and output."),
-    click.option("--concurrency", type=int, metavar="N", help="Messages mode: requests in flight at once."),
-    click.option("--rpm", type=int, help="Messages mode: cap on requests per minute."),
-    click.option("--tpm", type=int, help="Messages mode: cap on tokens per minute."),
-    click.option("--auth-header", type=click.Choice(["x-api-key", "bearer"])),
-    click.option("--partition-by", metavar="COL", help="Write a Hive-partitioned Parquet dataset (OUTPUT/COL=value/part-N.parquet) by this input, result or schema column."),
-    click.option("--models-file", metavar="FILE", help="Extra model catalog (TOML) to extend or override the built-in one."),
-    click.option("--models", "models_file_alias", hidden=True),                          # the old spelling
-    click.option("--allow-unknown-model", is_flag=True, default=None,
-                 help="Run a model the catalog does not know (its cost stays unknown)."),
-    click.option("--name", metavar="NAME", help="A name for the job (shown by status)."),
-]
+def _job_option(key: str, flag: Flag) -> list:
+    """The click option(s) of one job key: `--key` (with dashes) feeding the key, and its old spelling, hidden."""
+    opt = "--" + key.replace("_", "-")
+    kw: dict[str, Any] = {"help": flag.help, "metavar": flag.metavar}
+    if flag.choices:
+        kw["type"] = click.Choice(flag.choices)
+    elif flag.type is not None:
+        kw["type"] = flag.type
+    if flag.many:
+        kw["multiple"] = True
+    if flag.switch:
+        kw.update(is_flag=True, default=None)
+    if flag.negatable:
+        opt, kw["default"] = f"{opt}/--no-{opt[2:]}", None
+    options = [click.option(opt, key, **kw)]
+    if flag.old:
+        options.append(click.option(flag.old, f"{key}_alias", multiple=flag.many, hidden=True))
+    return options
+
+
+# The job options of run, validate, estimate and cancel: made from JobSpec's keys (spec.job_flags), so a
+# key added there is a flag here.
+JOB_OPTIONS = [click.argument("job_file", metavar="[JOB.toml]", required=False, type=click.Path(dir_okay=False)),
+               *(option for key, flag in job_flags() for option in _job_option(key, flag))]
 
 
 def job_options(fn: Callable) -> Callable:
@@ -98,15 +64,10 @@ def job_options(fn: Callable) -> Callable:
     return fn
 
 
-SPEC_KEYS = ("input", "output", "id_column", "prompt", "prompt_file", "system", "system_file", "model",
-             "max_tokens", "batch_size", "poll_interval", "state", "max_attempts", "api_version", "mode",
-             "output_schema", "labels", "multi_label", "cache_system", "cache_ttl", "cache_prime", "temperature",
-             "top_p", "top_k", "thinking", "effort", "stop_sequences", "prefill", "prefill_in_text", "image_column",
-             "image_dir", "max_tokens_column",
-             "max_cost", "limit", "shard", "concurrency", "rpm", "tpm", "auth_header", "partition_by", "models_file",
-             "allow_unknown_model", "name")
+SPEC_KEYS = tuple(key for key, _ in job_flags())
 # Old flag spellings, kept (hidden) so that existing command lines still work: flag -> job key.
-FLAG_ALIASES = {"stop_sequence_alias": "stop_sequences", "models_file_alias": "models_file"}
+FLAG_ALIASES = {f"{key}_alias": key for key, flag in job_flags() if flag.old}
+_REPEATED = tuple(key for key, flag in job_flags() if flag.many)
 
 
 def spec_from_options(job_file: Optional[str], options: dict) -> JobSpec:
@@ -121,7 +82,7 @@ def spec_from_options(job_file: Optional[str], options: dict) -> JobSpec:
         else:
             options[key] = value
     overrides: dict[str, Any] = {k: options.get(k) for k in SPEC_KEYS}
-    for key in ("labels", "stop_sequences"):   # repeatable flags: each value parsed as the job key's string is
+    for key in _REPEATED:   # repeatable flags: each value parsed as the job key's string is
         overrides[key] = tuple(overrides[key]) if overrides.get(key) else None
     return JobSpec.load(job_file, overrides)
 

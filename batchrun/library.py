@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 from .api import RetryPolicy
-from .errors import BudgetError, ExitCode, InputError
+from .errors import InputError
 from .runner import CancelResult, Progress, Runner, RunResult, sent_elsewhere
 from .spec import JobSpec, merge
 from .store import state_errors
@@ -264,26 +264,7 @@ class Job:
         r.check_connection_settings()
         with r.locked():
             r.start()
-            r.ledger.new_round()
-            before = r.batches_created
-            if r.spec.mode == "messages":
-                r.reuse_answers()
-                over = r.ledger.check()
-                answered = 0 if over else r.store.counts(r.job.id).get("pending", 0)
-                if not over:
-                    r.messages_step()
-                    answered -= r.store.counts(r.job.id).get("pending", 0)
-            else:
-                r.resolve_intents()
-                r.reuse_answers()
-                over = r.ledger.check()
-                if not over:
-                    r.submit()
-            counts = r.store.counts(r.job.id)
-            stop = over or r.ledger.held
-            if stop and not counts.get("in_flight") and counts.get("pending"):
-                raise BudgetError(r.ledger.stop_message(stop, counts))
-            return answered if r.spec.mode == "messages" else r.batches_created - before
+            return r.submit_step()
 
     @_one_line
     def poll(self) -> bool:
@@ -291,10 +272,7 @@ class Job:
         is in flight: every batch sent has ended (or none is out)."""
         r = self._runner
         with r.locked():
-            r.resolve_intents()
-            r.poll(collect=False)
-            return not r.store.one("SELECT count(*) AS n FROM batches WHERE job_id = ? "
-                                   "AND state IN ('intent', 'submitted')", (r.job.id,))["n"]
+            return r.poll_step()
 
     @_one_line
     def collect(self) -> RunResult:
@@ -304,11 +282,7 @@ class Job:
         r = self._runner
         with r.locked():
             r.start()
-            r.poll()
-            counts = r.store.counts(r.job.id)
-            if counts.get("pending") or counts.get("in_flight"):
-                return r._result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
-            return r.finish()
+            return r.collect_step()
 
     @_one_line
     def status(self) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 from decimal import Decimal
 import logging
@@ -36,51 +35,24 @@ from .api import (ApiClient, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK
                   is_anthropic_api,
                   is_loopback_endpoint)
 from . import failpoints
-from .errors import (ACCOUNT, AmbiguousCreateError, ApiError, AuthError, BudgetError, ExitCode, GaveUpError,
-                     InputError, LockedError, NoBatchApiError, NotFoundError, error_class,
-                     RequestTooLargeError, ResultsGoneError, TransientApiError)
+from .adoption import Adoption
+from .batches import BatchDriver
+from .collector import Collector, ServiceErrors
+from .context import BatchContext, RunCounters
+from .errors import BudgetError, ExitCode, InputError, LockedError, NotFoundError
 from .inputs import ColumnTypeConflict, InputSource
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
 from .output import OutputWriter, check_column_names, check_partition, check_writable
-from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, new_job_tag,
-                       output_schema_for, params_hash, shared_params_hash, splice_prefix, wire_id)
-from .results import ATTEMPT, FREE, ResultParser, retry_rule
+from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, output_schema_for,
+                       params_hash, shared_params_hash, splice_prefix)
+from .results import ResultParser
 from .prefetch import prefetched
-from .spec import (PRIME_MIN_ROWS, JobSpec, cached_prefix_tokens, check_api_version, default_cache_ttl, primes_cache,
-                   rules_version)
+from .spec import JobSpec, cached_prefix_tokens, check_api_version, default_cache_ttl, rules_version
 from .budget import BudgetLedger
 from .summary import PAID, budget_text, find_job, job_cost
-from .store import FINAL_STATES, LOST_ERRORS_SQL, PARSED_FIELDS, JobLock, Store, existing_state, now_iso, parse_iso
+from .store import FINAL_STATES, LOST_ERRORS_SQL, JobLock, Store, existing_state, now_iso
 
 log = logging.getLogger("batchrun")
-
-MAX_BATCH_BYTES = 256 * 1000 * 1000 - 64 * 1024   # the API's 256 MB, with room for the envelope
-MAX_DOWNLOADS = 6                                  # attempts to get a complete results file
-MISSING_AFTER = 3                                  # whole downloads again that bring the same file without
-                                                   # some rows' lines: those rows end `result_missing`
-ADOPT_WINDOW = 600.0                               # seconds of clock skew tolerated when the API's clock is unknown
-CLOCK_TOLERANCE = 3.0                              # the Date header's 1 s resolution, plus latency
-AMBIGUOUS_GRACE = 60.0                             # a create that failed ambiguously, or was cut off by a
-                                                   # crash: how long its batch may take to show in the list
-                                                   # before its rows are sent again (BATCHRUN_CREATE_GRACE)
-GONE = "gone"                                      # _proof: a candidate whose results can no longer be read
-EMPTY = "empty"                                    # _proof: its results file came whole without a line
-ADOPTED, PROVEN = 1, 2                             # batches.adopted: found after a lost create; and proved
-                                                   # ours by its results before it was adopted
-PRIME_LAPSE = 0.75                                 # a cache last touched this share of its TTL ago may lapse
-                                                   # before a batch sent now runs: it is primed again
-PRIME_TRIES = 2                                    # primers in a row that brought no answer before priming stops
-CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
-
-
-def create_grace() -> float:
-    """AMBIGUOUS_GRACE, or the seconds BATCHRUN_CREATE_GRACE sets (a slow gateway; a quick test)."""
-    value = os.environ.get("BATCHRUN_CREATE_GRACE")
-    try:
-        return max(0.0, float(value)) if value else AMBIGUOUS_GRACE
-    except ValueError:
-        raise InputError(f"BATCHRUN_CREATE_GRACE: not a number of seconds: {value!r}") from None
-
 
 @dataclass
 class Progress:
@@ -130,6 +102,15 @@ class CancelResult:
     batches_canceled: int       # batches a cancel was sent for
     batches_running: int        # batches of the job not ended yet (the wait ran out, or was skipped)
     counts: dict                # rows by state after the cancel
+
+
+@dataclass
+class Step:
+    """One round of a run (Runner.step)."""
+    changed: bool           # something moved: a batch ended, results were recorded, a reply came
+    over: Optional[str]     # why the budget let nothing more be sent (None: it did not stop it)
+    counts: dict            # rows by state after the round
+    sent: int               # batches created (or adopted) this round; messages mode: rows answered
 
 
 def resolve_connection(api_key: Optional[str], base_url: Optional[str]) -> tuple[Optional[str], str, str]:
@@ -249,48 +230,6 @@ def sent_elsewhere(job_id: str, sent_to: Optional[str], here: Optional[str]) -> 
     return f"job {job_id[:12]} was sent to {endpoint_text(sent_to)}, not to {endpoint_text(here or None)}: {hint}"
 
 
-class ServiceErrors:
-    """Batch mode: errored results whose error is the service's, not the request's (results.retry_rule).
-
-    Their rows go back to pending without using an attempt. The run stops (exit 4, the rows pending,
-    the next run sends them) at once when one is about the account (authentication, permission,
-    billing: no retry can fix it), and after PATIENCE rounds in a row that met such errors and in which
-    no row got an answer."""
-
-    PATIENCE = 3
-
-    def __init__(self) -> None:
-        self.strikes = 0
-        self._new_round()
-
-    def _new_round(self) -> None:
-        self.answered = 0
-        self.met: dict = {}           # error class -> [rows, first error type, its message]
-
-    def meet(self, fields: dict) -> None:
-        kind = error_class(fields.get("error_type"))
-        seen = self.met.setdefault(kind, [0, fields.get("error_type"), fields.get("error_message") or ""])
-        seen[0] += 1
-
-    def check(self, job: str) -> None:
-        met, answered = self.met, self.answered
-        self._new_round()
-        if not met:
-            return
-        if ACCOUNT in met:
-            n, error_type, message = met[ACCOUNT]
-            raise AuthError(f"{n} rows came back errored with {error_type}: {message} (the account or key, not the "
-                            "requests: they stay pending; fix it, then run again to send them)")
-        self.strikes = 0 if answered else self.strikes + 1
-        n, error_type, message = max(met.values(), key=lambda seen: seen[0])
-        if self.strikes >= self.PATIENCE:
-            raise GaveUpError(f"{n} rows came back errored with {error_type}: {message} — {self.strikes} rounds in "
-                              "a row with no row answered; not an error of the requests: they stay pending and the "
-                              "next run sends them again")
-        log.warning("job %s: %d rows came back errored with %s (%s): the service's error, not the requests'; "
-                    "sending them again (no attempt used)", job, n, error_type, message)
-
-
 class Runner:
     """Runs one job. The library API (`batchrun.run`) and the CLI both go through here."""
 
@@ -332,18 +271,18 @@ class Runner:
         if version_note:
             self.notes.append(version_note)
             log.warning("%s", version_note)
-        self.batches_created = 0
-        self._chunk = spec.batch_size
         self._started = time.monotonic()
-        self.requests_sent = 0                         # this run's: requests sent (batch members, or messages)
         self._paid_before: Optional[tuple] = None      # (replies paid, cost) when this run began
-        self._incomplete_downloads: dict = {}          # batch -> rounds in which its results never came whole
-        self._service_errors = ServiceErrors()         # errored results that were the service's (batch mode)
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
-        self._waiting: dict = {}                       # intent -> running batches it waits for (logged once)
-        self._job_tag: Optional[str] = None            # the job's tag, once read or made (see _tag)
-        create_grace()                                 # a bad BATCHRUN_CREATE_GRACE is refused before anything is sent
         self.ledger = BudgetLedger(spec, self.store, self.job, lambda: self.estimator)   # max_cost (budget.py)
+        # batch mode's drivers (batches.py, adoption.py, collector.py), handed what they need
+        self.counters = RunCounters()                  # this run's batches created and requests sent
+        self.service_errors = ServiceErrors()          # errored results that were the service's (batch mode)
+        ctx = BatchContext(spec=spec, store=self.store, job=self.job, client=lambda: self.client, parser=self.parser,
+                           ledger=self.ledger, full_body=self.full_body, sleep=sleep, counters=self.counters)
+        self.adoption = Adoption(ctx)   # (a bad BATCHRUN_CREATE_GRACE is refused here, before anything is sent)
+        self.collector = Collector(ctx, self.adoption, self.service_errors)
+        self.batches = BatchDriver(ctx, self.adoption, self.collector, self._move_twin)
 
     # ---- the client, created only when needed -----------------------------------------------------
     @property
@@ -394,38 +333,115 @@ class Runner:
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, wait: bool = True) -> RunResult:
-        spec, store, job = self.spec, self.store, self.job
+        spec = self.spec
         self.check_connection_settings()
         check_writable(spec.output, spec.partition_by)
         with self.locked():
             self.start()
             backoff = 1.0
             while True:
-                self.ledger.new_round()
-                if spec.mode == "messages":
-                    self.reuse_answers()
-                    over = self.ledger.check()
-                    changed = False if over else self.messages_step()
-                else:
-                    self.resolve_intents()
-                    changed = self.poll()
-                    self._service_errors.check(self.job.short_id)   # stops a run that keeps meeting them
-                    self.reuse_answers()
-                    over = self.ledger.check()
-                    if not over:
-                        self.submit()
-                counts = store.counts(job.id)
+                step = self.step()
+                counts = step.counts
                 self._report(counts)
                 if not counts.get("pending") and not counts.get("in_flight"):
                     break
-                stop = over or self.ledger.held
-                if stop and (not counts.get("in_flight") or (over and not wait)):
-                    raise BudgetError(self.ledger.stop_message(stop, counts))
+                self.stop_over_budget(step, wait)
                 if not wait:
-                    return self._result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
+                    return self.result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
                 self.sleep(min(backoff, spec.poll_interval))
-                backoff = 1.0 if changed else min(backoff * 2, spec.poll_interval)
+                backoff = 1.0 if step.changed else min(backoff * 2, spec.poll_interval)
             return self.finish()
+
+    # ---- the steps of a run (the library's Job calls them one by one) ------------------------------
+    def step(self, collect: bool = True) -> Step:
+        """One round of a run, under the job's lock (after `start`); never waits. Batch mode: resolve the
+        creates whose reply was lost, poll the batches and collect those that ended (unless `collect` is
+        False), take answers another job paid for, and send what the budget allows. Messages mode: take
+        answers paid for, and send every pending row the budget allows."""
+        self.ledger.new_round()
+        before = self.counters.batches_created
+        if self.spec.mode == "messages":
+            self.reuse_answers()
+            over = self.ledger.check()
+            pending = 0 if over else self.store.counts(self.job.id).get("pending", 0)
+            changed = False if over else self.messages_step()
+            counts = self.store.counts(self.job.id)
+            return Step(changed, over, counts, 0 if over else pending - counts.get("pending", 0))
+        self.adoption.resolve_intents()
+        changed = False
+        if collect:
+            changed = self.collector.poll()
+            self.service_errors.check(self.job.short_id)   # stops a run that keeps meeting them
+        self.reuse_answers()
+        over = self.ledger.check()
+        if not over:
+            self.batches.submit()
+        return Step(changed, over, self.store.counts(self.job.id), self.counters.batches_created - before)
+
+    def stop_over_budget(self, step: Step, wait: bool = True) -> None:
+        """Raise BudgetError when the budget stopped sending and waiting cannot help: nothing is in flight
+        whose cost could settle below its reservation (or, without waiting, the rows still to send do not
+        fit)."""
+        counts = step.counts
+        stop = step.over or self.ledger.held
+        if stop and (counts.get("pending") or counts.get("in_flight")) and \
+                (not counts.get("in_flight") or (step.over and not wait)):
+            raise BudgetError(self.ledger.stop_message(stop, counts))
+
+    def submit_step(self) -> int:
+        """`Job.submit`: one round that sends (no poll, no download); the batches created (messages mode:
+        the rows answered). Under the job's lock, after `start`."""
+        step = self.step(collect=False)
+        self.stop_over_budget(step)
+        return step.sent
+
+    def poll_step(self) -> bool:
+        """`Job.poll`: bring the status of the job's batches up to date (nothing downloaded). True once
+        nothing is in flight. Under the job's lock."""
+        self.adoption.resolve_intents()
+        self.collector.poll(collect=False)
+        return not self.store.batches_unended(self.job.id)
+
+    def collect_step(self) -> RunResult:
+        """`Job.collect`: record the results of every ended batch; once every row is final, write the
+        output. Under the job's lock, after `start`."""
+        self.collector.poll()
+        counts = self.store.counts(self.job.id)
+        if counts.get("pending") or counts.get("in_flight"):
+            return self.result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
+        return self.finish()
+
+    # (batch mode's drivers, by their old names)
+    def submit(self) -> int:
+        return self.batches.submit()
+
+    def resolve_intents(self) -> None:
+        self.adoption.resolve_intents()
+
+    def poll(self, collect: bool = True) -> bool:
+        return self.collector.poll(collect)
+
+    @property
+    def batches_created(self) -> int:
+        return self.counters.batches_created
+
+    @property
+    def requests_sent(self) -> int:
+        return self.counters.requests_sent
+
+    @requests_sent.setter
+    def requests_sent(self, n: int) -> None:
+        self.counters.requests_sent = n
+
+    def _move_twin(self, job_id: str) -> None:
+        """Poll and collect another job's batches as its own run would (see BatchDriver.silent_twins): one
+        runner per job for the run, so that its download rounds are counted as its own run counts them."""
+        twin = self._twins.get(job_id)
+        if twin is None:
+            twin = self._twins[job_id] = Runner.for_stored_job(self.spec.state_path, job_id, client=self.client,
+                                                               sleep=self.sleep)
+        twin.resolve_intents()
+        twin.poll()
 
     def start(self) -> None:
         """What every run does first, under the job's lock: plan (once), and apply the run's options."""
@@ -448,7 +464,7 @@ class Runner:
             store.conn.execute("UPDATE jobs SET finished_at = coalesce(finished_at, ?), output_written_at = ? "
                                "WHERE id = ?", (now_iso(), now_iso(), job.id))
         failed = sum(n for s, n in counts.items() if s != "succeeded")
-        result = self._result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
+        result = self.result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
         result.rows = rows
         return result
 
@@ -497,7 +513,8 @@ class Runner:
         self.store.move_job(legacy, self.job.endpoint)
         return True
 
-    def _result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
+    def result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
+        """How the run stands: its counts, its cost, what it sent and paid (exit_code as the CLI ends)."""
         cost = self.cost()
         if self.parser.unpriced or (self.job.model is not None and self.job.model.prices is None):
             note = f"cost unknown: {self.spec.model} has no prices in the model catalog (cost_usd is null)"
@@ -529,8 +546,7 @@ class Runner:
     def _report(self, counts: dict) -> None:
         if self.on_progress is None:
             return
-        b = self.store.one("SELECT count(api_id) AS total, count(*) FILTER (WHERE state IN ('intent','submitted','ended')) "
-                           "AS live FROM batches WHERE job_id = ?", (self.job.id,))
+        b = self.store.batch_totals(self.job.id)
         total = sum(counts.values())
         self.on_progress(Progress(job_id=self.job.id, total=total, counts=counts, batches_in_flight=b["live"],
                                   batches_total=b["total"], cost_usd=self.cost(),
@@ -696,7 +712,7 @@ class Runner:
     # ---- answers already paid for ----------------------------------------------------------------
     def _alone(self) -> bool:
         """True when this job is the only one in its state file (no answers to share, no twins)."""
-        return self.store.one("SELECT count(*) AS n FROM jobs WHERE id != ?", (self.job.id,))["n"] == 0
+        return self.store.alone(self.job.id)
 
     def reuse_answers(self) -> int:
         """Pending rows whose exact request another job in this state file has had answered (and paid
@@ -801,690 +817,6 @@ class Runner:
             self._estimator = Estimator(self)
         return self._estimator
 
-    # ---- submit --------------------------------------------------------------------------------
-    def submit(self) -> int:
-        """Send pending requests in batches. Returns the number of batches created."""
-        store, job, spec = self.store, self.job, self.spec
-        if store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]:
-            self._cancel_pending()  # rows a canceled batch gave back for another attempt are not sent
-            return 0
-        prime = self._priming()
-        if prime == "wait":
-            return 0
-        created = 0
-        tag = self._tag()
-        silent = self._silent_twins()
-        marks = ",".join("?" * len(silent))
-        # not sent: rows another job has answered (reuse_answers takes them next round), and rows in
-        # flight in another job, whose answers are coming (unless that job cannot be moved from here)
-        filtered = ("AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash "
-                    "AND o.job_id != r.job_id AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') "
-                    f"OR (o.state = 'in_flight' AND o.job_id NOT IN ({marks})) "
-                    "OR (o.claimed_at IS NOT NULL AND o.job_id IN ({live}))))")
-        if spec.max_cost is not None:   # the figures a reservation needs (count_tokens calls, once) are had
-            first = store.conn.execute(   # before the write lock is taken, not while holding it
-                "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? "
-                "AND r.state = 'pending' LIMIT 1", (job.id,)).fetchone()
-            if first is not None:
-                self.estimator.request_max(first[0])
-        after = -1   # rows are taken in input order; each chunk starts where the last one ended
-        while True:
-            if prime and after >= 0:
-                return created   # a primer goes alone; the rest once it has ended
-            # what to send is chosen and its intent committed in one (write-locked) transaction: another
-            # job of this state file sharing these requests (even one planned a moment ago) sees them in
-            # flight, or has them in flight already and they are not chosen here; never both sent
-            with store.transaction(durable=True):
-                # (and rows a messages-mode job being run now has claimed: it is sending them)
-                live = [] if self._alone() else store.live_others(job.id)
-                twins = "" if self._alone() else filtered.replace("{live}", ",".join("?" * len(live)))
-                rows = store.conn.execute(
-                    f"SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
-                    f"WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {twins} "
-                    "ORDER BY r.row_index LIMIT ?",
-                    (job.id, after, *((*silent, *live) if twins else ()), 1 if prime else self._chunk)).fetchall()
-                if not rows:
-                    return created
-                parts, ids, size = [], [], 16
-                prefix = self.prefix
-                for cid, body, _ in rows:
-                    piece = ('{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":' + full_body(prefix, body)
-                             + "}")
-                    piece_size = len(piece.encode("utf-8")) + 1
-                    if parts and size + piece_size > MAX_BATCH_BYTES:
-                        break
-                    parts.append(piece)
-                    ids.append(cid)
-                    size += piece_size
-                reserve = None
-                if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
-                    fit, reserve = self.ledger.reserve([body for _, body, _ in rows[:len(ids)]], job.short_id)
-                    if not fit:
-                        return created
-                    del parts[fit:], ids[fit:]
-                payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
-                sent_through = rows[len(ids) - 1][2]
-                # without twin filtering, the chunk is every pending row in its row range
-                span = None if twins else (rows[0][2], sent_through)
-                local = self._intent(ids, len(payload), float(reserve) if reserve is not None else None, span, tag)
-                if prime:
-                    self._primer(local, ids[0])
-            failpoints.hit("after_intent")
-            try:
-                info = self.client.create_batch(payload)
-                failpoints.hit("after_create")
-            except AmbiguousCreateError as exc:
-                # the batch may exist, or appear in the list a little later (a gateway that timed out
-                # while the API went on): its rows stay in flight until it is found or the grace is over
-                log.warning("job %s: %s; looking for it before sending again", job.short_id, exc)
-                self.store.conn.execute("UPDATE batches SET ambiguous_at = ? WHERE id = ?", (now_iso(), local))
-                if self.resolve_intent(local):
-                    created += 1
-                after = sent_through
-                continue
-            except RequestTooLargeError as exc:
-                if len(ids) == 1:   # alone and still too large for this endpoint: it can never be sent
-                    self._too_large(local, ids[0], exc)
-                    self._chunk = spec.batch_size   # one outsized row does not make every later batch small
-                    after = sent_through
-                    continue
-                self._abandon(local, "413 request_too_large: splitting the batch")
-                self._chunk = max(1, len(ids) // 2)
-                continue
-            except (TransientApiError, GaveUpError) as exc:
-                # the client retried for a bounded time and the API still did not take the batch (a
-                # full batch queue, an outage): wait while our batches in flight can still end, else stop
-                self._abandon(local, f"not created: {exc}")
-                if not self._in_flight():
-                    raise
-                log.warning("job %s: batch not created (%s); trying again after the batches in flight",
-                            job.short_id, exc)
-                return created
-            except NoBatchApiError:
-                # certainly not created: the intent is dropped, its rows are as if never sent (the job is
-                # not started if nothing else was), and the same job runs on in messages mode
-                self.store.drop_intent(local)
-                raise
-            except ApiError:
-                self._abandon(local, "refused by the API")
-                raise
-            self._submitted(local, info, adopted=0)
-            self.requests_sent += len(ids)
-            created += 1
-            after = sent_through
-            log.info("job %s: submitted batch %s (%d requests)", job.short_id, info.get("id"), len(ids))
-
-    # ---- priming the prompt cache ------------------------------------------------------------------
-    # The items of one batch run concurrently and do not read each other's cache writes: a batch sent
-    # cold writes the cached prefix once per row. So a job whose prefix is cached (primes_cache) first
-    # sends one request — its first pending row's own, so nothing is wasted — alone, as a batch like
-    # any other (intent, create, adoption of a lost reply), waits for it to end, then sends the rest,
-    # which read what it wrote. Rows sent later (retries, the rest of a full queue or a budget, a cron
-    # run hours on), when the cache may have lapsed, are primed again: the cache counts as warm for
-    # PRIME_LAPSE of its TTL after the intent of the latest batch whose replies wrote or read it.
-    def _priming(self) -> Optional[str]:
-        """None: send the pending rows now; "wait": a primer is in flight; "prime": send one row alone first."""
-        store, job = self.store, self.job
-        if not primes_cache(self.spec, job.model):
-            return None
-        if store.primer_requests(job.id):
-            return "wait"
-        if store.counts(job.id).get("pending", 0) < PRIME_MIN_ROWS:
-            return None
-        history = store.cache_history(job.id)
-        touched = history["touched_at"]
-        if touched and time.time() < parse_iso(touched).timestamp() + PRIME_LAPSE * CACHE_TTL_SECONDS[
-                self.spec.cache_ttl]:
-            return None   # warm
-        recent = history["recent"]   # (primer, collected, answered, touched), newest first
-        if recent and recent[0][0] and recent[0][2]:
-            return None   # a primer has just answered: the rest goes now, as warm as the cache can be
-        answered = next((r for r in recent if r[0] and r[2]), None)
-        if answered is not None and not answered[3]:
-            return None   # a primer answered without writing the cache: the API does not cache this prefix
-        failed = 0
-        for primer, collected, ok, _ in recent:
-            if not (primer and collected and not ok):
-                break
-            failed += 1
-        return None if failed >= PRIME_TRIES else "prime"
-
-    def _primer(self, local: int, custom_id: str) -> None:
-        self.store.mark_primer(local)
-        self.store.event(self.job.id, "info", f"priming the cache: 1 request ({custom_id}) before the rest")
-        log.info("job %s: priming the cache: 1 request (%s) first, the rest once it has ended",
-                 self.job.short_id, custom_id)
-
-    def _silent_twins(self) -> list:
-        """Other jobs of this state file that have our pending requests in flight but whose answers are
-        not coming: their batches cannot be moved from here (their stored job no longer loads).
-
-        Rows in flight in any other job wait for that job's answers (reused when they land) instead of
-        being paid twice. A job that a run is moving now answers them; a job nobody runs at the moment (a
-        --no-wait run that exited, say) has its batches moved forward here, polled and collected under its
-        lock as its own run would. Only a job whose batches cannot be moved from here leaves our rows to
-        be sent. (A job that puts our requests in flight after this look is a run moving it now.)
-        """
-        if self._alone():
-            return []
-        others = [r[0] for r in self.store.conn.execute(
-            "SELECT DISTINCT o.job_id FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
-            "AND o.state = 'in_flight' AND o.job_id != r.job_id WHERE r.job_id = ? AND r.state = 'pending'",
-            (self.job.id,))]
-        return [j for j in others if not self._advance_twin(j)]
-
-    def _advance_twin(self, job_id: str) -> bool:
-        """Poll and collect another job's batches (see _silent_twins); False if that cannot be done."""
-        lock = JobLock(self.spec.state_path, job_id)
-        try:
-            lock.acquire(probe=True)
-        except LockedError:
-            return True   # a run is moving it: its answers are coming
-        try:
-            twin = self._twins.get(job_id)
-            if twin is None:   # one per job for the run: its download rounds are counted as its own run would
-                twin = self._twins[job_id] = Runner.for_stored_job(self.spec.state_path, job_id, client=self.client,
-                                                                   sleep=self.sleep)
-            twin.resolve_intents()
-            twin.poll()
-            return True
-        except InputError as exc:   # its stored job no longer loads here (a models file gone, say)
-            log.warning("job %s: cannot move job %s forward (%s): the rows it shares with this job are sent here",
-                        self.job.short_id, job_id[:12], exc)
-            return False
-        finally:
-            lock.release()
-
-    def _intent(self, ids: list, nbytes: int, reserve: Optional[float], span: Optional[tuple], tag: str) -> int:
-        """Record what is about to be sent, before it is sent: the batch's members, the time and the tag its
-        custom_ids carry. Inside the (durable) transaction that chose the members (see submit)."""
-        store, job = self.store, self.job
-        mark = "UPDATE requests SET state = 'in_flight', batch_id = ?, attempts = attempts + 1, result_type = NULL "
-        cur = store.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at, "
-                                 "max_cost, tag) VALUES (?, 'intent', ?, ?, ?, ?, ?)",
-                                 (job.id, len(ids), nbytes, now_iso(), reserve, tag))
-        local = cur.lastrowid
-        if span is not None:
-            n = store.conn.execute(mark + "WHERE job_id = ? AND row_index BETWEEN ? AND ? AND state = 'pending'",
-                                   (local, job.id, *span)).rowcount
-            if n != len(ids):
-                raise RuntimeError(f"batch intent marked {n} rows, expected {len(ids)}")  # rolls back
-        else:
-            store.conn.executemany(mark + "WHERE job_id = ? AND custom_id = ? AND state = 'pending'",
-                                   [(local, job.id, cid) for cid in ids])
-        return local
-
-    def _tag(self) -> str:
-        """This job's tag (see requests.new_job_tag): made once, at its first submit, and kept."""
-        if self._job_tag is None:
-            with self.store.transaction():
-                self.store.conn.execute("UPDATE jobs SET tag = ? WHERE id = ? AND tag IS NULL",
-                                        (new_job_tag(), self.job.id))
-                self._job_tag = self.store.one("SELECT tag FROM jobs WHERE id = ?", (self.job.id,))["tag"]
-        return self._job_tag
-
-    def _submitted(self, local: int, info: dict, *, adopted: int) -> None:
-        with self.store.transaction(durable=True):
-            self.store.conn.execute(
-                "UPDATE batches SET api_id = ?, state = 'submitted', api_status = ?, created_at = ?, "
-                "request_counts = ?, adopted = ? WHERE id = ?",
-                (info["id"], info.get("processing_status"), info.get("created_at"),
-                 json.dumps(info.get("request_counts")), int(adopted), local))
-            self.store.conn.execute("UPDATE requests SET api_batch_id = ? WHERE batch_id = ?", (info["id"], local))
-        self.batches_created += 1
-
-    def _in_flight(self) -> int:
-        return self.store.one("SELECT count(*) AS n FROM batches WHERE job_id = ? AND state IN ('submitted', 'ended')",
-                              (self.job.id,))["n"]
-
-    def _too_large(self, local: int, custom_id: str, exc: ApiError) -> None:
-        """One request the API refuses as too large even alone: final, errored, never sent again."""
-        with self.store.transaction():
-            self.store.conn.execute("UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
-                                    ("413 request_too_large for a single request", local))
-            self.store.conn.execute(
-                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = 'request_too_large', "
-                "error_message = ?, batch_id = NULL, cost_usd = 0.0, finished_at = ? WHERE job_id = ? AND custom_id = ?",
-                (f"the API refused this request as too large even alone ({exc.message})", now_iso(), self.job.id,
-                 custom_id))
-        log.error("job %s: request %s is too large for the API even alone; it ends errored", self.job.short_id,
-                  custom_id)
-
-    def _abandon(self, local: int, note: str, state: str = "abandoned") -> None:
-        """The batch of this intent does not exist (or is not ours): its requests are pending again, unpaid."""
-        with self.store.transaction():
-            self.store.conn.execute("UPDATE batches SET state = ?, note = ? WHERE id = ?", (state, note, local))
-            self.store.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, "
-                                    "attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = 'in_flight'",
-                                    (local,))
-
-    # ---- the one ambiguous moment ------------------------------------------------------------------
-    def resolve_intents(self) -> None:
-        for b in self.store.q("SELECT id FROM batches WHERE job_id = ? AND state = 'intent'", (self.job.id,)):
-            self.resolve_intent(b["id"])
-
-    def resolve_intent(self, local: int) -> bool:
-        """Find the batch an unanswered create may have made; adopt it once proved ours, or else (when no
-        such batch can appear any more) abandon the intent so that its rows are sent again.
-
-        A create is ambiguous when it failed without proof that no batch was made (ambiguous_at is
-        when), and when the run that made it died while it was under way: an intent left by a dead run
-        (this run holds the job's lock) is stamped ambiguous when found, since its create may still be
-        landing. The batch, if it exists, was created after the intent and, at the latest, the grace
-        (create_grace()) after the create ended — at the latest when it failed or was found cut off,
-        or when the longest create call would have ended. Candidates: batches of the intent's request
-        count created in that window by the API's clock, not known to this state file. Each is proved
-        or disproved by its results (_proof): every custom_id must be one the intent sent, which carry
-        this job's own tag. A candidate still running cannot be proved yet: the intent waits for it to
-        end (its rows stay in flight; nothing is sent blindly). Returns whether a batch was adopted.
-        """
-        store = self.store
-        b = store.one("SELECT * FROM batches WHERE id = ?", (local,))
-        if not b["ambiguous_at"]:
-            b["ambiguous_at"] = now_iso()
-            with store.transaction():
-                store.conn.execute("UPDATE batches SET ambiguous_at = ? WHERE id = ?", (b["ambiguous_at"], local))
-            log.warning("job %s: a run died while creating a batch of %d requests; looking for it before sending "
-                        "them again", self.job.short_id, b["request_count"])
-        known = {r[0] for r in store.conn.execute("SELECT api_id FROM batches WHERE api_id IS NOT NULL UNION "
-                                                  "SELECT api_id FROM foreign_batches WHERE batch_id = ?", (local,))}
-        intent = parse_iso(b["intent_at"]).timestamp()
-        longest = intent + self.client.retry.max_elapsed + (self.client.http.timeout.read or 600.0)
-        sent_by = min(parse_iso(b["ambiguous_at"]).timestamp(), longest) + create_grace()
-        candidates = []
-        pages = self.client.list_batches()
-        try:
-            first = next(pages, None)
-        except NoBatchApiError as exc:
-            if self.client.has_batch_create():
-                raise ApiError(f"{self.client.shown_url} creates batches but does not list them ({exc.status}): "
-                               "whether the create a run lost made a batch cannot be checked, so its rows are not "
-                               "sent again; ask the gateway's operator, or run with `--mode messages`",
-                               status=exc.status) from None
-            # no batch endpoint at all: the create can have made nothing. The intent is dropped (the job
-            # is as if never sent, and may continue in messages mode)
-            self.store.drop_intent(local)
-            raise
-        for item in itertools.chain([first] if first is not None else [], pages):   # newest first; its first
-            # page tells the API's clock
-            offset = self.client.server_offset
-            if offset is None:
-                since, until = intent - ADOPT_WINDOW, sent_by + ADOPT_WINDOW
-            else:
-                since, until = intent + offset - CLOCK_TOLERANCE, sent_by + offset + CLOCK_TOLERANCE
-            created = parse_iso(item["created_at"]).timestamp()
-            if created < since:
-                break
-            if created > until or item["id"] in known:
-                continue
-            if sum((item.get("request_counts") or {}).values()) == b["request_count"]:
-                candidates.append(item)
-        running, gone, untagged, empty = [], [], [], []
-        for item in reversed(candidates):   # the earliest first: the one sent first
-            verdict = self._proof(b, item) if item.get("processing_status") == "ended" else None
-            if verdict == GONE:   # ours or not, it cannot be told any more
-                gone.append(item["id"])
-                continue
-            if verdict == EMPTY:   # nothing in it to tell whose it is (yet: downloaded again, as collect does)
-                empty.append(item["id"])
-                continue
-            if verdict and b["tag"] is None:   # sent untagged (an older batchrun): its ids prove nothing
-                untagged.append(item["id"])
-                continue
-            if verdict:
-                self._submitted(local, item, adopted=PROVEN)
-                store.event(self.job.id, "warning", f"adopted batch {item['id']} whose create reply was lost "
-                                                    "(its results carry this job's custom_ids)")
-                log.warning("job %s: adopted batch %s (its create reply was lost; its results carry this job's "
-                            "custom_ids); nothing sent twice", self.job.short_id, item["id"])
-                return True
-            if verdict is False:
-                with store.transaction():
-                    store.conn.execute("INSERT OR IGNORE INTO foreign_batches (api_id, batch_id, noted_at) "
-                                       "VALUES (?, ?, ?)", (item["id"], local, now_iso()))
-                log.info("job %s: batch %s, of the same size, is not the one whose create reply was lost (its "
-                         "custom_ids are not the ones sent)", self.job.short_id, item["id"])
-            else:
-                running.append(item["id"])
-        if empty:
-            again = self._empty_again(b)
-            if again < MISSING_AFTER:
-                running += empty   # waited for as a batch whose results cannot be read yet
-            else:
-                gone += empty      # the same empty file, again and again: it never proves anything
-        if running:
-            self._wait_note(local, f"create reply was lost: waiting for batch {', '.join(running)} (running, of "
-                                   "the same size) to end, when its results tell whether it is this job's")
-            if running != self._waiting.get(local):
-                self._waiting[local] = running
-                log.warning("job %s: batch %s may be the one whose create reply was lost; its rows wait for it to "
-                            "end, when its results tell whose it is", self.job.short_id, ", ".join(running))
-            return False
-        if time.time() < sent_by:
-            self._wait_note(local, "create reply was lost: looking for its batch in the API's list until "
-                                   f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(sent_by))}")
-            return False   # it may still show: looked for again next round, its rows kept in flight
-        if gone:   # it may be ours, and paid for: not sent again blindly
-            message = (f"the create reply of this request's batch was lost, and batch {', '.join(gone)}, of the same "
-                       "size and created then, may be that batch, but its results are gone (deleted, or past the 29 "
-                       "days results are kept) or hold no line, so it cannot be proved this job's or not. Not sent "
-                       "again, since it "
-                       "may have been paid for; `run --resend-lost` sends it again")
-            n = self._gone(b, "results_gone", message, "UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
-                           (f"create reply lost; candidate {', '.join(gone)} has no results any more", local))
-            log.error("job %s: %d rows: %s", self.job.short_id, n, message)
-            return False
-        if untagged:   # the same ids as ours, but an older batchrun sent them without the job's tag
-            message = (f"the create reply of this request's batch was lost (sent by an older batchrun, without the "
-                       f"job's tag in its custom_ids), and batch {', '.join(untagged)}, of the same size and ids, "
-                       "may be that batch or another job's with the same ids: it cannot be proved this job's, so "
-                       "its answers are not taken. Not sent again, since it may have been paid for; `run "
-                       "--resend-lost` sends it again")
-            n = self._gone(b, "batch_unproven", message,
-                           "UPDATE batches SET state = 'abandoned', note = ? WHERE id = ?",
-                           (f"create reply lost; untagged candidate {', '.join(untagged)} cannot be proved", local))
-            log.error("job %s: %d rows: %s", self.job.short_id, n, message)
-            return False
-        self._abandon(local, "create reply lost and no batch of this job's appeared: requests are pending again")
-        log.info("job %s: the lost create made no batch; its requests will be sent again", self.job.short_id)
-        return False
-
-    def _wait_note(self, local: int, note: str) -> None:
-        """What an unresolved intent waits for, kept on its batch row for `status` to show."""
-        with self.store.transaction():
-            self.store.conn.execute("UPDATE batches SET note = ? WHERE id = ? AND coalesce(note, '') != ?",
-                                    (note, local, note))
-
-    def _empty_again(self, b: dict) -> int:
-        """One more whole download of an empty results file for intent or batch `b`: how many so far after the
-        first (kept in batches.short_downloads, across runs, as collect counts a file that lacks lines)."""
-        with self.store.transaction():
-            self.store.conn.execute("UPDATE batches SET short_downloads = short_downloads + 1 WHERE id = ?", (b["id"],))
-        return self.store.one("SELECT short_downloads AS n FROM batches WHERE id = ?", (b["id"],))["n"] - 1
-
-    def _proof(self, b: dict, item: dict):
-        """Whether an ended batch is the one intent `b` sent: True when every custom_id in its results is
-        one the intent sent (with this job's tag), False at the first that is not; None when its results
-        could not be read now (asked again next round); GONE when they never can be, EMPTY when the file came
-        whole without a line (neither proves anything)."""
-        url = item.get("results_url")
-        sent = self._sent_ids(b)
-        seen = 0
-        try:
-            if not url:
-                url = self.client.retrieve_batch(item["id"]).get("results_url")
-                if not url:
-                    return None
-            with contextlib.closing(self.client.iter_results(url)) as lines:
-                for line in lines:
-                    if line.get("custom_id") not in sent:
-                        return False
-                    seen += 1
-        except (ResultsGoneError, NotFoundError):
-            return GONE
-        except (TransientApiError, GaveUpError):
-            return None
-        return True if seen else EMPTY
-
-    def _sent_ids(self, b: dict) -> set:
-        """The custom_ids batch (or intent) `b` sent, as sent: with the tag it carried."""
-        return {wire_id(b["tag"], r[0]) for r in
-                self.store.conn.execute("SELECT custom_id FROM requests WHERE batch_id = ?", (b["id"],))}
-
-    def _row_ids(self, b: dict) -> Callable[[object], Optional[str]]:
-        """From a custom_id in batch `b`'s results to the row's own custom_id (None: not one of this job's)."""
-        tag = b["tag"]
-        if tag is None:
-            return lambda wire: wire
-        n = len(tag)
-        hashed = {wire_id(tag, r[0]): r[0] for r in self.store.conn.execute(
-            "SELECT custom_id FROM requests WHERE batch_id = ? AND length(custom_id) > ?", (b["id"], 64 - n - 1))}
-
-        def row_id(wire):
-            if not isinstance(wire, str) or not wire.startswith(tag):
-                return None
-            if wire[n:n + 1] == "-":
-                return wire[n + 1:]
-            return hashed.get(wire)
-        return row_id
-
-    # ---- poll and collect ----------------------------------------------------------------------
-    def poll(self, collect: bool = True) -> bool:
-        """Retrieve in-flight batches; collect those that ended (unless `collect` is False: then only
-        their status is brought up to date). True if anything changed."""
-        changed = False
-        for b in self.store.q("SELECT * FROM batches WHERE job_id = ? AND state IN ('submitted', 'ended') "
-                              "ORDER BY id", (self.job.id,)):
-            if b["state"] == "submitted":
-                try:
-                    info = self.client.retrieve_batch(b["api_id"])
-                except NotFoundError:
-                    self._lost(b)
-                    changed = True
-                    continue
-                ended = info.get("processing_status") == "ended"
-                with self.store.transaction():
-                    self.store.conn.execute(
-                        "UPDATE batches SET api_status = ?, request_counts = ?, results_url = ?, ended_at = ?, "
-                        "state = ? WHERE id = ?",
-                        (info.get("processing_status"), json.dumps(info.get("request_counts")),
-                         info.get("results_url"), info.get("ended_at"), "ended" if ended else "submitted", b["id"]))
-                if not ended:
-                    continue
-                if not collect:
-                    changed = True
-                    continue
-                b = self.store.one("SELECT * FROM batches WHERE id = ?", (b["id"],))
-            elif not collect:
-                continue
-            self.collect(b)
-            changed = True
-        return changed
-
-    def collect(self, b: dict) -> None:
-        store, job = self.store, self.job
-        if not b["results_url"]:  # ended without a results_url yet: ask again next round
-            info = self.client.retrieve_batch(b["api_id"])
-            if not info.get("results_url"):
-                return
-            store.conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (info["results_url"], b["id"]))
-            b = dict(b, results_url=info["results_url"])
-        members = store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ?", (b["id"],))["n"]
-        if b["adopted"] == ADOPTED and not self._verify_adopted(b):
-            return
-        # the API's count of the batch's results: a file with fewer lines was cut short
-        expected = sum((json.loads(b["request_counts"] or "null") or {}).values()) or members
-        missing_sql = "SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'"
-        # whole downloads in a row that came back the same (as many lines) without the rows still missing:
-        # a file cut short at random differs from one download to the next; a line that never arrives does not
-        short, last = b["short_downloads"], None
-        missing = store.one(missing_sql, (b["id"],))["n"]
-        for attempt in range(MAX_DOWNLOADS):
-            lines = None
-            before = missing   # (counted after the last download: nothing records between)
-            try:
-                lines = self._download(b)
-            except TransientApiError as exc:
-                log.warning("job %s: results of %s cut short (%s); downloading again", job.short_id, b["api_id"], exc)
-            except ResultsGoneError as exc:
-                self._results_gone(b, str(exc))
-                return
-            missing = store.one(missing_sql, (b["id"],))["n"]
-            if missing == 0:
-                break
-            if lines is not None:   # the file came whole, and some of our rows have no line in it
-                if missing < before or (last is not None and lines != last):
-                    short = 0
-                elif last is not None:
-                    short += 1
-                last = lines
-                store.conn.execute("UPDATE batches SET short_downloads = ? WHERE id = ?", (short, b["id"]))
-                if lines >= expected or short >= MISSING_AFTER:
-                    self._results_missing(b, short)   # a line that never arrives: not waited for forever
-                    return
-            log.warning("job %s: results of %s lack %d of %d rows; downloading again", job.short_id,
-                        b["api_id"], missing, members)
-            self.sleep(0.1 * (attempt + 1))
-        else:
-            # never whole: the rows without a result were still paid for, so they are not sent again;
-            # the batch stays ended and is downloaded again next round (or by the next run)
-            failures = self._incomplete_downloads[b["id"]] = self._incomplete_downloads.get(b["id"], 0) + 1
-            if failures >= 3:
-                raise GaveUpError(
-                    f"the results of batch {b['api_id']} could not be downloaded whole ({failures * MAX_DOWNLOADS} "
-                    f"tries; {missing} of {members} rows still lack theirs); the results recorded so far are kept")
-            return
-        self._finalize(b)
-
-    # Each result makes its row final at once — or pending again when it failed in a way worth another
-    # attempt (a transient error type, or expired) and attempts remain. Rows of the batch still in flight
-    # are the ones whose result has not come back yet. (Final rows keep their batch_id: leaving it out
-    # of the SET spares an index update per row.)
-    _FIELDS_SQL = "UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS)
-    _WHERE_SQL = " WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = 'in_flight'"
-    _FINAL = _FIELDS_SQL + ", state = ?, finished_at = ?" + _WHERE_SQL
-    _RETRY = (_FIELDS_SQL + ", state = CASE WHEN attempts - free_sends < ? THEN 'pending' ELSE ? END, "
-              "batch_id = CASE WHEN attempts - free_sends < ? THEN NULL ELSE batch_id END, finished_at = ?" + _WHERE_SQL)
-    _FREE = (_FIELDS_SQL + ", state = 'pending', batch_id = NULL, free_sends = free_sends + 1, finished_at = ?"
-             + _WHERE_SQL)
-
-    def _record(self, b: dict, results) -> None:
-        """Record (custom_id, fields) pairs of batch `b`, committing every 5000."""
-        store, job, max_attempts = self.store, self.job, self.spec.max_attempts
-        final: list = []
-        retry: list = []
-        free: list = []
-        now = now_iso()
-
-        def flush() -> None:
-            with store.transaction():
-                store.conn.executemany(self._FINAL, final)
-                store.conn.executemany(self._RETRY, retry)
-                store.conn.executemany(self._FREE, free)
-            final.clear()
-            retry.clear()
-            free.clear()
-
-        for custom_id, f in results:
-            if custom_id is None:
-                continue   # not one of this job's custom_ids
-            values = (f["state"], *(f.get(k) for k in PARSED_FIELDS))
-            rule = retry_rule(f)
-            if rule == FREE:          # the service's error, not the request's: sent again, no attempt used
-                free.append((*values, now, job.id, custom_id, b["id"]))
-                self._service_errors.meet(f)
-            elif rule == ATTEMPT:
-                retry.append((*values, max_attempts, f["state"], max_attempts, now, job.id, custom_id, b["id"]))
-            else:
-                final.append((*values, f["state"], now, job.id, custom_id, b["id"]))
-                if f["state"] in ("succeeded", "invalid_output"):
-                    self._service_errors.answered += 1
-            failpoints.hit("result_line")
-            if len(final) + len(retry) + len(free) >= 5000:
-                flush()
-        if final or retry or free:
-            flush()
-
-    def _download(self, b: dict) -> int:
-        """Download and record a batch's results; returns the number of result lines (a whole file)."""
-        self.store.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (b["id"],))
-        parse = self.parser.parse
-        row_id = self._row_ids(b)
-        lines = 0
-
-        def results():
-            for line in self.client.iter_results(b["results_url"]):
-                yield row_id(line.get("custom_id")), parse(line.get("result") or {})
-
-        def counted():
-            nonlocal lines
-            # downloaded and parsed in a thread, a few hundred lines ahead of the recording
-            for item in prefetched(results(), depth=8, chunk=500):
-                lines += 1
-                yield item
-
-        self._record(b, counted())
-        return lines
-
-    def _verify_adopted(self, b: dict) -> bool:
-        """A batch adopted before adoption needed proof (by an older batchrun) is proved now, before any
-        row takes an answer from it; one that is not the intent's goes back to being looked for."""
-        verdict = self._proof(b, {"id": b["api_id"], "results_url": b["results_url"]})
-        if verdict == EMPTY:   # downloaded again next round; the same empty file again and again: lines missing
-            again = self._empty_again(b)
-            if again >= MISSING_AFTER:
-                self._results_missing(b, again)
-            return False
-        if verdict == GONE:   # whoever's it was, its rows cannot be answered from it, nor sent again blindly
-            self._results_gone(b, f"the results of batch {b['api_id']}, adopted after a lost create reply, are gone "
-                                  "before it could be proved this job's; its rows may have been paid for")
-            return False
-        if verdict is False:
-            with self.store.transaction():
-                self.store.conn.execute("INSERT OR IGNORE INTO foreign_batches (api_id, batch_id, noted_at) "
-                                        "VALUES (?, ?, ?)", (b["api_id"], b["id"], now_iso()))
-                self.store.conn.execute(
-                    "UPDATE batches SET state = 'intent', api_id = NULL, adopted = 0, api_status = NULL, "
-                    "created_at = NULL, request_counts = NULL, results_url = NULL, ended_at = NULL, note = ? "
-                    "WHERE id = ?", (f"adopted {b['api_id']} by mistake: its custom_ids are not this batch's", b["id"]))
-                self.store.conn.execute("UPDATE requests SET api_batch_id = NULL WHERE batch_id = ?", (b["id"],))
-            log.warning("job %s: batch %s was not ours after all; looking for ours again", self.job.short_id,
-                        b["api_id"])
-        elif verdict:
-            self.store.conn.execute("UPDATE batches SET adopted = ? WHERE id = ?", (PROVEN, b["id"]))
-        return bool(verdict)   # None: its results could not be read now; proved next round
-
-    def _lost(self, b: dict) -> None:
-        """The API no longer knows this batch (deleted, or the key is another workspace's). It may have
-        run and been paid for, so its rows are not sent again unless asked (--resend-lost): they end
-        errored, as rows whose results are gone do."""
-        message = (f"batch {b['api_id']} is not found at the API (404): deleted, or the API key belongs to another "
-                   "workspace. Not sent again, since it may have run and been paid for; `run --resend-lost` "
-                   "sends its rows again")
-        n = self._gone(b, "batch_not_found", message, "UPDATE batches SET state = 'lost', note = ? WHERE id = ?",
-                       ("the API answered 404 for this batch", b["id"]))
-        self.store.event(self.job.id, "warning", f"batch {b['api_id']} not found at the API; {n} rows errored")
-        log.error("job %s: %s (%d rows)", self.job.short_id, message, n)
-
-    def _results_gone(self, b: dict, message: str) -> None:
-        self._gone(b, "results_gone", f"{message}; `run --resend-lost` sends its rows again",
-                   "UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
-                   (now_iso(), "results gone", b["id"]))
-        log.error("job %s: %s", self.job.short_id, message)
-
-    def _gone(self, b: dict, error_type: str, message: str, batch_sql: str, batch_args: tuple) -> int:
-        """The rows of a batch whose results cannot be had end errored (`error_type`, `message`), final until
-        --resend-lost; the batch row is closed with `batch_sql`. Returns the rows so ended."""
-        with self.store.transaction():
-            n = self.store.conn.execute(
-                "UPDATE requests SET state = 'errored', result_type = 'errored', error_type = ?, error_message = ?, "
-                "finished_at = ? WHERE batch_id = ? AND state = 'in_flight'",
-                (error_type, message, now_iso(), b["id"])).rowcount
-            self.store.conn.execute(batch_sql, batch_args)
-        return n
-
-    def _results_missing(self, b: dict, again: int) -> None:
-        """Rows of an ended batch whose result line never arrives, however often its whole results file is
-        downloaded: they end errored `result_missing` (the batch ran, so they may have been paid for: sent
-        again only with --resend-lost), and the batch is collected."""
-        message = (f"no result came back for this request: the results file of batch {b['api_id']} lacked it, "
-                   f"downloaded whole {again + 1} times over; it may have been paid for, so it is not sent again: "
-                   "`run --resend-lost` sends it again")
-        n = self._gone(b, "result_missing", message,
-                       "UPDATE batches SET state = 'collected', collected_at = ?, note = ? WHERE id = ?",
-                       (now_iso(), "result lines missing", b["id"]))
-        self.store.event(self.job.id, "warning", f"batch {b['api_id']}: {n} result lines never arrived")
-        log.error("job %s: %d rows of batch %s never got a result line (the file downloaded whole %d times); they "
-                  "end errored result_missing (`run --resend-lost` sends them again)", self.job.short_id, n,
-                  b["api_id"], again + 1)
-
-    def _finalize(self, b: dict) -> None:
-        """Close the batch once every member has its result."""
-        with self.store.transaction():
-            self.store.conn.execute("UPDATE batches SET state = 'collected', collected_at = ? WHERE id = ?",
-                                    (now_iso(), b["id"]))
-        log.info("job %s: collected batch %s", self.job.short_id, b["api_id"])
-
     # ---- write ---------------------------------------------------------------------------------
     def write_output(self) -> int:
         row = self.store.job(self.job.id)
@@ -1551,56 +883,10 @@ class Runner:
         Rows that would have been retried end canceled too. Batches still running after `wait` are
         collected by the next run (or the next cancel).
         """
-        store, job = self.store, self.job
-        if not store.job(job.id):
+        if not self.store.job(self.job.id):
             raise InputError("this job has not been started in this state file: nothing to cancel")
         with self.locked(refused="another batchrun run holds this job: stop that run (Ctrl-C; the job stays "
                                  "resumable), then cancel again"):
-            self.resolve_intents()
-            with store.transaction():
-                store.conn.execute("UPDATE jobs SET canceled_at = coalesce(canceled_at, ?) WHERE id = ?",
-                                   (now_iso(), job.id))
-            self._cancel_pending()
-            n = 0
-            for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state = 'submitted' "
-                             "AND coalesce(api_status, '') NOT IN ('canceling', 'ended') ORDER BY id", (job.id,)):
-                try:
-                    info = self.client.cancel_batch(b["api_id"])
-                except (AuthError, TransientApiError, GaveUpError):
-                    raise
-                except ApiError as exc:  # ended meanwhile, or gone (404): the poll below finds out which
-                    log.warning("job %s: could not cancel batch %s: %s", job.short_id, b["api_id"], exc)
-                    continue
-                with store.transaction():
-                    store.conn.execute("UPDATE batches SET api_status = ? WHERE id = ?",
-                                       (info.get("processing_status"), b["id"]))
-                n += 1
-            running = self._settle(wait)
-            self._cancel_pending()
-            return CancelResult(job_id=job.id, batches_canceled=n, batches_running=running,
-                                counts=store.counts(job.id))
-
-    def _settle(self, wait: float) -> int:
-        """Poll and collect the job's batches until none is running, for up to `wait` seconds (with
-        backoff, capped at poll_interval). Returns how many are still running."""
-        deadline = time.monotonic() + wait
-        delay = min(0.5, self.spec.poll_interval)
-        left = self._in_flight()
-        while left and wait > 0:
-            self.poll()
-            left = self._in_flight()
-            if not left or time.monotonic() >= deadline:
-                break
-            self.sleep(min(delay, deadline - time.monotonic()))
-            delay = min(delay * 2, self.spec.poll_interval)
-        return left
-
-    def _cancel_pending(self) -> int:
-        """Rows of a canceled job that are waiting to be sent (or sent again) end canceled."""
-        with self.store.transaction():
-            return self.store.conn.execute(
-                "UPDATE requests SET state = 'canceled', result_type = 'canceled', error_type = 'canceled', "
-                "error_message = CASE WHEN attempts = 0 THEN 'canceled before it was sent' ELSE "
-                "'canceled before it was sent again (attempt ' || attempts || ' ended ' || "
-                "coalesce(error_type, result_type, 'without a result') || ')' END, cost_usd = 0.0, finished_at = ? "
-                "WHERE job_id = ? AND state = 'pending'", (now_iso(), self.job.id)).rowcount
+            canceled, running = self.batches.cancel(wait)
+            return CancelResult(job_id=self.job.id, batches_canceled=canceled, batches_running=running,
+                                counts=self.store.counts(self.job.id))

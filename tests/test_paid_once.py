@@ -192,7 +192,7 @@ def test_ids_are_the_same_across_runs_of_a_job(emu, cli, tmp_path):
 def test_a_job_sent_before_tags_is_collected_and_continued(emu, tmp_path, tickets_csv, monkeypatch):
     """A state file of an older batchrun: a job planned and its batches sent with plain custom_ids, no
     tag. The new version collects them by those ids, and sends the rows that failed again with a tag."""
-    import batchrun.runner as runner_mod
+    import batchrun.batches as batches_mod   # (submit builds the custom_ids sent)
     from batchrun.store import Store
     emulator = emu
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
@@ -201,7 +201,7 @@ def test_a_job_sent_before_tags_is_collected_and_continued(emu, tmp_path, ticket
            "prompt": "{{ body }}", "model": MODEL, "max_tokens": 50, "batch_size": 100, "poll_interval": 0.05,
            "state": str(tmp_path / "s.sqlite"), "limit": 200, "max_attempts": 10}
     with monkeypatch.context() as old:   # the old version: custom_ids as planned
-        old.setattr(runner_mod, "wire_id", lambda tag, cid: cid)
+        old.setattr(batches_mod, "wire_id", lambda tag, cid: cid)
         first = batchrun.run(job, wait=False, api_key="k", base_url="https://gw.example", transport=transport)
     with Store(job["state"]) as store:
         store.conn.execute("UPDATE jobs SET tag = NULL")

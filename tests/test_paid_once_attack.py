@@ -96,11 +96,11 @@ class _Killed(BaseException):
 
 def _old_intent(tmp_path, csv, emu, monkeypatch, lands: bool, name: str) -> dict:
     """A state file of a batchrun from before tags, with an intent in flight (its run died in its create)."""
-    import batchrun.runner as runner_mod
+    import batchrun.batches as batches_mod   # (submit builds the custom_ids sent)
     from batchrun.store import Store
     job = _job(tmp_path, csv, output=str(tmp_path / f"{name}.parquet"), state=str(tmp_path / f"{name}.sqlite"))
     with monkeypatch.context() as old:
-        old.setattr(runner_mod, "wire_id", lambda tag, cid: cid)
+        old.setattr(batches_mod, "wire_id", lambda tag, cid: cid)
         with pytest.raises(_Killed):
             batchrun.run(job, api_key="k", base_url="https://gw.example",
                          transport=DiesInCreate(emu.sync_transport(), lands))

@@ -197,13 +197,6 @@ class StoreCore:
             self.event(new, "info", f"continued in {mode} mode (it was job {old[:12]}, never sent)")
         return True
 
-    def drop_intent(self, local: int) -> None:
-        """A batch intent whose create certainly made no batch, dropped as if never made: its rows pending."""
-        with self.transaction():
-            self.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, "
-                              "attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = 'in_flight'", (local,))
-            self.conn.execute("DELETE FROM batches WHERE id = ?", (local,))
-
     # ---- requests ------------------------------------------------------------------------------
     def params(self, job_id: Optional[str] = None) -> Iterator[tuple[str, str, dict]]:
         """(job_id, custom_id, full params) of stored requests, in row order."""

@@ -1,0 +1,43 @@
+"""What the batch-mode drivers (batches.py, adoption.py, collector.py) are handed by the run that uses them:
+the job, its state file, the API client, the result parser, the budget ledger and the run's counters."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ADOPTED, PROVEN = 1, 2    # batches.adopted: found after a lost create; and proved ours by its results before
+                          # it was adopted
+MISSING_AFTER = 3         # whole downloads again that bring the same file without some rows' lines: those
+                          # rows end `result_missing` (and a lost create's candidate whose file stays empty
+                          # proves nothing)
+
+
+@dataclass
+class RunCounters:
+    """What this run did, for its RunResult."""
+    batches_created: int = 0   # batches it created (or adopted after a lost create reply)
+    requests_sent: int = 0     # requests it sent (in batches it created, or over messages)
+
+
+@dataclass
+class BatchContext:
+    """The job the drivers move and what they move it with. `job` is the run's job identity (its `id` is
+    read at each use: a job planned under an old key is settled before its lock); `client` makes the API
+    client on first use (a job with nothing to send or poll needs no key)."""
+    spec: Any                                 # spec.JobSpec
+    store: Any                                # store.Store
+    job: Any                                  # runner.Job: id, short_id, model
+    client: Callable[[], Any]                 # -> api.ApiClient
+    parser: Any                               # results.ResultParser
+    ledger: Any                               # budget.BudgetLedger
+    full_body: Callable[[str], str]           # a stored body -> the full params JSON sent
+    sleep: Callable[[float], None]
+    counters: RunCounters = field(default_factory=RunCounters)
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def short_id(self) -> str:
+        return self.job.short_id

@@ -1,16 +1,11 @@
 """The SQL of messages mode (see batchrun/messages.py): rows claimed before they are sent, replies recorded."""
 from __future__ import annotations
 
+from .batches import taken_elsewhere
 from .files import now_iso
 
 
 class MessageQueries:
-    # Another job's row whose exact request (params_hash) is ours: answered (reused instead of sent), or
-    # being sent by a run that moves that job now (in flight in a batch, or claimed in messages mode).
-    _TAKEN = ("EXISTS (SELECT 1 FROM requests o WHERE o.params_hash = r.params_hash AND o.job_id != r.job_id "
-              "AND o.reused_from IS NULL AND (o.state IN ('succeeded', 'invalid_output') OR ((o.state = 'in_flight' "
-              "OR o.claimed_at IS NOT NULL) AND o.job_id IN ({live}))))")
-
     def claim_for_messages(self, job_id: str, after: int, limit: int) -> list:
         """Messages mode: the next pending rows of the job (row_index > after, in order), each claimed
         for this run before it is sent, in one write-locked transaction with the check that no other job
@@ -21,9 +16,9 @@ class MessageQueries:
                "WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {taken}ORDER BY r.row_index LIMIT ?")
         with self.transaction():
             if self.one("SELECT EXISTS (SELECT 1 FROM jobs WHERE id != ?) AS n", (job_id,))["n"]:
-                live = self.live_others(job_id)
-                taken = "AND NOT " + self._TAKEN.format(live=",".join("?" * len(live))) + " "
-                page = self.conn.execute(sql.format(taken=taken), (job_id, after, *live, limit)).fetchall()
+                # (another job's row in flight counts only while a run moves that job: see taken_elsewhere)
+                taken, args = taken_elsewhere(self.live_others(job_id))
+                page = self.conn.execute(sql.format(taken=f"AND NOT {taken} "), (job_id, after, *args, limit)).fetchall()
             else:   # alone: still claimed, for a job planned a moment later to see
                 page = self.conn.execute(sql.format(taken=""), (job_id, after, limit)).fetchall()
             now = now_iso()

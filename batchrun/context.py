@@ -3,7 +3,14 @@ the job, its state file, the API client, the result parser, the budget ledger an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:   # (not imported at run time: the context is a plain record)
+    from .api import ApiClient
+    from .budget import BudgetLedger
+    from .results import ResultParser
+    from .spec import JobSpec
+    from .store import Store
 
 ADOPTED, PROVEN = 1, 2    # batches.adopted: found after a lost create; and proved ours by its results before
                           # it was adopted
@@ -24,12 +31,12 @@ class BatchContext:
     """The job the drivers move and what they move it with. `job` is the run's job identity (its `id` is
     read at each use: a job planned under an old key is settled before its lock); `client` makes the API
     client on first use (a job with nothing to send or poll needs no key)."""
-    spec: Any                                 # spec.JobSpec
-    store: Any                                # store.Store
-    job: Any                                  # runner.Job: id, short_id, model
-    client: Callable[[], Any]                 # -> api.ApiClient
-    parser: Any                               # results.ResultParser
-    ledger: Any                               # budget.BudgetLedger
+    spec: "JobSpec"
+    store: "Store"
+    job: Any                                  # the run's Job: id, short_id, model
+    client: Callable[[], "ApiClient"]
+    parser: "ResultParser"
+    ledger: "BudgetLedger"
     full_body: Callable[[str], str]           # a stored body -> the full params JSON sent
     sleep: Callable[[float], None]
     counters: RunCounters = field(default_factory=RunCounters)

@@ -132,10 +132,11 @@ FILE_ONLY = None
 
 
 def job_key(default: Any = dataclasses.MISSING, flag: Optional[Flag] = FILE_ONLY, *,
-            file_key: Optional[tuple[str, Flag]] = None) -> Any:
-    """A job key: a field of JobSpec with its flag (FILE_ONLY: none), and the `*_file` key that gives its text
-    from a file (`prompt_file` for prompt), with that key's own flag."""
-    metadata: dict = {"flag": flag}
+            file_key: Optional[tuple[str, Flag]] = None, path: bool = False) -> Any:
+    """A job key: a field of JobSpec with its flag (FILE_ONLY: none), the `*_file` key that gives its text
+    from a file (`prompt_file` for prompt) with that key's own flag, and whether it is a path (relative to
+    the job file in a job file)."""
+    metadata: dict = {"flag": flag, "path": path}
     if file_key is not None:
         metadata["file_key"] = file_key
     return field(default=default, metadata=metadata)
@@ -148,9 +149,10 @@ class JobSpec:
     Each field made by `job_key()` is a job key, with its flag: the order here is the order of `--help`.
     """
 
-    input: str = job_key(flag=Flag("CSV, Parquet (file or directory) or JSONL to read; local path or URI.", "PATH"))
+    input: str = job_key(flag=Flag("CSV, Parquet (file or directory) or JSONL to read; local path or URI.", "PATH"),
+                         path=True)
     output: str = job_key(flag=Flag("Parquet file (a directory with --partition-by) to write; local path or URI "
-                                    "(default: <input>.results.parquet).", "PATH"))
+                                    "(default: <input>.results.parquet).", "PATH"), path=True)
     prompt: str = job_key(flag=Flag("Jinja2 template over the row's columns, e.g. 'Classify: {{ text }}'.", "TEMPLATE"),
                           file_key=("prompt_file", Flag("Read the prompt template from a file.", "PATH")))
     _: dataclasses.KW_ONLY   # the keys below are given by name
@@ -164,7 +166,7 @@ class JobSpec:
     poll_interval: float = job_key(60.0, Flag("Longest wait between polls, e.g. 30, 2m (default: 60s).", "DURATION"))
     state: Optional[str] = job_key(None, Flag(
         "SQLite state file, a local path (default: batchrun-state.sqlite next to the output; in the working "
-        "directory when the output is a URI).", "PATH"))
+        "directory when the output is a URI).", "PATH"), path=True)
     max_attempts: int = job_key(3, Flag(
         "Attempts per row that may be paid without an answer (timeout, dropped connection) or that expired; "
         "429, 529 and other service errors never use one (default: 3).", "N", int))
@@ -191,10 +193,11 @@ class JobSpec:
     # model parameters
     temperature: Optional[float] = job_key(None, Flag("Sampling temperature (refused by models that take none).",
                                                       type=float))
-    top_p: Optional[float] = job_key(None, Flag(type=float))
-    top_k: Optional[int] = job_key(None, Flag(type=int))
+    top_p: Optional[float] = job_key(None, Flag("Nucleus sampling: between 0 and 1.", type=float))
+    top_k: Optional[int] = job_key(None, Flag("Sample only from the K most likely tokens.", type=int))
     thinking: Optional[dict] = job_key(None, Flag("Thinking mode, or a budget of N tokens.", "adaptive|disabled|N"))
-    effort: Optional[str] = job_key(None, Flag(choices=EFFORT_LEVELS))
+    effort: Optional[str] = job_key(None, Flag("Effort (output_config.effort), for models that take it.",
+                                               choices=EFFORT_LEVELS))
     stop_sequences: Optional[list] = job_key(None, Flag("Stop generating at this text (repeat for several).", "TEXT",
                                                         many=True, old="--stop-sequence"))
     metadata: Optional[dict] = job_key(None, FILE_ONLY)
@@ -206,7 +209,7 @@ class JobSpec:
                                                 "continuation.", switch=True))
     image_column: Optional[str] = job_key(None, Flag("Column with an image path, URL or bytes per row.", "COL"))
     image_dir: Optional[str] = job_key(None, Flag(
-        "Folder relative image paths are read from (default: the input file's).", "DIR"))
+        "Folder relative image paths are read from (default: the input file's).", "DIR"), path=True)
     max_tokens_column: Optional[str] = job_key(None, Flag("Column with a per-row max_tokens.", "COL"))
     # cost and limits
     max_cost: Optional[float] = job_key(None, Flag("Budget: never spend more than this on the job.", "USD", float))
@@ -219,7 +222,8 @@ class JobSpec:
     concurrency: int = job_key(8, Flag("Messages mode: requests in flight at once.", "N", int))
     rpm: Optional[int] = job_key(None, Flag("Messages mode: cap on requests per minute.", type=int))
     tpm: Optional[int] = job_key(None, Flag("Messages mode: cap on tokens per minute.", type=int))
-    auth_header: str = job_key("x-api-key", Flag(choices=AUTH_HEADERS))
+    auth_header: str = job_key("x-api-key", Flag("How the key is sent: an x-api-key header (default), or "
+                                                 "Authorization: Bearer (for a gateway).", choices=AUTH_HEADERS))
     headers: Optional[dict] = job_key(None, FILE_ONLY)
     # output
     partition_by: Optional[str] = job_key(None, Flag(
@@ -227,7 +231,7 @@ class JobSpec:
         "schema column.", "COL"))
     # models
     models_file: Optional[str] = job_key(None, Flag(
-        "Extra model catalog (TOML) to extend or override the built-in one.", "FILE", old="--models"))
+        "Extra model catalog (TOML) to extend or override the built-in one.", "FILE", old="--models"), path=True)
     allow_unknown_model: bool = job_key(False, Flag("Run a model the catalog does not know (its cost stays unknown).",
                                                     switch=True))
     name: Optional[str] = job_key(None, Flag("A name for the job (shown by status).", "NAME"))
@@ -525,7 +529,7 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
                                 out.pop(extra, None)
     out.update(overrides)
     return out
-_PATH_KEYS = ("input", "output", "state", "prompt_file", "system_file", "models_file", "image_dir")
+_PATH_KEYS = (*(f.name for f in dataclasses.fields(JobSpec) if f.metadata.get("path")), *_FILE_KEYS)
 
 
 def _resolve_paths(raw: dict, base: Path, job_file: Optional[str]) -> dict:

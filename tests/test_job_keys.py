@@ -33,7 +33,7 @@ def test_every_job_key_is_a_flag_or_marked_file_only():
         for key in flagged:
             option = options[key]
             assert not option.hidden and option.opts[0] == "--" + key.replace("_", "-"), (command, key)
-            assert option.help or key in ("top_p", "top_k", "effort", "auth_header"), (command, key)
+            assert option.help, (command, key)
         for key, flag in JOB_KEYS.items():
             if flag is FILE_ONLY:
                 assert key not in options, (command, key)
@@ -119,3 +119,21 @@ def test_a_key_in_the_job_file_and_its_flag_give_the_same_spec(tmp_path, key, fl
     from_file, from_flag = parsed(tmp_path, in_file, []), parsed(tmp_path, without, args)
     assert from_file == from_flag
     assert from_file != parsed(tmp_path, without, []), key   # (and the key made a difference)
+
+
+def test_path_keys_in_a_job_file_are_relative_to_it(tmp_path, monkeypatch):
+    from batchrun.spec import _PATH_KEYS
+    assert set(_PATH_KEYS) == {"input", "output", "state", "image_dir", "models_file", "prompt_file", "system_file"}
+    sub = tmp_path / "jobs"
+    sub.mkdir()
+    (sub / "p.txt").write_text("{{ text }}", encoding="utf-8")
+    (sub / "s.txt").write_text("be brief", encoding="utf-8")
+    job = sub / "job.toml"
+    job.write_text('input = "in.csv"\noutput = "o.parquet"\nstate = "s.sqlite"\nimage_dir = "imgs"\n'
+                   'models_file = "m.toml"\nprompt_file = "p.txt"\nsystem_file = "s.txt"\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    spec = JobSpec.load(str(job))
+    assert (spec.prompt, spec.system) == ("{{ text }}", "be brief")
+    for key, name in (("input", "in.csv"), ("output", "o.parquet"), ("state", "s.sqlite"), ("image_dir", "imgs"),
+                      ("models_file", "m.toml")):
+        assert getattr(spec, key) == str(sub.resolve() / name), key

@@ -1,5 +1,9 @@
-"""The HTTP client for the Messages and Message Batches API (httpx, retries with tenacity).
+"""The HTTP clients for the Messages and Message Batches API (httpx, retries with tenacity).
 
+As httpx splits its own: `BaseClient` holds what both share (base URL, headers and the key, timeouts,
+retry policy and waits, error translation, gateway envelopes); `Client` (sync) adds the batch endpoints,
+results downloads and count_tokens; `AsyncClient` adds `POST /v1/messages` for messages mode. Both go
+through `http_client` (plain http never through a proxy) and `transport_error` (was the request sent?).
 The transport is injectable, so the same client talks to the real API, to the emulator over
 loopback, or to the emulator in-process. API errors become the project's own exceptions.
 
@@ -11,125 +15,40 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-import ipaddress
 import json
-import os
 import random
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import tenacity
 
 from . import __version__
+from .endpoints import (ANTHROPIC_HOST, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, base_url_origin,
+                        check_secure_url, endpoint_key, endpoint_text, is_anthropic_api, is_loopback,
+                        is_loopback_endpoint, shown_url)
 from .spec import DEFAULT_API_VERSION
 from .errors import (AmbiguousCreateError, ApiError, AuthError, GaveUpError, InputError, NoBatchApiError,
-                     NotFoundError, RequestTooLargeError, ResultsGoneError, TransientApiError, UnreachableError,
-                     register_secret)
+                     NoReplyError, NotFoundError, NotSentError, RequestTooLargeError, ResultsGoneError,
+                     TransientApiError, UnreachableError, register_secret)
 
-DEFAULT_BASE_URL = "https://api.anthropic.com"
+# (the endpoint rules live in endpoints.py, light to import; named here too for the modules that use both)
+__all__ = ["ANTHROPIC_HOST", "BUILTIN_EMULATOR", "DEFAULT_BASE_URL", "LEGACY_LOOPBACK", "check_secure_url",
+           "endpoint_key", "endpoint_text", "is_anthropic_api", "is_loopback", "is_loopback_endpoint", "shown_url",
+           "RETRYABLE_STATUS", "CREATE_NOT_CREATED", "NOT_SENT", "RetryPolicy", "BaseClient", "Client", "ApiClient",
+           "AsyncClient", "http_client", "asks_past", "asked_wait", "transport_error", "unwrap_gateway"]
+
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 # A create answered with these statuses did not create a batch (protocol: "A 4xx/429/529 reply means
 # not created"); any other failure after the request was sent may have.
 CREATE_NOT_CREATED = {408, 409, 429, 529}
-# Failures before any byte of the request left: no connection (refused, DNS, TLS, connect timeout) or
-# none free in the pool. Nothing was delivered, so nothing can have run or been paid for.
-# failures that prove nothing reached the API: no connection made (refused, DNS, TLS handshake, connect
+# Failures that prove nothing reached the API: no connection made (refused, DNS, TLS handshake, connect
 # timeout), no connection from the pool, or a proxy that refused to open the tunnel (CONNECT answered non-2xx,
 # a SOCKS handshake refused: https goes through a proxy only as a tunnel, so the API saw nothing)
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_secure_url(url: str, what: str = "ANTHROPIC_BASE_URL") -> None:
-    """Refuse to send the key in clear text: https, or plain http to loopback only."""
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return
-    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
-        return
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"{what}: {url!r} is not an http(s) URL")
-    raise InputError(f"{what}: https is required for {parts.hostname} (plain http would send the API key "
-                     "across the network in clear text; http is allowed only to loopback)")
-
-
-BUILTIN_EMULATOR = "builtin:emulator"   # the endpoint key of the emulator `--emulator` starts, whatever its port
-LEGACY_LOOPBACK = "http://loopback"     # the key every loopback URL had before ports counted (see Runner)
-
-
-def endpoint_key(base_url: Optional[str]) -> Optional[str]:
-    """Which service answers a job, as part of its identity: None for the Anthropic API itself.
-
-    Answers from one service are never taken for another's: a job run on the emulator and then
-    against the real API (or through another gateway, a local proxy, an ssh tunnel) is a new job,
-    and the requests it shares with the first are sent, not answered from the first one's replies.
-    The key is the scheme, host, port and path prefix of every URL, loopback included (two servers
-    on 127.0.0.1 are two services); the emulator that `--emulator` starts on a free port is keyed
-    apart, as BUILTIN_EMULATOR, by whoever starts it.
-    """
-    parts = urlsplit((base_url or DEFAULT_BASE_URL).strip())
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if ":" in host:   # an IPv6 address keeps its brackets
-        host = f"[{host}]"
-    path = parts.path.rstrip("/")
-    try:
-        port = parts.port
-    except ValueError:   # not a number, or out of range
-        port = 0
-    if port == 0:
-        raise InputError(f"base URL {base_url!r} (ANTHROPIC_BASE_URL or --base-url): its port must be a number "
-                         "from 1 to 65535")
-    if port is not None and port != {"https": 443, "http": 80}.get(scheme):
-        host = f"{host}:{port}"
-    key = f"{scheme}://{host}{path}"
-    return None if key == DEFAULT_BASE_URL else key
-
-
-ANTHROPIC_HOST = "api.anthropic.com"
-
-
-def shown_url(url: str) -> str:
-    """A URL as messages and logs may show it: without the credentials a user:password@ part carries."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def is_anthropic_api(base_url: Optional[str]) -> bool:
-    """Whether a base URL is the Anthropic API's host (whatever its path: `https://api.anthropic.com/v1`
-    is a mistyped base URL of the Anthropic API, not a gateway)."""
-    host = (urlsplit((base_url or DEFAULT_BASE_URL).strip()).hostname or "").lower().rstrip(".")
-    return host == ANTHROPIC_HOST
-
-
-def is_loopback_endpoint(key: Optional[str]) -> bool:
-    """Whether an endpoint key names a server on loopback (by its URL; the built-in emulator's is not one)."""
-    host = urlsplit(key).hostname if key and "://" in key else None
-    return bool(host) and is_loopback(host)
-
-
-def endpoint_text(key: Optional[str]) -> str:
-    """An endpoint key as a user reads it."""
-    if key == BUILTIN_EMULATOR:
-        return "the built-in emulator (--emulator)"
-    if key == LEGACY_LOOPBACK:
-        return "a loopback address (port not recorded)"
-    return key or DEFAULT_BASE_URL
 
 
 @dataclass
@@ -139,12 +58,17 @@ class RetryPolicy:
     max_elapsed: float = 600.0      # give up on one call after this long
 
 
-class ApiClient:
-    """A small synchronous client. `transport` lets tests run it against the emulator in-process."""
+class BaseClient:
+    """What the sync and the async client share, written once (httpx's BaseClient -> Client / AsyncClient):
+    the base URL and the rule that the key goes only over https or to loopback, the auth and version
+    headers (the key registered as a secret, so no message or log shows it), timeouts, the retry policy
+    and its waits, and the translation of a reply into a Message or into the project's own errors
+    (gateway envelopes and errors inside a 200 included). `transport` lets tests run a client against
+    the emulator in process (no URL check then: nothing leaves the process)."""
 
     def __init__(self, *, api_key: Optional[str], base_url: Optional[str] = None,
                  api_version: str = DEFAULT_API_VERSION, auth_header: str = "x-api-key",
-                 extra_headers: Optional[dict] = None, transport: Optional[httpx.BaseTransport] = None,
+                 extra_headers: Optional[dict] = None, transport: Any = None,
                  timeout: float = 600.0, connect_timeout: float = 5.0,
                  retry: Optional[RetryPolicy] = None, key_source: str = "ANTHROPIC_API_KEY",
                  base_url_source: Optional[str] = None,
@@ -153,7 +77,7 @@ class ApiClient:
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.shown_url = shown_url(self.base_url)   # what messages name: never a user:password@ of the URL
         if transport is None:
-            check_secure_url(self.base_url, base_url_source or _base_url_source(base_url))
+            check_secure_url(self.base_url, base_url_source or base_url_origin(base_url))
         api_key = (api_key or "").strip()   # a trailing newline from a file or a heredoc is not part of the key
         if not api_key:
             raise InputError(f"no API key: set {key_source} (or pass --api-key)" if key_source == "ANTHROPIC_API_KEY"
@@ -177,46 +101,20 @@ class ApiClient:
             headers["authorization"] = f"Bearer {api_key}"
         else:
             headers["x-api-key"] = api_key
-        self._transport_injected = transport is not None
+        self.headers = headers
+        self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self.transport = transport
         # httpx's own transport retries (HTTPTransport(retries=N)) stay at their default, 0: a create must
         # never be re-sent behind our back (a transport of our own would also lose the HTTPS_PROXY support)
-        # the API's clock minus ours (seconds), from the Date header of its latest reply; None before one
-        self.server_offset: Optional[float] = None
-        self.http = http_client(httpx.Client, base_url=self.base_url + "/", headers=headers, transport=transport,
-                                timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                                event_hooks={"response": [self._watch_clock]})
 
-    def _watch_clock(self, response: httpx.Response) -> None:
-        when = _http_date(response.headers.get("date"))
-        if when is not None:
-            self.server_offset = when - time.time()
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> "ApiClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # ---- plumbing ------------------------------------------------------------------------------
-    def _url(self, path: str) -> str:
-        return path.lstrip("/")
+    def _http(self, cls: type, **kw: Any) -> Any:
+        """The httpx client (`cls`, sync or async) every request of this client goes through."""
+        return http_client(cls, base_url=self.base_url + "/", headers=self.headers, transport=self.transport,
+                           timeout=self.timeout, **kw)
 
     def full_url(self, path: str) -> str:
         """The URL a path is sent to, base URL (and its path prefix) included: what messages name."""
         return f"{self.shown_url}/{path.lstrip('/')}"
-
-    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """One HTTP exchange; failures mapped to our exceptions (TransientApiError is retryable)."""
-        try:
-            response = self.http.request(method, self._url(path), **kw)
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            raise transport_error(exc, f"{method} {self.full_url(path)}") from None
-        if response.status_code >= 400:
-            raise self._error(response, f"{method} {self.full_url(path)}")
-        return response
 
     def _error(self, response: httpx.Response, what: str) -> ApiError:
         status = response.status_code
@@ -256,7 +154,30 @@ class ApiClient:
             return NotFoundError(text, **kw)
         return ApiError(text, **kw)
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
+    def message(self, response: httpx.Response, what: str) -> dict:
+        """The Message a reply to `POST /v1/messages` carries (unwrapped from a gateway's envelope), or
+        the ApiError it is: an error status, an error inside a 200 (`{"code": 4xx, ...}`), or a reply
+        that is not a Message."""
+        if response.status_code >= 400:
+            raise self._error(response, what)
+        try:
+            body = response.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        message = unwrap_gateway(body)
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            return message
+        code = body.get("code") if isinstance(body, dict) else None
+        if isinstance(code, int) and not isinstance(code, bool) and code >= 400:   # an error inside a 200
+            keep = {k: v for k, v in response.headers.items()
+                    if k.lower() in ("retry-after", "retry-after-ms", "x-should-retry", "request-id")}
+            raise self._error(httpx.Response(code, json=body, headers=keep), what)
+        snippet = response.text[:200].strip().replace("\n", " ")
+        raise ApiError(f"{what}: {response.status_code} but the reply is not a Message "
+                       f"({snippet or 'empty body'}): is {self.shown_url} an Anthropic Messages endpoint?",
+                       status=response.status_code, request_id=response.headers.get("request-id"))
+
+    def retry_wait(self, state: tenacity.RetryCallState) -> float:
         """As the official SDK waits: as told by retry-after-ms / retry-after (capped at max_wait),
         else 0.5 s × 2^retry capped at 8 s, times a jitter of 0.75–1."""
         exc = state.outcome.exception() if state.outcome else None
@@ -264,6 +185,44 @@ class ApiClient:
             return min(exc.retry_after, self.retry.max_wait)
         n = state.attempt_number - 1
         return min(0.5 * 2 ** n, 8.0) * random.uniform(0.75, 1.0)
+
+
+class Client(BaseClient):
+    """The synchronous client: the batch endpoints, results downloads and count_tokens."""
+
+    def __init__(self, *, transport: Optional[httpx.BaseTransport] = None, **kw: Any):
+        super().__init__(transport=transport, **kw)
+        # the API's clock minus ours (seconds), from the Date header of its latest reply; None before one
+        self.server_offset: Optional[float] = None
+        self.http = self._http(httpx.Client, event_hooks={"response": [self._watch_clock]})
+
+    def _watch_clock(self, response: httpx.Response) -> None:
+        when = _http_date(response.headers.get("date"))
+        if when is not None:
+            self.server_offset = when - time.time()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _url(self, path: str) -> str:
+        return path.lstrip("/")
+
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One HTTP exchange; failures mapped to our exceptions (TransientApiError is retryable)."""
+        try:
+            response = self.http.request(method, self._url(path), **kw)
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise transport_error(exc, f"{method} {self.full_url(path)}") from None
+        if response.status_code >= 400:
+            raise self._error(response, f"{method} {self.full_url(path)}")
+        return response
 
     def _retrying(self) -> tenacity.Retrying:
         """Retries of TransientApiError, bounded by RetryPolicy: at most max_retries retries, and no
@@ -283,7 +242,7 @@ class ApiClient:
                               f"{self.clock() - started:.0f} s{asked_wait(exc)}", status=exc.status, error_type=exc.error_type,
                               request_id=exc.request_id, retry_after=exc.retry_after) from None
 
-        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(TransientApiError), wait=self._wait,
+        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(TransientApiError), wait=self.retry_wait,
                                  stop=stop, sleep=self.sleep, retry_error_callback=give_up)
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -305,12 +264,11 @@ class ApiClient:
         what = f"POST {self.full_url('v1/messages/batches')}"
         try:
             response = self.http.post(self._url("v1/messages/batches"), content=body)
-        except NOT_SENT as exc:                   # never sent
-            raise transport_error(exc, what) from None
-        except httpx.LocalProtocolError as exc:   # refused by our own client before sending
-            raise transport_error(exc, what) from None
-        except httpx.RequestError as exc:         # sent, and then no (whole) reply
-            raise AmbiguousCreateError(f"{what}: no reply ({type(exc).__name__}); the batch may exist") from None
+        except httpx.RequestError as exc:
+            error = transport_error(exc, what)
+            if isinstance(error, NoReplyError):   # sent, and then no (whole) reply
+                raise AmbiguousCreateError(f"{what}: no reply ({type(exc).__name__}); the batch may exist") from None
+            raise error from None                 # never sent
         if response.status_code < 400:
             try:
                 return response.json()
@@ -379,7 +337,7 @@ class ApiClient:
 
         A download cut short raises TransientApiError mid-iteration; the caller downloads again.
         """
-        if not self._transport_injected:
+        if self.transport is None:
             check_secure_url(results_url, "results_url")
         response = self._retrying()(self._open_stream, results_url)
         try:
@@ -427,9 +385,39 @@ class ApiClient:
             raise ApiError(f"POST {self.full_url(path)}: {response.status_code} but the reply holds no input_tokens",
                            status=response.status_code) from None
 
-    def create_message(self, params: dict) -> dict:
-        reply = self._call("POST", "v1/messages", json=params).json()
-        return unwrap_gateway(reply)
+
+
+ApiClient = Client   # the name it had before the async client shared its base
+
+
+class AsyncClient(BaseClient):
+    """Messages mode's client: `POST /v1/messages`, up to `connections` at once, over an httpx
+    AsyncClient opened (`async with`) inside the event loop that sends. `transport`: an
+    httpx.AsyncBaseTransport (httpx.ASGITransport runs the emulator in process)."""
+
+    def __init__(self, *, transport: Optional[httpx.AsyncBaseTransport] = None, connections: int = 100,
+                 **kw: Any):
+        super().__init__(transport=transport, **kw)
+        self.connections = connections
+        self.what = f"POST {self.full_url('v1/messages')}"   # logs and errors name the URL used
+        self.http: Optional[httpx.AsyncClient] = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        n = self.connections
+        self.http = self._http(httpx.AsyncClient, limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        http, self.http = self.http, None
+        await http.aclose()
+
+    async def post_message(self, content: bytes) -> httpx.Response:
+        """One `POST /v1/messages` of a serialised request: the reply, whatever its status (`message`
+        reads it), or the translated failure (`transport_error`: not sent, or sent with no reply)."""
+        try:
+            return await self.http.post("v1/messages", content=content)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self.what) from None
 
 
 _COUNT_TOKENS_KEYS = ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")
@@ -472,17 +460,18 @@ def asked_wait(exc: ApiError) -> str:
 
 
 def transport_error(exc: httpx.RequestError, what: str) -> ApiError:
-    """A timeout or a failed connection, as a retryable error (a request our own client refused to
-    send, e.g. for a malformed header, is not retryable)."""
+    """What a failed exchange says about its request, decided here once for both clients: nothing was
+    delivered (NotSentError: our own client refused to send it, e.g. for a malformed header — not
+    retryable; or UnreachableError: no connection made — retryable), or it was sent and no (whole)
+    reply came (NoReplyError, retryable: a timeout, a dropped connection; it may have run)."""
     if isinstance(exc, httpx.LocalProtocolError):
-        return ApiError(f"{what}: the request could not be sent ({type(exc).__name__})")
+        return NotSentError(f"{what}: the request could not be sent ({type(exc).__name__})")
     if isinstance(exc, NOT_SENT):
         return UnreachableError(f"{what}: connection failed before anything was sent ({type(exc).__name__}: {exc})",
                                 error_type="connection_error")
     if isinstance(exc, httpx.TimeoutException):
-        return TransientApiError(f"{what}: timed out ({type(exc).__name__})", error_type="timeout_error")
-    return TransientApiError(f"{what}: connection failed ({type(exc).__name__}: {exc})",
-                             error_type="connection_error")
+        return NoReplyError(f"{what}: timed out ({type(exc).__name__})", error_type="timeout_error")
+    return NoReplyError(f"{what}: connection failed ({type(exc).__name__}: {exc})", error_type="connection_error")
 
 
 def unwrap_gateway(reply: Any) -> Any:
@@ -490,12 +479,6 @@ def unwrap_gateway(reply: Any) -> Any:
     if isinstance(reply, dict) and "data" in reply and "code" in reply and isinstance(reply["data"], dict):
         return reply["data"]
     return reply
-
-
-def _base_url_source(base_url: Optional[str]) -> str:
-    """Where the base URL came from, for error messages, when the caller does not say."""
-    env = os.environ.get("ANTHROPIC_BASE_URL")
-    return "ANTHROPIC_BASE_URL" if base_url and env and base_url.rstrip("/") == env.rstrip("/") else "base URL"
 
 
 # What h11 accepts as a header value: printable ASCII, no leading/trailing space.

@@ -66,6 +66,11 @@ class BudgetLedger:
         if not (first and self.held):
             self.held = self.over(cost, what)
 
+    def spent_without_reply(self, cost: Decimal) -> None:
+        """Messages mode: a send that may have been billed with no reply saying what it cost keeps its
+        reservation (`cost`, its maximum) as spent."""
+        self.unreplied += cost
+
     def left(self) -> tuple[Decimal, Decimal, Decimal]:
         """(left, spent, reserved): max_cost minus what was spent and what batches in flight may still cost.
 

@@ -136,9 +136,21 @@ class TransientApiError(ApiError):
     """Retryable: connection problems, timeouts, 408/409/429/5xx."""
 
 
-class UnreachableError(TransientApiError):
+# What a failed exchange says about the request, decided once (api.transport_error, from httpx's exception):
+# nothing of it was delivered (NotSentError), or it was sent and no reply came (NoReplyError).
+class NotSentError(ApiError):
+    """Nothing of the request was delivered (our own client refused to send it, or no connection was made):
+    it cannot have been run or paid for."""
+
+
+class UnreachableError(TransientApiError, NotSentError):
     """No connection was made (refused, DNS, TLS, connect timeout): nothing was delivered, so nothing
     can have been run or paid for."""
+
+
+class NoReplyError(TransientApiError):
+    """Sent, and no (whole) reply came (a timeout, a connection dropped after sending): the request may
+    have run and been paid for."""
 
 
 # ---- what an error says about the request that met it: ONE rule, both modes -------------------

@@ -19,7 +19,10 @@ Errors, per request, by the one rule both modes follow (`errors.error_class`):
 * no connection at all (refused, DNS, TLS, connect timeout — `UnreachableError`): nothing was
   delivered, so nothing was run or paid: not an attempt; retried with backoff as the RetryPolicy
   allows, then the run stops with exit 4, the rows pending, and the next run sends them;
-* a timeout or a connection dropped after sending: the request may have run (and be paid for). It
+* a request our own client refused to send (`NotSentError`, a header it cannot write): nothing was
+  delivered either, but no retry would help: the run stops with exit 4, the rows pending;
+* a timeout or a connection dropped after sending (`NoReplyError`; `api.transport_error` tells the
+  two apart, for both modes): the request may have run (and be paid for). It
   counts as an attempt — `max_attempts` is what bounds how often one row can be paid for — and keeps
   its budget reservation as spent; when a row's attempts are all used up this way it ends errored,
   saying its sends may have been paid for;
@@ -34,7 +37,7 @@ With max_cost, each request reserves its maximum cost before it is sent, and its
 reservation to what it cost. A send that may have run without a reply saying what it cost (a timeout, a
 dropped connection, a 5xx other than 529) keeps its reservation, counted as spent; sending the request
 again reserves again, and when that does not fit the row stays pending for a later run. Only a failure
-that proves the request was not run (no connection made, any 4xx, or 529) gives the reservation back.
+that proves the request was not run (nothing delivered, any 4xx, or 529) gives the reservation back.
 """
 from __future__ import annotations
 
@@ -44,17 +47,19 @@ import json
 import logging
 import time
 from decimal import Decimal
-from typing import Optional
+from typing import Callable, Optional
 
-import httpx
 import tenacity
 
-from .api import CREATE_NOT_CREATED, NOT_SENT, asked_wait, asks_past, http_client, transport_error, unwrap_gateway
-from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, InputError, TransientApiError, UnreachableError,
+from .api import CREATE_NOT_CREATED, AsyncClient, asked_wait, asks_past
+from .budget import BudgetLedger
+from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, NoReplyError, NotSentError, TransientApiError,
                      error_class)
 from .ratelimit import RateLimiter
 from .results import NOT_BILLED, clean_usage
-from .store import RESULT_FIELDS, now_iso
+from .spec import JobSpec
+from .states import ANSWERED, ERRORED, IN_FLIGHT, PENDING
+from .store import Store
 
 log = logging.getLogger("batchrun")
 
@@ -67,10 +72,6 @@ FLUSH_SECONDS = 0.5           # the progress tick
 REPORT_SECONDS = 2.0          # progress
 DEFAULT_COOLDOWN = 1.0        # after a 429/529 without retry-after (doubled for each refusal of the same row)
 NOT_RUN = CREATE_NOT_CREATED  # replies that prove the request was not processed (408, 409, 429, 529)
-
-FIELDS = tuple(f for f in RESULT_FIELDS if f != "api_batch_id")
-RECORD_SQL = ("UPDATE requests SET state = ?, " + ", ".join(f"{f} = ?" for f in FIELDS) +
-              ", attempts = attempts + ?, finished_at = ? WHERE job_id = ? AND custom_id = ? AND state = 'pending'")
 
 
 class _NoRoom(Exception):
@@ -86,23 +87,28 @@ class _RowFailed(Exception):
 
 
 class MessagesDriver:
-    def __init__(self, runner):
-        self.runner = runner
-        self.spec = runner.spec
-        self.store = runner.store
-        self.job_id = runner.job.id
-        # The sync client checks the key and the base URL; its headers, timeouts, retry policy and
-        # error mapping are used here too, so both modes speak to the server the same way.
-        self.client = runner.client
-        self.what = f"POST {self.client.full_url('v1/messages')}"   # logs and errors name the URL used
-        args = runner._client_args
-        self.transport: Optional[httpx.AsyncBaseTransport] = args.get("async_transport")
-        if self.transport is None and args.get("transport") is not None:
-            raise InputError("messages mode sends with an async client: give it an httpx.AsyncBaseTransport "
-                             "(such as httpx.ASGITransport) as async_transport, not a sync transport")
+    """Sends one job's pending rows over `POST /v1/messages`, handed what it needs: the job's `spec`, its
+    `store` and ids, the `client` (an AsyncClient: headers, retry policy, error translation), the budget
+    `ledger` (shared with batch mode), `full_body` (a stored row body -> the request's params JSON),
+    `parse` (a Message -> the row's result fields) and `report` (the job's counts -> progress).
+    After `run_pending`, `recorded` and `sent` say what this call did."""
+
+    def __init__(self, *, spec: JobSpec, store: Store, job_id: str, short_id: str, client: AsyncClient,
+                 ledger: BudgetLedger, full_body: Callable[[str], str], parse: Callable[[dict], dict],
+                 report: Callable[[dict], None]):
+        self.spec = spec
+        self.store = store
+        self.job_id = job_id
+        self.short_id = short_id
+        self.client = client
+        self.ledger = ledger
+        self.full_body = full_body
+        self.parse = parse
+        self.report = report
         self.limiter: Optional[RateLimiter] = None
-        self._buffer: list = []
-        self.recorded = 0
+        self._buffer: list = []       # (custom_id, fields, sends) of rows answered, not yet committed
+        self.recorded = 0             # rows that got their result in this call
+        self.sent = 0                 # requests sent in this call (a send met with no connection is not one)
         # with max_cost: what is left of the budget less the maximum of every request on the wire
         self.room: Optional[Decimal] = None
         self.sending = 0
@@ -118,17 +124,15 @@ class MessagesDriver:
             return pool.submit(asyncio.run, self._run()).result()
 
     async def _run(self) -> int:
-        spec, sync = self.spec, self.client.http
+        spec = self.spec
         self.limiter = RateLimiter(spec.concurrency, spec.rpm, spec.tpm)
         if spec.max_cost is not None:
-            self.room = self.runner.ledger.left()[0]
+            self.room = self.ledger.left()[0]
         started = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue(maxsize=spec.concurrency)
-        limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
-        async with http_client(httpx.AsyncClient, base_url=sync.base_url, headers=sync.headers,
-                               timeout=sync.timeout, transport=self.transport, limits=limits) as http:
+        async with self.client:
             tasks = [asyncio.create_task(self._feed(queue))]
-            tasks += [asyncio.create_task(self._worker(http, queue)) for _ in range(spec.concurrency)]
+            tasks += [asyncio.create_task(self._worker(queue)) for _ in range(spec.concurrency)]
             ticker = asyncio.create_task(self._tick())
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -141,7 +145,7 @@ class MessagesDriver:
                 self._flush()              # replies already received are kept, whatever happened
                 self.store.release_claims(self.job_id)
         log.info("job %s: %d replies recorded in %.1fs over %s; %d refused (429/529), %.1fs waiting on rate limits",
-                 self.runner.job.short_id, self.recorded, time.monotonic() - started, self.what,
+                 self.short_id, self.recorded, time.monotonic() - started, self.client.what,
                  self.limiter.refusals, self.limiter.waited)
         return self.recorded
 
@@ -158,24 +162,23 @@ class MessagesDriver:
                 if reserved is None:      # over the budget: send no more (the run says why)
                     page = None
                     break
-                await queue.put((custom_id, self.runner.full_body(body), reserved))
+                await queue.put((custom_id, self.full_body(body), reserved))
             if page is None:
                 break
             last = page[-1][0]
         for _ in range(self.spec.concurrency):
             await queue.put(None)
 
-    async def _worker(self, http: httpx.AsyncClient, queue: asyncio.Queue) -> None:
+    async def _worker(self, queue: asyncio.Queue) -> None:
         while (item := await queue.get()) is not None:
             custom_id, body, reserved = item
             tries = {"sent": 0, "unsent": 0, "counted": 0, "refused": 0, "held": reserved, "need": reserved}
-            fields = await self._send(http, body, tries)
+            fields = await self._send(body, tries)
             if fields is None:     # not sent again for want of budget: the row stays pending
                 self._flush()
-                self.runner.ledger.hold(tries["need"], "sending again a request whose last send may have run (no reply)")
+                self.ledger.hold(tries["need"], "sending again a request whose last send may have run (no reply)")
             else:
-                self._buffer.append((fields["state"], *(fields.get(f) for f in FIELDS), tries["sent"], now_iso(),
-                                     self.job_id, custom_id))
+                self._buffer.append((custom_id, fields, tries["sent"]))
                 if len(self._buffer) >= FLUSH_ROWS:
                     self._flush()
             self._settle(tries, fields)
@@ -186,12 +189,12 @@ class MessagesDriver:
         that does not fit what is left of the budget, even once the requests on the wire have settled."""
         if self.room is None:
             return Decimal(0)
-        need = self.runner.estimator.request_max(body)
+        need = self.ledger.estimator.request_max(body)
         while need > self.room and self.sending:   # replies settle their reservations to what they cost
             await asyncio.sleep(0.02)
         if need > self.room:
             self._flush()
-            self.runner.ledger.hold(need, "the next request (reserved at its maximum before it is sent)", first=False)
+            self.ledger.hold(need, "the next request (reserved at its maximum before it is sent)", first=False)
             return None
         self.room -= need
         self.sending += 1
@@ -202,7 +205,7 @@ class MessagesDriver:
         if self.room is None:
             return
         held = tries["held"] or Decimal(0)   # None: kept as spent by a send that may have run (_send_failed)
-        paid = fields is not None and fields["state"] in ("succeeded", "invalid_output")
+        paid = fields is not None and fields["state"] in ANSWERED
         cost = fields.get("cost_usd") if paid else None
         self.room += held - (Decimal(0) if not paid else held if cost is None else Decimal(str(cost)))
         self.sending -= 1
@@ -210,7 +213,7 @@ class MessagesDriver:
     def _send_failed(self, tries: dict, error: ApiError) -> None:
         """A send failed: unless it provably was not run, its reservation is counted as spent."""
         if self.room is not None and tries["held"] is not None and not _not_run(error):
-            self.runner.ledger.unreplied += tries["held"]
+            self.ledger.spent_without_reply(tries["held"])
             tries["held"] = None
 
     def _reserve_again(self, tries: dict) -> None:
@@ -234,20 +237,19 @@ class MessagesDriver:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        with self.store.transaction():
-            self.recorded += self.store.conn.executemany(RECORD_SQL, self._buffer).rowcount
+        self.recorded += self.store.record_replies(self.job_id, self._buffer)
         self._buffer.clear()
 
     def _report(self) -> None:
         counts = self.store.counts(self.job_id)
-        sending = min(self.limiter.active, counts.get("pending", 0))
+        sending = min(self.limiter.active, counts.get(PENDING, 0))
         if sending:       # show the requests on the wire as in flight (they are pending in the state)
-            counts["pending"] -= sending
-            counts["in_flight"] = counts.get("in_flight", 0) + sending
-        self.runner._report(counts)
+            counts[PENDING] -= sending
+            counts[IN_FLIGHT] = counts.get(IN_FLIGHT, 0) + sending
+        self.report(counts)
 
     # ---- one row -----------------------------------------------------------------------------
-    async def _send(self, http: httpx.AsyncClient, body: str, tries: dict) -> Optional[dict]:
+    async def _send(self, body: str, tries: dict) -> Optional[dict]:
         """Send one row until it has a result: the row's fields (`tries` counts the sends), or None when
         sending it again does not fit the budget. Raises (stopping the run, the row left pending) when
         the service, not the request, keeps failing (see the module's docstring)."""
@@ -266,7 +268,7 @@ class MessagesDriver:
         def wait(state: tenacity.RetryCallState) -> float:
             if _slows_down(state.outcome.exception()):
                 return 0.0      # the limiter's shared cooldown holds it, at the head of the queue
-            return self.client._wait(state)
+            return self.client.retry_wait(state)
 
         retrying = tenacity.AsyncRetrying(retry=tenacity.retry_if_exception_type(TransientApiError),
                                           wait=wait, stop=stop, reraise=True)
@@ -274,7 +276,7 @@ class MessagesDriver:
             async for attempt in retrying:
                 with attempt:
                     self._reserve_again(tries)
-                    message = await self._post(http, content, estimate, tries)
+                    message = await self._post(content, estimate, tries)
         except _NoRoom:
             return None
         except _RowFailed as exc:       # about the request: the row ends errored
@@ -283,7 +285,7 @@ class MessagesDriver:
             if error_class(exc.error_type, exc.status) == ABOUT_REQUEST:
                 # about the request, retried as its reply asked (x-should-retry: true, a 409): still the row's
                 return _errored(exc, tries)
-            if _ambiguous(exc) and tries["counted"] >= max_attempts:
+            if isinstance(exc, NoReplyError) and tries["counted"] >= max_attempts:
                 # every attempt may have run (and been paid for) without a reply: the row ends here
                 return _errored(exc, tries, " (no reply to any of its sends: they may have run and been paid for)")
             # the service's failure, not the request's: the run stops, this row and the rest stay pending
@@ -291,25 +293,22 @@ class MessagesDriver:
                               f"{time.monotonic() - started:.0f} s; the rows not answered stay pending and the "
                               f"next run sends them{asked_wait(exc)}", status=exc.status, error_type=exc.error_type,
                               request_id=exc.request_id) from None
-        return self.runner.parser.message(message)
+        return self.parse(message)
 
-    async def _post(self, http: httpx.AsyncClient, content: bytes, estimate: tuple, tries: dict) -> dict:
+    async def _post(self, content: bytes, estimate: tuple, tries: dict) -> dict:
         """One exchange, admitted by the limiter and reported back to it."""
         ticket = await self.limiter.acquire(*estimate, again=tries["refused"] > 0)
         headers = usage = refused_for = error = None
         try:
-            try:
-                response = await http.post("v1/messages", content=content)
-            except httpx.TransportError as exc:
-                if not isinstance(exc, NOT_SENT):
-                    tries["unreplied"] = True      # sent, and no reply: it may have run (and been billed)
-                raise transport_error(exc, self.what) from None
+            response = await self.client.post_message(content)
             headers = response.headers
-            message = self._message(response)
+            message = self.client.message(response, self.client.what)
             usage = clean_usage(message.get("usage"))[0]
             return message
-        except (ApiError, _RowFailed) as exc:
-            error = exc.error if isinstance(exc, _RowFailed) else exc
+        except ApiError as exc:
+            error = exc
+            if isinstance(error, NoReplyError):
+                tries["unreplied"] = True      # sent, and no reply: it may have run (and been billed)
             self._send_failed(tries, error)
             if _slows_down(error):
                 tries["refused"] += 1
@@ -318,37 +317,16 @@ class MessagesDriver:
                     # this row was refused (as the SDK does), never a loop of refusals as fast as they come
                     wait = DEFAULT_COOLDOWN * 2 ** (tries["refused"] - 1)
                 refused_for = min(wait, self.client.retry.max_wait)
-            raise
+            raise _classify(error) from None
         finally:
-            if isinstance(error, UnreachableError):
+            if isinstance(error, NotSentError):
                 tries["unsent"] += 1     # nothing was delivered: not a send, not an attempt
             else:
                 tries["sent"] += 1
-                self.runner.requests_sent += 1
+                self.sent += 1
                 if error is None or not _not_run(error):
                     tries["counted"] += 1
             self.limiter.release(ticket, headers=headers, usage=usage, refused_for=refused_for)
-
-    def _message(self, response: httpx.Response) -> dict:
-        """The Message a reply carries (unwrapped from a gateway's envelope), or the error it is."""
-        if response.status_code >= 400:
-            raise _classify(self.client._error(response, self.what))
-        try:
-            body = response.json()
-        except (ValueError, UnicodeDecodeError):
-            body = None
-        message = unwrap_gateway(body)
-        if isinstance(message, dict) and isinstance(message.get("content"), list):
-            return message
-        code = body.get("code") if isinstance(body, dict) else None
-        if isinstance(code, int) and not isinstance(code, bool) and code >= 400:   # an error inside a 200
-            keep = {k: v for k, v in response.headers.items()
-                    if k.lower() in ("retry-after", "retry-after-ms", "x-should-retry", "request-id")}
-            raise _classify(self.client._error(httpx.Response(code, json=body, headers=keep), self.what))
-        snippet = response.text[:200].strip().replace("\n", " ")
-        raise ApiError(f"{self.what}: {response.status_code} but the reply is not a Message "
-                       f"({snippet or 'empty body'}): is {self.client.shown_url} an Anthropic Messages endpoint?",
-                       status=response.status_code, request_id=response.headers.get("request-id"))
 
 
 def _classify(error: ApiError) -> Exception:
@@ -363,7 +341,7 @@ def _not_run(error: ApiError) -> bool:
     """Whether a send that failed with this error certainly was not run, so not billed: nothing was
     delivered, or a 4xx / 529 reply."""
     status = error.status
-    return isinstance(error, UnreachableError) or (status is not None and (400 <= status < 500 or status in NOT_RUN))
+    return isinstance(error, NotSentError) or (status is not None and (400 <= status < 500 or status in NOT_RUN))
 
 
 def _slows_down(error: Optional[BaseException]) -> bool:
@@ -372,13 +350,8 @@ def _slows_down(error: Optional[BaseException]) -> bool:
         and error.status is not None
 
 
-def _ambiguous(error: ApiError) -> bool:
-    """A send that may have run without a reply saying so: a timeout or a connection dropped after sending."""
-    return error.status is None and not isinstance(error, UnreachableError)
-
-
 def _errored(error: ApiError, tries: dict, note: str = "") -> dict:
     """A row that ends errored: every send answered with an error was not billed; one that got no reply
     may have run."""
-    return {"result_type": "errored", "state": "errored", "error_type": error.error_type or "api_error",
+    return {"result_type": "errored", "state": ERRORED, "error_type": error.error_type or "api_error",
             "error_message": str(error) + note, "cost_usd": None if tries.get("unreplied") else NOT_BILLED}

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from .api import (ApiClient, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text,
+from .api import (ApiClient, AsyncClient, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text,
                   is_anthropic_api,
                   is_loopback_endpoint)
 from . import failpoints
@@ -288,13 +288,15 @@ class Runner:
     @property
     def client(self) -> ApiClient:
         if self._client is None:
-            a = self._client_args
-            key, source, base = resolve_connection(a["api_key"], a["base_url"])
-            self._client = ApiClient(api_key=key, key_source=source, base_url=base,
-                                     api_version=self.spec.api_version, auth_header=self.spec.auth_header,
-                                     extra_headers=self.spec.headers, transport=a["transport"],
-                                     retry=a["retry"], sleep=self.sleep)
+            self._client = ApiClient(**self._connection(), transport=self._client_args["transport"], sleep=self.sleep)
         return self._client
+
+    def _connection(self) -> dict:
+        """What the job's clients are made with: the sync one (batches) and messages mode's async one."""
+        a = self._client_args
+        key, source, base = resolve_connection(a["api_key"], a["base_url"])
+        return dict(api_key=key, key_source=source, base_url=base, api_version=self.spec.api_version,
+                    auth_header=self.spec.auth_header, extra_headers=self.spec.headers, retry=a["retry"])
 
     def check_connection_settings(self) -> None:
         """Fail fast on a missing key or an insecure base URL (before reading the input)."""
@@ -807,7 +809,18 @@ class Runner:
     def messages_step(self) -> bool:
         """Messages mode: send every pending row over POST /v1/messages, each reply committed at once."""
         from .messages import MessagesDriver
-        return MessagesDriver(self).run_pending() > 0
+        transport = self._client_args["async_transport"]
+        if transport is None and self._client_args["transport"] is not None:
+            raise InputError("messages mode sends with an async client: give it an httpx.AsyncBaseTransport "
+                             "(such as httpx.ASGITransport) as async_transport, not a sync transport")
+        client = AsyncClient(**self._connection(), transport=transport, connections=self.spec.concurrency)
+        driver = MessagesDriver(spec=self.spec, store=self.store, job_id=self.job.id, short_id=self.job.short_id,
+                                client=client, ledger=self.ledger, full_body=self.full_body,
+                                parse=self.parser.message, report=self._report)
+        try:
+            return driver.run_pending() > 0
+        finally:
+            self.requests_sent += driver.sent
 
     # ---- budget --------------------------------------------------------------------------------
     @property

@@ -325,6 +325,41 @@ def test_in_process_async_transport(emu, tmp_path):
     assert emu.stats.messages_calls == calls + 12
 
 
+class RefusedLocally(httpx.AsyncBaseTransport):
+    """Our own client refuses to send the request (httpx.LocalProtocolError: a header h11 will not write)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def handle_async_request(self, request):
+        self.calls += 1
+        raise httpx.LocalProtocolError("Illegal header value")
+
+
+def test_a_request_our_client_refused_to_send_is_not_a_send(emu, tmp_path):
+    """A LocalProtocolError is raised before anything leaves (as batch mode's create treats it): not a send
+    that may have run. The run stops (exit 4, the row pending), and the request counts neither as sent nor,
+    with a budget, as spent: its reservation is given back."""
+    rows = make_tickets(3)
+    inp = write_csv(tmp_path / "t.csv", rows)
+    spec = JobSpec.from_mapping({"input": str(inp), "output": str(tmp_path / "o.parquet"), "id_column": "ticket_id",
+                                 "prompt": PROMPT, "model": MODEL, "max_tokens": 100, "mode": "messages",
+                                 "concurrency": 1, "max_cost": 10.0, "state": str(tmp_path / "s.sqlite")})
+    refuse = RefusedLocally()
+    runner = Runner(spec, api_key=KEY, base_url=emu.base_url, async_transport=refuse)
+    try:
+        with pytest.raises(Exception) as raised:
+            runner.run()
+        assert getattr(raised.value, "exit_code", None) == ExitCode.API_ERROR, raised.value
+        assert "could not be sent" in str(raised.value)
+        assert refuse.calls == 1
+        assert runner.requests_sent == 0
+        assert runner.ledger.unreplied == 0
+        assert runner.store.counts(runner.job.id) == {"pending": 3}
+    finally:
+        runner.close()
+
+
 # ---- (3) killed mid-run, run again -------------------------------------------------------------------
 def test_kill_mid_run_then_rerun_sends_no_recorded_row_again(emu, tmp_path):
     emu.config.latency = 0.05

@@ -1,8 +1,16 @@
 """The SQL of messages mode (see batchrun/messages.py): rows claimed before they are sent, replies recorded."""
 from __future__ import annotations
 
+from typing import Iterable
+
+from ..states import PENDING
 from .batches import taken_elsewhere
-from .files import now_iso
+from .files import RESULT_FIELDS, now_iso
+
+# what a reply (or an error that ends a row) fills in: a result's fields, less the batch it came in
+REPLY_FIELDS = tuple(f for f in RESULT_FIELDS if f != "api_batch_id")
+_RECORD = (f"UPDATE requests SET state = ?, {', '.join(f'{f} = ?' for f in REPLY_FIELDS)}, "
+           f"attempts = attempts + ?, finished_at = ? WHERE job_id = ? AND custom_id = ? AND state = '{PENDING}'")
 
 
 class MessageQueries:
@@ -13,7 +21,8 @@ class MessageQueries:
         Rows so taken are left pending: the other job's answer is reused, or they are sent once no run
         moves it. Returns (row_index, custom_id, body) rows."""
         sql = ("SELECT r.row_index, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-               "WHERE r.job_id = ? AND r.state = 'pending' AND r.row_index > ? {taken}ORDER BY r.row_index LIMIT ?")
+               f"WHERE r.job_id = ? AND r.state = '{PENDING}' AND r.row_index > ? {{taken}}ORDER BY r.row_index "
+               "LIMIT ?")
         with self.transaction():
             if self.one("SELECT EXISTS (SELECT 1 FROM jobs WHERE id != ?) AS n", (job_id,))["n"]:
                 # (another job's row in flight counts only while a run moves that job: see taken_elsewhere)
@@ -25,6 +34,19 @@ class MessageQueries:
             self.conn.executemany("UPDATE requests SET claimed_at = ? WHERE job_id = ? AND custom_id = ?",
                                   [(now, job_id, row[1]) for row in page])
         return page
+
+    def record_replies(self, job_id: str, replies: Iterable[tuple]) -> int:
+        """Messages mode: rows that got their result — `(custom_id, fields, sends)`, the fields of a
+        reply or of the error that ended the row (`state` and REPLY_FIELDS), and how many sends it
+        took (added to its attempts) — leave `pending` for their final state, in one transaction. A
+        row no longer pending (recorded already) is left as it is. Returns how many rows were recorded."""
+        now = now_iso()
+        rows = [(fields["state"], *(fields.get(f) for f in REPLY_FIELDS), sends, now, job_id, custom_id)
+                for custom_id, fields, sends in replies]
+        if not rows:
+            return 0
+        with self.transaction():
+            return self.conn.executemany(_RECORD, rows).rowcount
 
     def release_claims(self, job_id: str) -> None:
         """A messages-mode run is over: its rows are no longer being sent (the ones still pending wait for

@@ -15,10 +15,11 @@ import time
 from typing import Optional
 
 from .context import MISSING_AFTER, PROVEN, BatchContext
-from .errors import ApiError, GaveUpError, InputError, NoBatchApiError, NotFoundError, ResultsGoneError, TransientApiError
+from .errors import (ApiError, GaveUpError, InputError, NoBatchApiError, NotFoundError, ResultsGoneError,
+                     TransientApiError)
 from .requests import wire_id
 from .states import ABANDONED
-from .store import now_iso, parse_iso
+from .store import Batch, now_iso, parse_iso
 
 log = logging.getLogger("batchrun")
 
@@ -74,16 +75,16 @@ class Adoption:
         """
         store, short_id = self.store, self.ctx.short_id
         b = store.batch(local)
-        if not b["ambiguous_at"]:
-            b["ambiguous_at"] = now_iso()
-            store.mark_ambiguous(local, b["ambiguous_at"])
+        if not b.ambiguous_at:
+            b.ambiguous_at = now_iso()
+            store.mark_ambiguous(local, b.ambiguous_at)
             log.warning("job %s: a run died while creating a batch of %d requests; looking for it before sending "
-                        "them again", short_id, b["request_count"])
+                        "them again", short_id, b.request_count)
         known = store.known_batches(local)
         client = self.ctx.client()
-        intent = parse_iso(b["intent_at"]).timestamp()
+        intent = parse_iso(b.intent_at).timestamp()
         longest = intent + client.retry.max_elapsed + (client.http.timeout.read or 600.0)
-        sent_by = min(parse_iso(b["ambiguous_at"]).timestamp(), longest) + create_grace()
+        sent_by = min(parse_iso(b.ambiguous_at).timestamp(), longest) + create_grace()
         candidates = []
         pages = client.list_batches()
         try:
@@ -110,7 +111,7 @@ class Adoption:
                 break
             if created > until or item["id"] in known:
                 continue
-            if sum((item.get("request_counts") or {}).values()) == b["request_count"]:
+            if sum((item.get("request_counts") or {}).values()) == b.request_count:
                 candidates.append(item)
         running, gone, untagged, empty = [], [], [], []
         for item in reversed(candidates):   # the earliest first: the one sent first
@@ -121,7 +122,7 @@ class Adoption:
             if verdict == EMPTY:   # nothing in it to tell whose it is (yet: downloaded again, as collect does)
                 empty.append(item["id"])
                 continue
-            if verdict and b["tag"] is None:   # sent untagged (an older batchrun): its ids prove nothing
+            if verdict and b.tag is None:   # sent untagged (an older batchrun): its ids prove nothing
                 untagged.append(item["id"])
                 continue
             if verdict:
@@ -179,7 +180,7 @@ class Adoption:
         log.info("job %s: the lost create made no batch; its requests will be sent again", short_id)
         return False
 
-    def proof(self, b: dict, item: dict):
+    def proof(self, b: Batch, item: dict):
         """Whether an ended batch is the one intent `b` sent: True when every custom_id in its results is
         one the intent sent (with this job's tag), False at the first that is not; None when its results
         could not be read now (asked again next round); GONE when they never can be, EMPTY when the file came
@@ -204,18 +205,18 @@ class Adoption:
             return None
         return True if seen else EMPTY
 
-    def sent_ids(self, b: dict) -> set:
+    def sent_ids(self, b: Batch) -> set:
         """The custom_ids batch (or intent) `b` sent, as sent: with the tag it carried."""
-        return {wire_id(b["tag"], cid) for cid in self.store.member_ids(b["id"])}
+        return {wire_id(b.tag, cid) for cid in self.store.member_ids(b.id)}
 
 
-def row_ids(store, b: dict):
+def row_ids(store, b: Batch):
     """From a custom_id in batch `b`'s results to the row's own custom_id (None: not one of this job's)."""
-    tag: Optional[str] = b["tag"]
+    tag: Optional[str] = b.tag
     if tag is None:
         return lambda wire: wire
     n = len(tag)
-    hashed = {wire_id(tag, cid): cid for cid in store.member_ids(b["id"], longer_than=64 - n - 1)}
+    hashed = {wire_id(tag, cid): cid for cid in store.member_ids(b.id, longer_than=64 - n - 1)}
 
     def row_id(wire):
         if not isinstance(wire, str) or not wire.startswith(tag):

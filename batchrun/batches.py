@@ -247,13 +247,13 @@ class BatchDriver:
         n = 0
         for b in store.batches_to_cancel(job_id):
             try:
-                info = self.ctx.client().cancel_batch(b["api_id"])
+                info = self.ctx.client().cancel_batch(b.api_id)
             except (AuthError, TransientApiError, GaveUpError):
                 raise
             except ApiError as exc:  # ended meanwhile, or gone (404): the poll below finds out which
-                log.warning("job %s: could not cancel batch %s: %s", short_id, b["api_id"], exc)
+                log.warning("job %s: could not cancel batch %s: %s", short_id, b.api_id, exc)
                 continue
-            store.set_api_status(b["id"], info.get("processing_status"))
+            store.set_api_status(b.id, info.get("processing_status"))
             n += 1
         running = self.settle(wait)
         self.cancel_pending()

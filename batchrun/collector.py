@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 
 from . import failpoints
@@ -24,7 +24,7 @@ from .errors import ACCOUNT, AuthError, GaveUpError, NotFoundError, ResultsGoneE
 from .prefetch import prefetched
 from .results import ATTEMPT, FREE, retry_rule
 from .states import ANSWERED, COLLECTED, LOST, SUBMITTED
-from .store import now_iso
+from .store import Batch, now_iso
 
 log = logging.getLogger("batchrun")
 
@@ -89,54 +89,54 @@ class Collector:
         their status is brought up to date). True if anything changed."""
         changed = False
         for b in self.store.batches_to_poll(self.ctx.job_id):
-            if b["state"] == SUBMITTED:
+            if b.state == SUBMITTED:
                 try:
-                    info = self.ctx.client().retrieve_batch(b["api_id"])
+                    info = self.ctx.client().retrieve_batch(b.api_id)
                 except NotFoundError:
                     self.lost(b)
                     changed = True
                     continue
-                if not self.store.record_status(b["id"], info):   # not ended yet
+                if not self.store.record_status(b.id, info):   # not ended yet
                     continue
                 if not collect:
                     changed = True
                     continue
-                b = self.store.batch(b["id"])
+                b = self.store.batch(b.id)
             elif not collect:
                 continue
             self.collect(b)
             changed = True
         return changed
 
-    def collect(self, b: dict) -> None:
+    def collect(self, b: Batch) -> None:
         """Download and record the results of ended batch `b`; close it once every member has its result."""
         store, short_id = self.store, self.ctx.short_id
-        if not b["results_url"]:  # ended without a results_url yet: ask again next round
-            info = self.ctx.client().retrieve_batch(b["api_id"])
+        if not b.results_url:  # ended without a results_url yet: ask again next round
+            info = self.ctx.client().retrieve_batch(b.api_id)
             if not info.get("results_url"):
                 return
-            store.set_results_url(b["id"], info["results_url"])
-            b = dict(b, results_url=info["results_url"])
-        members = store.members(b["id"])
-        if b["adopted"] == ADOPTED and not self.verify_adopted(b):
+            store.set_results_url(b.id, info["results_url"])
+            b = dataclasses.replace(b, results_url=info["results_url"])
+        members = store.members(b.id)
+        if b.adopted == ADOPTED and not self.verify_adopted(b):
             return
         # the API's count of the batch's results: a file with fewer lines was cut short
-        expected = sum((json.loads(b["request_counts"] or "null") or {}).values()) or members
+        expected = b.results_expected or members
         # whole downloads in a row that came back the same (as many lines) without the rows still missing:
         # a file cut short at random differs from one download to the next; a line that never arrives does not
-        short, last = b["short_downloads"], None
-        missing = store.rows_in_flight(b["id"])
+        short, last = b.short_downloads, None
+        missing = store.rows_in_flight(b.id)
         for attempt in range(MAX_DOWNLOADS):
             lines = None
             before = missing   # (counted after the last download: nothing records between)
             try:
                 lines = self._download(b)
             except TransientApiError as exc:
-                log.warning("job %s: results of %s cut short (%s); downloading again", short_id, b["api_id"], exc)
+                log.warning("job %s: results of %s cut short (%s); downloading again", short_id, b.api_id, exc)
             except ResultsGoneError as exc:
                 self.results_gone(b, str(exc))
                 return
-            missing = store.rows_in_flight(b["id"])
+            missing = store.rows_in_flight(b.id)
             if missing == 0:
                 break
             if lines is not None:   # the file came whole, and some of our rows have no line in it
@@ -145,26 +145,26 @@ class Collector:
                 elif last is not None:
                     short += 1
                 last = lines
-                store.set_short_downloads(b["id"], short)
+                store.set_short_downloads(b.id, short)
                 if lines >= expected or short >= MISSING_AFTER:
                     self.results_missing(b, short)   # a line that never arrives: not waited for forever
                     return
             log.warning("job %s: results of %s lack %d of %d rows; downloading again", short_id,
-                        b["api_id"], missing, members)
+                        b.api_id, missing, members)
             self.ctx.sleep(0.1 * (attempt + 1))
         else:
             # never whole: the rows without a result were still paid for, so they are not sent again;
             # the batch stays ended and is downloaded again next round (or by the next run)
-            failures = self._incomplete_downloads[b["id"]] = self._incomplete_downloads.get(b["id"], 0) + 1
+            failures = self._incomplete_downloads[b.id] = self._incomplete_downloads.get(b.id, 0) + 1
             if failures >= 3:
                 raise GaveUpError(
-                    f"the results of batch {b['api_id']} could not be downloaded whole ({failures * MAX_DOWNLOADS} "
+                    f"the results of batch {b.api_id} could not be downloaded whole ({failures * MAX_DOWNLOADS} "
                     f"tries; {missing} of {members} rows still lack theirs); the results recorded so far are kept")
             return
-        store.finalize_batch(b["id"])
-        log.info("job %s: collected batch %s", short_id, b["api_id"])
+        store.finalize_batch(b.id)
+        log.info("job %s: collected batch %s", short_id, b.api_id)
 
-    def record(self, b: dict, results) -> None:
+    def record(self, b: Batch, results) -> None:
         """Record (custom_id, fields) pairs of batch `b`, committing every FLUSH_EVERY (see
         CollectQueries.record_results for what each does to its row)."""
         store, job_id, max_attempts = self.store, self.ctx.job_id, self.ctx.spec.max_attempts
@@ -175,7 +175,7 @@ class Collector:
         errors = self.service_errors
 
         def flush() -> None:
-            store.record_results(job_id, b["id"], max_attempts, final, retry, free, now=now)
+            store.record_results(job_id, b.id, max_attempts, final, retry, free, now=now)
             final.clear()
             retry.clear()
             free.clear()
@@ -199,15 +199,15 @@ class Collector:
         if final or retry or free:
             flush()
 
-    def _download(self, b: dict) -> int:
+    def _download(self, b: Batch) -> int:
         """Download and record a batch's results; returns the number of result lines (a whole file)."""
-        self.store.count_download(b["id"])
+        self.store.count_download(b.id)
         client, parse = self.ctx.client(), self.ctx.parser.parse
         row_id = row_ids(self.store, b)
         lines = 0
 
         def results():
-            for line in client.iter_results(b["results_url"]):
+            for line in client.iter_results(b.results_url):
                 yield row_id(line.get("custom_id")), parse(line.get("result") or {})
 
         def counted():
@@ -220,52 +220,52 @@ class Collector:
         self.record(b, counted())
         return lines
 
-    def verify_adopted(self, b: dict) -> bool:
+    def verify_adopted(self, b: Batch) -> bool:
         """A batch adopted before adoption needed proof (by an older batchrun) is proved now, before any
         row takes an answer from it; one that is not the intent's goes back to being looked for."""
-        verdict = self.adoption.proof(b, {"id": b["api_id"], "results_url": b["results_url"]})
+        verdict = self.adoption.proof(b, {"id": b.api_id, "results_url": b.results_url})
         if verdict == EMPTY:   # downloaded again next round; the same empty file again and again: lines missing
-            again = self.store.empty_again(b["id"])
+            again = self.store.empty_again(b.id)
             if again >= MISSING_AFTER:
                 self.results_missing(b, again)
             return False
         if verdict == GONE:   # whoever's it was, its rows cannot be answered from it, nor sent again blindly
-            self.results_gone(b, f"the results of batch {b['api_id']}, adopted after a lost create reply, are gone "
+            self.results_gone(b, f"the results of batch {b.api_id}, adopted after a lost create reply, are gone "
                                  "before it could be proved this job's; its rows may have been paid for")
             return False
         if verdict is False:
-            self.store.unadopt(b, f"adopted {b['api_id']} by mistake: its custom_ids are not this batch's")
+            self.store.unadopt(b, f"adopted {b.api_id} by mistake: its custom_ids are not this batch's")
             log.warning("job %s: batch %s was not ours after all; looking for ours again", self.ctx.short_id,
-                        b["api_id"])
+                        b.api_id)
         elif verdict:
-            self.store.mark_proven(b["id"], PROVEN)
+            self.store.mark_proven(b.id, PROVEN)
         return bool(verdict)   # None: its results could not be read now; proved next round
 
-    def lost(self, b: dict) -> None:
+    def lost(self, b: Batch) -> None:
         """The API no longer knows this batch (deleted, or the key is another workspace's). It may have
         run and been paid for, so its rows are not sent again unless asked (--resend-lost): they end
         errored, as rows whose results are gone do."""
-        message = (f"batch {b['api_id']} is not found at the API (404): deleted, or the API key belongs to another "
+        message = (f"batch {b.api_id} is not found at the API (404): deleted, or the API key belongs to another "
                    "workspace. Not sent again, since it may have run and been paid for; `run --resend-lost` "
                    "sends its rows again")
-        n = self.store.end_rows_gone(b["id"], "batch_not_found", message, LOST, "the API answered 404 for this batch")
-        self.store.event(self.ctx.job_id, "warning", f"batch {b['api_id']} not found at the API; {n} rows errored")
+        n = self.store.end_rows_gone(b.id, "batch_not_found", message, LOST, "the API answered 404 for this batch")
+        self.store.event(self.ctx.job_id, "warning", f"batch {b.api_id} not found at the API; {n} rows errored")
         log.error("job %s: %s (%d rows)", self.ctx.short_id, message, n)
 
-    def results_gone(self, b: dict, message: str) -> None:
-        self.store.end_rows_gone(b["id"], "results_gone", f"{message}; `run --resend-lost` sends its rows again",
+    def results_gone(self, b: Batch, message: str) -> None:
+        self.store.end_rows_gone(b.id, "results_gone", f"{message}; `run --resend-lost` sends its rows again",
                                  COLLECTED, "results gone")
         log.error("job %s: %s", self.ctx.short_id, message)
 
-    def results_missing(self, b: dict, again: int) -> None:
+    def results_missing(self, b: Batch, again: int) -> None:
         """Rows of an ended batch whose result line never arrives, however often its whole results file is
         downloaded: they end errored `result_missing` (the batch ran, so they may have been paid for: sent
         again only with --resend-lost), and the batch is collected."""
-        message = (f"no result came back for this request: the results file of batch {b['api_id']} lacked it, "
+        message = (f"no result came back for this request: the results file of batch {b.api_id} lacked it, "
                    f"downloaded whole {again + 1} times over; it may have been paid for, so it is not sent again: "
                    "`run --resend-lost` sends it again")
-        n = self.store.end_rows_gone(b["id"], "result_missing", message, COLLECTED, "result lines missing")
-        self.store.event(self.ctx.job_id, "warning", f"batch {b['api_id']}: {n} result lines never arrived")
+        n = self.store.end_rows_gone(b.id, "result_missing", message, COLLECTED, "result lines missing")
+        self.store.event(self.ctx.job_id, "warning", f"batch {b.api_id}: {n} result lines never arrived")
         log.error("job %s: %d rows of batch %s never got a result line (the file downloaded whole %d times); they "
                   "end errored result_missing (`run --resend-lost` sends them again)", self.ctx.short_id, n,
-                  b["api_id"], again + 1)
+                  b.api_id, again + 1)

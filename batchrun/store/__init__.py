@@ -8,7 +8,7 @@ batchrun's, its errors told in one line) and the job locks are in `files`; the s
 from __future__ import annotations
 
 from ..states import FINAL_STATES, LOST_ERRORS, LOST_ERRORS_SQL
-from .batches import BatchQueries
+from .batches import Batch, BatchQueries
 from .collect import CollectQueries
 from .core import StoreCore
 from .files import (APPLICATION_ID, BUSY_TIMEOUT, META_TABLE, MIGRATIONS_TABLE, PARSED_FIELDS,
@@ -19,7 +19,7 @@ from .migrations import MIGRATIONS, migration
 from .plan import PlanQueries
 from .views import ViewQueries
 
-__all__ = ["Store", "StoreCore", "JobLock", "MIGRATIONS", "migration", "APPLICATION_ID", "BUSY_TIMEOUT",
+__all__ = ["Store", "Batch", "StoreCore", "JobLock", "MIGRATIONS", "migration", "APPLICATION_ID", "BUSY_TIMEOUT",
            "META_TABLE", "MIGRATIONS_TABLE", "PARSED_FIELDS", "RESULT_FIELDS", "FINAL_STATES", "LOST_ERRORS",
            "LOST_ERRORS_SQL", "existing_state", "now_iso", "parse_iso", "recognise", "state_error", "state_errors"]
 

@@ -8,12 +8,42 @@ create whose batch is adopted, proved foreign, or cannot be told (`end_rows_gone
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Optional
 
 from ..states import (ABANDONED, ANSWERED, CANCELED, COLLECTED, ENDED, ERRORED, FOREIGN, IN_FLIGHT, INTENT,
                       LIVE_BATCHES, PENDING, SUBMITTED, sql_list)
 from .files import now_iso
+
+
+@dataclass
+class Batch:
+    """A batch row: an intent (committed before its create was sent), or the local record of one Message
+    Batch (see states.py for its states)."""
+    id: int                       # local id
+    job_id: str
+    state: str
+    request_count: int            # the rows it carries (sent, or about to be)
+    intent_at: str                # when its intent was committed
+    tag: Optional[str]            # the tag its custom_ids were sent with (None: sent untagged, by an older batchrun)
+    api_id: Optional[str]         # the API's id (None: an intent)
+    api_status: Optional[str]     # processing_status, as the API last told it
+    request_counts: Optional[str]  # the API's counts of its results (JSON)
+    results_url: Optional[str]
+    ambiguous_at: Optional[str]   # when its create failed, or its run was found dead, without proof it made nothing
+    adopted: int                  # 0, or context.ADOPTED / PROVEN: found after a lost create reply
+    short_downloads: int          # whole downloads in a row that lacked rows (or came empty)
+
+    @classmethod
+    def of(cls, row: dict) -> "Batch":
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
+
+    @property
+    def results_expected(self) -> int:
+        """The API's count of its results (0: not told)."""
+        return sum((json.loads(self.request_counts or "null") or {}).values())
 
 
 def taken_elsewhere(live: list, silent: Optional[list] = None) -> tuple[str, tuple]:
@@ -69,7 +99,8 @@ class BatchQueries:
         sending are left out (`taken_elsewhere`, batch mode: `silent` are the jobs whose in-flight rows
         do not count)."""
         sql = ("SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
-               f"WHERE r.job_id = ? AND r.state = '{PENDING}' AND r.row_index > ? {{taken}}ORDER BY r.row_index LIMIT ?")
+               f"WHERE r.job_id = ? AND r.state = '{PENDING}' AND r.row_index > ? {{taken}}"
+               "ORDER BY r.row_index LIMIT ?")
         if silent is None:
             return self.conn.execute(sql.format(taken=""), (job_id, after, limit)).fetchall()
         taken, args = taken_elsewhere(self.live_others(job_id), silent)
@@ -125,13 +156,13 @@ class BatchQueries:
 
     def batches_running(self, job_id: str) -> int:
         """The job's batches the API has and that are not collected yet (submitted or ended)."""
-        return self.one(f"SELECT count(*) AS n FROM batches WHERE job_id = ? AND state IN {sql_list((SUBMITTED, ENDED))}",
-                        (job_id,))["n"]
+        return self.one("SELECT count(*) AS n FROM batches WHERE job_id = ? "
+                        f"AND state IN {sql_list((SUBMITTED, ENDED))}", (job_id,))["n"]
 
     def batches_unended(self, job_id: str) -> int:
         """The job's batches not ended yet: intents and batches submitted."""
-        return self.one(f"SELECT count(*) AS n FROM batches WHERE job_id = ? AND state IN {sql_list((INTENT, SUBMITTED))}",
-                        (job_id,))["n"]
+        return self.one("SELECT count(*) AS n FROM batches WHERE job_id = ? "
+                        f"AND state IN {sql_list((INTENT, SUBMITTED))}", (job_id,))["n"]
 
     def mark_too_large(self, local: int, job_id: str, custom_id: str, message: str) -> None:
         """One request the API refuses as too large even alone: its intent abandoned, the row final,
@@ -140,8 +171,9 @@ class BatchQueries:
             self.conn.execute(f"UPDATE batches SET state = '{ABANDONED}', note = ? WHERE id = ?",
                               ("413 request_too_large for a single request", local))
             self.conn.execute(
-                f"UPDATE requests SET state = '{ERRORED}', result_type = '{ERRORED}', error_type = 'request_too_large', "
-                "error_message = ?, batch_id = NULL, cost_usd = 0.0, finished_at = ? WHERE job_id = ? AND custom_id = ?",
+                f"UPDATE requests SET state = '{ERRORED}', result_type = '{ERRORED}', "
+                "error_type = 'request_too_large', error_message = ?, batch_id = NULL, cost_usd = 0.0, "
+                "finished_at = ? WHERE job_id = ? AND custom_id = ?",
                 (message, now_iso(), job_id, custom_id))
 
     def abandon(self, local: int, note: str, state: str = ABANDONED) -> None:
@@ -164,9 +196,9 @@ class BatchQueries:
         """Local ids of the job's intents: creates not answered yet (see Adoption.resolve_intent)."""
         return [r["id"] for r in self.q(f"SELECT id FROM batches WHERE job_id = ? AND state = '{INTENT}'", (job_id,))]
 
-    def batch(self, local: int) -> dict:
+    def batch(self, local: int) -> Batch:
         """A batch row, by local id."""
-        return self.one("SELECT * FROM batches WHERE id = ?", (local,))
+        return Batch.of(self.one("SELECT * FROM batches WHERE id = ?", (local,)))
 
     def known_batches(self, local: int) -> set:
         """API ids that cannot be intent `local`'s batch: every batch of the state file, and the candidates
@@ -183,16 +215,16 @@ class BatchQueries:
         with self.transaction():
             self._insert_foreign(api_id, local)
 
-    def unadopt(self, b: dict, note: str) -> None:
+    def unadopt(self, b: Batch, note: str) -> None:
         """Batch `b`, adopted (by an older batchrun, without proof) after a lost create, is proved not the
         intent's: noted foreign, and the batch row is an intent again, its batch looked for again."""
         with self.transaction():
-            self._insert_foreign(b["api_id"], b["id"])
+            self._insert_foreign(b.api_id, b.id)
             self.conn.execute(
                 f"UPDATE batches SET state = '{INTENT}', api_id = NULL, adopted = 0, api_status = NULL, "
                 "created_at = NULL, request_counts = NULL, results_url = NULL, ended_at = NULL, note = ? "
-                "WHERE id = ?", (note, b["id"]))
-            self.conn.execute("UPDATE requests SET api_batch_id = NULL WHERE batch_id = ?", (b["id"],))
+                "WHERE id = ?", (note, b.id))
+            self.conn.execute("UPDATE requests SET api_batch_id = NULL WHERE batch_id = ?", (b.id,))
 
     def wait_note(self, local: int, note: str) -> None:
         """What an unresolved intent waits for, kept on its batch row for `status` to show."""
@@ -231,7 +263,8 @@ class BatchQueries:
     def mark_canceled(self, job_id: str) -> None:
         """The job is canceled (since the first cancel): nothing more of it is sent."""
         with self.transaction():
-            self.conn.execute("UPDATE jobs SET canceled_at = coalesce(canceled_at, ?) WHERE id = ?", (now_iso(), job_id))
+            self.conn.execute("UPDATE jobs SET canceled_at = coalesce(canceled_at, ?) WHERE id = ?",
+                              (now_iso(), job_id))
 
     def cancel_pending(self, job_id: str) -> int:
         """Rows of a canceled job that are waiting to be sent (or sent again) end canceled; how many."""
@@ -243,10 +276,10 @@ class BatchQueries:
                 "coalesce(error_type, result_type, 'without a result') || ')' END, cost_usd = 0.0, finished_at = ? "
                 f"WHERE job_id = ? AND state = '{PENDING}'", (now_iso(), job_id)).rowcount
 
-    def batches_to_cancel(self, job_id: str) -> list:
+    def batches_to_cancel(self, job_id: str) -> list[Batch]:
         """The job's batches running at the API that no cancel has reached yet."""
-        return self.q(f"SELECT * FROM batches WHERE job_id = ? AND state = '{SUBMITTED}' "
-                      "AND coalesce(api_status, '') NOT IN ('canceling', 'ended') ORDER BY id", (job_id,))
+        return [Batch.of(b) for b in self.q(f"SELECT * FROM batches WHERE job_id = ? AND state = '{SUBMITTED}' "
+                      "AND coalesce(api_status, '') NOT IN ('canceling', 'ended') ORDER BY id", (job_id,))]
 
     def set_api_status(self, local: int, status: Optional[str]) -> None:
         """The batch's processing status, as the API last told it."""

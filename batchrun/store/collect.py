@@ -11,6 +11,7 @@ import json
 from typing import Iterable, Optional
 
 from ..states import COLLECTED, ENDED, IN_FLIGHT, LIVE_BATCHES, PENDING, SUBMITTED, sql_list
+from .batches import Batch
 from .files import PARSED_FIELDS, now_iso
 
 # (Final rows keep their batch_id: leaving it out of the SET spares an index update per row.)
@@ -24,10 +25,10 @@ _FREE = (_FIELDS_SQL + f", state = '{PENDING}', batch_id = NULL, free_sends = fr
 
 
 class CollectQueries:
-    def batches_to_poll(self, job_id: str) -> list:
+    def batches_to_poll(self, job_id: str) -> list[Batch]:
         """The job's batches the API has and that are not collected yet (submitted or ended), oldest first."""
-        return self.q(f"SELECT * FROM batches WHERE job_id = ? AND state IN {sql_list((SUBMITTED, ENDED))} "
-                      "ORDER BY id", (job_id,))
+        return [Batch.of(b) for b in self.q(f"SELECT * FROM batches WHERE job_id = ? AND state IN "
+                                            f"{sql_list((SUBMITTED, ENDED))} ORDER BY id", (job_id,))]
 
     def record_status(self, local: int, info: dict) -> bool:
         """What a retrieve told of the batch (status, counts, results URL, end); it is `ended` once the

@@ -27,7 +27,8 @@ class MessageQueries:
             if self.one("SELECT EXISTS (SELECT 1 FROM jobs WHERE id != ?) AS n", (job_id,))["n"]:
                 # (another job's row in flight counts only while a run moves that job: see taken_elsewhere)
                 taken, args = taken_elsewhere(self.live_others(job_id))
-                page = self.conn.execute(sql.format(taken=f"AND NOT {taken} "), (job_id, after, *args, limit)).fetchall()
+                page = self.conn.execute(sql.format(taken=f"AND NOT {taken} "),
+                                         (job_id, after, *args, limit)).fetchall()
             else:   # alone: still claimed, for a job planned a moment later to see
                 page = self.conn.execute(sql.format(taken=""), (job_id, after, limit)).fetchall()
             now = now_iso()

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from .errors import InputError
 from .spec import JobSpec
-from .summary import PAID, budget_text, job_cost
+from .summary import budget_text, job_cost
 
 log = logging.getLogger("batchrun")
 
@@ -141,7 +141,7 @@ class BudgetLedger:
     def stop_message(self, why: str, counts: dict) -> str:
         """The line a budget stop ends with: why, what was spent, and how to continue."""
         need = self._need.quantize(Decimal("0.0001"), rounding=ROUND_CEILING)
-        paid = self.store.one(f"SELECT count(*) AS n FROM requests WHERE job_id = ? AND {PAID}", (self.job_id,))["n"]
+        paid = self.store.paid_rows(self.job_id)
         flying = counts.get("in_flight", 0)
         sent = (f"{flying} rows still in flight: the next run collects them" if flying
                 else "nothing is in flight")

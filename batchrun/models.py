@@ -130,11 +130,51 @@ class Catalog:
         return model
 
     def cost(self, model: str, usage: Mapping, *, batch: bool, cache_ttl: str = "5m") -> Optional[Decimal]:
-        """USD cost of one request's `usage`, or None when the model or a needed price is unknown.
+        """USD cost of one request's `usage`, or None when the model or a needed price is unknown: the
+        total of its `cost_by_kind` (summed here at once: the run prices every reply)."""
+        priced = self._priced(model, usage, cache_ttl, None)
+        if priced is None:
+            return None
+        total = _ZERO
+        for count, price in zip(*priced):
+            if count:
+                if price is None:
+                    return None
+                total += count * price
+        total = total.scaleb(_MILLION_EXP)
+        return total * _BATCH if batch else total
+
+    def cost_by_kind(self, model: str, usage: Mapping, *, batch: bool, cache_ttl: str = "5m",
+                     prompt_tokens: Optional[int] = None) -> Optional["CostByKind"]:
+        """USD per token kind of `usage` (see CostByKind), or None when the model or a needed price is
+        unknown. Its total is `cost`; status, the run summary and the report sum these figures over a
+        job's rows, so that they add up to its cost_usd.
+
+        The price tier is the one of the request's prompt, or of `prompt_tokens` when given: a sum of
+        the usages of rows of one tier is priced as one request (see summary.job_pricing)."""
+        priced = self._priced(model, usage, cache_ttl, prompt_tokens)
+        if priced is None:
+            return None
+        counts, prices = priced
+        figures = []
+        for count, price in zip((*counts, counts[2] + counts[3] + counts[4]), (*prices, prices[0])):
+            if not count:
+                figures.append(_ZERO)
+                continue
+            if price is None:
+                return None
+            figure = (count * price).scaleb(_MILLION_EXP)
+            figures.append(figure * _BATCH if batch else figure)
+        return CostByKind(*figures)
+
+    def _priced(self, model: str, usage: Mapping, cache_ttl: str, prompt_tokens: Optional[int]
+                ) -> Optional[tuple[tuple, tuple]]:
+        """The token counts of `usage` per kind (input, output, cache write 5m, cache write 1h, cache read)
+        and the price of each (USD per million, None: not known); None when the model is unpriced.
 
         Cache writes are split by `usage["cache_creation"]` when present; writes it does not account
-        for are billed at the `cache_ttl` rate ("5m" or "1h"). Batch requests cost 50% of every figure.
-        """
+        for are billed at the `cache_ttl` rate ("5m" or "1h"). The tier is the one of the prompt (input +
+        cache write + cache read tokens), or of `prompt_tokens` when given."""
         if cache_ttl not in CACHE_TTLS:
             raise ValueError(f"cache_ttl must be '5m' or '1h', not {cache_ttl!r}")
         info = self.resolve(model)
@@ -153,22 +193,53 @@ class Catalog:
             write_5m += rest
         else:
             write_1h += rest
+        if prompt_tokens is None:
+            prompt_tokens = input_tokens + write_5m + write_1h + read
+        prices = info.prices_for(prompt_tokens)
+        return ((input_tokens, output_tokens, write_5m, write_1h, read),
+                (prices.input, prices.output, prices.cache_write_5m, prices.cache_write_1h, prices.cache_read))
 
-        prices = info.prices_for(input_tokens + write_5m + write_1h + read)
-        total = Decimal(0)
-        for count, price in (
-            (input_tokens, prices.input),
-            (output_tokens, prices.output),
-            (write_5m, prices.cache_write_5m),
-            (write_1h, prices.cache_write_1h),
-            (read, prices.cache_read),
-        ):
-            if count:
-                if price is None:
-                    return None
-                total += count * price
-        total = total.scaleb(_MILLION_EXP)
-        return total * Decimal("0.5") if batch else total
+
+_ZERO = Decimal(0)
+_BATCH = Decimal("0.5")
+
+
+@dataclass(frozen=True)
+class CostByKind:
+    """USD per token kind of one request, or summed over many (`+`), the batch discount applied; and
+    what the cache tokens (written and read) would have cost as plain input, for what caching saved."""
+    input: Decimal = _ZERO
+    output: Decimal = _ZERO
+    cache_write_5m: Decimal = _ZERO
+    cache_write_1h: Decimal = _ZERO
+    cache_read: Decimal = _ZERO
+    cache_as_input: Decimal = _ZERO
+
+    KINDS = ("input", "output", "cache_write", "cache_read")   # as status, the summary and the report show them
+
+    def __add__(self, other: "CostByKind") -> "CostByKind":
+        return CostByKind(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def cache_write(self) -> Decimal:
+        return self.cache_write_5m + self.cache_write_1h
+
+    @property
+    def total(self) -> Decimal:
+        return self.input + self.output + self.cache_write_5m + self.cache_write_1h + self.cache_read
+
+    @property
+    def cache_saved(self) -> Decimal:
+        """What prompt caching saved against sending the same tokens uncached (negative: what it cost more)."""
+        return self.cache_as_input - self.cache_write - self.cache_read
+
+    def shown(self) -> dict:
+        """{input, output, cache_write, cache_read} in USD (floats): the figures add up to `total`."""
+        return {k: float(getattr(self, k)) for k in self.KINDS}
+
+    def cache_write_by_ttl(self) -> dict:
+        """The cache writes' cost by lifetime: {"5m": USD, "1h": USD}."""
+        return {"5m": float(self.cache_write_5m), "1h": float(self.cache_write_1h)}
 
 
 def _tokens(usage: Mapping, key: str) -> int:

@@ -31,9 +31,8 @@ RESULT_COLUMNS = [
     ("cache_read_input_tokens", pa.int64()), ("cost_usd", pa.float64()), ("error_type", pa.string()),
     ("error_message", pa.string()), ("batch_id", pa.string()), ("attempts", pa.int64()),
 ]
-_SELECT = ("custom_id, state, text, stop_reason, model, input_tokens, output_tokens, "
-           "cache_creation_input_tokens, cache_read_input_tokens, cost_usd, error_type, error_message, "
-           "api_batch_id, attempts, parsed, row_index")
+# the stored field each result column holds, where its name is not the column's (store.views.OUTPUT_FIELDS)
+_STORED_AS = {"status": "state", "batch_id": "api_batch_id"}
 
 
 def output_names(input_columns: Iterable[str], output_schema: Optional[dict]) -> list[str]:
@@ -129,28 +128,22 @@ class OutputWriter:
         self.extra = schema_converters(output_schema)
         self.text_prefix = text_prefix   # prefill_in_text: the prefill, put before each reply's continuation
 
-    def rows(self, start: int, count: int) -> list[tuple]:
-        cur = self.store.conn.execute(
-            f"SELECT {_SELECT} FROM requests WHERE job_id = ? AND row_index >= ? AND row_index < ? "
-            "ORDER BY row_index", (self.job_id, start, start + count))
-        return cur.fetchall()
-
     def joined(self, batch: pa.RecordBatch, start: int) -> pa.RecordBatch:
-        rows = self.rows(start, batch.num_rows)
-        if len(rows) != batch.num_rows or (rows and (rows[0][-1] != start or rows[-1][-1] != start + batch.num_rows - 1)):
+        cols = self.store.rows_for_output(self.job_id, start, batch.num_rows)
+        index = cols["row_index"]
+        if len(index) != batch.num_rows or (index and (index[0] != start or index[-1] != start + batch.num_rows - 1)):
             raise BatchrunError("the input no longer matches the job's plan (rows are missing from the state); "
                                 "was the input file changed while the job ran?")
-        cols = list(zip(*rows)) if rows else [[] for _ in range(16)]
         if self.text_prefix is not None:
-            cols[2] = [None if t is None else self.text_prefix + t for t in cols[2]]
+            cols["text"] = [None if t is None else self.text_prefix + t for t in cols["text"]]
         arrays = list(batch.columns)
         names = list(batch.schema.names)
         out_names = iter(output_names(names, self.output_schema))
-        for i, (_, typ) in enumerate(RESULT_COLUMNS):
-            arrays.append(pa.array(cols[i], type=typ))
+        for name, typ in RESULT_COLUMNS:
+            arrays.append(pa.array(cols[_STORED_AS.get(name, name)], type=typ))
             names.append(next(out_names))
         if self.extra:
-            parsed = [_loads(p) for p in cols[14]]
+            parsed = [_loads(p) for p in cols["parsed"]]
             for (name, typ, convert), out_name in zip(self.extra, out_names):
                 values = [_converted(convert, p.get(name)) if isinstance(p, dict) else None for p in parsed]
                 arrays.append(pa.array(values, type=typ))

@@ -21,12 +21,13 @@ from typing import Any, Optional
 
 from .errors import NoSpaceError
 from .requests import output_schema_for
-from .summary import (ROW_STATES, budget_text, cost_by_kind, failures_by_cause, invalid_output_reasons, job_cache_saved,
-                      job_status, stored_catalog, usage_problems, usage_text)
+from .models import CostByKind
+from .states import INTENT, SUBMITTED
+from .summary import (ROW_STATES, budget_text, failures_by_cause, invalid_output_reasons, job_status, priming_text,
+                      stored_pricing, usage_problems, usage_text)
 from .store import Store, now_iso, parse_iso
 
-FAILED_STATES = ("errored", "expired", "canceled", "invalid_output")
-TOKEN_KINDS = ("input", "output", "cache_write", "cache_read")
+TOKEN_KINDS = CostByKind.KINDS
 MAX_FAILED_ROWS = 500
 MAX_LABEL_VALUES = 15      # values charted per property; the rest are summed as "other"
 MAX_DISTINCT = 5000        # distinct values counted per property without a fixed set (memory bound)
@@ -41,6 +42,8 @@ def build_report_data(store: Store, job: dict, *, max_failed_rows: int = MAX_FAI
     st = job_status(store, job)
     mode = job["mode"] or spec.get("mode") or "batch"
     cache_ttl = spec.get("cache_ttl") or "5m"
+    pricing = stored_pricing(store, job)   # one pass: the cost by kind and what caching saved
+    problems = usage_problems(store, jid)
 
     return {
         "generated_at": now_iso(),
@@ -55,17 +58,16 @@ def build_report_data(store: Store, job: dict, *, max_failed_rows: int = MAX_FAI
         "counts": {s: st["counts"].get(s, 0) for s in ROW_STATES},
         "tokens": dict(st["tokens"]),
         "cost_usd": st["cost_usd"],
-        "cost_by_kind": _cost_by_kind(store, job, spec, mode, cache_ttl),
-        "cache": {**st["cache"], "saved_usd": job_cache_saved(store, job)},
+        "cost_by_kind": pricing.shown() if pricing is not None else None,
+        "cache_write_by_ttl": pricing.cache_write_by_ttl() if pricing is not None else None,
+        "cache": {**st["cache"], "saved_usd": float(pricing.cache_saved) if pricing is not None else None},
         "reused_rows": st["reused_rows"],
         "failures_by_cause": [{"cause": c, "error_type": t, "rows": n} for c, t, n in failures_by_cause(store, jid)],
         "invalid_output_reasons": [{"reason": m, "rows": n} for m, n in invalid_output_reasons(store, jid)[0]],
-        "usage_problems": usage_problems(store, jid),
-        "usage_note": usage_text(usage_problems(store, jid)),
+        "usage_problems": problems,
+        "usage_note": usage_text(problems),
         "output_tokens": _output_tokens(store, jid),
-        "stop_reasons": {r["s"]: r["n"] for r in store.q(
-            "SELECT coalesce(stop_reason, '(none)') AS s, count(*) AS n FROM requests WHERE job_id = ? "
-            "AND state IN ('succeeded', 'invalid_output') GROUP BY s ORDER BY n DESC, s", (jid,))},
+        "stop_reasons": store.stop_reasons(jid),
         "batches": _batches(store, jid),
         "labels": _labels(store, jid, spec),
         "failed": _failed_rows(store, jid, max_failed_rows),
@@ -86,22 +88,11 @@ def _status_word(st: dict) -> str:
     return st["state"]   # finished, canceled, planned (nothing sent yet) or in progress
 
 
-def _cost_by_kind(store: Store, job: dict, spec: dict, mode: str, cache_ttl: str) -> Optional[dict]:
-    """USD per token kind (batch discount applied in batch mode); None when the model is not priced."""
-    catalog = stored_catalog(spec)
-    if catalog is None:
-        return None
-    return cost_by_kind(store, job["id"], catalog, job["model"], batch=mode == "batch", cache_ttl=cache_ttl)
-
-
 def _output_tokens(store: Store, jid: str) -> dict:
     """Histogram of output tokens over rows with a reply: equal-width bins of a round width."""
-    values = [r[0] for r in store.conn.execute(
-        "SELECT output_tokens FROM requests WHERE job_id = ? AND state IN ('succeeded', 'invalid_output') "
-        "AND output_tokens IS NOT NULL", (jid,))]
+    values = store.output_token_counts(jid)   # smallest first
     if not values:
         return {"rows": 0, "min": None, "max": None, "mean": None, "median": None, "bins": []}
-    values.sort()
     low, top = values[0], values[-1]
     width = _nice_width(top - low + 1, HISTOGRAM_BINS)
     start = low // width  # bins start at a multiple of their width at or below the smallest value
@@ -128,8 +119,7 @@ def _nice_width(span: int, bins: int) -> int:
 def _batches(store: Store, jid: str) -> list[dict]:
     now = dt.datetime.now(dt.timezone.utc)
     out = []
-    # an abandoned intent never became a batch (its rows went back to pending): left out, as in status
-    for b in store.q("SELECT * FROM batches WHERE job_id = ? AND state != 'abandoned' ORDER BY id", (jid,)):
+    for b in store.batches_of(jid):   # (as in status)
         created = _when(b["created_at"])
         ended = _when(b["ended_at"])
         seconds = None
@@ -137,7 +127,7 @@ def _batches(store: Store, jid: str) -> list[dict]:
         if created is not None:
             if ended is not None:
                 seconds = max(0.0, (ended - created).total_seconds())
-            elif b["state"] in ("submitted", "intent"):
+            elif b["state"] in (SUBMITTED, INTENT):
                 seconds, running = max(0.0, (now - created).total_seconds()), True
         counts = None
         if b["request_counts"]:
@@ -220,8 +210,7 @@ def _labels(store: Store, jid: str, spec: dict) -> list[dict]:
         else:
             capped.add(name)
 
-    for (parsed,) in store.conn.execute(
-            "SELECT parsed FROM requests WHERE job_id = ? AND state = 'succeeded' AND parsed IS NOT NULL", (jid,)):
+    for parsed in store.parsed_replies(jid):
         try:
             value = json.loads(parsed)
         except ValueError:
@@ -278,14 +267,8 @@ def _key(value: Any) -> str:
 
 
 def _failed_rows(store: Store, jid: str, limit: int) -> dict:
-    marks = ",".join("?" * len(FAILED_STATES))
-    total = store.one(f"SELECT count(*) AS n FROM requests WHERE job_id = ? AND state IN ({marks})",
-                      (jid, *FAILED_STATES))["n"]
-    rows = store.q(
-        "SELECT custom_id, row_index, state, error_type, error_message, attempts, api_batch_id, finished_at "
-        f"FROM requests WHERE job_id = ? AND state IN ({marks}) ORDER BY row_index LIMIT ?",
-        (jid, *FAILED_STATES, max(0, limit)))
-    return {"total": total, "rows": rows, "more": max(0, total - len(rows))}
+    failed = store.failed_rows(jid, limit)
+    return {**failed, "more": max(0, failed["total"] - len(failed["rows"]))}
 
 
 # ---- the page ------------------------------------------------------------------------------------
@@ -329,6 +312,7 @@ def render_report(data: dict) -> str:
     env.filters["num"] = _num
     env.filters["duration"] = _duration
     env.filters["when"] = _when_text
+    env.filters["priming"] = lambda n: priming_text(n, rest=False)
     return env.get_template("report.html.j2").render(d=data, charts=_charts(data), max_distinct=MAX_DISTINCT)
 
 
@@ -336,8 +320,11 @@ def _charts(data: dict) -> dict:
     """Geometry of the SVG charts (positions and sizes in px); the template draws them."""
     kinds = data["cost_by_kind"]
     tokens = data["tokens"]
+    split = data["cache_write_by_ttl"]
+    both = split is not None and split["5m"] and split["1h"]   # cache writes of both lifetimes: each told
     cost_items = [{"label": k.replace("_", " "), "value": (kinds or {}).get(k, 0.0),
-                   "text": (_money(kinds[k]) if kinds is not None else "unpriced") + f" · {_num(tokens[k])} tokens",
+                   "text": (_money(kinds[k]) if kinds is not None else "unpriced") + f" · {_num(tokens[k])} tokens"
+                   + (f" ({_money(split['5m'])} 5m, {_money(split['1h'])} 1h)" if k == "cache_write" and both else ""),
                    "color": KIND_COLORS[k]} for k in TOKEN_KINDS]
     status_items = [{"label": s.replace("_", " "), "value": n, "text": _num(n), "color": STATE_COLORS[s]}
                     for s, n in data["counts"].items()]

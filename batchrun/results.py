@@ -144,6 +144,8 @@ class ResultParser:
             elif btype == "tool_use" and block.get("name") == OUTPUT_TOOL:
                 tool_input = block.get("input")
         text = "".join(texts)
+        split = usage.get("cache_creation")
+        split = split if isinstance(split, dict) else {}
         cost = self._cost(usage)
         if cost is None:
             self.unpriced = True
@@ -154,6 +156,9 @@ class ResultParser:
             "output_tokens": _int(usage.get("output_tokens")),
             "cache_creation_input_tokens": _int(usage.get("cache_creation_input_tokens")),
             "cache_read_input_tokens": _int(usage.get("cache_read_input_tokens")),
+            # the cache writes by lifetime, when the reply splits them (priced apart: see Catalog.cost_by_kind)
+            "cache_creation_5m_input_tokens": _int(split.get("ephemeral_5m_input_tokens")),
+            "cache_creation_1h_input_tokens": _int(split.get("ephemeral_1h_input_tokens")),
             "cost_usd": cost, "error_type": None, "error_message": None, "parsed": None,
         }
         if self.validator is not None:

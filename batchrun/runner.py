@@ -49,7 +49,7 @@ from .results import ResultParser
 from .prefetch import prefetched
 from .spec import JobSpec, cached_prefix_tokens, check_api_version, default_cache_ttl, rules_version
 from .budget import BudgetLedger
-from .summary import PAID, budget_text, find_job, job_cost
+from .summary import budget_text, find_job, job_cost
 from .store import FINAL_STATES, LOST_ERRORS_SQL, JobLock, Store, existing_state, now_iso
 
 log = logging.getLogger("batchrun")
@@ -539,7 +539,7 @@ class Runner:
 
     def _paid(self) -> tuple[int, Optional[float]]:
         """(replies the job paid for, what they cost) now: a run's own share is the change over the run."""
-        n = self.store.one(f"SELECT count(*) AS n FROM requests WHERE job_id = ? AND {PAID}", (self.job.id,))["n"]
+        n = self.store.paid_rows(self.job.id)
         return n, self.cost()
 
     def cost(self) -> Optional[float]:

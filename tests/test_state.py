@@ -14,7 +14,8 @@ from tests.test_pipeline import check_output, run_args, source_rows
 def downgrade_to_v2(path: str) -> None:
     """Rewrite a current state file as the first two migrations left it: bodies inside `requests`."""
     c = sqlite3.connect(path, isolation_level=None)
-    later = ("body_id", "free_sends")     # columns of later migrations (m003, m007) that rebuild or alter requests
+    # columns of later migrations (m003, m007, m010) that rebuild or alter requests
+    later = ("body_id", "free_sends", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens")
     cols = [r[1] for r in c.execute("PRAGMA table_info(requests)") if r[1] not in later]
     c.execute("BEGIN")
     c.execute("CREATE TABLE old AS SELECT r.*, b.body FROM requests r JOIN bodies b ON b.id = r.body_id")
@@ -26,7 +27,8 @@ def downgrade_to_v2(path: str) -> None:
     c.execute(f"INSERT INTO requests ({', '.join(cols)}, body) SELECT {', '.join(cols)}, body FROM old")
     c.execute("DROP TABLE old")
     c.execute("CREATE UNIQUE INDEX requests_row ON requests(job_id, row_index)")
-    c.execute("DELETE FROM _batchrun_migrations WHERE name IN ('m003_bodies_apart', 'm007_free_sends')")
+    c.execute("DELETE FROM _batchrun_migrations WHERE name IN ('m003_bodies_apart', 'm007_free_sends', "
+              "'m010_cache_write_split')")
     c.execute("COMMIT")
     c.close()
 

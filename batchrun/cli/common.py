@@ -15,6 +15,7 @@ import click
 from ..errors import (ApiError, AuthError, BatchrunError, ExitCode, NoBatchApiError, SpecError, redact,
                       register_secret)
 from ..spec import Flag, JobSpec, job_flags
+from ..summary import priming_text
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -211,7 +212,7 @@ class ProgressPrinter:
         where = (f"in {p.batches_in_flight} batches ({p.batches_total} created)" if p.mode == "batch"
                  else f"over POST {p.url or '/v1/messages'}")
         if p.priming:
-            where += f", priming the cache: {p.priming} request{'s' if p.priming != 1 else ''}"
+            where += f", {priming_text(p.priming, rest=False)}"
         click.echo(f"progress: {p.done}/{p.total} rows done ({p.failed} failed), "
                    f"{p.counts.get('in_flight', 0)} in flight {where}, {cost}, "
                    f"{format_seconds(p.elapsed)} elapsed{eta}", err=True)
@@ -271,8 +272,7 @@ class ProgressPrinter:
         if p.mode == "batch":
             grid.add_row("batches", f"{p.batches_in_flight:,} in flight · {p.batches_total:,} created")
             if p.priming:
-                grid.add_row("cache", f"priming the cache: {p.priming} request{'s' if p.priming != 1 else ''} "
-                                      "(the rest is sent once it has ended)")
+                grid.add_row("cache", priming_text(p.priming))
         else:
             grid.add_row("mode", f"messages (POST {p.url or '/v1/messages'}, no batches)")
         grid.add_row("cost", f"${p.cost_usd:,.4f}" if p.cost_usd is not None else "unknown (model not priced)")

@@ -130,8 +130,8 @@ def run(job_file, no_wait, resume_canceled, resend_lost, retry_errored, wait_loc
 
 def print_summary(runner, result) -> None:
     """The end-of-run summary: rows by status, failures by cause, tokens and cost by kind."""
-    from ..summary import (cache_line, cache_saved, cost_by_kind, failures_by_cause, invalid_output_reasons,
-                           job_status, usage_problems, usage_text)
+    from ..summary import (cache_line, failures_by_cause, invalid_output_reasons, job_pricing, job_status,
+                           kinds_text, usage_problems, usage_text)
     from .common import format_seconds
     store, spec = runner.store, runner.spec
     job = store.job(result.job_id)
@@ -154,11 +154,9 @@ def print_summary(runner, result) -> None:
     t = st["tokens"]
     echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
          f"{t['cache_read']:,} cache read")
-    kinds = cost_by_kind(store, result.job_id, runner.job.catalog, spec.model, batch=spec.mode == "batch",
-                         cache_ttl=spec.cache_ttl)
-    detail = ""
-    if kinds:
-        detail = " (" + ", ".join(f"{k.replace('_', ' ')} {money(v)}" for k, v in kinds.items()) + ")"
+    pricing = job_pricing(store, result.job_id, runner.job.catalog, spec.model, batch=spec.mode == "batch",
+                          cache_ttl=spec.cache_ttl)
+    detail = f" ({kinds_text(pricing, money)})" if pricing is not None else ""
     if st["reused_rows"]:
         detail += f"; {st['reused_rows']} rows reused answers already paid for"
     echo(f"  cost: {money(result.cost_usd)}{detail}")
@@ -167,8 +165,7 @@ def print_summary(runner, result) -> None:
     else:
         echo(f"  this run: {result.sent:,} requests sent, {result.replies:,} replies recorded, "
              f"{money(result.run_cost_usd)} spent; the job cost {money(result.cost_usd)} in all")
-    cache = cache_line(st["cache"], cache_saved(store, result.job_id, runner.job.catalog, spec.model,
-                                                batch=spec.mode == "batch", cache_ttl=spec.cache_ttl),
+    cache = cache_line(st["cache"], float(pricing.cache_saved) if pricing is not None else None,
                        st["cache"]["priming"])
     if cache:
         echo(f"  {cache}")

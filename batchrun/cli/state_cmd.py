@@ -6,7 +6,8 @@ import json
 import click
 
 from ..errors import InputError
-from ..summary import ROW_STATES, budget_text, cache_line, job_cache_saved, job_status
+from ..states import IN_FLIGHT, INTENT, PENDING
+from ..summary import ROW_STATES, budget_text, cache_line, job_status, kinds_text, stored_pricing
 from ..store import Store, existing_state
 from .common import handle_errors
 
@@ -34,12 +35,16 @@ def status(job, state, as_json):
         if job and not jobs:
             raise InputError(f"no job {job!r} in {state}")
         reports = [job_status(store, j) for j in jobs]
-        for r, j in zip(reports, jobs):
-            r["cache"]["saved_usd"] = job_cache_saved(store, j) if r["cache"]["rows_could"] else None
+        pricings = [stored_pricing(store, j) for j in jobs]
+        for r, pricing in zip(reports, pricings):
+            r["cost_by_kind"] = pricing.shown() if pricing is not None else None
+            r["cache_write_by_ttl"] = pricing.cache_write_by_ttl() if pricing is not None else None
+            r["cache"]["saved_usd"] = (float(pricing.cache_saved) if pricing is not None and r["cache"]["rows_could"]
+                                       else None)
     if as_json:
         click.echo(json.dumps(reports if not job else reports[0], indent=2))
         return
-    for r in reports:
+    for r, pricing in zip(reports, pricings):
         flag = STATE_WORDS[r["state"]]
         name = f" ({r['name']})" if r["name"] else ""
         click.echo(f"job {r['job_id'][:12]}{name}: {flag}")
@@ -51,10 +56,12 @@ def status(job, state, as_json):
         click.echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
                    f"{t['cache_read']:,} cache read; cost {cost}"
                    + (f" (budget {budget_text(r['max_cost'])})" if r["max_cost"] is not None else ""))
+        if pricing is not None and pricing.total:
+            click.echo(f"  cost by kind: {kinds_text(pricing, lambda v: f'${v:.6f}')}")
         if r["cache"]["rows_could"] or r["cache"]["priming"]:
             click.echo(f"  {cache_line(r['cache'], r['cache']['saved_usd'], r['cache']['priming'])}")
         for b in r["batches"]:
-            if b["state"] == "intent" and b["note"]:   # a create whose reply was lost: what it waits for
+            if b["state"] == INTENT and b["note"]:   # a create whose reply was lost: what it waits for
                 click.echo(f"  batch (not known yet): {b['requests']} requests; {b['note']}")
                 continue
             click.echo(f"  batch {b['batch_id'] or '(creating)'}: {b['api_status'] or b['state']}, "
@@ -75,7 +82,7 @@ def jobs(state, as_json):
                                                    "cost_usd", "max_cost", "created_at")} for r in reports], indent=2))
         return
     for r in reports:
-        done = sum(r["counts"][s] for s in ROW_STATES if s not in ("pending", "in_flight"))
+        done = sum(r["counts"][s] for s in ROW_STATES if s not in (PENDING, IN_FLIGHT))
         cost = f"${r['cost_usd']:.4f}" if r["cost_usd"] is not None else "cost unknown"
         click.echo(f"{r['job_id'][:12]}  {r['name'] or '-':20}  {r['model']:22} {done}/{r['rows']} rows  "
                    f"{STATE_WORDS[r['state']]}  {cost}")

@@ -27,7 +27,8 @@ def parse_iso(text: str) -> dt.datetime:
 
 # what a parsed result sets on its row (results.ResultParser gives these keys)
 PARSED_FIELDS = ("text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
-                 "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd", "error_type", "error_message")
+                 "cache_creation_input_tokens", "cache_read_input_tokens", "cache_creation_5m_input_tokens",
+                 "cache_creation_1h_input_tokens", "cost_usd", "error_type", "error_message")
 RESULT_FIELDS = ("result_type",) + PARSED_FIELDS + ("api_batch_id",)
 
 

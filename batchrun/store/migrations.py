@@ -236,3 +236,13 @@ def m009_message_claims(db: sqlite3.Connection) -> None:
     instead of buying it too (see Store.claim_for_messages)."""
     db.execute("ALTER TABLE requests ADD COLUMN claimed_at TEXT")
     db.execute("CREATE INDEX requests_claimed ON requests(job_id) WHERE claimed_at IS NOT NULL")
+
+
+@migration
+def m010_cache_write_split(db: sqlite3.Connection) -> None:
+    """`requests.cache_creation_5m_input_tokens` / `cache_creation_1h_input_tokens`: a reply's cache writes
+    by lifetime, as its usage split them (`usage.cache_creation`; NULL: not split, or recorded before this
+    was kept: priced at the job's cache_ttl). The two are priced apart, so a job's cost by token kind is
+    summed from the same figures as its rows' cost_usd (see models.Catalog.cost_by_kind)."""
+    db.execute("ALTER TABLE requests ADD COLUMN cache_creation_5m_input_tokens INTEGER")
+    db.execute("ALTER TABLE requests ADD COLUMN cache_creation_1h_input_tokens INTEGER")

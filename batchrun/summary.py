@@ -139,8 +139,8 @@ def job_pricing(store: Store, job_id: str, catalog, model: str, *, batch: bool, 
         if kinds is None:
             return None
         total = kinds if total is None else total + kinds
-    if total is None:   # nothing paid yet
-        from .models import CostByKind
+    if total is None:   # nothing paid yet: zero of each kind
+        from .models import CostByKind   # (here: status and jobs start without the catalog's module)
         total = CostByKind()
     return total
 
@@ -209,12 +209,6 @@ def stored_pricing(store: Store, job: dict):
         return None
     return job_pricing(store, job["id"], catalog, job["model"], batch=(job["mode"] or "batch") == "batch",
                        cache_ttl=spec.get("cache_ttl") or "5m")
-
-
-def job_cache_saved(store: Store, job: dict) -> Optional[float]:
-    """cache_saved for a stored job, at the prices of the catalog it was run with."""
-    pricing = stored_pricing(store, job)
-    return None if pricing is None else float(pricing.cache_saved)
 
 
 def stored_catalog(spec: dict):

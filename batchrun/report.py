@@ -22,7 +22,8 @@ from typing import Any, Optional
 from .errors import NoSpaceError
 from .requests import output_schema_for
 from .models import CostByKind
-from .states import INTENT, SUBMITTED
+from .states import (CANCELED, ERRORED, EXPIRED, IN_FLIGHT, INTENT, INVALID_OUTPUT, PENDING, SUBMITTED,
+                     SUCCEEDED)
 from .summary import (ROW_STATES, budget_text, failures_by_cause, invalid_output_reasons, job_status, priming_text,
                       stored_pricing, usage_problems, usage_text)
 from .store import Store, now_iso, parse_iso
@@ -273,8 +274,8 @@ def _failed_rows(store: Store, jid: str, limit: int) -> dict:
 
 # ---- the page ------------------------------------------------------------------------------------
 STATE_COLORS = {
-    "succeeded": "#2e7d32", "errored": "#c62828", "expired": "#ef6c00", "canceled": "#757575",
-    "invalid_output": "#6a1b9a", "pending": "#b0bec5", "in_flight": "#1565c0",
+    SUCCEEDED: "#2e7d32", ERRORED: "#c62828", EXPIRED: "#ef6c00", CANCELED: "#757575",
+    INVALID_OUTPUT: "#6a1b9a", PENDING: "#b0bec5", IN_FLIGHT: "#1565c0",
 }
 KIND_COLORS = {"input": "#1565c0", "output": "#2e7d32", "cache_write": "#ef6c00", "cache_read": "#00838f"}
 CHART_WIDTH = 900

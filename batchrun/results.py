@@ -17,6 +17,7 @@ import jsonschema
 from .errors import ABOUT_REQUEST, error_class
 from .models import Catalog
 from .schema_types import SCHEMA_VALIDATOR, ColumnError, schema_converters
+from .states import ERRORED, EXPIRED, INVALID_OUTPUT, SUCCEEDED
 from .requests import OUTPUT_TOOL
 
 
@@ -117,15 +118,15 @@ class ResultParser:
         if kind == "errored":
             outer = result.get("error") or {}
             inner = outer.get("error") if isinstance(outer.get("error"), dict) else outer
-            return {"result_type": "errored", "state": "errored",
+            return {"result_type": "errored", "state": ERRORED,
                     "error_type": inner.get("type") or "api_error",
                     "error_message": inner.get("message") or "", "cost_usd": NOT_BILLED,
                     "from_api": True}
-        if kind in ("expired", "canceled"):
+        if kind in ("expired", "canceled"):   # (the API's result types: the row's state of the same name)
             return {"result_type": kind, "state": kind, "error_type": kind, "cost_usd": NOT_BILLED,
                     "error_message": "the batch expired before this request ran" if kind == "expired"
                     else "the batch was canceled before this request ran"}
-        return {"result_type": "errored", "state": "errored", "error_type": "unknown_result",
+        return {"result_type": "errored", "state": ERRORED, "error_type": "unknown_result",
                 "error_message": f"unknown result type {kind!r}"}
 
     def message(self, message: dict) -> dict:
@@ -150,7 +151,7 @@ class ResultParser:
         if cost is None:
             self.unpriced = True
         fields: dict[str, Any] = {
-            "result_type": "succeeded", "state": "succeeded", "text": text,
+            "result_type": "succeeded", "state": SUCCEEDED, "text": text,
             "stop_reason": message.get("stop_reason"), "model": message.get("model"),
             "input_tokens": _int(usage.get("input_tokens")),
             "output_tokens": _int(usage.get("output_tokens")),
@@ -193,12 +194,12 @@ class ResultParser:
                 value = json.loads(text)
             except (json.JSONDecodeError, ValueError) as exc:
                 cut = " (the reply was cut at max_tokens)" if fields["stop_reason"] == "max_tokens" else ""
-                fields.update(state="invalid_output", error_type="invalid_output",
+                fields.update(state=INVALID_OUTPUT, error_type="invalid_output",
                               error_message=f"reply is not JSON{cut}: {exc.msg} (char {exc.pos})")
                 return
         problem = self._problem(value)
         if problem is not None:
-            fields.update(state="invalid_output", error_type="invalid_output", error_message=problem[:500])
+            fields.update(state=INVALID_OUTPUT, error_type="invalid_output", error_message=problem[:500])
             return
         fields["parsed"] = json.dumps(value, ensure_ascii=False, sort_keys=True)
 
@@ -235,9 +236,9 @@ def retry_rule(fields: dict) -> Optional[str]:
     API (or a gateway) puts in a result — rate_limit_error, overloaded_error, api_error, authentication,
     billing, permission, a gateway's own — is the service's: errored results are not billed, so the row
     is sent again at no cost but a round trip, and the runner stops a run that keeps meeting them."""
-    if fields["state"] == "expired":
+    if fields["state"] == EXPIRED:
         return ATTEMPT
-    if fields["state"] != "errored":
+    if fields["state"] != ERRORED:
         return None
     if fields.get("from_api"):
         return None if error_class(fields.get("error_type")) == ABOUT_REQUEST else FREE

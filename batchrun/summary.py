@@ -31,7 +31,7 @@ def job_state(finished: bool, canceled: bool, counts: dict, sent: bool) -> str:
         return "finished"
     if canceled:
         return "canceled"
-    if not sent and not counts.get("in_flight"):
+    if not sent and not counts.get(IN_FLIGHT):
         return "planned"
     return "in progress"
 

@@ -20,8 +20,8 @@ def _job(store, job_id: str, rows: int = 3, state: str = PENDING, claimed: bool 
                        "VALUES (?, '{}', 'in', 'out', 'f', 'batch', 'm', 't')", (job_id,))
     for i in range(rows):
         body = store.conn.execute("INSERT INTO bodies (body) VALUES ('{}')").lastrowid
-        store.conn.execute("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body_id, state, claimed_at) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        store.conn.execute("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body_id, state, "
+                           "claimed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (job_id, f"row-{i}", i, f"h{i}", body, state, "t" if claimed else None))
 
 

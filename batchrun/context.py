@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:   # (not imported at run time: the context is a plain record)
-    from .api import ApiClient
+    from .api import Client
     from .budget import BudgetLedger
     from .results import ResultParser
     from .spec import JobSpec
@@ -34,7 +34,7 @@ class BatchContext:
     spec: "JobSpec"
     store: "Store"
     job: Any                                  # the run's Job: id, short_id, model
-    client: Callable[[], "ApiClient"]
+    client: Callable[[], "Client"]
     parser: "ResultParser"
     ledger: "BudgetLedger"
     full_body: Callable[[str], str]           # a stored body -> the full params JSON sent

@@ -20,13 +20,13 @@ The ledger is handed to the drivers; they reserve through it and tell it why the
 """
 from __future__ import annotations
 
-import json
 import logging
 from decimal import ROUND_CEILING, Decimal
 from typing import Callable, Optional
 
 from .errors import InputError
 from .spec import JobSpec
+from .states import IN_FLIGHT
 from .summary import budget_text, job_cost
 
 log = logging.getLogger("batchrun")
@@ -77,39 +77,34 @@ class BudgetLedger:
         Spent: what the results cost, and (messages mode) the maximum of each send of this run that may
         have been billed without a reply (`unreplied`)."""
         reserved = Decimal(0)
-        for b in self.store.q("SELECT id, max_cost FROM batches WHERE job_id = ? "
-                              "AND state IN ('intent', 'submitted', 'ended')", (self.job_id,)):
-            reserved += Decimal(str(b["max_cost"])) if b["max_cost"] is not None else self._unreserved(b["id"])
+        for batch, max_cost in self.store.reservations(self.job_id):
+            reserved += Decimal(str(max_cost)) if max_cost is not None else self._unreserved(batch)
         spent = Decimal(str(job_cost(self.store, self.job_id) or 0.0)) + self.unreplied
         return Decimal(str(self.spec.max_cost)) - spent - reserved, spent, reserved
 
     def _unreserved(self, local: int) -> Decimal:
         """A batch sent before the job had a budget reserved nothing: its rows in flight at their maximum."""
         known = self._unreserved_cache
-        n = self.store.one("SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = 'in_flight'",
-                           (local,))["n"]
+        n = self.store.rows_in_flight(local)
         if local not in known or known[local][0] != n:
-            bodies = self.store.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-                                             "WHERE r.batch_id = ? AND r.state = 'in_flight'", (local,)).fetchall()
-            known[local] = (n, sum((self.estimator.request_max(body) for (body,) in bodies), Decimal(0)))
+            bodies = list(self.store.bodies(batch=local, state=IN_FLIGHT))
+            known[local] = (n, sum((self.estimator.request_max(body) for body in bodies), Decimal(0)))
         return known[local][1]
 
     def check(self) -> Optional[str]:
         """Why nothing more may be sent now; None when the rows still to send fit what is left of the budget."""
         if self.spec.max_cost is None:
             return None
-        row = self.store.one("SELECT count(*) AS n, coalesce(sum(row_index), 0) AS s FROM requests "
-                             "WHERE job_id = ? AND state = 'pending'", (self.job_id,))
-        if not row["n"]:
+        key = self.store.pending_key(self.job_id)
+        if not key[0]:
             return None
-        key = (row["n"], row["s"])
         if self._gate[0] != key:   # the same rows are not estimated twice
             est = self.estimator.estimate()
             if est.cost_usd_max is None:
                 raise InputError(f"max_cost: {self.spec.model} has no prices in the model catalog, so a budget "
                                  "cannot be enforced; add its prices with --models FILE")
             self._gate = (key, Decimal(str(est.cost_usd_max)))
-        return self.over(self._gate[1], f"the {row['n']} rows still to send (at the maximum "
+        return self.over(self._gate[1], f"the {key[0]} rows still to send (at the maximum "
                                         "`batchrun estimate` gives)")
 
     def over(self, cost: Decimal, what: str) -> Optional[str]:
@@ -150,9 +145,4 @@ class BudgetLedger:
 
     def record_max_cost(self) -> None:
         """The stored spec keeps the budget of the job's latest run: status and report show that one."""
-        stored = json.loads(self.store.job(self.job_id)["spec"])
-        if stored.get("max_cost") != self.spec.max_cost:
-            stored["max_cost"] = self.spec.max_cost
-            with self.store.transaction():
-                self.store.conn.execute("UPDATE jobs SET spec = ? WHERE id = ?",
-                                        (json.dumps(stored, sort_keys=True), self.job_id))
+        self.store.record_max_cost(self.job_id, self.spec.max_cost)

@@ -21,11 +21,13 @@ import logging
 import random
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Optional
+from typing import Callable, Optional
 
-from .api import is_anthropic_api
 from .errors import ApiError, AuthError, InputError
-from .requests import canonical_json as canonical
+from .requests import canonical_json as canonical, full_body
+from .spec import PRIME_MIN_ROWS, prefix_cached, primes_cache
+from .states import CANCELED, ERRORED, EXPIRED, IN_FLIGHT, INVALID_OUTPUT, PENDING, SUCCEEDED
+from .store import JobFigures
 
 log = logging.getLogger("batchrun")
 
@@ -66,20 +68,44 @@ class Estimate:
 
 
 class Estimator:
-    def __init__(self, runner):
-        self.runner = runner
-        self.spec = runner.spec
-        self.catalog = runner.job.catalog
+    """The estimate of a job, and the most each request may cost, from what the store holds.
+
+    Handed what it needs, not the runner: the job's spec, its model and the catalog that prices it,
+    `count_tokens(params, retry) -> int` (the API's count, or an ApiError), `figures()` (the store's
+    `job_figures` of the job: rows by state, first body, pending bodies), `sample()` (the bodies of the
+    job's first rows, for its tokens per character before any estimate counted them), `prefix()` (the
+    shared part every stored body is spliced into; see requests.full_body) and whether the endpoint is
+    the Anthropic API (`at_anthropic`: its count_tokens exists, so its transient errors are retried).
+    It keeps what it counted (a run estimates again as it goes), never what the store holds.
+    """
+
+    def __init__(self, spec, catalog, model, *, count_tokens: Callable[[dict, bool], int],
+                 figures: Callable[[], JobFigures], sample: Callable[[], list],
+                 prefix: Callable[[], Optional[str]] = lambda: None, at_anthropic: bool = False):
+        self.spec = spec
+        self.catalog = catalog
+        self.model = model
+        self._count_tokens = count_tokens
+        self._figures = figures
+        self._sample = sample
+        self._prefix = prefix
+        self.at_anthropic = at_anthropic
         self._ratio: Optional[Decimal] = None
-        self._system_tokens: Optional[int] = None
+        self._system_tokens: Optional[tuple] = None
         self._counted: dict = {}      # a body's digest (not the body: it may hold an image) -> its tokens
         self._brackets: dict = {}
         # count_tokens: None until a count succeeds (tried once, without retries); False when the endpoint
         # does not count tokens and every request is approximated from its characters
         self.counts_tokens: Optional[bool] = None
         self.note: Optional[str] = None
-        # messages mode: the maximum of each send of this run that may have run (been billed) with no
-        # reply saying what it cost; the budget counts it as spent
+
+    def _full(self, body: str) -> dict:
+        """The full params of a stored row body (its shared part spliced in)."""
+        return json.loads(full_body(self._prefix(), body))
+
+    def _chars(self, body: str) -> int:
+        """Characters of a request: its row part and its shared part."""
+        return len(body) + len(self._prefix() or "")
 
     # ---- counting --------------------------------------------------------------------------------
     @property
@@ -90,10 +116,9 @@ class Estimator:
         """count_tokens, or None once the endpoint has shown it does not count tokens (said once)."""
         if self.approximate:
             return None
-        client = self.runner.client
-        at_anthropic = is_anthropic_api(self.runner.job.endpoint)   # has count_tokens: its transient errors retried
+        at_anthropic = self.at_anthropic   # has count_tokens: its transient errors retried
         try:
-            n = client.count_tokens(params, retry=bool(self.counts_tokens) or at_anthropic)
+            n = self._count_tokens(params, bool(self.counts_tokens) or at_anthropic)
         except AuthError:
             raise
         except ApiError as exc:
@@ -115,7 +140,7 @@ class Estimator:
         None when the endpoint does not count tokens."""
         known, key = self._counted, _digest(body)
         if key not in known:
-            n = self._api_count(json.loads(self.runner.full_body(body)))
+            n = self._api_count(self._full(body))
             if n is None:
                 return None
             if len(known) >= 20_000:
@@ -126,10 +151,10 @@ class Estimator:
     def approx_tokens(self, body: str) -> tuple[int, int, int]:
         """(expected, minimum, maximum) input tokens of a stored request, from its characters (see the
         module's docstring), for an endpoint that does not count tokens."""
-        return self._approx(json.loads(self.runner.full_body(body)))
+        return self._approx(self._full(body))
 
     def _approx(self, params: dict) -> tuple[int, int, int]:
-        new = bool(self.runner.job.model and self.runner.job.model.new_tokenizer)
+        new = bool(self.model and self.model.new_tokenizer)
         chars, media = _text_chars(params.get("system")) + _text_chars(params.get("messages")), _media(params)
         expected = int((Decimal(chars) / CHARS_PER_TOKEN[new]).to_integral_value(ROUND_CEILING)) + 1000 * media
         low = int((Decimal(chars) / (CHARS_PER_TOKEN[new] * APPROX_LOW)).to_integral_value(ROUND_FLOOR))
@@ -151,7 +176,7 @@ class Estimator:
         cache_system the few-shot turns after it. Counted: one figure; approximated: `which` picks the
         expected (0), minimum (1) or maximum (2) figure."""
         if self._system_tokens is None:
-            params = json.loads(self.runner.full_body(body))
+            params = self._full(body)
             shots = params["messages"][:2 * len(self.spec.few_shot or ())] if self.spec.cache_system else []
             if not params.get("system") and not shots:
                 self._system_tokens = (0, 0, 0)
@@ -174,15 +199,12 @@ class Estimator:
     def ratio(self) -> Decimal:
         """Tokens per character of request body, from a sample of this job's requests."""
         if self._ratio is None:
-            rows = self.runner.store.conn.execute(
-                "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-                "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 2000",
-                (self.runner.job.id,)).fetchall()
+            rows = self._sample()
             sample = random.Random(0).sample(rows, min(len(rows), 20))
-            counts = [self._count(b) for (b,) in sample]
+            counts = [self._count(b) for b in sample]
             if None in counts:    # not counted: approx_tokens serves instead; this ratio is never used
                 return Decimal(1) / CHARS_PER_TOKEN[False]
-            chars = sum(len(self.runner.full_body(b)) for (b,) in sample)
+            chars = sum(len(full_body(self._prefix(), b)) for b in sample)
             self._ratio = Decimal(sum(counts)) / Decimal(max(chars, 1))
         return self._ratio
 
@@ -191,43 +213,44 @@ class Estimator:
         return self.catalog.cost(self.spec.model, usage, batch=self.spec.mode == "batch",
                                  cache_ttl=self.spec.cache_ttl)
 
-    def bracket(self, input_tokens: int, system_tokens: int, max_tokens: int, cacheable: bool
+    def bracket(self, input_tokens: int, system_tokens: int, max_tokens: int, cacheable: Optional[bool]
                 ) -> tuple[Optional[Decimal], Optional[Decimal]]:
-        """(min, max) cost of one request."""
+        """(min, max) cost of one request. `cacheable` (see `cacheable`): True, its cached prefix is read
+        (minimum) or written (maximum); None, it may not be cached at all (minimum) or written (maximum);
+        False, every input token at the input price."""
         key = (input_tokens, system_tokens, max_tokens, cacheable)
         known = self._brackets.get(key)
         if known is None:    # rows share a few hundred token counts: each is priced once
-            rest = max(input_tokens - (system_tokens if cacheable else 0), 0)
-            cached = system_tokens if cacheable else 0
-            low = self._cost({"input_tokens": rest, "output_tokens": 0, "cache_read_input_tokens": cached})
-            high = self._cost({"input_tokens": rest, "output_tokens": max_tokens,
-                               "cache_creation_input_tokens": cached})
+            read = system_tokens if cacheable else 0
+            written = system_tokens if cacheable is not False else 0
+            low = self._cost({"input_tokens": max(input_tokens - read, 0), "output_tokens": 0,
+                              "cache_read_input_tokens": read})
+            high = self._cost({"input_tokens": max(input_tokens - written, 0), "output_tokens": max_tokens,
+                               "cache_creation_input_tokens": written})
             known = self._brackets[key] = (low, high)
             if len(self._brackets) > 100_000:
                 self._brackets.clear()
         return known
 
-    def cacheable(self, system_tokens: int) -> bool:
-        model = self.runner.job.model
-        if not (self.spec.cache_system and system_tokens):
+    def cacheable(self, system_tokens: int) -> Optional[bool]:
+        """Whether the cached prefix (`system_tokens` of it) is cached: spec.prefix_cached for the job's
+        model, False without cache_system. None (the model's minimum is not known): it is neither priced
+        as read (the minimum) nor taken as never written (the maximum, which a budget must hold)."""
+        if not self.spec.cache_system:
             return False
-        minimum = model.cache_min_tokens if model and model.cache_min_tokens else 1024
-        return system_tokens >= minimum
+        return prefix_cached(system_tokens, self.model)
 
     # ---- the estimate ----------------------------------------------------------------------------
-    def estimate(self) -> Estimate:
-        runner, spec = self.runner, self.spec
-        jid = runner.job.id
-        store = runner.store
-        counts = store.counts(jid)
-        pending = store.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-                                     "WHERE r.job_id = ? AND r.state = 'pending' ORDER BY r.row_index", (jid,))
-        bodies_n = counts.get("pending", 0)
-        first = store.one("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
-                          "WHERE r.job_id = ? ORDER BY r.row_index LIMIT 1", (jid,))
-        sys_tokens = self.system_tokens(first["body"]) if first else 0
+    def estimate(self, spent_usd: Optional[float] = None) -> Estimate:
+        """The estimate of what is still to be paid: the rows still to send (the store's figures), priced
+        (`spent_usd`: what the job has spent, shown with it)."""
+        spec = self.spec
+        figures = self._figures()
+        counts, pending, first = figures.counts, figures.pending, figures.first
+        bodies_n = counts.get(PENDING, 0)
+        sys_tokens = self.system_tokens(first) if first else 0
         if first and self.counts_tokens is None:   # one try at counting tokens before the rows are priced
-            self._count(first["body"])
+            self._count(first)
         cacheable = self.cacheable(sys_tokens)
         low = high = Decimal(0)
         unknown = False
@@ -243,9 +266,9 @@ class Estimator:
 
         if self.approximate:
             method, sample_n = "approximate", 0
-            sys_low, sys_high = (self.system_tokens(first["body"], 1), self.system_tokens(first["body"], 2)) \
+            sys_low, sys_high = (self.system_tokens(first, 1), self.system_tokens(first, 2)) \
                 if first else (0, 0)
-            for (body,) in pending:
+            for body in pending:
                 tokens, least, most = self.approx_tokens(body)
                 total_tokens += tokens
                 mt = self.max_tokens(body)
@@ -253,12 +276,12 @@ class Estimator:
         elif bodies_n <= EXACT_LIMIT:
             method, sample_n = "exact", bodies_n
             chars = 0
-            for (body,) in pending:
+            for body in pending:
                 tokens = self._count(body)
                 if tokens is None:    # the endpoint stopped counting: every row approximated instead
-                    return self.estimate()
+                    return self.estimate(spent_usd)
                 total_tokens += tokens
-                chars += len(body) + len(runner.prefix or "")
+                chars += self._chars(body)
                 add(*self.bracket(tokens, sys_tokens, self.max_tokens(body), cacheable))
             if chars:
                 self._ratio = Decimal(total_tokens) / Decimal(chars)
@@ -266,8 +289,8 @@ class Estimator:
             method = "sampled"
             lengths, max_tokens, bodies = [], [], []
             rnd = random.Random(0)
-            for i, (body,) in enumerate(pending):   # reservoir sample, one pass, bounded memory
-                lengths.append(len(body) + len(runner.prefix or ""))
+            for i, body in enumerate(pending):   # reservoir sample, one pass, bounded memory
+                lengths.append(self._chars(body))
                 max_tokens.append(self.max_tokens(body))
                 if len(bodies) < SAMPLE_SIZE:
                     bodies.append((i, body))
@@ -278,8 +301,8 @@ class Estimator:
             sample_n = len(bodies)
             counted = {i: self._count(b) for i, b in bodies}
             if None in counted.values():
-                return self.estimate()
-            chars = sum(len(b) + len(runner.prefix or "") for _, b in bodies)
+                return self.estimate(spent_usd)
+            chars = sum(self._chars(b) for _, b in bodies)
             ratio = self._ratio = Decimal(sum(counted.values())) / Decimal(chars)
             for i, (length, mt) in enumerate(zip(lengths, max_tokens)):
                 tokens = most = counted.get(i)
@@ -295,24 +318,27 @@ class Estimator:
             first_read = self._cost({"cache_read_input_tokens": sys_tokens})
             if first_write is not None and first_read is not None:
                 low += first_write - first_read
-        failed = sum(n for s, n in counts.items() if s in ("errored", "expired", "canceled", "invalid_output"))
+        failed = sum(n for s, n in counts.items() if s in (ERRORED, EXPIRED, CANCELED, INVALID_OUTPUT))
         return Estimate(
             requests=bodies_n, input_tokens=total_tokens, system_tokens=sys_tokens,
             # rounded outwards: a budget of the maximum shown covers every request of it
             cost_usd_min=None if unknown else float(low.quantize(CENT_MILLIONTH, rounding=ROUND_FLOOR)),
             cost_usd_max=None if unknown else float(high.quantize(CENT_MILLIONTH, rounding=ROUND_CEILING)),
-            method=method, sample_size=sample_n, done=counts.get("succeeded", 0), failed=failed,
-            in_flight=counts.get("in_flight", 0), remaining=bodies_n, spent_usd=runner.cost(),
+            method=method, sample_size=sample_n, done=counts.get(SUCCEEDED, 0), failed=failed,
+            in_flight=counts.get(IN_FLIGHT, 0), remaining=bodies_n, spent_usd=spent_usd,
             max_tokens=spec.max_tokens, model=spec.model, batch=spec.mode == "batch",
-            cache=self.cache_plan(bodies_n) if cacheable else None)
+            cache=self.cache_plan(bodies_n, cacheable) if cacheable is not False else None)
 
-    def cache_plan(self, requests: int) -> str:
+    def cache_plan(self, requests: int, cacheable: Optional[bool] = True) -> str:
         """The plan the bracket's minimum prices: one write, then reads. In batch mode, that is what
-        priming does (runner.primes_cache); without it a cold batch may write once per row."""
-        from .spec import PRIME_MIN_ROWS, primes_cache
+        priming does (spec.primes_cache); without it a cold batch may write once per row. A model whose
+        minimum cacheable prompt is not known: no cache at the minimum, every request writing it at the maximum."""
+        if cacheable is None:
+            return (f"the minimum cacheable prompt of {self.spec.model} is not known: the minimum prices no cache, "
+                    "the maximum every request writing it")
         if self.spec.mode != "batch":
             return "one request writes the cache, the others read it (minimum); every one writes it (maximum)"
-        if primes_cache(self.spec, self.runner.job.model) and requests >= PRIME_MIN_ROWS:
+        if primes_cache(self.spec, self.model) and requests >= PRIME_MIN_ROWS:
             return ("primed: 1 request is sent alone first and writes the cache, the others read it once it "
                     "has ended (minimum); every one writes it (maximum)")
         if not self.spec.cache_prime:
@@ -331,7 +357,7 @@ class Estimator:
         """
         tokens = self._counted.get(_digest(body))
         if tokens is None and not self.approximate:
-            tokens = self.uncounted_tokens(len(body) + len(self.runner.prefix or ""))   # may find it cannot count
+            tokens = self.uncounted_tokens(self._chars(body))   # may find it cannot count
         sys_tokens = self.system_tokens(body)
         if self.approximate:   # the estimate's own maximum for this row (see `estimate`)
             tokens = self.approx_tokens(body)[2]

@@ -19,38 +19,28 @@ be killed at any moment and called again (from cron, say) to pick up exactly whe
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-from decimal import Decimal
 import logging
-import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import pyarrow as pa
-
-from .api import (ApiClient, AsyncClient, BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_key, endpoint_text,
-                  is_anthropic_api,
-                  is_loopback_endpoint)
-from . import failpoints
+from .api import ApiClient, AsyncClient, LEGACY_LOOPBACK, endpoint_key, is_anthropic_api, is_loopback_endpoint
 from .adoption import Adoption
 from .batches import BatchDriver
 from .collector import Collector, ServiceErrors
 from .context import BatchContext, RunCounters
 from .errors import BudgetError, ExitCode, InputError, LockedError, NotFoundError
-from .inputs import ColumnTypeConflict, InputSource
-from .models import Catalog, CatalogError, ModelInfo, load_catalog
-from .output import OutputWriter, check_column_names, check_partition, check_writable
-from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, output_schema_for,
-                       params_hash, shared_params_hash, splice_prefix)
+from .models import Catalog
+from .output import check_writable
+from .requests import RequestBuilder, output_schema_for
 from .results import ResultParser
-from .prefetch import prefetched
-from .spec import JobSpec, cached_prefix_tokens, check_api_version, default_cache_ttl, rules_version
+from .spec import JobSpec, check_api_version
 from .budget import BudgetLedger
-from .summary import budget_text, find_job, job_cost
-from .store import FINAL_STATES, LOST_ERRORS_SQL, JobLock, Store, existing_state, now_iso
+from .job import Job, resolve_connection, sent_elsewhere
+from .planner import Planner
+from .summary import find_job, job_cost
+from .store import FINAL_STATES, JobLock, Store, existing_state
 
 log = logging.getLogger("batchrun")
 
@@ -113,123 +103,6 @@ class Step:
     sent: int               # batches created (or adopted) this round; messages mode: rows answered
 
 
-def resolve_connection(api_key: Optional[str], base_url: Optional[str]) -> tuple[Optional[str], str, str]:
-    """Key and base URL as the official SDK reads them; returns (key, key_source, base_url)."""
-    if api_key:
-        source = "--api-key"
-    else:
-        api_key, source = os.environ.get("ANTHROPIC_API_KEY"), "ANTHROPIC_API_KEY"
-    base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
-    return api_key, source, base
-
-
-def warnings_for(spec: JobSpec, model: Optional[ModelInfo], builder: Optional[RequestBuilder]) -> list:
-    """Things that will work but probably not as the user hopes."""
-    out = []
-    if model is None:
-        return out
-    if spec.cache_system and (spec.system or spec.few_shot):
-        approx = cached_prefix_tokens(spec)
-        minimum = model.cache_min_tokens
-        what = "the system prompt" if not spec.few_shot else "the cached prefix (system prompt and few-shot turns)"
-        if minimum is None:
-            out.append(f"cache_system: the minimum cacheable prompt of {spec.model} is not known; "
-                       "check cache_creation_input_tokens in the output")
-        elif approx < minimum:
-            out.append(f"cache_system: {what} is about {approx} tokens, below the {minimum}-token "
-                       f"minimum {spec.model} caches: it will not be cached")
-    elif spec.cache_system:
-        out.append("cache_system: there is no system prompt (or few-shot turns) to cache")
-    thinking = (spec.thinking or {}).get("type") or model.thinking_default
-    if thinking in ("enabled", "adaptive"):
-        budget = (spec.thinking or {}).get("budget_tokens") or 0
-        room = spec.max_tokens - budget
-        if spec.max_tokens < 1024 or (budget and room < 256):
-            out.append(f"max_tokens: {spec.model} thinks ({thinking}) within max_tokens = {spec.max_tokens}; "
-                       "leave room for the answer (e.g. max_tokens ≥ 1024 above any thinking budget)")
-    return out
-
-
-class Job:
-    """A job made ready to run: its spec checked against the catalog, its input opened and hashed.
-
-    Nothing here touches the network.
-    """
-
-    def __init__(self, spec: JobSpec, *, catalog: Optional[Catalog] = None, allow_unknown_model: bool = False,
-                 endpoint: Optional[str] = None, job_id: Optional[str] = None):
-        self.spec = spec
-        self.endpoint = endpoint   # endpoint_key() of the service the job is sent to
-        try:
-            self.catalog = catalog or load_catalog(spec.models_file)
-        except CatalogError as exc:
-            raise InputError(str(exc)) from None
-        self.model: Optional[ModelInfo] = self.catalog.resolve(spec.model)
-        if self.model is None and not allow_unknown_model:
-            raise InputError(f"model: unknown model {spec.model!r} (not in the model catalog; add it with "
-                             "--models FILE, or pass --allow-unknown-model to run it with cost unknown)")
-        if self.model is not None and job_id is None and not self.catalog.is_listed(spec.model):
-            log.warning("model: %s is not in the model catalog; it is taken as a snapshot of %s (its prices and "
-                        "rules); add it with --models-file FILE if it differs", spec.model, self.model.id)
-        self.store = Store(spec.state_path)
-        self.legacy_loopback: Optional[str] = None   # see Runner._continue_legacy_loopback
-        if job_id is None:
-            self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
-            self.fingerprint = self.source.fingerprint()
-            self.id = self.id_for(spec)
-            if endpoint is not None and not self.store.job(self.id):
-                # planned before the endpoint was part of a job's identity (its endpoint not kept): it is
-                # this job, with its batches in flight and its answers, not a new one to pay for again
-                legacy = self.store.job(spec.identity(self.fingerprint))
-                if legacy is not None and legacy["endpoint"] is None:
-                    self.id = legacy["id"]
-                elif is_loopback_endpoint(endpoint):
-                    # planned when every loopback URL counted as one endpoint: this job only if this
-                    # server proves it (Runner._continue_legacy_loopback)
-                    legacy = self.store.job(spec.identity(self.fingerprint, LEGACY_LOOPBACK))
-                    if legacy is not None and legacy["endpoint"] == LEGACY_LOOPBACK:
-                        self.legacy_loopback = legacy["id"]
-            if spec.cache_ttl_defaulted and spec.cache_ttl == "1h" and not self.store.job(self.id) \
-                    and self.legacy_loopback is None:
-                self._five_minute_job(spec)
-        else:  # a job already in the state file, its input not read (see Runner.for_stored_job)
-            self.source, self.fingerprint, self.id = None, None, job_id
-
-    def _five_minute_job(self, spec: JobSpec) -> None:
-        """A cached batch job planned when batch jobs cached for 5 minutes by default is that job, with its
-        5-minute requests, not a new one to pay for again."""
-        old = dataclasses.replace(spec, cache_ttl="5m")
-        row = self.store.job(self.id_for(old))
-        if row is None and self.endpoint is not None:   # (and planned before the endpoint was kept)
-            row = self.store.job(old.identity(self.fingerprint))
-            row = row if row is not None and row["endpoint"] is None else None
-        if row is not None:
-            self.id, spec.cache_ttl = row["id"], "5m"
-            log.info("job %s: planned with the 5-minute cache (the default then): it keeps it", self.short_id)
-
-    def id_for(self, spec: JobSpec) -> str:
-        """The id `spec` has over this job's input, endpoint and catalog (this job's own id for its own spec)."""
-        return spec.identity(self.fingerprint, self.endpoint, self.catalog.fingerprint)
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:12]
-
-    def close(self) -> None:
-        self.store.close()
-
-
-def sent_elsewhere(job_id: str, sent_to: Optional[str], here: Optional[str]) -> Optional[str]:
-    """Why a stored job cannot be moved on through the endpoint `here` (an `endpoint_key`, "" or None
-    for the Anthropic API): it was sent to `sent_to` (its recorded endpoint; None: not recorded)."""
-    if sent_to is None or sent_to == (here or ""):
-        return None
-    hint = ("only `batchrun run --emulator` moves it on (the emulator's batches end with the command that "
-            "started it)" if sent_to == BUILTIN_EMULATOR else
-            "set ANTHROPIC_BASE_URL (or --base-url, base_url=) to its endpoint")
-    return f"job {job_id[:12]} was sent to {endpoint_text(sent_to)}, not to {endpoint_text(here or None)}: {hint}"
-
-
 class Runner:
     """Runs one job. The library API (`batchrun.run`) and the CLI both go through here."""
 
@@ -274,7 +147,9 @@ class Runner:
         self._started = time.monotonic()
         self._paid_before: Optional[tuple] = None      # (replies paid, cost) when this run began
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
+        self._estimator = None                         # see estimator
         self.ledger = BudgetLedger(spec, self.store, self.job, lambda: self.estimator)   # max_cost (budget.py)
+        self.planner = Planner(spec, self.job, self.store, self.parser, self.ledger, self._note)
         # batch mode's drivers (batches.py, adoption.py, collector.py), handed what they need
         self.counters = RunCounters()                  # this run's batches created and requests sent
         self.service_errors = ServiceErrors()          # errored results that were the service's (batch mode)
@@ -448,12 +323,8 @@ class Runner:
     def start(self) -> None:
         """What every run does first, under the job's lock: plan (once), and apply the run's options."""
         self.plan()
-        if self.resume_canceled:
-            self._resume_canceled()
-        if self.resend_lost:
-            self._resend_lost()
-        if self.retry_errored:
-            self._retry_errored()
+        self.planner.apply_options(resume_canceled=self.resume_canceled, resend_lost=self.resend_lost,
+                                   retry_errored=self.retry_errored)
         self.ledger.record_max_cost()
         self._paid_before = self._paid()
 
@@ -462,9 +333,7 @@ class Runner:
         store, job = self.store, self.job
         rows = self.write_output()
         counts = store.counts(job.id)
-        with store.transaction():
-            store.conn.execute("UPDATE jobs SET finished_at = coalesce(finished_at, ?), output_written_at = ? "
-                               "WHERE id = ?", (now_iso(), now_iso(), job.id))
+        store.mark_written(job.id)
         failed = sum(n for s, n in counts.items() if s != "succeeded")
         result = self.result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
         result.rows = rows
@@ -475,7 +344,7 @@ class Runner:
         self.check_connection_settings()
         with self.locked():
             self.plan()
-            return self.estimator.estimate()
+            return self.estimator.estimate(spent_usd=self.cost())
 
     def identify(self) -> str:
         """This job's id, once settled: a job planned under the old loopback key is this one only when
@@ -556,254 +425,30 @@ class Runner:
                                   url=self._client.full_url("v1/messages") if self._client is not None else None,
                                   priming=self.store.primer_requests(self.job.id)))
 
-    # ---- plan ----------------------------------------------------------------------------------
-    def plan(self) -> None:
-        """Read, validate and render the whole input, and store its requests: all or nothing."""
-        store, job, spec = self.store, self.job, self.spec
-        existing = store.job(job.id) or self._take_over_other_mode()
-        if existing and existing["planned_at"]:
-            self._load_plan(existing)
-            return
-        while True:
-            try:
-                with store.transaction():
-                    store.conn.execute(
-                        "INSERT OR REPLACE INTO jobs (id, name, spec, input, output, input_fingerprint, mode, model, "
-                        "endpoint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (job.id, spec.name, spec.to_json(), spec.input, spec.output, job.fingerprint, spec.mode,
-                         spec.model, job.endpoint or "", now_iso()))
-                    n = self._plan_rows()
-                    failpoints.hit("plan")
-                    if job.source.fingerprint() != job.fingerprint:   # the rows read are not the job's input
-                        raise InputError(f"{spec.input} changed while it was being read: nothing planned, nothing "
-                                         "sent; run the same command again once it is written")
-                    store.conn.execute("UPDATE jobs SET planned_at = ?, rows = ?, column_types = ?, shared_params = ? "
-                                       "WHERE id = ?",
-                                       (now_iso(), n, json.dumps(job.source.pins()),
-                                        canonical_json(self.builder.shared), job.id))
-                    store.event(job.id, "info", f"planned {n} requests")
-                break
-            except ColumnTypeConflict:   # the source pinned what did not hold: plan again from the start
-                pass
-        for warning in warnings_for(spec, job.model, self.builder):
-            log.warning("%s", warning)
-        self.reuse_answers()
-        log.info("job %s: %d rows planned (%s, model %s)", job.short_id, n, spec.input, spec.model)
-
-    def _take_over_other_mode(self) -> Optional[dict]:
-        """The same job planned in the other mode and never sent (a gateway without batches refused the
-        batch mode, say) is this job: it continues in this mode, with its rows, rather than a new job."""
-        if self.job.fingerprint is None:
-            return None
-        other = "batch" if self.spec.mode == "messages" else "messages"
-        other_spec = dataclasses.replace(self.spec, mode=other)
-        if self.spec.cache_ttl_defaulted:   # that mode's own default
-            other_spec.cache_ttl = default_cache_ttl(other, self.spec.cache_system)
-        other_id = self.job.id_for(other_spec)
-        if self.store.job(other_id) is None:   # (no lock file made for a job that is not there)
-            return None
-        lock = JobLock(self.spec.state_path, other_id)
-        try:
-            lock.acquire(probe=True)
-        except LockedError:
-            return None   # a run is moving it: not ours to take
-        try:
-            if not self.store.rekey_job(other_id, self.job.id, self.spec.mode):
-                return None
-        finally:
-            lock.release()
-        log.info("job %s: continues the same job planned in %s mode (nothing of it was sent)", self.job.short_id,
-                 other)
-        return self.store.job(self.job.id)
-
-    def _load_plan(self, row: dict) -> None:
-        self.job.source.pin(json.loads(row["column_types"] or "{}"))
-        self._builder_for(self.job.source.schema)
-        self.prefix = splice_prefix(json.loads(row["shared_params"])) if row["shared_params"] else None
+    # ---- planning, answers reused, the run's options, the output: the planner (planner.py) -----------
+    @property
+    def builder(self) -> Optional[RequestBuilder]:
+        """The job's request builder, once planned (the planner's; None before)."""
+        return self.planner.builder
 
     def full_body(self, row_body: str) -> str:
         """The full params JSON of a stored request."""
-        return full_body(self.prefix, row_body)
+        return self.planner.full_body(row_body)
 
-    def _builder_for(self, input_schema: pa.Schema) -> RequestBuilder:
-        columns = input_schema.names
-        builder = RequestBuilder(self.spec, self.job.model, columns, input_name=self.spec.input)
-        check_partition(input_schema, builder.schema, self.spec.partition_by, self.spec.input)
-        for note in check_column_names(columns, builder.schema):
-            if note not in self.notes:
-                self.notes.append(note)
-                log.warning("%s", note)
-        self.parser.schema = builder.schema   # (its validator and column converters with it)
-        self.builder = builder
-        return builder
-
-    def _plan_rows(self) -> int:
-        spec, job, conn = self.spec, self.job, self.store.conn
-        source = job.source
-        builder: Optional[RequestBuilder] = None
-        index = 0
-        for batch, text in prefetched(source.batches_with_text()):   # the next block is read while this one is planned
-            if builder is None:
-                try:
-                    if spec.id_column and spec.id_column not in batch.schema.names:
-                        raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
-                                         f"(columns: {', '.join(batch.schema.names[:12])})")
-                    builder = self._builder_for(batch.schema)
-                except InputError:
-                    source.widen()   # a JSONL key first seen past the first block: read again knowing it
-                    raise
-                check = RowCheck(builder, job.model, rules_version(spec.api_version))
-                # an answer is reused only from the same service, under the same API version
-                shared_hash = shared_params_hash(canonical_json(builder.shared), job.endpoint, spec.api_version)
-                self.prefix = splice_prefix(builder.shared)
-            n = batch.num_rows
-            if spec.id_column:
-                raw_ids = batch.column(spec.id_column).to_pylist()   # as shown in messages
-                ids = []
-                for i, value in enumerate(text.column(spec.id_column).to_pylist()):   # as written
-                    if value is None or (isinstance(value, str) and value.strip() == ""):
-                        raise InputError(f"{spec.input}: row {index + i + 1}: id column {spec.id_column!r} is empty")
-                    ids.append(custom_id_for(value))
-            else:
-                raw_ids = None
-                ids = [f"row-{index + i}" for i in range(n)]
-            rows = builder.rows(batch, text)
-            records, bodies = [], []
-            for i in range(n):
-                where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
-                try:
-                    part = builder.row_part(rows[i], where)
-                except InputError:
-                    source.widen()   # a key inside an object first seen past the first block (meta.late): read again
-                    raise
-                check(part, where)
-                body = canonical_json(part)
-                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash)))
-                bodies.append(body)
-            if len(set(ids)) != n:
-                seen: dict = {}
-                for i, cid in enumerate(ids):
-                    if cid in seen:
-                        raise self._duplicate(raw_ids[i] if raw_ids else cid, seen[cid], index + i)
-                    seen[cid] = index + i
-            try:
-                # bodies get consecutive ids after the largest one (inside the plan's transaction)
-                base = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM bodies").fetchone()[0]
-                conn.executemany("INSERT INTO bodies (id, body) VALUES (?, ?)", zip(range(base, base + n), bodies))
-                conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body_id) "
-                                 "VALUES (?, ?, ?, ?, ?)", [(*r, base + i) for i, r in enumerate(records)])
-            except sqlite3.IntegrityError:
-                for i, cid in enumerate(ids):
-                    prior = conn.execute("SELECT row_index FROM requests WHERE job_id = ? AND custom_id = ?",
-                                         (job.id, cid)).fetchone()
-                    if prior is not None and prior[0] != index + i:
-                        raise self._duplicate(raw_ids[i] if raw_ids else cid, prior[0], index + i) from None
-                raise
-            index += n
-        if index == 0:
-            if spec.shard:
-                raise InputError(f"{spec.input}: shard {spec.shard} has no rows (the input has fewer rows than "
-                                 "shards, or none)")
-            raise InputError(f"{spec.input}: input is empty (no rows)")
-        return index
-
-    def _duplicate(self, value, first: int, second: int) -> InputError:
-        return InputError(f"{self.spec.input}: duplicate id {value!r} in column {self.spec.id_column!r} "
-                          f"(rows {first + 1} and {second + 1})")
-
-    # ---- answers already paid for ----------------------------------------------------------------
-    def _alone(self) -> bool:
-        """True when this job is the only one in its state file (no answers to share, no twins)."""
-        return self.store.alone(self.job.id)
+    def plan(self) -> None:
+        self.planner.plan()
 
     def reuse_answers(self) -> int:
-        """Pending rows whose exact request another job in this state file has had answered (and paid
-        for) — a reply that fit, or one that did not fit the schema — take that answer: not sent again."""
-        store, job = self.store, self.job
-        if self._alone():
-            return 0
-        copied = ("state", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
-                  "cache_creation_input_tokens", "cache_read_input_tokens", "api_batch_id", "error_type",
-                  "error_message")
-        rows = store.conn.execute(
-            "SELECT r.custom_id, o.job_id, " + ", ".join(f"o.{c}" for c in copied) + " "
-            "FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
-            "AND o.state IN ('succeeded', 'invalid_output') AND o.job_id != r.job_id AND o.reused_from IS NULL "
-            "WHERE r.job_id = ? AND r.state = 'pending' GROUP BY r.custom_id", (job.id,)).fetchall()
-        if not rows:
-            return 0
-        with store.transaction():
-            store.conn.executemany(
-                "UPDATE requests SET reused_from = ?, " + ", ".join(f"{c} = ?" for c in copied) +
-                ", result_type = state, cost_usd = 0.0, finished_at = ? WHERE job_id = ? AND custom_id = ?",
-                [(r[1], *r[2:], now_iso(), job.id, r[0]) for r in rows])
-            store.event(job.id, "info", f"{len(rows)} rows answered by earlier jobs: not sent again")
-        log.info("job %s: %d rows reuse answers already paid for in this state file", job.short_id, len(rows))
-        return len(rows)
+        return self.planner.reuse_answers()
 
-    def _resend_lost(self) -> None:
-        """Rows whose batch or results the API no longer has are sent again (--resend-lost): paid again."""
-        with self.store.transaction():
-            n = self.store.conn.execute(
-                "UPDATE requests SET state = 'pending', batch_id = NULL, api_batch_id = NULL, result_type = NULL "
-                f"WHERE job_id = ? AND state = 'errored' AND error_type IN {LOST_ERRORS_SQL}",
-                (self.job.id,)).rowcount
-            if n:
-                self.store.conn.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (self.job.id,))
-        if n:
-            log.info("job %s: %d rows whose batch or results are gone, or whose result never came, will be sent "
-                     "again", self.job.short_id, n)
+    def write_output(self) -> int:
+        return self.planner.write_output()
 
-    def _retry_errored(self) -> None:
-        """--retry-errored: rows that ended errored (a gateway's own errors, a wrong key, errors whose attempts
-        ran out) are sent again, after saying how many and the most they may cost; each starts its attempts
-        afresh. Succeeded rows are never sent again; rows whose batch or results are gone, or whose result
-        line never came (they may have been paid for), only with --resend-lost."""
-        store, job = self.store, self.job
-        rows = store.conn.execute(
-            "SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? AND r.state = 'errored' "
-            f"AND coalesce(r.error_type, '') NOT IN {LOST_ERRORS_SQL}", (job.id,)).fetchall()
-        if not rows:
-            log.info("job %s: --retry-errored: no row ended errored", job.short_id)
-            return
-        try:
-            most_usd: Optional[Decimal] = sum((self.estimator.request_max(body) for (body,) in rows), Decimal(0))
-            most = f"${most_usd:.6f}"
-        except InputError:    # an unpriced model (a budget then refuses it below, as every run does)
-            most_usd, most = None, "an unknown amount (the model is not priced)"
-        if most_usd is not None and self.spec.max_cost is not None:
-            # all of them or none: a budget too small for them leaves them errored, their errors kept (a
-            # later run without the flag must not send them)
-            why = self.ledger.over(most_usd, f"--retry-errored: the {len(rows)} rows that ended errored")
-            if why is not None:
-                raise BudgetError(self.ledger.stop_message(why + " (nothing sent: they stay errored)",
-                                                    store.counts(job.id)))
-        canceled = store.one("SELECT canceled_at FROM jobs WHERE id = ?", (job.id,))["canceled_at"]
-        with store.transaction():
-            n = store.conn.execute(
-                "UPDATE requests SET state = 'pending', attempts = 0, free_sends = 0, batch_id = NULL, api_batch_id = NULL, "
-                "result_type = NULL, error_type = NULL, error_message = NULL, finished_at = NULL "
-                f"WHERE job_id = ? AND state = 'errored' AND coalesce(error_type, '') NOT IN {LOST_ERRORS_SQL}",
-                (job.id,)).rowcount
-            # a canceled job too: sending its errored rows is what was asked (else they would end canceled,
-            # their errors lost); its canceled rows stay canceled unless --resume-canceled
-            store.conn.execute("UPDATE jobs SET finished_at = NULL, canceled_at = NULL WHERE id = ?", (job.id,))
-            store.event(job.id, "info", f"--retry-errored: {n} errored rows sent again")
-        if canceled:
-            log.warning("job %s: --retry-errored: the job was canceled; its errored rows are sent again, its "
-                        "canceled rows stay canceled (--resume-canceled sends them)", job.short_id)
-        log.warning("job %s: --retry-errored: %d rows that ended errored are sent again; they may cost up to %s%s",
-                    job.short_id, n, most, f" (the budget, {budget_text(self.spec.max_cost)}, still holds)"
-                    if self.spec.max_cost is not None else "")
-
-    def _resume_canceled(self) -> None:
-        with self.store.transaction():
-            n = self.store.conn.execute("UPDATE requests SET state = 'pending', batch_id = NULL, result_type = NULL "
-                                        "WHERE job_id = ? AND state = 'canceled'", (self.job.id,)).rowcount
-            self.store.conn.execute("UPDATE jobs SET canceled_at = NULL, finished_at = NULL WHERE id = ?",
-                                    (self.job.id,))
-        if n:
-            log.info("job %s: %d canceled rows will be sent again", self.job.short_id, n)
+    def _note(self, note: str) -> None:
+        """A note for the run's result, said (logged) once."""
+        if note not in self.notes:
+            self.notes.append(note)
+            log.warning("%s", note)
 
     # ---- messages mode ---------------------------------------------------------------------------
     def messages_step(self) -> bool:
@@ -825,38 +470,18 @@ class Runner:
     # ---- budget --------------------------------------------------------------------------------
     @property
     def estimator(self):
-        if getattr(self, "_estimator", None) is None:
+        """The job's estimator (made on first use: counting tokens may call the API), handed the store's
+        figures of the job, its model and catalog, and the client's count_tokens."""
+        if self._estimator is None:
             from .estimator import Estimator
-            self._estimator = Estimator(self)
+            store = self.store
+            self._estimator = Estimator(
+                self.spec, self.job.catalog, self.job.model,
+                count_tokens=lambda params, retry: self.client.count_tokens(params, retry=retry),
+                figures=lambda: store.job_figures(self.job.id),
+                sample=lambda: list(store.bodies(self.job.id, limit=2000)),
+                prefix=lambda: self.planner.prefix, at_anthropic=is_anthropic_api(self.job.endpoint))
         return self._estimator
-
-    # ---- write ---------------------------------------------------------------------------------
-    def write_output(self) -> int:
-        row = self.store.job(self.job.id)
-        source = InputSource(self.spec.input, limit=self.spec.limit, shard=self.spec.shard_pair,
-                             shard_key=self.spec.id_column)
-        source.pin(json.loads(row["column_types"] or "{}"))
-        writer = OutputWriter(self.store, self.job.id, self.builder.schema if hasattr(self, "builder") else None,
-                              text_prefix=self.spec.prefill if self.spec.prefill_in_text else None)
-        # rows are joined to their replies by position: only the input that was planned may be joined,
-        # so it is checked before the output is written, and again before it is put in place
-        check = lambda: self._check_input_unchanged(source)   # noqa: E731
-        check()
-        n = writer.write(source, self.spec.output, partition_by=self.spec.partition_by, before_swap=check)
-        log.info("job %s: wrote %d rows to %s", self.job.short_id, n, self.spec.output)
-        return n
-
-    def _check_input_unchanged(self, source: InputSource) -> None:
-        """Refuse to write when the input is no longer the one this job planned (edited while it ran)."""
-        if source.fingerprint() == self.job.fingerprint:
-            return
-        message = (f"{self.spec.input} changed while the job ran (it is no longer the input that was planned and "
-                   "sent): nothing written, since its rows would be joined to other rows' replies. Run the same "
-                   "command again: the changed input is a new job, whose unchanged requests reuse the replies "
-                   "already paid for")
-        with self.store.transaction():
-            self.store.event(self.job.id, "error", message)
-        raise InputError(message)
 
     # ---- cancel --------------------------------------------------------------------------------
     CANCEL_WAIT = 60.0   # seconds `cancel` waits, by default, for the batches it canceled to end

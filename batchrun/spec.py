@@ -100,12 +100,29 @@ def cached_prefix_tokens(spec: "JobSpec") -> int:
     return (len(spec.system or "") + sum(len(ex["user"]) + len(ex["assistant"]) for ex in spec.few_shot or ())) // 4
 
 
+def cache_minimum(model) -> Optional[int]:
+    """The shortest prefix `model` (a models.ModelInfo, or None) caches, in tokens; None when it is not
+    known (the catalog gives none, or the model is not in it). The one reading of the minimum: priming,
+    pricing (estimator) and warnings (job.warnings_for) ask it."""
+    return model.cache_min_tokens if model is not None else None
+
+
+def prefix_cached(tokens: int, model) -> Optional[bool]:
+    """Whether a cached prefix of about `tokens` tokens is written to the cache: True (long enough for
+    the model), False (nothing to cache, or below its minimum), None (its minimum is not known: it may
+    or may not be). A cache that may not be written is neither primed nor priced as read; a budget's
+    maximum still counts the writes it may make."""
+    if tokens <= 0:
+        return False
+    minimum = cache_minimum(model)
+    return None if minimum is None else tokens >= minimum
+
+
 def primes_cache(spec: "JobSpec", model) -> bool:
     """Whether the job's batches are sent after one request has primed the cache (see Runner._priming):
-    batch mode, a cached prefix not below the model's minimum (the warning of warnings_for), cache_prime on."""
-    approx = cached_prefix_tokens(spec)
-    minimum = model.cache_min_tokens if model is not None else None
-    return spec.mode == "batch" and spec.cache_prime and approx > 0 and (minimum is None or approx >= minimum)
+    batch mode, cache_prime on, and a cached prefix known to be cached (prefix_cached: not below
+    the model's minimum, the warning of warnings_for; a model whose minimum is unknown is not primed)."""
+    return spec.mode == "batch" and spec.cache_prime and prefix_cached(cached_prefix_tokens(spec), model) is True
 
 
 MODES = ("batch", "messages")                              # Message Batches, or plain Messages

@@ -16,7 +16,8 @@ from .spec import JobSpec
 
 def validate_job(spec: JobSpec, *, show: int = 2, allow_unknown_model: bool = False) -> dict:
     """Read the whole input and render every row; return rows, warnings and the first requests."""
-    from .runner import Runner, warnings_for
+    from .job import warnings_for
+    from .runner import Runner
     log = logging.getLogger("batchrun")
     level = log.level
     log.setLevel(logging.ERROR)  # the warnings are returned, not logged twice

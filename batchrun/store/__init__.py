@@ -1,7 +1,7 @@
 """The SQLite state: the one home of every SQL statement batchrun runs.
 
 `Store` is one state file. Its connection, migrations and transactions are in `core`; the SQL of each
-part of the pipeline is a mixin of its own (plan, batches, collect, messages, views), named after the
+part of the pipeline is a mixin of its own (plan, budget, batches, collect, messages, views), named after the
 transitions it makes, so a driver never writes SQL. The file on disk (made private, recognised as
 batchrun's, its errors told in one line) and the job locks are in `files`; the schema is `migrations`.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..states import FINAL_STATES, LOST_ERRORS, LOST_ERRORS_SQL
 from .batches import Batch, BatchQueries
+from .budget import BudgetQueries
 from .collect import CollectQueries
 from .core import StoreCore
 from .files import (APPLICATION_ID, BUSY_TIMEOUT, META_TABLE, MIGRATIONS_TABLE, PARSED_FIELDS,
@@ -16,15 +17,15 @@ from .files import (APPLICATION_ID, BUSY_TIMEOUT, META_TABLE, MIGRATIONS_TABLE, 
                     state_errors)
 from .messages import MessageQueries
 from .migrations import MIGRATIONS, migration
-from .plan import PlanQueries
+from .plan import JobFigures, PlanQueries
 from .views import ViewQueries
 
-__all__ = ["Store", "Batch", "StoreCore", "JobLock", "MIGRATIONS", "migration", "APPLICATION_ID", "BUSY_TIMEOUT",
+__all__ = ["Store", "Batch", "JobFigures", "StoreCore", "JobLock", "MIGRATIONS", "migration", "APPLICATION_ID", "BUSY_TIMEOUT",
            "META_TABLE", "MIGRATIONS_TABLE", "PARSED_FIELDS", "RESULT_FIELDS", "FINAL_STATES", "LOST_ERRORS",
            "LOST_ERRORS_SQL", "existing_state", "now_iso", "parse_iso", "recognise", "state_error", "state_errors"]
 
 
-class Store(PlanQueries, BatchQueries, CollectQueries, MessageQueries, ViewQueries, StoreCore):
+class Store(PlanQueries, BudgetQueries, BatchQueries, CollectQueries, MessageQueries, ViewQueries, StoreCore):
     """One state file. Use as a context manager or call close()."""
 
     def __enter__(self) -> "Store":

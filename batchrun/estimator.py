@@ -215,18 +215,17 @@ class Estimator:
 
     def bracket(self, input_tokens: int, system_tokens: int, max_tokens: int, cacheable: Optional[bool]
                 ) -> tuple[Optional[Decimal], Optional[Decimal]]:
-        """(min, max) cost of one request. `cacheable` (see `cacheable`): True, its cached prefix is read
-        (minimum) or written (maximum); None, it may not be cached at all (minimum) or written (maximum);
-        False, every input token at the input price."""
+        """(min, max) cost of one request. `cacheable` (see `cacheable`): True or None (it may be cached),
+        its cached prefix read (the minimum) or written (the maximum); False, every input token at the
+        input price."""
         key = (input_tokens, system_tokens, max_tokens, cacheable)
         known = self._brackets.get(key)
         if known is None:    # rows share a few hundred token counts: each is priced once
-            read = system_tokens if cacheable else 0
-            written = system_tokens if cacheable is not False else 0
-            low = self._cost({"input_tokens": max(input_tokens - read, 0), "output_tokens": 0,
-                              "cache_read_input_tokens": read})
-            high = self._cost({"input_tokens": max(input_tokens - written, 0), "output_tokens": max_tokens,
-                               "cache_creation_input_tokens": written})
+            cached = system_tokens if cacheable is not False else 0
+            rest = max(input_tokens - cached, 0)
+            low = self._cost({"input_tokens": rest, "output_tokens": 0, "cache_read_input_tokens": cached})
+            high = self._cost({"input_tokens": rest, "output_tokens": max_tokens,
+                               "cache_creation_input_tokens": cached})
             known = self._brackets[key] = (low, high)
             if len(self._brackets) > 100_000:
                 self._brackets.clear()
@@ -234,8 +233,9 @@ class Estimator:
 
     def cacheable(self, system_tokens: int) -> Optional[bool]:
         """Whether the cached prefix (`system_tokens` of it) is cached: spec.prefix_cached for the job's
-        model, False without cache_system. None (the model's minimum is not known): it is neither priced
-        as read (the minimum) nor taken as never written (the maximum, which a budget must hold)."""
+        model; False without cache_system. None, the model's minimum is not known: the API may write the
+        cache or not, so the bracket spans both (its minimum reads the prefix, with no write counted; its
+        maximum, which a budget must hold, writes it for every request), and no primer waits for it."""
         if not self.spec.cache_system:
             return False
         return prefix_cached(system_tokens, self.model)
@@ -312,7 +312,7 @@ class Estimator:
                 total_tokens += tokens
                 add(self.bracket(tokens, sys_tokens, mt, cacheable)[0],
                     self.bracket(most, sys_tokens, mt, cacheable)[1])
-        if cacheable and bodies_n and not unknown:
+        if cacheable is True and bodies_n and not unknown:
             # one request writes the cache: the minimum pays that write, not a read
             first_write = self._cost({"cache_creation_input_tokens": sys_tokens})
             first_read = self._cost({"cache_read_input_tokens": sys_tokens})
@@ -332,10 +332,11 @@ class Estimator:
     def cache_plan(self, requests: int, cacheable: Optional[bool] = True) -> str:
         """The plan the bracket's minimum prices: one write, then reads. In batch mode, that is what
         priming does (spec.primes_cache); without it a cold batch may write once per row. A model whose
-        minimum cacheable prompt is not known: no cache at the minimum, every request writing it at the maximum."""
+        minimum cacheable prompt is not known: not primed, every request reading the cache (minimum) or
+        writing it (maximum)."""
         if cacheable is None:
-            return (f"the minimum cacheable prompt of {self.spec.model} is not known: the minimum prices no cache, "
-                    "the maximum every request writing it")
+            return (f"the minimum cacheable prompt of {self.spec.model} is not known, so the cache may not be "
+                    "written (not primed): every request reads it (minimum) or writes it (maximum)")
         if self.spec.mode != "batch":
             return "one request writes the cache, the others read it (minimum); every one writes it (maximum)"
         if primes_cache(self.spec, self.model) and requests >= PRIME_MIN_ROWS:

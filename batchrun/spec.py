@@ -110,8 +110,7 @@ def cache_minimum(model) -> Optional[int]:
 def prefix_cached(tokens: int, model) -> Optional[bool]:
     """Whether a cached prefix of about `tokens` tokens is written to the cache: True (long enough for
     the model), False (nothing to cache, or below its minimum), None (its minimum is not known: it may
-    or may not be). A cache that may not be written is neither primed nor priced as read; a budget's
-    maximum still counts the writes it may make."""
+    or may not be). A cache that may not be written is not primed; an estimate spans both outcomes."""
     if tokens <= 0:
         return False
     minimum = cache_minimum(model)

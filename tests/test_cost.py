@@ -314,3 +314,53 @@ def test_the_maximum_and_the_reservations_take_each_rows_own_max_tokens(emu, cli
     r = cli("run", *args, "--max-cost", str(est["cost_usd_max"]))
     assert r.exit_code == 0, r.output
     assert json.loads(cli("status", "--state", tmp_path / "s.sqlite", "--json").output)[0]["counts"]["succeeded"] == 30
+
+
+# ---- one cache minimum (spec.cache_minimum) --------------------------------------------------------
+def _estimate(model: str, cache_system: bool, system_tokens: int):
+    """An estimate of three rows by the estimator alone: handed the store's figures and a count_tokens
+    (here a fake counting `system_tokens` for the system prompt and 50 for the rest), no runner."""
+    from batchrun.estimator import Estimator
+    from batchrun.models import load_catalog
+    from batchrun.spec import JobSpec
+    from batchrun.store import JobFigures
+    catalog = load_catalog()
+    spec = JobSpec.from_mapping({"input": "in.csv", "output": "o.parquet", "prompt": "{{ body }}", "model": model,
+                                 "max_tokens": 300, "cache_system": cache_system, "system": "x " * system_tokens * 2})
+    body = json.dumps({"model": model, "max_tokens": 300, "system": [{"type": "text", "text": spec.system}],
+                       "messages": [{"role": "user", "content": "hi"}]})
+    count = lambda params, retry: 50 + (system_tokens if params.get("system") else 0)   # noqa: E731
+    estimator = Estimator(spec, catalog, catalog.resolve(model), count_tokens=count,
+                          figures=lambda: JobFigures(counts={"pending": 3}, first=body, pending=[body] * 3),
+                          sample=lambda: [body] * 3)
+    return spec, catalog.resolve(model), estimator.estimate()
+
+
+def test_a_cache_minimum_not_known_is_not_primed_and_its_estimate_spans_both_outcomes():
+    """The minimum cacheable prompt is read once (spec.cache_minimum / prefix_cached) by priming, pricing
+    and warnings. A model whose minimum the catalog does not know (claude-sonnet-5-5) may or may not have
+    its prefix cached: it is not primed (a primer would hold the job back for a cache that may never be
+    written), and its estimate spans both outcomes — the minimum reads the prefix, the maximum writes it
+    for every request. They disagreed: priming took an unknown minimum as none (and primed), the
+    estimator as 1024 (a 600-token prefix was priced as never written, the maximum below what a model
+    that caches it costs)."""
+    from batchrun.job import warnings_for
+    from batchrun.spec import cache_minimum, prefix_cached, primes_cache
+    spec, unknown, cached = _estimate("claude-sonnet-5-5", True, 600)
+    _, _, plain = _estimate("claude-sonnet-5-5", False, 600)
+    assert cache_minimum(unknown) is None and cache_minimum(None) is None
+    assert prefix_cached(600, unknown) is None and prefix_cached(0, unknown) is False
+    assert not primes_cache(spec, unknown)
+    assert any("is not known" in w for w in warnings_for(spec, unknown))
+    assert cached.cost_usd_min < plain.cost_usd_min and cached.cost_usd_max > plain.cost_usd_max
+    assert "not known" in cached.cache and "not primed" in cached.cache
+    # a known minimum the prefix is below: never cached, priced as plain input, not primed
+    spec, known, below = _estimate("claude-sonnet-4-5", True, 600)
+    _, _, plain = _estimate("claude-sonnet-4-5", False, 600)
+    assert cache_minimum(known) == 1024 and prefix_cached(600, known) is False and not primes_cache(spec, known)
+    assert (below.cost_usd_min, below.cost_usd_max, below.cache) == (plain.cost_usd_min, plain.cost_usd_max, None)
+    # and above it: cached (one write, then reads), primed
+    spec, known, above = _estimate("claude-sonnet-4-5", True, 1500)
+    _, _, plain = _estimate("claude-sonnet-4-5", False, 1500)
+    assert prefix_cached(1500, known) is True and primes_cache(spec, known)
+    assert above.cost_usd_min < plain.cost_usd_min and above.cost_usd_max > plain.cost_usd_max

@@ -101,16 +101,14 @@ def cached_prefix_tokens(spec: "JobSpec") -> int:
 
 
 def cache_minimum(model) -> Optional[int]:
-    """The shortest prefix `model` (a models.ModelInfo, or None) caches, in tokens; None when it is not
-    known (the catalog gives none, or the model is not in it). The one reading of the minimum: priming,
-    pricing (estimator) and warnings (job.warnings_for) ask it."""
+    """The shortest prefix `model` (a ModelInfo, or None) caches, in tokens; None: not known. The one
+    reading of the minimum: priming, pricing (estimator) and warnings (job.warnings_for) ask it."""
     return model.cache_min_tokens if model is not None else None
 
 
 def prefix_cached(tokens: int, model) -> Optional[bool]:
-    """Whether a cached prefix of about `tokens` tokens is written to the cache: True (long enough for
-    the model), False (nothing to cache, or below its minimum), None (its minimum is not known: it may
-    or may not be). A cache that may not be written is not primed; an estimate spans both outcomes."""
+    """Whether a cached prefix of about `tokens` tokens is written to the cache: True, False (nothing to
+    cache, or below the minimum), None (the minimum is not known: not primed; an estimate spans both)."""
     if tokens <= 0:
         return False
     minimum = cache_minimum(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..states import FINAL_STATES, LOST_ERRORS, LOST_ERRORS_SQL
 from .batches import Batch, BatchQueries
+from .bodies import BodyQueries
 from .budget import BudgetQueries
 from .collect import CollectQueries
 from .core import StoreCore
@@ -25,7 +26,8 @@ __all__ = ["Store", "Batch", "JobFigures", "StoreCore", "JobLock", "MIGRATIONS",
            "LOST_ERRORS_SQL", "existing_state", "now_iso", "parse_iso", "recognise", "state_error", "state_errors"]
 
 
-class Store(PlanQueries, BudgetQueries, BatchQueries, CollectQueries, MessageQueries, ViewQueries, StoreCore):
+class Store(PlanQueries, BodyQueries, BudgetQueries, BatchQueries, CollectQueries, MessageQueries, ViewQueries,
+            StoreCore):
     """One state file. Use as a context manager or call close()."""
 
     def __enter__(self) -> "Store":

@@ -197,20 +197,6 @@ class StoreCore:
             self.event(new, "info", f"continued in {mode} mode (it was job {old[:12]}, never sent)")
         return True
 
-    # ---- requests ------------------------------------------------------------------------------
-    def params(self, job_id: Optional[str] = None) -> Iterator[tuple[str, str, dict]]:
-        """(job_id, custom_id, full params) of stored requests, in row order."""
-        from ..requests import full_body, splice_prefix
-        prefixes = {j["id"]: (splice_prefix(json.loads(j["shared_params"])) if j["shared_params"] else None)
-                    for j in self.q("SELECT id, shared_params FROM jobs")}
-        sql = "SELECT r.job_id, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id"
-        args: tuple = ()
-        if job_id:
-            sql, args = sql + " WHERE r.job_id = ?", (job_id,)
-        for jid, cid, body in self.conn.execute(sql + " ORDER BY r.job_id, r.row_index", args):
-            yield jid, cid, json.loads(full_body(prefixes.get(jid), body))
-
-
     def live_others(self, job_id: str) -> list:
         """The other jobs of the state file that a run (another process) is moving now: it holds their
         lock. Asked inside the write transaction that chooses what to send, so that a job found not

@@ -246,3 +246,15 @@ def m010_cache_write_split(db: sqlite3.Connection) -> None:
     summed from the same figures as its rows' cost_usd (see models.Catalog.cost_by_kind)."""
     db.execute("ALTER TABLE requests ADD COLUMN cache_creation_5m_input_tokens INTEGER")
     db.execute("ALTER TABLE requests ADD COLUMN cache_creation_1h_input_tokens INTEGER")
+
+
+@migration
+def m011_bodies_rendered(db: sqlite3.Connection) -> None:
+    """Request bodies are no longer stored: a row planned now has `body_id` NOT_STORED (0: no row of
+    `bodies`) and its body is rendered again from the job's input when it is sent (batchrun/bodies.py:
+    checked against its params_hash first). What the estimate and the budget read of a body is kept
+    instead: `requests.chars`, the length of its row part in characters, and `requests.max_tokens`, its
+    own max_tokens when the job takes it from a column (NULL: the job's). Rows planned before keep their
+    stored bodies (these two NULL: read from the body)."""
+    db.execute("ALTER TABLE requests ADD COLUMN chars INTEGER")
+    db.execute("ALTER TABLE requests ADD COLUMN max_tokens INTEGER")

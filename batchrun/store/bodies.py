@@ -1,0 +1,65 @@
+"""The SQL of planned rows as a BodySource takes them (see batchrun/bodies.py).
+
+A row planned since issue #17 has no stored body (`requests.body_id` is NOT_STORED): its body is
+rendered again from the job's input. A row of a state file planned before keeps its body in `bodies`.
+Every reading of planned rows selects the same columns, the stored body or NULL (`PLANNED_ROW`), so
+that one BodySource gives the bodies of both kinds.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator, Optional
+
+from ..states import ERRORED, LOST_ERRORS, sql_list
+
+NOT_STORED = 0   # requests.body_id of a row whose body is not stored (bodies' ids start at 1)
+
+# a planned row: (row_index, custom_id, params_hash, its stored body or NULL), from requests `r`
+PLANNED_ROW = "r.row_index, r.custom_id, r.params_hash, b.body"
+PLANNED_FROM = "requests r LEFT JOIN bodies b ON b.id = r.body_id"
+# a row that ended errored for another reason than a lost batch or result (--retry-errored sends it)
+RETRYABLE = f"r.state = '{ERRORED}' AND coalesce(r.error_type, '') NOT IN {sql_list(LOST_ERRORS)}"
+
+
+class BodyQueries:
+    def planned_rows(self, job_id: Optional[str] = None, *, state: Optional[str] = None,
+                     batch: Optional[int] = None, retryable: bool = False, limit: Optional[int] = None
+                     ) -> Iterator[tuple]:
+        """The planned rows (PLANNED_ROW) of a job or of a batch, in row order: those in `state`, or
+        (`retryable`) those that ended errored for another reason than a lost batch or result; at most
+        `limit`. Read as iterated (a BodySource gives their bodies)."""
+        where, args = [], []
+        for column, value in (("r.job_id", job_id), ("r.batch_id", batch), ("r.state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if retryable:
+            where.append(RETRYABLE)
+        sql = (f"SELECT {PLANNED_ROW} FROM {PLANNED_FROM}" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY r.row_index" + (f" LIMIT {int(limit)}" if limit is not None else ""))
+        yield from self.conn.execute(sql, args)
+
+    def insert_planned(self, records: list) -> None:
+        """One block of planned rows, in the plan's transaction: (job_id, custom_id, row_index, params_hash,
+        chars, max_tokens) each, their bodies not stored. Raises sqlite3.IntegrityError on a custom_id
+        the job already has."""
+        self.conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, chars, max_tokens, "
+                              f"body_id) VALUES (?, ?, ?, ?, ?, ?, {NOT_STORED})", records)
+
+    def params(self, job_id: Optional[str] = None) -> Iterator[tuple[str, str, dict]]:
+        """(job_id, custom_id, full params) of planned requests (of one job, or of every job), in row order:
+        stored bodies as stored, the others rendered again from their job's input (see bodies.BodySource)."""
+        from ..bodies import BodySource
+        from ..requests import full_body, splice_prefix
+        jobs = self.q("SELECT * FROM jobs" + (" WHERE id = ?" if job_id else "") + " ORDER BY id",
+                      (job_id,) if job_id else ())
+        for job in jobs:
+            if not job["planned_at"]:
+                continue
+            prefix = splice_prefix(json.loads(job["shared_params"])) if job["shared_params"] else None
+            source = BodySource.of_stored_job(job)
+            try:
+                for _, cid, body in source.bodies(self.planned_rows(job["id"])):
+                    yield job["id"], cid, json.loads(full_body(prefix, body))
+            finally:
+                source.close()

@@ -68,8 +68,8 @@ class BatchDriver:
         # flight in another job, whose answers are coming (unless that job cannot be moved from here)
         silent = self.silent_twins()
         if spec.max_cost is not None:   # the figures a reservation needs (count_tokens calls, once) are had
-            first = store.first_pending_body(job_id)   # before the write lock is taken, not while holding it
-            if first is not None:
+            # (before the write lock is taken, not while holding it)
+            for _, _, first in ctx.bodies(store.planned_rows(job_id, state=PENDING, limit=1)):
                 ctx.ledger.estimator.request_max(first)
         after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
@@ -81,11 +81,14 @@ class BatchDriver:
             with store.transaction(durable=True):
                 # (and rows a messages-mode job being run now has claimed: it is sending them)
                 alone = store.alone(job_id)
-                rows = store.pending_chunk(job_id, after, 1 if prime else self._chunk, None if alone else silent)
-                if not rows:
+                chosen = store.pending_chunk(job_id, after, 1 if prime else self._chunk, None if alone else silent)
+                if not chosen:
                     return created
+                # their bodies rendered again from the input and checked against their hashes (or stored):
+                # an input changed since the plan ends the run here, its intent not recorded, nothing sent
+                rows = list(ctx.bodies(chosen))
                 parts, ids, size = [], [], 16
-                for cid, body, _ in rows:
+                for _, cid, body in rows:
                     piece = ('{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":' + ctx.full_body(body)
                              + "}")
                     piece_size = len(piece.encode("utf-8")) + 1
@@ -96,14 +99,14 @@ class BatchDriver:
                     size += piece_size
                 reserve = None
                 if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
-                    fit, reserve = ctx.ledger.reserve([body for _, body, _ in rows[:len(ids)]], short_id)
+                    fit, reserve = ctx.ledger.reserve([body for _, _, body in rows[:len(ids)]], short_id)
                     if not fit:
                         return created
                     del parts[fit:], ids[fit:]
                 payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
-                sent_through = rows[len(ids) - 1][2]
+                sent_through = rows[len(ids) - 1][0]
                 # without twin filtering, the chunk is every pending row in its row range
-                span = (rows[0][2], sent_through) if alone else None
+                span = (rows[0][0], sent_through) if alone else None
                 local = store.record_intent(job_id, ids, len(payload), float(reserve) if reserve is not None else None,
                                             span, tag)
                 if prime:

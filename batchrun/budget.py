@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from decimal import ROUND_CEILING, Decimal
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import InputError
 from .spec import JobSpec
@@ -33,11 +33,13 @@ log = logging.getLogger("batchrun")
 
 
 class BudgetLedger:
-    def __init__(self, spec: JobSpec, store, job, estimator: Callable[[], object]):
+    def __init__(self, spec: JobSpec, store, job, estimator: Callable[[], object],
+                 bodies: Callable[[Iterable[tuple]], Iterator[tuple]]):
         self.spec = spec
         self.store = store
         self.job = job                    # its id may be settled after the ledger is made (a legacy loopback job)
         self._estimator = estimator       # made on first use (counting tokens may call the API)
+        self._bodies = bodies             # planned rows -> (row_index, custom_id, row body): Planner.bodies
         self.held: Optional[str] = None   # why a reservation stopped sending this round
         self.unreplied = Decimal(0)       # messages mode: the maximum of each send of this run that may have
                                           # been billed without a reply (spent, as far as the budget knows)
@@ -87,8 +89,8 @@ class BudgetLedger:
         known = self._unreserved_cache
         n = self.store.rows_in_flight(local)
         if local not in known or known[local][0] != n:
-            bodies = list(self.store.bodies(batch=local, state=IN_FLIGHT))
-            known[local] = (n, sum((self.estimator.request_max(body) for body in bodies), Decimal(0)))
+            rows = self._bodies(self.store.planned_rows(batch=local, state=IN_FLIGHT))
+            known[local] = (n, sum((self.estimator.request_max(body) for _, _, body in rows), Decimal(0)))
         return known[local][1]
 
     def check(self) -> Optional[str]:

@@ -3,7 +3,7 @@ the job, its state file, the API client, the result parser, the budget ledger an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:   # (not imported at run time: the context is a plain record)
     from .api import Client
@@ -37,7 +37,9 @@ class BatchContext:
     client: Callable[[], "Client"]
     parser: "ResultParser"
     ledger: "BudgetLedger"
-    full_body: Callable[[str], str]           # a stored body -> the full params JSON sent
+    bodies: Callable[[Iterable[tuple]], Iterator[tuple[int, str, str]]]   # planned rows -> (row_index,
+                                              # custom_id, row body): Planner.bodies (see bodies.py)
+    full_body: Callable[[str], str]           # a row body -> the full params JSON sent
     sleep: Callable[[float], None]
     counters: RunCounters = field(default_factory=RunCounters)
 

@@ -47,7 +47,7 @@ import json
 import logging
 import time
 from decimal import Decimal
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import tenacity
 
@@ -89,19 +89,21 @@ class _RowFailed(Exception):
 class MessagesDriver:
     """Sends one job's pending rows over `POST /v1/messages`, handed what it needs: the job's `spec`, its
     `store` and ids, the `client` (an AsyncClient: headers, retry policy, error translation), the budget
-    `ledger` (shared with batch mode), `full_body` (a stored row body -> the request's params JSON),
+    `ledger` (shared with batch mode), `bodies` (planned rows -> (row_index, custom_id, row body): see
+    bodies.py), `full_body` (a row body -> the request's params JSON),
     `parse` (a Message -> the row's result fields) and `report` (the job's counts -> progress).
     After `run_pending`, `recorded` and `sent` say what this call did."""
 
     def __init__(self, *, spec: JobSpec, store: Store, job_id: str, short_id: str, client: AsyncClient,
-                 ledger: BudgetLedger, full_body: Callable[[str], str], parse: Callable[[dict], dict],
-                 report: Callable[[dict], None]):
+                 ledger: BudgetLedger, bodies: Callable[[Iterable[tuple]], Iterator[tuple]],
+                 full_body: Callable[[str], str], parse: Callable[[dict], dict], report: Callable[[dict], None]):
         self.spec = spec
         self.store = store
         self.job_id = job_id
         self.short_id = short_id
         self.client = client
         self.ledger = ledger
+        self.bodies = bodies
         self.full_body = full_body
         self.parse = parse
         self.report = report
@@ -154,7 +156,9 @@ class MessagesDriver:
         last = -1
         while True:
             # chosen and claimed in one transaction: a job sharing these requests never sends them too
-            page = self.store.claim_for_messages(self.job_id, last, PAGE)
+            # (their bodies rendered again and checked, or stored: an input changed since the plan stops
+            # the run before any of them is sent, and the claims are released)
+            page = list(self.bodies(self.store.claim_for_messages(self.job_id, last, PAGE)))
             if not page:
                 break
             for _, custom_id, body in page:

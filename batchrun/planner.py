@@ -21,9 +21,10 @@ import json
 import logging
 import sqlite3
 from decimal import Decimal
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from . import failpoints
+from .bodies import BodySource, row_figures
 from .budget import BudgetLedger
 from .errors import BudgetError, InputError, LockedError
 from .inputs import ColumnTypeConflict, InputSource
@@ -34,7 +35,8 @@ from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, 
                        shared_params_hash, splice_prefix)
 from .results import ResultParser
 from .spec import JobSpec, default_cache_ttl, rules_version
-from .store import JobLock, Store
+from .states import PENDING
+from .store import JobFigures, JobLock, Store
 from .summary import budget_text
 
 log = logging.getLogger("batchrun")
@@ -51,10 +53,35 @@ class Planner:
         self.note = note                                 # a note for the run's result (said once)
         self.builder: Optional[RequestBuilder] = None    # once planned (or loaded): renders the job's rows
         self.prefix: Optional[str] = None                # the params every request shares (requests.splice_prefix)
+        self.body_source: Optional[BodySource] = None    # the bodies of the planned rows (made on first use)
 
     def full_body(self, row_body: str) -> str:
-        """The full params JSON of a stored request (its row body with the shared prefix spliced in)."""
+        """The full params JSON of a planned request (its row body with the shared prefix spliced in)."""
         return full_body(self.prefix, row_body)
+
+    # ---- the bodies of planned rows --------------------------------------------------------------
+    def bodies(self, rows: Iterable[tuple]) -> Iterator[tuple[int, str, str]]:
+        """(row_index, custom_id, row body) of planned rows (the store's `planned_rows`, in row order), as
+        iterated: stored, or rendered again from the input and checked against their hashes (bodies.py)."""
+        if self.body_source is None:
+            self.body_source = BodySource.of_stored_job(self.store.job(self.job.id), self.spec)
+        return self.body_source.bodies(rows)
+
+    def figures(self) -> JobFigures:
+        """What an estimate of the job needs: its rows by state, its first body, and its pending bodies (as
+        iterated: one pass over the input when they are rendered)."""
+        store, job_id = self.store, self.job.id
+        first = next(self.bodies(store.planned_rows(job_id, limit=1)), None)
+        return JobFigures(counts=store.counts(job_id), first=first[2] if first else None,
+                          pending=(body for _, _, body in self.bodies(store.planned_rows(job_id, state=PENDING))))
+
+    def sample(self, n: int) -> list[str]:
+        """The bodies of the job's first `n` rows."""
+        return [body for _, _, body in self.bodies(self.store.planned_rows(self.job.id, limit=n))]
+
+    def close(self) -> None:
+        if self.body_source is not None:
+            self.body_source.close()
 
     # ---- plan ----------------------------------------------------------------------------------
     def plan(self) -> None:
@@ -156,7 +183,7 @@ class Planner:
                 raw_ids = None
                 ids = [f"row-{index + i}" for i in range(n)]
             rows = builder.rows(batch, text)
-            records, bodies = [], []
+            records = []
             for i in range(n):
                 where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
                 try:
@@ -165,9 +192,8 @@ class Planner:
                     source.widen()   # a key inside an object first seen past the first block (meta.late): read again
                     raise
                 check(part, where)
-                body = canonical_json(part)
-                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash)))
-                bodies.append(body)
+                body = canonical_json(part)   # (not stored: see bodies.py)
+                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash), *row_figures(spec, body, part)))
             if len(set(ids)) != n:
                 seen: dict = {}
                 for i, cid in enumerate(ids):
@@ -175,7 +201,7 @@ class Planner:
                         raise self._duplicate(raw_ids[i] if raw_ids else cid, seen[cid], index + i)
                     seen[cid] = index + i
             try:
-                store.insert_plan_chunk(records, bodies)
+                store.insert_planned(records)
             except sqlite3.IntegrityError:
                 for i, cid in enumerate(ids):
                     prior = store.row_index_of(job.id, cid)
@@ -233,7 +259,7 @@ class Planner:
         afresh. Succeeded rows are never sent again; rows whose batch or results are gone, or whose result
         line never came (they may have been paid for), only with --resend-lost."""
         store, job = self.store, self.job
-        bodies = list(store.bodies(job.id, retryable=True))
+        bodies = [body for _, _, body in self.bodies(store.planned_rows(job.id, retryable=True))]
         if not bodies:
             log.info("job %s: --retry-errored: no row ended errored", job.short_id)
             return

@@ -3,8 +3,9 @@
 Each step is idempotent and committed to the state file before the next one starts, so `run` can
 be killed at any moment and called again (from cron, say) to pick up exactly where it stopped:
 
-* plan     — read the input once, render every row, store each request (custom_id, body, hash) in
-             one transaction. Nothing is sent before the whole input has been validated.
+* plan     — read the input once, render every row, store each request (custom_id, hash, figures; not
+             its body, rendered again when sent: bodies.py) in one transaction. Nothing is sent before
+             the whole input has been validated.
 * submit   — for each chunk of pending requests: choose them and commit an *intent* (the batch's
              members, the time) in one transaction, POST the batch, commit its id. A create whose
              reply is lost, or that a killed run left under way, is resolved through the list endpoint
@@ -148,13 +149,15 @@ class Runner:
         self._paid_before: Optional[tuple] = None      # (replies paid, cost) when this run began
         self._twins: dict = {}                         # job id -> Runner of another job moved forward here
         self._estimator = None                         # see estimator
-        self.ledger = BudgetLedger(spec, self.store, self.job, lambda: self.estimator)   # max_cost (budget.py)
+        self.ledger = BudgetLedger(spec, self.store, self.job, lambda: self.estimator,   # max_cost (budget.py)
+                                   bodies=lambda rows: self.planner.bodies(rows))
         self.planner = Planner(spec, self.job, self.store, self.parser, self.ledger, self._note)
         # batch mode's drivers (batches.py, adoption.py, collector.py), handed what they need
         self.counters = RunCounters()                  # this run's batches created and requests sent
         self.service_errors = ServiceErrors()          # errored results that were the service's (batch mode)
         ctx = BatchContext(spec=spec, store=self.store, job=self.job, client=lambda: self.client, parser=self.parser,
-                           ledger=self.ledger, full_body=self.full_body, sleep=sleep, counters=self.counters)
+                           ledger=self.ledger, bodies=self.planner.bodies, full_body=self.full_body, sleep=sleep,
+                           counters=self.counters)
         self.adoption = Adoption(ctx)   # (a bad BATCHRUN_CREATE_GRACE is refused here, before anything is sent)
         self.collector = Collector(ctx, self.adoption, self.service_errors)
         self.batches = BatchDriver(ctx, self.adoption, self.collector, self._move_twin)
@@ -186,6 +189,7 @@ class Runner:
             twin.close()
         if self._client is not None and self._owns_client:
             self._client.close()
+        self.planner.close()
         self.job.close()
 
     @contextlib.contextmanager
@@ -432,8 +436,12 @@ class Runner:
         return self.planner.builder
 
     def full_body(self, row_body: str) -> str:
-        """The full params JSON of a stored request."""
+        """The full params JSON of a planned request."""
         return self.planner.full_body(row_body)
+
+    def bodies(self, rows):
+        """(row_index, custom_id, row body) of planned rows (see Planner.bodies)."""
+        return self.planner.bodies(rows)
 
     def plan(self) -> None:
         self.planner.plan()
@@ -460,7 +468,7 @@ class Runner:
                              "(such as httpx.ASGITransport) as async_transport, not a sync transport")
         client = AsyncClient(**self._connection(), transport=transport, connections=self.spec.concurrency)
         driver = MessagesDriver(spec=self.spec, store=self.store, job_id=self.job.id, short_id=self.job.short_id,
-                                client=client, ledger=self.ledger, full_body=self.full_body,
+                                client=client, ledger=self.ledger, bodies=self.bodies, full_body=self.full_body,
                                 parse=self.parser.message, report=self._report)
         try:
             return driver.run_pending() > 0
@@ -474,12 +482,10 @@ class Runner:
         figures of the job, its model and catalog, and the client's count_tokens."""
         if self._estimator is None:
             from .estimator import Estimator
-            store = self.store
             self._estimator = Estimator(
                 self.spec, self.job.catalog, self.job.model,
                 count_tokens=lambda params, retry: self.client.count_tokens(params, retry=retry),
-                figures=lambda: store.job_figures(self.job.id),
-                sample=lambda: list(store.bodies(self.job.id, limit=2000)),
+                figures=self.planner.figures, sample=lambda: self.planner.sample(2000),
                 prefix=lambda: self.planner.prefix, at_anthropic=is_anthropic_api(self.job.endpoint))
         return self._estimator
 

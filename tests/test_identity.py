@@ -20,6 +20,7 @@ from batchrun.errors import ExitCode
 from batchrun.models import load_catalog
 
 from tests.conftest import FAST, refused
+from tests.test_bodies import store_bodies_as_before
 
 MODEL = "claude-haiku-4-5"
 
@@ -172,6 +173,7 @@ def test_a_state_file_from_before_versions_counted_keeps_sharing_answers(emu, tm
            "prompt": "Say: {{ body }}", "model": MODEL, "max_tokens": 50, "poll_interval": 0.05, "state": state,
            "api_version": "2026-10-21"}
     assert batchrun.run(job, api_key="k", base_url=emu.base_url).exit_code == 0
+    store_bodies_as_before(state)   # (the old version stored every body)
     with Store(state) as store:   # as the old version stored it: the version not hashed in
         (endpoint, shared), = store.conn.execute("SELECT endpoint, shared_params FROM jobs").fetchall()
         store.conn.create_function("old_hash", 1, lambda body: params_hash(body, params_hash(shared + endpoint)))

@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import Counter
 
 import pyarrow.parquet as pq
 
 from batchrun.errors import ExitCode
 from batchrun.store import MIGRATIONS, Store
+from tests.test_bodies import store_bodies_as_before
 from tests.test_pipeline import check_output, run_args, source_rows
 
 
 def downgrade_to_v2(path: str) -> None:
     """Rewrite a current state file as the first two migrations left it: bodies inside `requests`."""
+    store_bodies_as_before(path)          # (a plan since issue #17 stores none: they are rendered again)
     c = sqlite3.connect(path, isolation_level=None)
-    # columns of later migrations (m003, m007, m010) that rebuild or alter requests
-    later = ("body_id", "free_sends", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens")
+    # columns of later migrations (m003, m007, m010, m011) that rebuild or alter requests
+    later = ("body_id", "free_sends", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens", "chars",
+             "max_tokens")
     cols = [r[1] for r in c.execute("PRAGMA table_info(requests)") if r[1] not in later]
     c.execute("BEGIN")
     c.execute("CREATE TABLE old AS SELECT r.*, b.body FROM requests r JOIN bodies b ON b.id = r.body_id")
@@ -28,7 +32,7 @@ def downgrade_to_v2(path: str) -> None:
     c.execute("DROP TABLE old")
     c.execute("CREATE UNIQUE INDEX requests_row ON requests(job_id, row_index)")
     c.execute("DELETE FROM _batchrun_migrations WHERE name IN ('m003_bodies_apart', 'm007_free_sends', "
-              "'m010_cache_write_split')")
+              "'m010_cache_write_split', 'm011_bodies_rendered')")
     c.execute("COMMIT")
     c.close()
 
@@ -62,9 +66,11 @@ def test_two_jobs_in_one_state_keep_their_own_bodies(emu, cli, tmp_path, tickets
         r = cli(*run_args(tickets_csv, tmp_path / f"{name}.parquet", "--state", state, "--limit", n,
                           "--max-tokens", 100 + n))
         assert r.exit_code == 0, r.output
-    with Store(str(state)) as s:
-        assert s.one("SELECT count(*) AS n FROM bodies")["n"] == 200
-        assert s.one("SELECT count(DISTINCT body_id) AS n FROM requests")["n"] == 200
+    with Store(str(state)) as s:   # (their bodies are rendered again from the input since issue #17)
+        sent = [(jid, cid, params["max_tokens"]) for jid, cid, params in s.params()]
+        assert len(sent) == 200 and len({(jid, cid) for jid, cid, _ in sent}) == 200
+        assert sorted(Counter((jid, m) for jid, _, m in sent).values()) == [80, 120]
+        assert {m for _, _, m in sent} == {180, 220}
     for n, name in ((120, "a"), (80, "b")):
         rows = pq.read_table(tmp_path / f"{name}.parquet").to_pylist()
         assert len(rows) == n and all(r["status"] == "succeeded" for r in rows)

@@ -1,6 +1,6 @@
-"""The store's planning transitions, alone (store/plan.py): a job's rows stored in one plan, the one reading
-of stored bodies, answers reused from another job, and the run's options (--resend-lost, --retry-errored,
---resume-canceled)."""
+"""The store's planning transitions, alone (store/plan.py, store/bodies.py): a job's rows stored in one plan,
+the one reading of planned rows (their bodies are not stored since issue #17: bodies.py renders them), answers
+reused from another job, and the run's options (--resend-lost, --retry-errored, --resume-canceled)."""
 from __future__ import annotations
 
 import sqlite3
@@ -23,9 +23,13 @@ def _plan(store, job_id: str, rows: int = 4) -> None:
     spec = JobSpec.from_mapping({"input": "in.csv", "output": "o.parquet", "prompt": "{{ body }}"})
     with store.transaction():
         store.record_job(job_id, spec, "fingerprint", "")
-        store.insert_plan_chunk([(job_id, f"row-{i}", i, f"h{i}") for i in range(rows)],
-                                [f'{{"n":{i}}}' for i in range(rows)])
+        store.insert_planned([(job_id, f"row-{i}", i, f"h{i}", 10 + i, None) for i in range(rows)])
         store.mark_planned(job_id, rows, {"body": "string"}, '{"model":"m"}')
+
+
+def hashes(rows) -> list:
+    """The request hashes of planned rows (store.planned_rows: row_index, custom_id, params_hash, stored body)."""
+    return [row[2] for row in rows]
 
 
 def _set(store, job_id: str, row: int, state: str, error_type=None, batch=None) -> None:
@@ -37,25 +41,26 @@ def test_a_plan_stores_every_row_and_refuses_a_custom_id_twice(store):
     _plan(store, "a")
     job = store.job("a")
     assert job["planned_at"] and job["rows"] == 4 and job["shared_params"] == '{"model":"m"}'
-    assert list(store.bodies("a")) == ['{"n":0}', '{"n":1}', '{"n":2}', '{"n":3}']
+    assert list(store.planned_rows("a")) == [(i, f"row-{i}", f"h{i}", None) for i in range(4)]   # (no body)
     assert store.row_index_of("a", "row-2") == 2 and store.row_index_of("a", "row-9") is None
     with pytest.raises(sqlite3.IntegrityError):
         with store.transaction():
-            store.insert_plan_chunk([("a", "row-1", 4, "h4")], ['{"n":4}'])
-    assert list(store.bodies("a", limit=2)) == ['{"n":0}', '{"n":1}']   # (rolled back: nothing added)
+            store.insert_planned([("a", "row-1", 4, "h4", 14, None)])
+    assert hashes(store.planned_rows("a", limit=2)) == ["h0", "h1"]   # (rolled back: nothing added)
+    assert len(list(store.planned_rows("a"))) == 4
 
 
-def test_bodies_of_a_job_or_a_batch_by_state(store):
+def test_planned_rows_of_a_job_or_a_batch_by_state(store):
     _plan(store, "a")
     _set(store, "a", 0, IN_FLIGHT, batch=7)
     _set(store, "a", 1, ERRORED, "batch_not_found")   # lost: only --resend-lost sends it again
     _set(store, "a", 2, ERRORED, "overloaded_error")
-    assert list(store.bodies("a", state=PENDING)) == ['{"n":3}']
-    assert list(store.bodies(batch=7, state=IN_FLIGHT)) == ['{"n":0}']
-    assert list(store.bodies("a", retryable=True)) == ['{"n":2}']
-    figures = store.job_figures("a")
-    assert figures.first == '{"n":0}' and figures.counts == {IN_FLIGHT: 1, ERRORED: 2, PENDING: 1}
-    assert list(figures.pending) == ['{"n":3}']
+    assert hashes(store.planned_rows("a", state=PENDING)) == ["h3"]
+    assert hashes(store.planned_rows(batch=7, state=IN_FLIGHT)) == ["h0"]
+    assert hashes(store.planned_rows("a", retryable=True)) == ["h2"]
+    assert store.counts("a") == {IN_FLIGHT: 1, ERRORED: 2, PENDING: 1}
+    assert list(store.pending_sizes("a")) == [(3, 13, None)]   # what an estimate reads of a pending row
+    assert hashes(store.planned_rows_at("a", [3, 0])) == ["h0", "h3"]
 
 
 def test_answers_are_reused_from_another_job_once_paid_for(store):

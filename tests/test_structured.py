@@ -65,7 +65,7 @@ def test_label_tickets_schema_columns_cache_and_cost(emu, cli, tmp_path, model):
     reads = sum(1 for row in rows if row["cache_read_input_tokens"])
     assert reads >= 0.95 * len(rows)                           # nearly every row reads the cached prompt
     with Store(str(state)) as s:                               # the shared prompt is stored once, not per row
-        assert s.one("SELECT max(length(body)) AS n FROM bodies")["n"] < 5000
+        assert s.one("SELECT max(chars) AS n FROM requests")["n"] < 5000   # (a row body's characters)
         assert len(s.one("SELECT shared_params FROM jobs")["shared_params"]) > 20000
 
 

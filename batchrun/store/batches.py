@@ -15,6 +15,7 @@ from typing import Optional
 
 from ..states import (ABANDONED, ANSWERED, CANCELED, COLLECTED, ENDED, ERRORED, FOREIGN, IN_FLIGHT, INTENT,
                       LIVE_BATCHES, PENDING, SUBMITTED, sql_list)
+from .bodies import PLANNED_FROM, PLANNED_ROW
 from .files import now_iso
 
 
@@ -77,12 +78,6 @@ class BatchQueries:
         """When the job was canceled (None: it was not)."""
         return self.one("SELECT canceled_at FROM jobs WHERE id = ?", (job_id,))["canceled_at"]
 
-    def first_pending_body(self, job_id: str) -> Optional[str]:
-        """The stored body of one pending row of the job (None: none is pending)."""
-        row = self.conn.execute("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id WHERE r.job_id = ? "
-                                f"AND r.state = '{PENDING}' LIMIT 1", (job_id,)).fetchone()
-        return row[0] if row is not None else None
-
     def twins_in_flight(self, job_id: str) -> list:
         """Other jobs of the state file that have one of this job's pending requests in flight."""
         return [r[0] for r in self.conn.execute(
@@ -91,14 +86,14 @@ class BatchQueries:
             (job_id,))]
 
     def pending_chunk(self, job_id: str, after: int, limit: int, silent: Optional[list]) -> list:
-        """The next pending rows of the job (row_index > after, in input order, at most `limit`), as
-        (custom_id, body, row_index). Asked inside the write transaction that records their intent (see
+        """The next pending rows of the job (row_index > after, in input order, at most `limit`), as planned
+        rows (store/bodies.py: PLANNED_ROW; their bodies from a BodySource). Asked inside the write transaction that records their intent (see
         BatchDriver.submit), so that no other job can send the same requests between the two.
 
         `silent` None: the job is alone in its state file. Otherwise rows another job has answered or is
         sending are left out (`taken_elsewhere`, batch mode: `silent` are the jobs whose in-flight rows
         do not count)."""
-        sql = ("SELECT r.custom_id, b.body, r.row_index FROM requests r JOIN bodies b ON b.id = r.body_id "
+        sql = (f"SELECT {PLANNED_ROW} FROM {PLANNED_FROM} "
                f"WHERE r.job_id = ? AND r.state = '{PENDING}' AND r.row_index > ? {{taken}}"
                "ORDER BY r.row_index LIMIT ?")
         if silent is None:

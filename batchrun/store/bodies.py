@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 from typing import Iterator, Optional
 
-from ..states import ERRORED, LOST_ERRORS, sql_list
+from .plan import RETRYABLE
 
 NOT_STORED = 0   # requests.body_id of a row whose body is not stored (bodies' ids start at 1)
 
 # a planned row: (row_index, custom_id, params_hash, its stored body or NULL), from requests `r`
 PLANNED_ROW = "r.row_index, r.custom_id, r.params_hash, b.body"
 PLANNED_FROM = "requests r LEFT JOIN bodies b ON b.id = r.body_id"
-# a row that ended errored for another reason than a lost batch or result (--retry-errored sends it)
-RETRYABLE = f"r.state = '{ERRORED}' AND coalesce(r.error_type, '') NOT IN {sql_list(LOST_ERRORS)}"
 
 
 class BodyQueries:
@@ -34,7 +32,7 @@ class BodyQueries:
                 where.append(f"{column} = ?")
                 args.append(value)
         if retryable:
-            where.append(RETRYABLE)
+            where.append(RETRYABLE)   # (bodies has no column of its names: unambiguous)
         sql = (f"SELECT {PLANNED_ROW} FROM {PLANNED_FROM}" + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY r.row_index" + (f" LIMIT {int(limit)}" if limit is not None else ""))
         yield from self.conn.execute(sql, args)

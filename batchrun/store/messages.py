@@ -5,6 +5,7 @@ from typing import Iterable
 
 from ..states import PENDING
 from .batches import taken_elsewhere
+from .bodies import PLANNED_FROM, PLANNED_ROW
 from .files import RESULT_FIELDS, now_iso
 
 # what a reply (or an error that ends a row) fills in: a result's fields, less the batch it came in
@@ -19,8 +20,8 @@ class MessageQueries:
         for this run before it is sent, in one write-locked transaction with the check that no other job
         of the state file has the same request answered or being sent now (a run holds that job's lock).
         Rows so taken are left pending: the other job's answer is reused, or they are sent once no run
-        moves it. Returns (row_index, custom_id, body) rows."""
-        sql = ("SELECT r.row_index, r.custom_id, b.body FROM requests r JOIN bodies b ON b.id = r.body_id "
+        moves it. Returns planned rows (store/bodies.py: PLANNED_ROW; their bodies from a BodySource)."""
+        sql = (f"SELECT {PLANNED_ROW} FROM {PLANNED_FROM} "
                f"WHERE r.job_id = ? AND r.state = '{PENDING}' AND r.row_index > ? {{taken}}ORDER BY r.row_index "
                "LIMIT ?")
         with self.transaction():

@@ -7,6 +7,7 @@ import sqlite3
 from typing import Callable, Optional
 
 from ..spec import DEFAULT_API_VERSION
+from .bodies import NOT_STORED
 
 # (each migration gets the connection, inside the transaction that records it; not sqlite-utils,
 # which imports pandas: ~0.3 s of start-up for `batchrun status`)
@@ -189,11 +190,13 @@ def m005_answer_scope(db: sqlite3.Connection) -> None:
 
 def _rehash(conn: sqlite3.Connection, job_id: str, shared_params: str, endpoint: Optional[str],
             api_version: str) -> None:
-    """Hash a job's requests again within (endpoint, API version), as planning would hash them now."""
+    """Hash a job's requests again within (endpoint, API version), as planning would hash them now. Only
+    rows whose body is stored (a job planned before m011_bodies_rendered: the only jobs this is done for,
+    being jobs of an older version's keys and scopes)."""
     from ..requests import params_hash, shared_params_hash
     conn.create_function("batchrun_params_hash", 2, params_hash, deterministic=True)
     conn.execute("UPDATE requests SET params_hash = batchrun_params_hash((SELECT body FROM bodies WHERE "
-                 "bodies.id = requests.body_id), ?) WHERE job_id = ?",
+                 f"bodies.id = requests.body_id), ?) WHERE job_id = ? AND body_id != {NOT_STORED}",
                  (shared_params_hash(shared_params, endpoint, api_version), job_id))
 
 

@@ -1,10 +1,10 @@
 """The SQL of planning (see batchrun/planner.py): the job's requests stored, answers reused, the run's
-options (resend, retry, resume), the output written; and the one reading of stored request bodies."""
+options (resend, retry, resume), the output written. (Planned rows and their bodies: store/bodies.py.)"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 from ..states import (ANSWERED, CANCELED, ERRORED, LOST_ERRORS, PENDING, sql_list)
 from .files import now_iso
@@ -13,7 +13,7 @@ from .files import now_iso
 _COPIED = ("state", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
            "cache_creation_input_tokens", "cache_read_input_tokens", "api_batch_id", "error_type", "error_message")
 # a row that ended errored for a reason other than a lost batch or result (those only with --resend-lost)
-_RETRYABLE = f"state = '{ERRORED}' AND coalesce(error_type, '') NOT IN {sql_list(LOST_ERRORS)}"
+RETRYABLE = f"state = '{ERRORED}' AND coalesce(error_type, '') NOT IN {sql_list(LOST_ERRORS)}"
 
 
 @dataclass
@@ -25,37 +25,6 @@ class JobFigures:
 
 
 class PlanQueries:
-    # ---- reading bodies: the one `requests JOIN bodies` ----------------------------------------------
-    def bodies(self, job_id: Optional[str] = None, *, batch: Optional[int] = None, state: Optional[str] = None,
-               retryable: bool = False, limit: Optional[int] = None) -> Iterator[str]:
-        """The stored row bodies (each the row's own part; requests.full_body splices the shared part in)
-        of the requests of a job or of a batch, in row order: those in `state`, or (`retryable`) those that
-        ended errored for another reason than a lost batch or result (--retry-errored sends them); at most
-        `limit`. Read as iterated."""
-        where, args = [], []
-        if job_id is not None:
-            where.append("r.job_id = ?")
-            args.append(job_id)
-        if batch is not None:
-            where.append("r.batch_id = ?")
-            args.append(batch)
-        if state is not None:
-            where.append("r.state = ?")
-            args.append(state)
-        if retryable:
-            where.append(_RETRYABLE)   # (bodies has no column of that name: unambiguous)
-        sql = ("SELECT b.body FROM requests r JOIN bodies b ON b.id = r.body_id"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.row_index")
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        for (body,) in self.conn.execute(sql, args):
-            yield body
-
-    def job_figures(self, job_id: str) -> JobFigures:
-        """What an estimate of the job needs: its rows by state, its first body, and its pending bodies."""
-        first = next(self.bodies(job_id, limit=1), None)
-        return JobFigures(counts=self.counts(job_id), first=first, pending=self.bodies(job_id, state=PENDING))
-
     # ---- plan ----------------------------------------------------------------------------------------
     def record_job(self, job_id: str, spec, fingerprint: str, endpoint: str) -> None:
         """The job's row, in the plan's transaction (the caller's), before its requests."""
@@ -64,16 +33,6 @@ class PlanQueries:
             "endpoint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, spec.name, spec.to_json(), spec.input, spec.output, fingerprint, spec.mode, spec.model,
              endpoint, now_iso()))
-
-    def insert_plan_chunk(self, records: list, bodies: list) -> None:
-        """One block of planned rows, in the plan's transaction: `records` (job_id, custom_id, row_index,
-        params_hash) and their `bodies`, which get consecutive ids after the largest one. Raises
-        sqlite3.IntegrityError on a custom_id the job already has (see `row_index_of`)."""
-        base = self.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM bodies").fetchone()[0]
-        self.conn.executemany("INSERT INTO bodies (id, body) VALUES (?, ?)",
-                              zip(range(base, base + len(bodies)), bodies))
-        self.conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, body_id) "
-                              "VALUES (?, ?, ?, ?, ?)", [(*r, base + i) for i, r in enumerate(records)])
 
     def row_index_of(self, job_id: str, custom_id: str) -> Optional[int]:
         """The row of the job that has this custom_id (None: none has)."""
@@ -121,14 +80,14 @@ class PlanQueries:
         return n
 
     def retry_errored(self, job_id: str) -> int:
-        """--retry-errored: rows that ended errored (not lost: see `bodies(retryable=True)`) go back to
+        """--retry-errored: rows that ended errored (not lost: see RETRYABLE) go back to
         pending, their attempts afresh and their errors cleared; the job is unfinished and uncanceled
         again (its canceled rows stay canceled). Returns how many."""
         with self.transaction():
             n = self.conn.execute(
                 f"UPDATE requests SET state = '{PENDING}', attempts = 0, free_sends = 0, batch_id = NULL, "
                 "api_batch_id = NULL, result_type = NULL, error_type = NULL, error_message = NULL, finished_at = NULL "
-                f"WHERE job_id = ? AND {_RETRYABLE}", (job_id,)).rowcount
+                f"WHERE job_id = ? AND {RETRYABLE}", (job_id,)).rowcount
             self.conn.execute("UPDATE jobs SET finished_at = NULL, canceled_at = NULL WHERE id = ?", (job_id,))
             self.event(job_id, "info", f"--retry-errored: {n} errored rows sent again")
         return n

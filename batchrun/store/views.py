@@ -121,14 +121,15 @@ class ViewQueries:
         (results.clean_usage drops counts that cannot be right)."""
         job = self.job(job_id)
         shared = json.loads(job["shared_params"] or "{}") if job else {}
-        paid = f"SELECT body_id, input_tokens, output_tokens FROM requests WHERE job_id = ? AND {PAID}"
+        paid = f"SELECT body_id, max_tokens, input_tokens, output_tokens FROM requests WHERE job_id = ? AND {PAID}"
         missing = "count(*) FILTER (WHERE r.output_tokens IS NULL OR r.input_tokens IS NULL) AS missing"
         if shared.get("max_tokens") is not None:   # one max_tokens for every row: no need to read the bodies
             row = self.one(f"SELECT count(*) FILTER (WHERE r.output_tokens > ?) AS over, {missing} FROM ({paid}) r",
                            (shared["max_tokens"], job_id))
-        else:                                      # each row's own (max_tokens_column)
-            row = self.one(f"SELECT count(*) FILTER (WHERE r.output_tokens > json_extract(b.body, '$.max_tokens')) "
-                           f"AS over, {missing} FROM ({paid}) r JOIN bodies b ON b.id = r.body_id", (job_id,))
+        else:   # each row's own (max_tokens_column): kept with the row (or in its body, stored before issue #17)
+            row = self.one("SELECT count(*) FILTER (WHERE r.output_tokens > "
+                           "coalesce(r.max_tokens, json_extract(b.body, '$.max_tokens'))) "
+                           f"AS over, {missing} FROM ({paid}) r LEFT JOIN bodies b ON b.id = r.body_id", (job_id,))
         return {"over": row["over"] or 0, "missing": row["missing"] or 0}
 
     # ---- the report (through sqlite-utils) ---------------------------------------------------------

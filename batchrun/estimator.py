@@ -71,9 +71,9 @@ class Estimator:
     """The estimate of a job, and the most each request may cost, from what the store holds.
 
     Handed what it needs, not the runner: the job's spec, its model and the catalog that prices it,
-    `count_tokens(params, retry) -> int` (the API's count, or an ApiError), `figures()` (the store's
-    `job_figures` of the job: rows by state, first body, pending bodies), `sample()` (the bodies of the
-    job's first rows, for its tokens per character before any estimate counted them), `prefix()` (the
+    `count_tokens(params, retry) -> int` (the API's count, or an ApiError), `figures()` (Planner.figures:
+    rows by state, first body, pending bodies, their sizes, and the bodies of rows asked for), `sample()`
+    (the bodies of the job's first rows, for its tokens per character before any estimate counted them), `prefix()` (the
     shared part every stored body is spliced into; see requests.full_body) and whether the endpoint is
     the Anthropic API (`at_anthropic`: its count_tokens exists, so its transient errors are retried).
     It keeps what it counted (a run estimates again as it goes), never what the store holds.
@@ -287,17 +287,21 @@ class Estimator:
                 self._ratio = Decimal(total_tokens) / Decimal(chars)
         else:
             method = "sampled"
-            lengths, max_tokens, bodies = [], [], []
-            rnd = random.Random(0)
-            for i, body in enumerate(pending):   # reservoir sample, one pass, bounded memory
-                lengths.append(self._chars(body))
-                max_tokens.append(self.max_tokens(body))
-                if len(bodies) < SAMPLE_SIZE:
-                    bodies.append((i, body))
+            lengths, max_tokens, picked = [], [], []
+            rnd, shared = random.Random(0), len(self._prefix() or "")
+            # each row's figures (its body is not read); a reservoir sample of rows, one pass, bounded memory,
+            # whose bodies alone are read (rendered again from the input: see bodies.py)
+            for i, (row, chars, mt) in enumerate(figures.sizes):
+                lengths.append(chars + shared)   # (as _chars of its body)
+                max_tokens.append(mt if spec.max_tokens_column and mt is not None else spec.max_tokens)
+                if len(picked) < SAMPLE_SIZE:
+                    picked.append((i, row))
                 else:
                     j = rnd.randint(0, i)
                     if j < SAMPLE_SIZE:
-                        bodies[j] = (i, body)
+                        picked[j] = (i, row)
+            got = figures.bodies_of([row for _, row in picked])
+            bodies = [(i, got[row]) for i, row in picked]
             sample_n = len(bodies)
             counted = {i: self._count(b) for i, b in bodies}
             if None in counted.values():

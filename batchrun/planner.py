@@ -73,7 +73,10 @@ class Planner:
         store, job_id = self.store, self.job.id
         first = next(self.bodies(store.planned_rows(job_id, limit=1)), None)
         return JobFigures(counts=store.counts(job_id), first=first[2] if first else None,
-                          pending=(body for _, _, body in self.bodies(store.planned_rows(job_id, state=PENDING))))
+                          pending=(body for _, _, body in self.bodies(store.planned_rows(job_id, state=PENDING))),
+                          sizes=store.pending_sizes(job_id),
+                          bodies_of=lambda rows: {i: body for i, _, body in
+                                                  self.bodies(store.planned_rows_at(job_id, rows))})
 
     def sample(self, n: int) -> list[str]:
         """The bodies of the job's first `n` rows."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Iterator, Optional
 
+from ..states import PENDING
 from .plan import RETRYABLE
 
 NOT_STORED = 0   # requests.body_id of a row whose body is not stored (bodies' ids start at 1)
@@ -36,6 +37,23 @@ class BodyQueries:
         sql = (f"SELECT {PLANNED_ROW} FROM {PLANNED_FROM}" + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY r.row_index" + (f" LIMIT {int(limit)}" if limit is not None else ""))
         yield from self.conn.execute(sql, args)
+
+    def pending_sizes(self, job_id: str) -> Iterator[tuple]:
+        """(row_index, chars, max_tokens or None) of the job's pending rows, in row order, as iterated: what
+        an estimate reads of each row (a stored body's own length and max_tokens where the row has none)."""
+        yield from self.conn.execute(
+            "SELECT r.row_index, coalesce(r.chars, length(b.body)), "
+            f"coalesce(r.max_tokens, json_extract(b.body, '$.max_tokens')) FROM {PLANNED_FROM} "
+            f"WHERE r.job_id = ? AND r.state = '{PENDING}' ORDER BY r.row_index", (job_id,))
+
+    def planned_rows_at(self, job_id: str, rows: list) -> list:
+        """The planned rows (PLANNED_ROW) of the job at these row indexes, in row order."""
+        found = []
+        for k in range(0, len(rows), 500):
+            marks = ",".join("?" * len(rows[k:k + 500]))
+            found += self.conn.execute(f"SELECT {PLANNED_ROW} FROM {PLANNED_FROM} WHERE r.job_id = ? AND "
+                                       f"r.row_index IN ({marks})", (job_id, *rows[k:k + 500])).fetchall()
+        return sorted(found)
 
     def insert_planned(self, records: list) -> None:
         """One block of planned rows, in the plan's transaction: (job_id, custom_id, row_index, params_hash,

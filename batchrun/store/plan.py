@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from ..states import (ANSWERED, CANCELED, ERRORED, LOST_ERRORS, PENDING, sql_list)
 from .files import now_iso
@@ -18,10 +18,18 @@ RETRYABLE = f"state = '{ERRORED}' AND coalesce(error_type, '') NOT IN {sql_list(
 
 @dataclass
 class JobFigures:
-    """What an estimate of a job is made of, read in one call (`Store.job_figures`)."""
+    """What an estimate of a job is made of (Planner.figures): each part read when it is used."""
     counts: dict                   # rows by state
     first: Optional[str]           # the first row's body (the job's shared parts are read from it); None: no rows
     pending: Iterable[str]         # the bodies of the rows still to send, in row order (read once, as priced)
+    sizes: Optional[Iterable[tuple]] = None   # the same rows' (row_index, chars, max_tokens or None)
+    bodies_of: Optional[Callable[[list], dict]] = None   # row_index -> body, of the rows asked for
+
+    def __post_init__(self) -> None:
+        if self.sizes is None:   # figures given as bodies alone: their sizes read from them
+            bodies = self.pending = list(self.pending)
+            self.sizes = [(i, len(body), json.loads(body).get("max_tokens")) for i, body in enumerate(bodies)]
+            self.bodies_of = lambda rows: {i: bodies[i] for i in rows}
 
 
 class PlanQueries:

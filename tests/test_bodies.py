@@ -184,3 +184,32 @@ def test_a_job_whose_bodies_are_stored_sends_them_as_stored(emu, cli, tmp_path, 
     assert max(emu.stats.submitted_custom_ids.values()) == 1
     assert table_rows(state, "SELECT count(*) FROM bodies") == [(450,)]
     os.remove(out)
+
+
+# ---- the estimate ---------------------------------------------------------------------------------------
+def test_the_sampled_estimate_renders_its_sample_alone_and_prices_as_every_body_would(emu, tmp_path, tickets_csv):
+    """Each pending row's size and max_tokens are read from the state file; only the sample's bodies are
+    rendered. The estimate is the one its bodies give, for a plan that stores none and for one that does."""
+    from batchrun.estimator import Estimator
+    from batchrun.store import JobFigures
+    spec = spec_for(tickets_csv, tmp_path, max_tokens_column="priority")
+    runner = planned(spec, emu)
+    try:
+        est = runner.estimator.estimate()
+        assert est.method == "sampled" and est.requests == 450
+        assert runner.planner.body_source.rendered <= 1 + 60           # the first row and the sample
+        bodies = [body for _, _, body in runner.bodies(runner.store.planned_rows(runner.job.id))]
+        alone = Estimator(spec, runner.job.catalog, runner.job.model,
+                          count_tokens=lambda params, retry: runner.client.count_tokens(params, retry=retry),
+                          figures=lambda: JobFigures(counts={"pending": 450}, first=bodies[0], pending=bodies),
+                          sample=lambda: bodies, prefix=lambda: runner.planner.prefix)
+        assert alone.estimate() == est
+    finally:
+        runner.close()
+    store_bodies_as_before(tmp_path / "s.sqlite")
+    runner = planned(spec, emu)
+    try:
+        assert runner.estimator.estimate() == est
+        assert runner.planner.body_source.passes == 0                   # the stored bodies: no input read
+    finally:
+        runner.close()

@@ -43,7 +43,8 @@ def row_figures(spec: JobSpec, body: str, part: dict) -> tuple[int, Optional[int
 
 
 def input_for(spec: JobSpec, pins: dict) -> InputSource:
-    """The job's input, read as its plan read it: the same rows (limit, shard) and pinned column types."""
+    """The job's input, read as its plan read it: the same rows (limit, shard) and pinned column types
+    (`pins`: InputSource.pins as the plan stored them; {} before it is planned)."""
     source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
     source.pin(pins)
     return source

@@ -14,7 +14,7 @@ from typing import Optional
 
 from .api import BUILTIN_EMULATOR, DEFAULT_BASE_URL, LEGACY_LOOPBACK, endpoint_text, is_loopback_endpoint
 from .errors import InputError
-from .inputs import InputSource
+from .bodies import input_for
 from .models import Catalog, CatalogError, ModelInfo, load_catalog
 from .spec import JobSpec, cache_minimum, cached_prefix_tokens
 from .store import Store
@@ -83,7 +83,7 @@ class Job:
         self.store = Store(spec.state_path)
         self.legacy_loopback: Optional[str] = None   # see Runner._continue_legacy_loopback
         if job_id is None:
-            self.source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
+            self.source = input_for(spec, {})
             self.fingerprint = self.source.fingerprint()
             self.id = self.id_for(spec)
             if endpoint is not None and not self.store.job(self.id):

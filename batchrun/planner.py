@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Callable, Iterable, Iterator, Optional
 
 from . import failpoints
-from .bodies import BodySource, row_figures
+from .bodies import BodySource, input_for, row_figures
 from .budget import BudgetLedger
 from .errors import BudgetError, InputError, LockedError
 from .inputs import ColumnTypeConflict, InputSource
@@ -300,9 +300,7 @@ class Planner:
     def write_output(self) -> int:
         """Every row is final: the input read again and joined to the replies, the output written (atomically)."""
         row = self.store.job(self.job.id)
-        source = InputSource(self.spec.input, limit=self.spec.limit, shard=self.spec.shard_pair,
-                             shard_key=self.spec.id_column)
-        source.pin(json.loads(row["column_types"] or "{}"))
+        source = input_for(self.spec, json.loads(row["column_types"] or "{}"))
         writer = OutputWriter(self.store, self.job.id, self.builder.schema if self.builder is not None else None,
                               text_prefix=self.spec.prefill if self.spec.prefill_in_text else None)
         # rows are joined to their replies by position: only the input that was planned may be joined,

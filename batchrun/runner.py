@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from .api import ApiClient, AsyncClient, LEGACY_LOOPBACK, endpoint_key, is_anthropic_api, is_loopback_endpoint
 from .adoption import Adoption
@@ -439,7 +439,7 @@ class Runner:
         """The full params JSON of a planned request."""
         return self.planner.full_body(row_body)
 
-    def bodies(self, rows):
+    def bodies(self, rows: Iterable[tuple]) -> Iterator[tuple[int, str, str]]:
         """(row_index, custom_id, row body) of planned rows (see Planner.bodies)."""
         return self.planner.bodies(rows)
 

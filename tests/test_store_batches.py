@@ -27,7 +27,7 @@ def _job(store, job_id: str, rows: int = 3, state: str = PENDING, claimed: bool 
 
 def _chunk(store, job_id, silent):
     with store.transaction():
-        return [r[0] for r in store.pending_chunk(job_id, -1, 100, silent)]
+        return [r[1] for r in store.pending_chunk(job_id, -1, 100, silent)]   # (planned rows: row_index, custom_id, ...)
 
 
 def _claim(store, job_id):

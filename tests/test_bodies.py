@@ -213,3 +213,28 @@ def test_the_sampled_estimate_renders_its_sample_alone_and_prices_as_every_body_
         assert runner.planner.body_source.passes == 0                   # the stored bodies: no input read
     finally:
         runner.close()
+
+
+def test_a_job_taken_over_from_the_other_mode_sends_the_rows_it_planned(emu, tmp_path, tickets_csv):
+    """A cached job with few-shot turns, planned in batch mode (its default cache TTL, 1h, in the last turn of
+    every row) at a gateway without batches, continues in messages mode as the same job: its rows are
+    rendered again as they were planned (with the stored TTL), not as messages mode would plan them."""
+    emu.config.no_batches = True
+    job = {"input": str(tickets_csv), "output": str(tmp_path / "o.parquet"), "state": str(tmp_path / "s.sqlite"),
+           "id_column": "ticket_id", "prompt": "Tag: {{ body }}", "model": "claude-haiku-4-5", "max_tokens": 50,
+           "limit": 12, "system": "You tag tickets.", "cache_system": True, "poll_interval": 0.05,
+           "few_shot": [{"user": "Tag: my card was charged twice", "assistant": "billing"}]}
+    from batchrun.errors import NoBatchApiError
+    with pytest.raises(NoBatchApiError):
+        batchrun.run(job, api_key=KEY, base_url=emu.base_url)
+    with Store(job["state"]) as s:
+        (planned,) = s.q("SELECT id, mode FROM jobs")
+        sent = [params for _, _, params in s.params()]
+    assert planned["mode"] == "batch"
+    assert sent[0]["messages"][1]["content"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    result = batchrun.run({**job, "mode": "messages"}, api_key=KEY, base_url=emu.base_url)
+    assert result.exit_code == 0 and result.counts == {"succeeded": 12}
+    assert emu.stats.messages_calls == 12
+    with Store(job["state"]) as s:   # the same job, under its new id and mode
+        assert [(j["id"], j["mode"]) for j in s.find_jobs()] == [(result.job_id, "messages")]
+        assert [params for _, _, params in s.params()] == sent

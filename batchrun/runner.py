@@ -1,21 +1,24 @@
-"""The state machine that moves a job forward: plan → submit → poll → collect → retry → write.
+"""The run: a short loop over the drivers that move a job forward, plan → submit → poll → collect → write.
 
 Each step is idempotent and committed to the state file before the next one starts, so `run` can
-be killed at any moment and called again (from cron, say) to pick up exactly where it stopped:
+be killed at any moment and called again (from cron, say) to pick up exactly where it stopped. Each
+is a driver's, handed what it needs (the store, the job, the client, the parser, the budget ledger):
 
-* plan     — read the input once, render every row, store each request (custom_id, hash, figures; not
-             its body, rendered again when sent: bodies.py) in one transaction. Nothing is sent before
-             the whole input has been validated.
-* submit   — for each chunk of pending requests: choose them and commit an *intent* (the batch's
-             members, the time) in one transaction, POST the batch, commit its id. A create whose
-             reply is lost, or that a killed run left under way, is resolved through the list endpoint
-             (adopt the batch once its results prove it this job's), never by sending again blindly.
-* poll     — retrieve in-flight batches with backoff until they end.
-* collect  — stream results line by line, match by custom_id, record; a download cut short is
-             downloaded again; a batch is collected only when every member has its result.
-* retry    — expired requests go back to pending, up to max_attempts; rows whose errored result is the
-             service's error, not the request's (results.retry_rule), go back without using an attempt.
-* write    — stream the input again, join each record batch to its results, write atomically.
+* plan     — planner.py: read the input once, render every row, store each request (custom_id, hash,
+             figures; not its body, rendered again when sent: bodies.py) in one transaction; take
+             answers another job already paid for; the run's options.
+* submit   — batches.py: for each chunk of pending requests, choose them and commit an *intent* in one
+             transaction, POST the batch, commit its id (and prime the prompt cache first). adoption.py:
+             a create whose reply is lost, or that a killed run left under way, is resolved through the
+             list endpoint (its batch adopted once its results prove it this job's), never by sending
+             again blindly.
+* poll, collect, retry — collector.py: retrieve in-flight batches until they end, stream their results
+             line by line and record them; failed rows worth another attempt go back to pending.
+* messages mode — messages.py: every pending row over POST /v1/messages, each reply committed at once.
+* write    — planner.py: stream the input again, join each record batch to its results, write atomically.
+
+A round of `run` is `step`; the library's step-by-step Job calls `submit_step`, `poll_step` and
+`collect_step`, each one round under the job's lock.
 """
 from __future__ import annotations
 
@@ -37,13 +40,15 @@ from .output import check_writable
 from .requests import RequestBuilder, output_schema_for
 from .results import ResultParser
 from .spec import JobSpec, check_api_version
+from .states import FINAL_STATES, IN_FLIGHT, PENDING, SUCCEEDED
 from .budget import BudgetLedger
 from .job import Job, resolve_connection, sent_elsewhere
 from .planner import Planner
 from .summary import find_job, job_cost
-from .store import FINAL_STATES, JobLock, Store, existing_state
+from .store import JobLock, Store, existing_state
 
 log = logging.getLogger("batchrun")
+
 
 @dataclass
 class Progress:
@@ -64,7 +69,7 @@ class Progress:
 
     @property
     def failed(self) -> int:
-        return self.done - self.counts.get("succeeded", 0)
+        return self.done - self.counts.get(SUCCEEDED, 0)
 
 
 @dataclass
@@ -84,7 +89,7 @@ class RunResult:
 
     @property
     def failed(self) -> int:
-        return sum(n for s, n in self.counts.items() if s not in ("succeeded", "pending", "in_flight"))
+        return sum(n for s, n in self.counts.items() if s not in (SUCCEEDED, PENDING, IN_FLIGHT))
 
 
 @dataclass
@@ -224,7 +229,7 @@ class Runner:
                 step = self.step()
                 counts = step.counts
                 self._report(counts)
-                if not counts.get("pending") and not counts.get("in_flight"):
+                if not counts.get(PENDING) and not counts.get(IN_FLIGHT):
                     break
                 self.stop_over_budget(step, wait)
                 if not wait:
@@ -244,10 +249,10 @@ class Runner:
         if self.spec.mode == "messages":
             self.reuse_answers()
             over = self.ledger.check()
-            pending = 0 if over else self.store.counts(self.job.id).get("pending", 0)
+            pending = 0 if over else self.store.counts(self.job.id).get(PENDING, 0)
             changed = False if over else self.messages_step()
             counts = self.store.counts(self.job.id)
-            return Step(changed, over, counts, 0 if over else pending - counts.get("pending", 0))
+            return Step(changed, over, counts, 0 if over else pending - counts.get(PENDING, 0))
         self.adoption.resolve_intents()
         changed = False
         if collect:
@@ -265,8 +270,8 @@ class Runner:
         fit)."""
         counts = step.counts
         stop = step.over or self.ledger.held
-        if stop and (counts.get("pending") or counts.get("in_flight")) and \
-                (not counts.get("in_flight") or (step.over and not wait)):
+        if stop and (counts.get(PENDING) or counts.get(IN_FLIGHT)) and \
+                (not counts.get(IN_FLIGHT) or (step.over and not wait)):
             raise BudgetError(self.ledger.stop_message(stop, counts))
 
     def submit_step(self) -> int:
@@ -288,7 +293,7 @@ class Runner:
         output. Under the job's lock, after `start`."""
         self.collector.poll()
         counts = self.store.counts(self.job.id)
-        if counts.get("pending") or counts.get("in_flight"):
+        if counts.get(PENDING) or counts.get(IN_FLIGHT):
             return self.result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
         return self.finish()
 
@@ -338,7 +343,7 @@ class Runner:
         rows = self.write_output()
         counts = store.counts(job.id)
         store.mark_written(job.id)
-        failed = sum(n for s, n in counts.items() if s != "succeeded")
+        failed = sum(n for s, n in counts.items() if s != SUCCEEDED)
         result = self.result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
         result.rows = rows
         return result
@@ -375,15 +380,14 @@ class Runner:
         """Whether this server knows the latest batch of a job keyed "http://loopback" (a batch id is the
         API's own, random): then the job was sent here, and is recorded so — its endpoint in full, its
         requests keyed to it — and nothing it paid for is paid again."""
-        latest = self.store.one("SELECT api_id FROM batches WHERE job_id = ? AND api_id IS NOT NULL "
-                                "ORDER BY id DESC LIMIT 1", (legacy,))
+        latest = self.store.latest_api_id(legacy)
         if latest is None:
             return False
         try:
-            batch = self.client.retrieve_batch(latest["api_id"])
+            batch = self.client.retrieve_batch(latest)
         except NotFoundError:
             return False
-        if not isinstance(batch, dict) or batch.get("id") != latest["api_id"]:   # a reply, but not about that batch
+        if not isinstance(batch, dict) or batch.get("id") != latest:   # a reply, but not about that batch
             return False
         self.store.move_job(legacy, self.job.endpoint)
         return True

@@ -191,6 +191,12 @@ class BatchQueries:
         """Local ids of the job's intents: creates not answered yet (see Adoption.resolve_intent)."""
         return [r["id"] for r in self.q(f"SELECT id FROM batches WHERE job_id = ? AND state = '{INTENT}'", (job_id,))]
 
+    def latest_api_id(self, job_id: str) -> Optional[str]:
+        """The API's id of the job's latest batch (None: it never made one)."""
+        row = self.one("SELECT api_id FROM batches WHERE job_id = ? AND api_id IS NOT NULL ORDER BY id DESC LIMIT 1",
+                       (job_id,))
+        return row["api_id"] if row else None
+
     def batch(self, local: int) -> Batch:
         """A batch row, by local id."""
         return Batch.of(self.one("SELECT * FROM batches WHERE id = ?", (local,)))

@@ -50,11 +50,6 @@ class CollectQueries:
         """How many rows batch `local` carries (answered or not)."""
         return self.one("SELECT count(*) AS n FROM requests WHERE batch_id = ?", (local,))["n"]
 
-    def rows_in_flight(self, local: int) -> int:
-        """Rows of batch `local` still waiting for their result."""
-        return self.one(f"SELECT count(*) AS n FROM requests WHERE batch_id = ? AND state = '{IN_FLIGHT}'",
-                        (local,))["n"]
-
     def count_download(self, local: int) -> None:
         """One more download of batch `local`'s results begins."""
         self.conn.execute("UPDATE batches SET downloads = downloads + 1 WHERE id = ?", (local,))

@@ -25,7 +25,7 @@ class MessageQueries:
                f"WHERE r.job_id = ? AND r.state = '{PENDING}' AND r.row_index > ? {{taken}}ORDER BY r.row_index "
                "LIMIT ?")
         with self.transaction():
-            if self.one("SELECT EXISTS (SELECT 1 FROM jobs WHERE id != ?) AS n", (job_id,))["n"]:
+            if not self.alone(job_id):
                 # (another job's row in flight counts only while a run moves that job: see taken_elsewhere)
                 taken, args = taken_elsewhere(self.live_others(job_id))
                 page = self.conn.execute(sql.format(taken=f"AND NOT {taken} "),

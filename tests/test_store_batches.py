@@ -27,7 +27,8 @@ def _job(store, job_id: str, rows: int = 3, state: str = PENDING, claimed: bool 
 
 def _chunk(store, job_id, silent):
     with store.transaction():
-        return [r[1] for r in store.pending_chunk(job_id, -1, 100, silent)]   # (planned rows: row_index, custom_id, ...)
+        # (planned rows: row_index, custom_id, ...)
+        return [r[1] for r in store.pending_chunk(job_id, -1, 100, silent)]
 
 
 def _claim(store, job_id):

@@ -87,8 +87,9 @@ class BatchQueries:
 
     def pending_chunk(self, job_id: str, after: int, limit: int, silent: Optional[list]) -> list:
         """The next pending rows of the job (row_index > after, in input order, at most `limit`), as planned
-        rows (store/bodies.py: PLANNED_ROW; their bodies from a BodySource). Asked inside the write transaction that records their intent (see
-        BatchDriver.submit), so that no other job can send the same requests between the two.
+        rows (store/bodies.py: PLANNED_ROW; their bodies from a BodySource). Asked inside the write
+        transaction that records their intent (see BatchDriver.submit), so that no other job can send the
+        same requests between the two.
 
         `silent` None: the job is alone in its state file. Otherwise rows another job has answered or is
         sending are left out (`taken_elsewhere`, batch mode: `silent` are the jobs whose in-flight rows

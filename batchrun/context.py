@@ -1,5 +1,6 @@
-"""What the batch-mode drivers (batches.py, adoption.py, collector.py) are handed by the run that uses them:
-the job, its state file, the API client, the result parser, the budget ledger and the run's counters."""
+"""What the drivers (batch mode's batches.py, adoption.py, collector.py; messages mode's messages.py) are handed
+by the run that uses them: the job, its state file, the API client, the result parser, the budget ledger and
+the run's counters."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -47,19 +47,17 @@ import json
 import logging
 import time
 from decimal import Decimal
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Optional
 
 import tenacity
 
 from .api import CREATE_NOT_CREATED, AsyncClient, asked_wait, asks_past
-from .budget import BudgetLedger
+from .context import BatchContext
 from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, NoReplyError, NotSentError, TransientApiError,
                      error_class)
 from .ratelimit import RateLimiter
 from .results import NOT_BILLED, clean_usage
-from .spec import JobSpec
 from .states import ANSWERED, ERRORED, IN_FLIGHT, PENDING
-from .store import Store
 
 log = logging.getLogger("batchrun")
 
@@ -87,30 +85,23 @@ class _RowFailed(Exception):
 
 
 class MessagesDriver:
-    """Sends one job's pending rows over `POST /v1/messages`, handed what it needs: the job's `spec`, its
-    `store` and ids, the `client` (an AsyncClient: headers, retry policy, error translation), the budget
-    `ledger` (shared with batch mode), `bodies` (planned rows -> (row_index, custom_id, row body): see
-    bodies.py), `full_body` (a row body -> the request's params JSON),
-    `parse` (a Message -> the row's result fields) and `report` (the job's counts -> progress).
-    After `run_pending`, `recorded` and `sent` say what this call did."""
+    """Sends one job's pending rows over `POST /v1/messages`. Handed what it needs: the run's context
+    (`context.BatchContext`, the one batch mode's drivers share: the job's spec, store and ids, the result
+    parser, the budget ledger, `bodies` (planned rows -> (row_index, custom_id, row body): see bodies.py),
+    `full_body` (a row body -> the request's params JSON), and the run's counters, whose `requests_sent` it
+    adds to), the `client` (an AsyncClient: headers, retry policy, error translation) and `report` (the
+    job's counts -> progress). After `run_pending`, `recorded` says how many rows got their result."""
 
-    def __init__(self, *, spec: JobSpec, store: Store, job_id: str, short_id: str, client: AsyncClient,
-                 ledger: BudgetLedger, bodies: Callable[[Iterable[tuple]], Iterator[tuple]],
-                 full_body: Callable[[str], str], parse: Callable[[dict], dict], report: Callable[[dict], None]):
-        self.spec = spec
-        self.store = store
-        self.job_id = job_id
-        self.short_id = short_id
+    def __init__(self, ctx: BatchContext, client: AsyncClient, report: Callable[[dict], None]):
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.store = ctx.store
+        self.ledger = ctx.ledger
         self.client = client
-        self.ledger = ledger
-        self.bodies = bodies
-        self.full_body = full_body
-        self.parse = parse
         self.report = report
         self.limiter: Optional[RateLimiter] = None
         self._buffer: list = []       # (custom_id, fields, sends) of rows answered, not yet committed
         self.recorded = 0             # rows that got their result in this call
-        self.sent = 0                 # requests sent in this call (a send met with no connection is not one)
         # with max_cost: what is left of the budget less the maximum of every request on the wire
         self.room: Optional[Decimal] = None
         self.sending = 0
@@ -145,9 +136,9 @@ class MessagesDriver:
                     task.cancel()
                 await asyncio.gather(*tasks, ticker, return_exceptions=True)
                 self._flush()              # replies already received are kept, whatever happened
-                self.store.release_claims(self.job_id)
+                self.store.release_claims(self.ctx.job_id)
         log.info("job %s: %d replies recorded in %.1fs over %s; %d refused (429/529), %.1fs waiting on rate limits",
-                 self.short_id, self.recorded, time.monotonic() - started, self.client.what,
+                 self.ctx.short_id, self.recorded, time.monotonic() - started, self.client.what,
                  self.limiter.refusals, self.limiter.waited)
         return self.recorded
 
@@ -158,7 +149,7 @@ class MessagesDriver:
             # chosen and claimed in one transaction: a job sharing these requests never sends them too
             # (their bodies rendered again and checked, or stored: an input changed since the plan stops
             # the run before any of them is sent, and the claims are released)
-            page = list(self.bodies(self.store.claim_for_messages(self.job_id, last, PAGE)))
+            page = list(self.ctx.bodies(self.store.claim_for_messages(self.ctx.job_id, last, PAGE)))
             if not page:
                 break
             for _, custom_id, body in page:
@@ -166,7 +157,7 @@ class MessagesDriver:
                 if reserved is None:      # over the budget: send no more (the run says why)
                     page = None
                     break
-                await queue.put((custom_id, self.full_body(body), reserved))
+                await queue.put((custom_id, self.ctx.full_body(body), reserved))
             if page is None:
                 break
             last = page[-1][0]
@@ -241,11 +232,11 @@ class MessagesDriver:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        self.recorded += self.store.record_replies(self.job_id, self._buffer)
+        self.recorded += self.store.record_replies(self.ctx.job_id, self._buffer)
         self._buffer.clear()
 
     def _report(self) -> None:
-        counts = self.store.counts(self.job_id)
+        counts = self.store.counts(self.ctx.job_id)
         sending = min(self.limiter.active, counts.get(PENDING, 0))
         if sending:       # show the requests on the wire as in flight (they are pending in the state)
             counts[PENDING] -= sending
@@ -297,7 +288,7 @@ class MessagesDriver:
                               f"{time.monotonic() - started:.0f} s; the rows not answered stay pending and the "
                               f"next run sends them{asked_wait(exc)}", status=exc.status, error_type=exc.error_type,
                               request_id=exc.request_id) from None
-        return self.parse(message)
+        return self.ctx.parser.message(message)
 
     async def _post(self, content: bytes, estimate: tuple, tries: dict) -> dict:
         """One exchange, admitted by the limiter and reported back to it."""
@@ -327,7 +318,7 @@ class MessagesDriver:
                 tries["unsent"] += 1     # nothing was delivered: not a send, not an attempt
             else:
                 tries["sent"] += 1
-                self.sent += 1
+                self.ctx.counters.requests_sent += 1
                 if error is None or not _not_run(error):
                     tries["counted"] += 1
             self.limiter.release(ticket, headers=headers, usage=usage, refused_for=refused_for)

@@ -157,12 +157,12 @@ class Runner:
         self.ledger = BudgetLedger(spec, self.store, self.job, lambda: self.estimator,   # max_cost (budget.py)
                                    bodies=lambda rows: self.planner.bodies(rows))
         self.planner = Planner(spec, self.job, self.store, self.parser, self.ledger, self._note)
-        # batch mode's drivers (batches.py, adoption.py, collector.py), handed what they need
+        # the drivers (batch mode's batches.py, adoption.py, collector.py; messages.py), handed what they need
         self.counters = RunCounters()                  # this run's batches created and requests sent
         self.service_errors = ServiceErrors()          # errored results that were the service's (batch mode)
-        ctx = BatchContext(spec=spec, store=self.store, job=self.job, client=lambda: self.client, parser=self.parser,
-                           ledger=self.ledger, bodies=self.planner.bodies, full_body=self.full_body, sleep=sleep,
-                           counters=self.counters)
+        self.context = ctx = BatchContext(spec=spec, store=self.store, job=self.job, client=lambda: self.client,
+                                          parser=self.parser, ledger=self.ledger, bodies=self.planner.bodies,
+                                          full_body=self.full_body, sleep=sleep, counters=self.counters)
         self.adoption = Adoption(ctx)   # (a bad BATCHRUN_CREATE_GRACE is refused here, before anything is sent)
         self.collector = Collector(ctx, self.adoption, self.service_errors)
         self.batches = BatchDriver(ctx, self.adoption, self.collector, self._move_twin)
@@ -471,13 +471,7 @@ class Runner:
             raise InputError("messages mode sends with an async client: give it an httpx.AsyncBaseTransport "
                              "(such as httpx.ASGITransport) as async_transport, not a sync transport")
         client = AsyncClient(**self._connection(), transport=transport, connections=self.spec.concurrency)
-        driver = MessagesDriver(spec=self.spec, store=self.store, job_id=self.job.id, short_id=self.job.short_id,
-                                client=client, ledger=self.ledger, bodies=self.bodies, full_body=self.full_body,
-                                parse=self.parser.message, report=self._report)
-        try:
-            return driver.run_pending() > 0
-        finally:
-            self.requests_sent += driver.sent
+        return MessagesDriver(self.context, client, self._report).run_pending() > 0
 
     # ---- budget --------------------------------------------------------------------------------
     @property

@@ -71,8 +71,7 @@ class BaseClient:
                  extra_headers: Optional[dict] = None, transport: Any = None,
                  timeout: float = 600.0, connect_timeout: float = 5.0,
                  retry: Optional[RetryPolicy] = None, key_source: str = "ANTHROPIC_API_KEY",
-                 base_url_source: Optional[str] = None,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+                 base_url_source: Optional[str] = None):
         register_secret(api_key)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.shown_url = shown_url(self.base_url)   # what messages name: never a user:password@ of the URL
@@ -87,8 +86,6 @@ class BaseClient:
                              "(a control or non-ASCII character): check its value")
         self.key_source = key_source
         self.retry = retry or RetryPolicy()
-        self.sleep = sleep
-        self.clock = clock
         headers = {"anthropic-version": api_version, "content-type": "application/json",
                    "user-agent": f"batchrun/{__version__}"}
         for name, value in (extra_headers or {}).items():
@@ -188,10 +185,14 @@ class BaseClient:
 
 
 class Client(BaseClient):
-    """The synchronous client: the batch endpoints, results downloads and count_tokens."""
+    """The synchronous client: the batch endpoints, results downloads and count_tokens (`sleep` and
+    `clock`: what its retries wait with and measure by; tests give their own)."""
 
-    def __init__(self, *, transport: Optional[httpx.BaseTransport] = None, **kw: Any):
+    def __init__(self, *, transport: Optional[httpx.BaseTransport] = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic, **kw: Any):
         super().__init__(transport=transport, **kw)
+        self.sleep = sleep
+        self.clock = clock
         # the API's clock minus ours (seconds), from the Date header of its latest reply; None before one
         self.server_offset: Optional[float] = None
         self.http = self._http(httpx.Client, event_hooks={"response": [self._watch_clock]})

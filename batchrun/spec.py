@@ -89,7 +89,7 @@ def default_cache_ttl(mode: str, cache_system: bool) -> str:
     return "1h" if mode == "batch" and cache_system is True else "5m"
 
 
-PRIME_MIN_ROWS = 6          # rows to send for the cache to be primed first (see Runner._priming)
+PRIME_MIN_ROWS = 6          # rows to send for the cache to be primed first (see batches.BatchDriver.priming)
 
 
 def cached_prefix_tokens(spec: "JobSpec") -> int:
@@ -116,7 +116,7 @@ def prefix_cached(tokens: int, model) -> Optional[bool]:
 
 
 def primes_cache(spec: "JobSpec", model) -> bool:
-    """Whether the job's batches are sent after one request has primed the cache (see Runner._priming):
+    """Whether the job's batches are sent after one request has primed the cache (see batches.BatchDriver.priming):
     batch mode, cache_prime on, and a cached prefix known to be cached (prefix_cached: not below
     the model's minimum, the warning of warnings_for; a model whose minimum is unknown is not primed)."""
     return spec.mode == "batch" and spec.cache_prime and prefix_cached(cached_prefix_tokens(spec), model) is True

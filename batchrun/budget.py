@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import InputError
 from .spec import JobSpec
-from .states import IN_FLIGHT
+from .states import IN_FLIGHT, PENDING
 from .summary import budget_text, job_cost
 
 log = logging.getLogger("batchrun")
@@ -139,10 +139,10 @@ class BudgetLedger:
         """The line a budget stop ends with: why, what was spent, and how to continue."""
         need = self._need.quantize(Decimal("0.0001"), rounding=ROUND_CEILING)
         paid = self.store.paid_rows(self.job_id)
-        flying = counts.get("in_flight", 0)
+        flying = counts.get(IN_FLIGHT, 0)
         sent = (f"{flying} rows still in flight: the next run collects them" if flying
                 else "nothing is in flight")
-        return (f"{why}; {paid} rows paid so far, {counts.get('pending', 0)} not sent, {sent}. To continue, run "
+        return (f"{why}; {paid} rows paid so far, {counts.get(PENDING, 0)} not sent, {sent}. To continue, run "
                 f"again with --max-cost {need} or more")
 
     def record_max_cost(self) -> None:

@@ -80,7 +80,7 @@ CAUSES = {
     "authentication_error": "authentication", "permission_error": "permission",
     "rate_limit_error": "rate limit", "overloaded_error": "overloaded", "api_error": "API error",
     "invalid_request_error": "invalid request", "not_found_error": "not found",
-    "invalid_output": "invalid output", "expired": "expired", "canceled": "canceled",
+    INVALID_OUTPUT: "invalid output", EXPIRED: "expired", CANCELED: "canceled",
     "results_gone": "results gone", "result_missing": "result never came",
     "batch_unproven": "lost create's batch not provably the job's",
 }

@@ -15,6 +15,7 @@ import click
 from ..errors import (ApiError, AuthError, BatchrunError, ExitCode, NoBatchApiError, SpecError, redact,
                       register_secret)
 from ..spec import Flag, JobSpec, job_flags
+from ..states import IN_FLIGHT, PENDING
 from ..summary import priming_text
 
 EXIT_CODES_HELP = """\b
@@ -202,7 +203,7 @@ class ProgressPrinter:
             if self._live is not None:
                 self._live.update(self, refresh=True)
                 return
-        key = (p.done, p.counts.get("in_flight", 0), p.batches_total)
+        key = (p.done, p.counts.get(IN_FLIGHT, 0), p.batches_total)
         if key == self.last and now - self.last_at < self.every:
             return
         self.last, self.last_at = key, now
@@ -214,7 +215,7 @@ class ProgressPrinter:
         if p.priming:
             where += f", {priming_text(p.priming, rest=False)}"
         click.echo(f"progress: {p.done}/{p.total} rows done ({p.failed} failed), "
-                   f"{p.counts.get('in_flight', 0)} in flight {where}, {cost}, "
+                   f"{p.counts.get(IN_FLIGHT, 0)} in flight {where}, {cost}, "
                    f"{format_seconds(p.elapsed)} elapsed{eta}", err=True)
 
     def eta(self, p, elapsed: Optional[float] = None) -> Optional[float]:
@@ -255,8 +256,8 @@ class ProgressPrinter:
 
         p = self.p
         elapsed = p.elapsed + (time.monotonic() - self.p_at if self._live is not None else 0.0)
-        in_flight = p.counts.get("in_flight", 0)
-        pending = p.counts.get("pending", 0)
+        in_flight = p.counts.get(IN_FLIGHT, 0)
+        pending = p.counts.get(PENDING, 0)
         submitted = p.total - pending
         pct = 100.0 * p.done / p.total if p.total else 100.0
         bar = Table.grid(padding=(0, 1))

@@ -53,10 +53,27 @@ def wire_id(tag: Optional[str], custom_id: str) -> str:
 
 # json.dumps with these arguments would build a new encoder on every call (the plan calls it once a row)
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode
+_STRING = json.encoder.encode_basestring   # (the encoder's own for strings when ensure_ascii is off)
 
 
 def canonical_json(obj: Any) -> str:
-    """Sorted keys, no spaces, UTF-8 text as is: the text every request hash is taken of."""
+    """Sorted keys, no spaces, UTF-8 text as is: the text every request hash is taken of.
+
+    The common row part, {"messages": [{"content": str, "role": str}, ...]}, is written directly (half
+    the encoder's time, twice per row sent: plan and submit); the same text as the encoder's (tested)."""
+    if type(obj) is dict and len(obj) == 1:
+        messages = obj.get("messages")
+        if type(messages) is list:
+            out = []
+            for m in messages:
+                if type(m) is not dict or len(m) != 2:
+                    break
+                content, role = m.get("content"), m.get("role")
+                if type(content) is not str or type(role) is not str:
+                    break
+                out.append('{"content":' + _STRING(content) + ',"role":' + _STRING(role) + "}")
+            else:
+                return '{"messages":[' + ",".join(out) + "]}"
     return _CANONICAL(obj)
 
 

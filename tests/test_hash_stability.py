@@ -23,3 +23,25 @@ def test_request_hashes_are_the_ones_stored_before(cli, tmp_path):
     with sqlite3.connect(state) as db:
         got = dict(db.execute("SELECT custom_id, params_hash FROM requests ORDER BY row_index"))
     assert got == EXPECTED
+
+
+def test_the_row_parts_fast_canonical_json_is_the_encoders_text():
+    """canonical_json writes the common row part ({"messages": [{"content", "role"}...]}) without the
+    encoder: byte for byte the encoder's text, for every kind of string; any other shape goes to the encoder."""
+    import json
+
+    from batchrun.requests import canonical_json
+    encoder = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode
+    texts = ["", "plain", 'naïve café ✓, "quoted"\nsecond line\t\\ \x00\x1f\x7f', "李雷 \u2028\u2029 \ud800 😀",
+             "</script>", "x" * 5000]
+    parts = [{"messages": [{"role": "user", "content": t}]} for t in texts]
+    parts += [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                            {"role": "user", "content": "c"}]},
+              {"messages": []},
+              {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
+              {"messages": [{"role": "user", "content": "x", "extra": 1}]},
+              {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+              {"messages": [{"role": "user", "name": "x"}]},
+              {"messages": [{"role": "user", "content": None}]}]
+    for part in parts:
+        assert canonical_json(part) == encoder(part)

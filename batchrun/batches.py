@@ -21,6 +21,7 @@ from .collector import Collector
 from .context import BatchContext
 from .errors import (AmbiguousCreateError, ApiError, AuthError, GaveUpError, InputError, LockedError, NoBatchApiError,
                      RequestTooLargeError, TransientApiError)
+from .prefetch import Ahead
 from .requests import new_job_tag, wire_id
 from .spec import PRIME_MIN_ROWS, primes_cache
 from .states import PENDING
@@ -50,19 +51,19 @@ class BatchDriver:
         self.move_twin = move_twin
         self._chunk = ctx.spec.batch_size
         self._job_tag: Optional[str] = None   # the job's tag, once read or made (see tag)
+        self._ahead: Optional[tuple] = None     # (the rows, Ahead making them): the next chunk (see _render_ahead)
 
     # ---- submit --------------------------------------------------------------------------------
     def submit(self) -> int:
         """Send pending requests in batches. Returns the number of batches created."""
         store, ctx, spec = self.store, self.ctx, self.ctx.spec
-        job_id, short_id = ctx.job_id, ctx.short_id
+        job_id = ctx.job_id
         if store.canceled_at(job_id):
             self.cancel_pending()  # rows a canceled batch gave back for another attempt are not sent
             return 0
         prime = self.priming()
         if prime == "wait":
             return 0
-        created = 0
         tag = self.tag()
         # not sent: rows another job has answered (reuse_answers takes them next round), and rows in
         # flight in another job, whose answers are coming (unless that job cannot be moved from here)
@@ -71,6 +72,17 @@ class BatchDriver:
             # (before the write lock is taken, not while holding it)
             for _, _, first in ctx.bodies(store.planned_rows(job_id, state=PENDING, limit=1)):
                 ctx.ledger.estimator.request_max(first)
+        try:
+            return self._send_chunks(prime, tag, silent)
+        finally:
+            if self._ahead is not None:   # (a run ended early: the thread is done before the source closes)
+                self._ahead[1].wait()
+                self._ahead = None
+
+    def _send_chunks(self, prime: Optional[str], tag: str, silent: list) -> int:
+        store, ctx, spec = self.store, self.ctx, self.ctx.spec
+        job_id, short_id = ctx.job_id, ctx.short_id
+        created = 0
         after = -1   # rows are taken in input order; each chunk starts where the last one ended
         while True:
             if prime and after >= 0:
@@ -86,12 +98,9 @@ class BatchDriver:
                     return created
                 # their bodies rendered again from the input and checked against their hashes (or stored):
                 # an input changed since the plan ends the run here, its intent not recorded, nothing sent
-                rows = list(ctx.bodies(chosen))
+                rows = self._made_ahead(chosen) or self._pieces(chosen, tag)()
                 parts, ids, size = [], [], 16
-                for _, cid, body in rows:
-                    piece = ('{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":' + ctx.full_body(body)
-                             + "}")
-                    piece_size = len(piece.encode("utf-8")) + 1
+                for _, cid, _, piece, piece_size in rows:
                     if parts and size + piece_size > MAX_BATCH_BYTES:
                         break
                     parts.append(piece)
@@ -99,7 +108,7 @@ class BatchDriver:
                     size += piece_size
                 reserve = None
                 if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
-                    fit, reserve = ctx.ledger.reserve([body for _, _, body in rows[:len(ids)]], short_id)
+                    fit, reserve = ctx.ledger.reserve([row[2] for row in rows[:len(ids)]], short_id)
                     if not fit:
                         return created
                     del parts[fit:], ids[fit:]
@@ -112,6 +121,8 @@ class BatchDriver:
                 if prime:
                     self._primer(local, ids[0])
             failpoints.hit("after_intent")
+            if not prime:   # the next chunk is rendered while this one uploads
+                self._render_ahead(job_id, sent_through, None if alone else silent, tag)
             try:
                 info = ctx.client().create_batch(payload)
                 failpoints.hit("after_create")
@@ -158,6 +169,41 @@ class BatchDriver:
             created += 1
             after = sent_through
             log.info("job %s: submitted batch %s (%d requests)", short_id, info.get("id"), len(ids))
+
+    # ---- the next chunk, made while a batch uploads ---------------------------------------------------
+    # Rendering a chunk again (bodies.py) is the submit's CPU work; a create is mostly waiting on the
+    # network, without the GIL. So once an intent is committed, the rows most likely to be chosen next
+    # (the next pending rows as they stand) are rendered, checked and made into request lines in a thread
+    # while the batch uploads. Nothing is decided there: the next chunk is still chosen, and its intent
+    # recorded, in its own write-locked transaction, and it uses what was made ahead only if it chose
+    # exactly those rows (else it renders its own); a render that failed (the input changed) raises only
+    # there, before that chunk's intent, so nothing of it is sent.
+    def _pieces(self, chosen: list, tag: str) -> Callable[[], list]:
+        """What makes the chunk's rows: (row_index, custom_id, row body, request line, its size in bytes + 1)."""
+        bodies, full_body = self.ctx.bodies(chosen), self.ctx.full_body   # (asked here: its source made here)
+
+        def make() -> list:
+            rows = []
+            for index, cid, body in bodies:
+                piece = '{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":' + full_body(body) + "}"
+                rows.append((index, cid, body, piece, len(piece.encode("utf-8")) + 1))
+            return rows
+        return make
+
+    def _render_ahead(self, job_id: str, after: int, silent: Optional[list], tag: str) -> None:
+        nxt = self.store.pending_chunk(job_id, after, self._chunk, silent)
+        if nxt:
+            self._ahead = (nxt, Ahead(self._pieces(nxt, tag)))
+
+    def _made_ahead(self, chosen: list) -> Optional[list]:
+        """The rows made ahead, if they are the ones `chosen` (their exceptions raised here); else None."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead[0] != chosen:
+            ahead[1].wait()   # not these rows: dropped (the body source is free again once it has finished)
+            return None
+        return ahead[1].result()
 
     def tag(self) -> str:
         """This job's tag (see requests.new_job_tag): made once, at its first submit, and kept."""

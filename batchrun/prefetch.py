@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 _END = object()
@@ -65,3 +65,33 @@ def prefetched(source: Iterable[T], *, depth: int = 2, chunk: int = 1) -> Iterat
             yield from got
     finally:
         stop.set()
+
+
+class Ahead:
+    """`make()` run in a daemon thread while the caller does something else (batch mode renders the next
+    chunk while the current batch uploads: the upload waits on the network without the GIL).
+
+    `result()` waits for it and gives its value, or raises its exception there — where the caller would
+    have called `make()` itself; `wait()` waits for it and drops its outcome (the caller no longer wants
+    it, and must not use what `make()` uses before it has finished)."""
+
+    def __init__(self, make: Callable[[], T]):
+        self._value: Optional[T] = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(make,), name="batchrun-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[], T]) -> None:
+        try:
+            self._value = make()
+        except BaseException as exc:  # noqa: BLE001 - raised to the caller by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]

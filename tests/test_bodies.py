@@ -113,6 +113,27 @@ def test_rows_asked_in_any_order_are_rendered_as_planned(emu, tmp_path, tickets_
         runner.close()
 
 
+def test_chunks_rendered_while_the_batch_before_uploads_are_each_rendered_once(emu, tmp_path, tickets_csv,
+                                                                                 monkeypatch):
+    """Batch mode renders the next chunk while a batch uploads (BatchDriver._render_ahead): every row is
+    rendered once, in one pass over the input, and sent once, as planned."""
+    import batchrun.batches
+    from batchrun.prefetch import Ahead
+    made = []
+    monkeypatch.setattr(batchrun.batches, "Ahead", lambda make: made.append(Ahead(make)) or made[-1])
+    runner = planned(spec_for(tickets_csv, tmp_path), emu)
+    try:
+        with runner.locked():
+            assert runner.submit() == 5
+        assert len(made) == 4   # chunks 2-5, each while the one before uploaded
+        source = runner.planner.body_source
+        assert source.passes == 1 and source.rendered == 450
+        assert emu.stats.batches_created == 5 and max(emu.stats.submitted_custom_ids.values()) == 1
+        assert runner.store.counts(runner.job.id) == {"in_flight": 450}
+    finally:
+        runner.close()
+
+
 # ---- an input edited after its plan -------------------------------------------------------------------
 def test_an_input_edited_after_the_plan_is_refused_before_anything_is_sent(emu, tmp_path, tickets_csv):
     runner = planned(spec_for(tickets_csv, tmp_path), emu)

@@ -72,7 +72,7 @@ class CollectQueries:
         now = now or now_iso()
 
         def values(f):
-            return (f["state"], *(f.get(k) for k in PARSED_FIELDS))
+            return (f["state"], *map(f.get, PARSED_FIELDS))
 
         with self.transaction():
             self.conn.executemany(_FINAL, ((*values(f), f["state"], now, job_id, cid, local) for cid, f in final))

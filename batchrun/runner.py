@@ -394,7 +394,7 @@ class Runner:
 
     def result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
         """How the run stands: its counts, its cost, what it sent and paid (exit_code as the CLI ends)."""
-        cost = self.cost()
+        replies, cost = self._paid()   # (the job's cost: what every reply it paid for cost, read once)
         if self.parser.unpriced or (self.job.model is not None and self.job.model.prices is None):
             note = f"cost unknown: {self.spec.model} has no prices in the model catalog (cost_usd is null)"
             if note not in self.notes:
@@ -406,9 +406,8 @@ class Runner:
             if note not in self.notes:
                 self.notes.append(note)
                 log.warning(note)
-        replies, paid = self._paid()
-        before_n, before_cost = self._paid_before or (replies, paid)
-        run_cost = None if paid is None or before_cost is None else round(paid - before_cost, 10)
+        before_n, before_cost = self._paid_before or (replies, cost)
+        run_cost = None if cost is None or before_cost is None else round(cost - before_cost, 10)
         return RunResult(job_id=self.job.id, finished=finished, counts=counts, cost_usd=cost,
                          output=self.spec.output if finished else None, exit_code=exit_code,
                          batches_created=self.batches_created, notes=list(self.notes), sent=self.requests_sent,

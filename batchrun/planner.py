@@ -195,8 +195,9 @@ class Planner:
                     source.widen()   # a key inside an object first seen past the first block (meta.late): read again
                     raise
                 check(part, where)
-                body = canonical_json(part)   # (not stored: see bodies.py)
-                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash), *row_figures(spec, body, part)))
+                body = canonical_json(part)   # (not stored unless it could not be rendered again: see bodies.py)
+                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash), *row_figures(spec, body, part),
+                                body if builder.keeps_body(rows[i]) else None))
             if len(set(ids)) != n:
                 seen: dict = {}
                 for i, cid in enumerate(ids):

@@ -338,6 +338,15 @@ class RequestBuilder:
                     row[name] = as_written(value, row[name])
         return rows
 
+    def keeps_body(self, row: dict) -> bool:
+        """True when the row's body is kept by the plan rather than rendered again when it is sent
+        (bodies.py): its render reads more than the job's input and identity — an image file (edited,
+        moved or deleted later, the job the same) — or draws at random (PromptTemplate.draws)."""
+        if self.template.draws:
+            return True
+        cell = row.get(self.spec.image_column) if self.spec.image_column else None
+        return isinstance(cell, str) and cell != "" and not cell.startswith(("http://", "https://"))
+
     def row_part(self, row: dict, where: str) -> dict:
         """The params that differ per row (messages, per-row max_tokens); `where` names the row in errors."""
         spec = self.spec

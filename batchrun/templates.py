@@ -41,6 +41,7 @@ class PromptTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise InputError(f"prompt: template syntax error on line {exc.lineno}: {exc.message}") from None
         _check_self_contained(ast)
+        self.draws = _draws(ast)   # renders of one row may differ (see bodies.py: its body is kept)
         self.names: set = meta.find_undeclared_variables(ast)
         self.parts = simple_parts(ast)   # plain "{{ column }}" templates render without Jinja's overhead
         self._template = env.from_string(source)
@@ -269,6 +270,15 @@ class _PromptEnvironment(SandboxedEnvironment):
             loop.iter = nodes.Call(nodes.Name("_loop_turns", "load"), [loop.iter], [], None, None,
                                    lineno=loop.lineno)
         return super()._generate(source, *args, **kwargs)
+
+
+def _draws(ast: jinja2.nodes.Template) -> bool:
+    """True when the template draws at random (`|random`, also through map/select, or `lipsum()`): two renders of
+    one row may differ."""
+    from jinja2 import nodes
+    return any(f.name == "random" for f in ast.find_all(nodes.Filter)) or \
+        any(n.name == "lipsum" for n in ast.find_all(nodes.Name)) or \
+        any(c.value == "random" for c in ast.find_all(nodes.Const))
 
 
 def _check_self_contained(ast: jinja2.nodes.Template) -> None:

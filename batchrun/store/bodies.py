@@ -57,10 +57,19 @@ class BodyQueries:
 
     def insert_planned(self, records: list) -> None:
         """One block of planned rows, in the plan's transaction: (job_id, custom_id, row_index, params_hash,
-        chars, max_tokens) each, their bodies not stored. Raises sqlite3.IntegrityError on a custom_id
-        the job already has."""
+        chars, max_tokens[, body]) each, `body` None or left out (not stored: rendered again) or the body the
+        plan keeps (RequestBuilder.keeps_body). Raises sqlite3.IntegrityError on a custom_id the job already has."""
+        records = [r if len(r) > 6 else (*r, None) for r in records]
+        kept = [r[6] for r in records if r[6] is not None]
+        ids = iter(())
+        if kept:
+            base = self.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM bodies").fetchone()[0]
+            self.conn.executemany("INSERT INTO bodies (id, body) VALUES (?, ?)",
+                                  ((base + k, body) for k, body in enumerate(kept)))
+            ids = iter(range(base, base + len(kept)))
         self.conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, chars, max_tokens, "
-                              f"body_id) VALUES (?, ?, ?, ?, ?, ?, {NOT_STORED})", records)
+                              "body_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              ((*r[:6], NOT_STORED if r[6] is None else next(ids)) for r in records))
 
     def params(self, job_id: Optional[str] = None) -> Iterator[tuple[str, str, dict]]:
         """(job_id, custom_id, full params) of planned requests (of one job, or of every job), in row order:

@@ -1,0 +1,49 @@
+"""Issue #17, attacked: what makes a row rendered again differ from its plan without the input changing, a
+mismatch in the middle of sending, and rows asked for out of order over a long input."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+import batchrun
+from batchrun.store import Store
+from tests.test_bodies import KEY, planned, spec_for, table_rows
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+# ---- what a render reads besides the input ----------------------------------------------------------
+def test_an_image_file_edited_or_gone_after_the_plan_sends_the_image_that_was_planned(emu, tmp_path):
+    """An image cell names a file beside the input: the file is no part of the input's fingerprint, so a
+    render of it again could differ from the plan with the job the same (run again, the same job, refused
+    again: stuck). The plan keeps the body of such a row; it is sent as planned."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for n in range(6):
+        (pics / f"p{n}.png").write_bytes(PNG + bytes([n]))
+    inp = tmp_path / "rows.csv"
+    inp.write_text("ticket_id,photo,body\n" + "".join(f"T-{n},pics/p{n}.png,pic {n}\n" for n in range(6))
+                   + "T-6,,no picture\n", encoding="utf-8")
+    spec = spec_for(inp, tmp_path, image_column="photo", batch_size=3, prompt="{{ body }}")
+    planned(spec, emu).close()
+    (pics / "p4.png").write_bytes(PNG + b"edited")
+    (pics / "p5.png").unlink()
+    result = batchrun.run(spec, api_key=KEY, base_url=emu.base_url)
+    assert result.exit_code == 0 and result.counts == {"succeeded": 7}
+    with Store(str(tmp_path / "s.sqlite")) as s:
+        sent = [params for _, _, params in s.params()]
+    assert [m["messages"][0]["content"][0]["source"]["data"] for m in sent[:6]] == \
+        [__import__("base64").b64encode(PNG + bytes([n])).decode() for n in range(6)]
+    # only the rows that read a file keep their body
+    assert table_rows(tmp_path / "s.sqlite", "SELECT count(*) FROM bodies") == [(6,)]
+    assert pq.read_table(tmp_path / "o.parquet").num_rows == 7
+
+
+def test_a_template_that_draws_at_random_sends_what_was_planned(emu, tmp_path, tickets_csv):
+    """`|random` and `lipsum()` draw anew at each render: a render again never matches its plan. Such a
+    template's bodies are kept by the plan (as before issue #17) and sent as planned."""
+    for prompt in ("{{ ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j']|random }} {{ body }}",
+                   "{{ lipsum(1) }} {{ body }}"):
+        spec = spec_for(tickets_csv, tmp_path, prompt=prompt, limit=40, state=str(tmp_path / f"{len(prompt)}.sqlite"))
+        result = batchrun.run(spec, api_key=KEY, base_url=emu.base_url)
+        assert result.exit_code == 0 and result.counts == {"succeeded": 40}, prompt
+        assert table_rows(spec.state, "SELECT count(*) FROM bodies") == [(40,)]

@@ -53,8 +53,8 @@ import tenacity
 
 from .api import CREATE_NOT_CREATED, AsyncClient, asked_wait, asks_past
 from .context import BatchContext
-from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, NoReplyError, NotSentError, TransientApiError,
-                     error_class)
+from .errors import (ABOUT_REQUEST, SLOW_DOWN, ApiError, GaveUpError, InputError, NoReplyError, NotSentError,
+                     TransientApiError, error_class)
 from .ratelimit import RateLimiter
 from .results import NOT_BILLED, clean_usage
 from .states import ANSWERED, ERRORED, IN_FLIGHT, PENDING
@@ -105,6 +105,7 @@ class MessagesDriver:
         # with max_cost: what is left of the budget less the maximum of every request on the wire
         self.room: Optional[Decimal] = None
         self.sending = 0
+        self.stopped: Optional[InputError] = None   # why the feed stopped early (a row changed since the plan)
 
     def run_pending(self) -> int:
         """Send every pending row; returns how many rows got their result in this call."""
@@ -131,6 +132,8 @@ class MessagesDriver:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
                     task.result()          # the first error (an AuthError, say) stops the job
+                if self.stopped is not None:
+                    raise self.stopped
             finally:
                 for task in (*tasks, ticker):
                     task.cancel()
@@ -149,7 +152,11 @@ class MessagesDriver:
             # chosen and claimed in one transaction: a job sharing these requests never sends them too
             # (their bodies rendered again and checked, or stored: an input changed since the plan stops
             # the run before any of them is sent, and the claims are released)
-            page = list(self.ctx.bodies(self.store.claim_for_messages(self.ctx.job_id, last, PAGE)))
+            try:
+                page = list(self.ctx.bodies(self.store.claim_for_messages(self.ctx.job_id, last, PAGE)))
+            except InputError as exc:   # a row no longer renders as planned: none of the page is sent, but
+                self.stopped = exc      # the requests already on the wire are waited for and recorded
+                break
             if not page:
                 break
             for _, custom_id, body in page:

@@ -341,8 +341,9 @@ class RequestBuilder:
     def keeps_body(self, row: dict) -> bool:
         """True when the row's body is kept by the plan rather than rendered again when it is sent
         (bodies.py): its render reads more than the job's input and identity — an image file (edited,
-        moved or deleted later, the job the same) — or draws at random (PromptTemplate.draws)."""
-        if self.template.draws:
+        moved or deleted later, the job the same), the clock or the machine's time zone — or draws at
+        random (PromptTemplate.varies)."""
+        if self.template.varies:
             return True
         cell = row.get(self.spec.image_column) if self.spec.image_column else None
         return isinstance(cell, str) and cell != "" and not cell.startswith(("http://", "https://"))

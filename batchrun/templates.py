@@ -41,7 +41,7 @@ class PromptTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise InputError(f"prompt: template syntax error on line {exc.lineno}: {exc.message}") from None
         _check_self_contained(ast)
-        self.draws = _draws(ast)   # renders of one row may differ (see bodies.py: its body is kept)
+        self.varies = _varies(ast)   # renders of one row may differ (see bodies.py: its body is kept)
         self.names: set = meta.find_undeclared_variables(ast)
         self.parts = simple_parts(ast)   # plain "{{ column }}" templates render without Jinja's overhead
         self._template = env.from_string(source)
@@ -272,13 +272,20 @@ class _PromptEnvironment(SandboxedEnvironment):
         return super()._generate(source, *args, **kwargs)
 
 
-def _draws(ast: jinja2.nodes.Template) -> bool:
-    """True when the template draws at random (`|random`, also through map/select, or `lipsum()`): two renders of
-    one row may differ."""
+# what a template may call on a cell that reads the clock (`created.now()`, a classmethod reached through a
+# date cell) or this machine's time zone (a naive time's `.timestamp()` or `.astimezone()`)
+_MACHINE_ATTRS = frozenset({"now", "today", "utcnow", "timestamp", "astimezone"})
+
+
+def _varies(ast: jinja2.nodes.Template) -> bool:
+    """True when two renders of one row may differ: the template draws at random (`|random`, also through
+    map/select, or `lipsum()`), or reads the clock or the machine's time zone (_MACHINE_ATTRS)."""
     from jinja2 import nodes
     return any(f.name == "random" for f in ast.find_all(nodes.Filter)) or \
         any(n.name == "lipsum" for n in ast.find_all(nodes.Name)) or \
-        any(c.value == "random" for c in ast.find_all(nodes.Const))
+        any(c.value == "random" or c.value in _MACHINE_ATTRS for c in ast.find_all(nodes.Const)
+            if isinstance(c.value, str)) or \
+        any(a.attr in _MACHINE_ATTRS for a in ast.find_all(nodes.Getattr))
 
 
 def _check_self_contained(ast: jinja2.nodes.Template) -> None:

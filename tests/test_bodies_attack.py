@@ -83,3 +83,35 @@ def test_messages_mode_stopped_by_a_changed_row_keeps_every_reply_on_the_wire(em
     result = batchrun.run(spec, api_key=KEY, base_url=emu.base_url)
     assert result.exit_code == 0 and result.counts == {"succeeded": 700}
     assert max(emu.stats.billed.values()) == 1
+
+
+def test_a_template_reading_the_time_zone_or_the_clock_sends_what_was_planned(emu, tmp_path, monkeypatch):
+    """A naive time's `.timestamp()` reads the machine's time zone: planned under one TZ, run again by a cron
+    job under another, every row rendered anew differed from its plan (the same job, refused each run);
+    `created.now()` reads the clock. Their bodies are kept by the plan and sent as planned."""
+    import time
+    inp = tmp_path / "t.csv"
+    inp.write_text("ticket_id,at,body\n" + "".join(f"T-{i},2024-01-0{i + 1} 10:00:00,b{i}\n" for i in range(5)))
+    for k, prompt in enumerate(("{{ body }} {{ at.timestamp() }}", "{{ body }}: {{ (at.now() - at).seconds > -1 }}")):
+        spec = spec_for(inp, tmp_path, prompt=prompt, state=str(tmp_path / f"{k}.sqlite"))
+        monkeypatch.setenv("TZ", "UTC")
+        time.tzset()
+        try:
+            planned(spec, emu).close()
+            monkeypatch.setenv("TZ", "Asia/Tokyo")
+            time.tzset()
+            result = batchrun.run(spec, api_key=KEY, base_url=emu.base_url)
+        finally:
+            monkeypatch.delenv("TZ")
+            time.tzset()
+        assert result.exit_code == 0 and result.counts == {"succeeded": 5}, prompt
+        assert table_rows(spec.state, "SELECT count(*) FROM bodies") == [(5,)]
+
+
+def test_a_plain_template_keeps_no_body():
+    from batchrun.templates import PromptTemplate
+    for prompt in ("{{ body }}", "{% if a %}{{ a|upper }}{% endif %} {{ row|tojson }}", "{{ at.year }} {{ at|string }}"):
+        assert not PromptTemplate(prompt).varies, prompt
+    for prompt in ("{{ xs|random }}", "{{ xs|map('random')|join }}", "{{ lipsum(1) }}", "{{ at.today() }}",
+                   "{{ at['timestamp']() }}", "{{ at|attr('astimezone') }}"):
+        assert PromptTemplate(prompt).varies, prompt

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
+from . import failpoints
 from .errors import InputError
 from .inputs import ColumnTypeConflict, InputSource
 from .prefetch import prefetched
@@ -139,6 +140,7 @@ class BodySource:
                 batch, text = batch.take(picked), text.take(picked)
             builder = self._builder(batch.schema)
             shared_hash = self.how.shared_hash
+            failpoints.hit("render")   # (tests: a kill while rows are rendered again, inside a send's transaction)
             try:
                 cells = builder.rows(batch, text)
             except InputError as exc:

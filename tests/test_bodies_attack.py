@@ -3,6 +3,7 @@ mismatch in the middle of sending, and rows asked for out of order over a long i
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 import batchrun
 from batchrun.store import Store
@@ -54,7 +55,6 @@ def test_messages_mode_stopped_by_a_changed_row_keeps_every_reply_on_the_wire(em
     """A row of a later page no longer renders as planned while the first page's requests are on the wire:
     the run stops sending, but the requests already sent are waited for and recorded (cancelled, their
     rows stayed pending and the next run paid for them again). One error line, exit code 2, claims released."""
-    import pytest
     from batchrun.errors import ExitCode, InputError
     from tests.conftest import make_tickets
     from tests.test_bodies import write_tickets
@@ -115,3 +115,27 @@ def test_a_plain_template_keeps_no_body():
     for prompt in ("{{ xs|random }}", "{{ xs|map('random')|join }}", "{{ lipsum(1) }}", "{{ at.today() }}",
                    "{{ at['timestamp']() }}", "{{ at|attr('astimezone') }}"):
         assert PromptTemplate(prompt).varies, prompt
+
+
+# ---- kills while rows are rendered again -------------------------------------------------------------
+@pytest.mark.parametrize("mode,failpoint", [("batch", "render:3"), ("messages", "render:1")])
+def test_killed_while_rendering_again_then_run_again_sends_each_row_once(emu, tmp_path, tickets_csv, mode, failpoint):
+    """Killed while a chunk is rendered again (batch mode: inside the third batch's intent transaction, two
+    batches sent; messages mode: its page claimed, nothing sent): the next run sends every row once."""
+    import signal
+    from tests.test_reliability import args, assert_complete, spawn
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    argv = args(tickets_csv, out, state, "--mode", mode)
+    p = spawn(emu, argv, failpoint=failpoint)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert emu.stats.batches_created == (2 if mode == "batch" else 0) and emu.stats.messages_calls == 0
+    p = spawn(emu, argv)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    if mode == "batch":
+        assert_complete(out, tickets_csv, emu)
+        assert max(emu.stats.submitted_custom_ids.values()) == 1
+    else:
+        assert pq.read_table(out).column("status").to_pylist() == ["succeeded"] * 450
+        assert emu.stats.messages_calls == 450 and max(emu.stats.billed.values()) == 1

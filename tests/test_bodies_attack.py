@@ -139,3 +139,37 @@ def test_killed_while_rendering_again_then_run_again_sends_each_row_once(emu, tm
     else:
         assert pq.read_table(out).column("status").to_pylist() == ["succeeded"] * 450
         assert emu.stats.messages_calls == 450 and max(emu.stats.billed.values()) == 1
+
+
+# ---- a job planned without bodies, through the commands that read them -----------------------------------
+def test_estimated_then_errored_rows_retried_within_a_budget_then_canceled_and_resumed(emu, cli, tmp_path,
+                                                                                       tickets_csv):
+    """Estimate, run with rows ending errored here and there, --retry-errored within --max-cost (their maximum
+    read from bodies rendered again, scattered over the input), cancel with a batch in flight, then
+    --resume-canceled: every row ends succeeded, each errored row sent twice and every other once."""
+    import json
+    from collections import Counter
+    from batchrun.errors import ExitCode
+    from tests.conftest import row_id
+    from tests.test_reliability import args
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    est = json.loads(cli("estimate", *args(tickets_csv, out, state)[1:], "--json").output)
+    assert est["requests"] == 450
+    emu.config.errored_rate, emu.config.errored_types = 0.1, ("invalid_request_error",)
+    r = cli(*args(tickets_csv, out, state))
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    errored = {row["ticket_id"] for row in pq.read_table(out).to_pylist() if row["status"] == "errored"}
+    assert 10 < len(errored) < 100
+    emu.config.errored_rate = 0
+    emu.config.processing_seconds = 60
+    r = cli(*args(tickets_csv, out, state, "--retry-errored", "--max-cost", "5", "--no-wait"))
+    assert r.exit_code == ExitCode.IN_PROGRESS, r.output
+    r = cli("cancel", *args(tickets_csv, out, state)[1:])
+    assert r.exit_code == 0, r.output
+    emu.config.processing_seconds = 0.05
+    r = cli(*args(tickets_csv, out, state, "--resume-canceled", "--max-cost", "5"))
+    assert r.exit_code == 0, r.output
+    assert {row["status"] for row in pq.read_table(out).to_pylist()} == {"succeeded"}
+    sends = Counter(row_id(cid) for items in emu.stats.accepted.values() for cid, _ in items)
+    assert {cid for cid, n in sends.items() if n == 3} == errored     # errored, retried and canceled, resumed
+    assert set(sends.values()) == {1, 3} and len(sends) == 450

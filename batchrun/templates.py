@@ -41,10 +41,17 @@ class PromptTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise InputError(f"prompt: template syntax error on line {exc.lineno}: {exc.message}") from None
         _check_self_contained(ast)
-        self.varies = _varies(ast)   # renders of one row may differ (see bodies.py: its body is kept)
+        self._env, self._varies = env, _varies(ast)
         self.names: set = meta.find_undeclared_variables(ast)
         self.parts = simple_parts(ast)   # plain "{{ column }}" templates render without Jinja's overhead
         self._template = env.from_string(source)
+
+    @property
+    def varies(self) -> bool:
+        """True when two renders of one row may differ (see bodies.py: its body is kept): the template draws
+        at random or reads the clock or time zone (_varies), or a render made a set (`row.keys() - [...]`),
+        whose order is the process's hash seed."""
+        return self._varies or self._env.made_set
 
     def render(self, row: dict, where: str) -> str:
         """The row's prompt through Jinja, within the budgets; InputError (naming `where`) when the template
@@ -244,7 +251,8 @@ class _PromptEnvironment(SandboxedEnvironment):
     """The sandbox, with `*` and `**` kept to what a prompt can hold: `"x" * 10**9` or `10**10**10`
     would take minutes and gigabytes before any limit of the API said no."""
 
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "-"])
+    made_set = False   # a `-` made a set (of dict keys or items): its order differs from one process to the next
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -254,7 +262,10 @@ class _PromptEnvironment(SandboxedEnvironment):
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
                 right * max(1, abs(left).bit_length()) > MAX_RESULT:
             raise TemplateLimit(f"{left} ** {right} is too large for a prompt")
-        return super().call_binop(context, operator, left, right)
+        result = super().call_binop(context, operator, left, right)
+        if operator == "-" and isinstance(result, (set, frozenset)):
+            self.made_set = True
+        return result
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:   # noqa: N805 (Jinja's)
         """A text method asked for a width past MAX_RESULT (`body.ljust(10**9)`, `.zfill`, `.center`) is refused

@@ -173,3 +173,21 @@ def test_estimated_then_errored_rows_retried_within_a_budget_then_canceled_and_r
     sends = Counter(row_id(cid) for items in emu.stats.accepted.values() for cid, _ in items)
     assert {cid for cid, n in sends.items() if n == 3} == errored     # errored, retried and canceled, resumed
     assert set(sends.values()) == {1, 3} and len(sends) == 450
+
+
+def test_a_template_making_a_set_sends_what_was_planned_under_another_hash_seed(emu, tmp_path, tickets_csv,
+                                                                               monkeypatch):
+    """`row.keys() - [...]` is a set: its order is the process's hash seed, so a row rendered again by another
+    process (a cron run) differed from its plan, the same job refused each run. A render that makes a set
+    keeps its body."""
+    from tests.test_reliability import args, spawn
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    argv = [a if a != "Summarise this support ticket from {{ customer }}:\n{{ body }}" else
+            "{{ (row.keys() - ['priority'])|join(',') }}: {{ body }}" for a in args(tickets_csv, out, state)]
+    for step, seed in (("estimate", "1"), ("run", "2")):
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+        p = spawn(emu, [step, *argv[1:]])
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 0, stderr
+    assert pq.read_table(out).column("status").to_pylist() == ["succeeded"] * 450
+    assert table_rows(state, "SELECT count(*) FROM bodies") == [(450,)]

@@ -7,8 +7,10 @@ the input (benchmarks/README.md). Whatever needs bodies (a batch's chunk, messag
 the estimate, --retry-errored's maximum, the budget of a batch sent before the job had one,
 Store.params) asks the store for the rows, in row order, and a BodySource for their bodies:
 
-* a row whose body is stored (a state file planned before this, see migrations.m003_bodies_apart)
-  gives that body, and the input is not read;
+* a row whose body is stored (a state file planned before this, see migrations.m003_bodies_apart, or a
+  row the plan could not count on rendering alike again: RequestBuilder.keeps_body — an image read from
+  a file, a template that draws at random, reads the clock or the time zone, or makes a set) gives that
+  body, and the input is not read;
 * any other row is rendered again from the input, read as the plan read it (the same source options
   and pinned column types), in one streaming pass for rows asked in row order (a row before the last one
   read starts the pass again), and its render is checked against the params_hash the plan stored before

@@ -120,8 +120,9 @@ def test_a_plain_template_keeps_no_body():
 # ---- kills while rows are rendered again -------------------------------------------------------------
 @pytest.mark.parametrize("mode,failpoint", [("batch", "render:3"), ("messages", "render:1")])
 def test_killed_while_rendering_again_then_run_again_sends_each_row_once(emu, tmp_path, tickets_csv, mode, failpoint):
-    """Killed while a chunk is rendered again (batch mode: inside the third batch's intent transaction, two
-    batches sent; messages mode: its page claimed, nothing sent): the next run sends every row once."""
+    """Killed while a chunk is rendered again (batch mode: the third chunk, made ahead while the second batch
+    uploads, its intent recorded, its create maybe landed; messages mode: its page claimed, nothing sent): the
+    next run sends every row once."""
     import signal
     from tests.test_reliability import args, assert_complete, spawn
     out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
@@ -129,7 +130,7 @@ def test_killed_while_rendering_again_then_run_again_sends_each_row_once(emu, tm
     p = spawn(emu, argv, failpoint=failpoint)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
-    assert emu.stats.batches_created == (2 if mode == "batch" else 0) and emu.stats.messages_calls == 0
+    assert emu.stats.batches_created in ((1, 2) if mode == "batch" else (0,)) and emu.stats.messages_calls == 0
     p = spawn(emu, argv)
     _, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr

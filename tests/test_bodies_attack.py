@@ -192,3 +192,23 @@ def test_a_template_making_a_set_sends_what_was_planned_under_another_hash_seed(
         assert p.returncode == 0, stderr
     assert pq.read_table(out).column("status").to_pylist() == ["succeeded"] * 450
     assert table_rows(state, "SELECT count(*) FROM bodies") == [(450,)]
+
+
+def test_rows_whose_result_never_came_are_sent_again_with_resend_lost(emu, cli, tmp_path, tickets_csv):
+    """Result lines missing here and there (rows scattered over the input, rendered again): --resend-lost
+    sends those rows, and only those, again."""
+    from collections import Counter
+    from batchrun.errors import ExitCode
+    from tests.conftest import row_id
+    from tests.test_reliability import args
+    out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
+    emu.config.missing_result_lines = 2
+    r = cli(*args(tickets_csv, out, state))
+    assert r.exit_code == ExitCode.FAILED_ROWS, r.output
+    lost = {row["ticket_id"] for row in pq.read_table(out).to_pylist() if row["status"] != "succeeded"}
+    assert len(lost) == 2 * 5                                    # two lines of each of the five batches
+    emu.config.missing_result_lines = 0
+    r = cli(*args(tickets_csv, out, state, "--resend-lost"))
+    assert r.exit_code == 0, r.output
+    sends = Counter(row_id(cid) for items in emu.stats.accepted.values() for cid, _ in items)
+    assert {cid for cid, n in sends.items() if n == 2} == lost and set(sends.values()) == {1, 2}

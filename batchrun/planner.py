@@ -263,20 +263,23 @@ class Planner:
         afresh. Succeeded rows are never sent again; rows whose batch or results are gone, or whose result
         line never came (they may have been paid for), only with --resend-lost."""
         store, job = self.store, self.job
-        bodies = [body for _, _, body in self.bodies(store.planned_rows(job.id, retryable=True))]
-        if not bodies:
+        # (summed as the bodies are rendered: every row of a large job may have ended errored)
+        rows, most_usd = 0, Decimal(0)
+        for _, _, body in self.bodies(store.planned_rows(job.id, retryable=True)):
+            rows += 1
+            if most_usd is not None:
+                try:
+                    most_usd += self.ledger.estimator.request_max(body)
+                except InputError:    # an unpriced model (a budget then refuses it below, as every run does)
+                    most_usd = None
+        if not rows:
             log.info("job %s: --retry-errored: no row ended errored", job.short_id)
             return
-        try:
-            most_usd: Optional[Decimal] = sum((self.ledger.estimator.request_max(body) for body in bodies),
-                                              Decimal(0))
-            most = f"${most_usd:.6f}"
-        except InputError:    # an unpriced model (a budget then refuses it below, as every run does)
-            most_usd, most = None, "an unknown amount (the model is not priced)"
+        most = f"${most_usd:.6f}" if most_usd is not None else "an unknown amount (the model is not priced)"
         if most_usd is not None and self.spec.max_cost is not None:
             # all of them or none: a budget too small for them leaves them errored, their errors kept (a
             # later run without the flag must not send them)
-            why = self.ledger.over(most_usd, f"--retry-errored: the {len(bodies)} rows that ended errored")
+            why = self.ledger.over(most_usd, f"--retry-errored: the {rows} rows that ended errored")
             if why is not None:
                 raise BudgetError(self.ledger.stop_message(why + " (nothing sent: they stay errored)",
                                                            store.counts(job.id)))

@@ -212,3 +212,32 @@ def test_rows_whose_result_never_came_are_sent_again_with_resend_lost(emu, cli, 
     assert r.exit_code == 0, r.output
     sends = Counter(row_id(cid) for items in emu.stats.accepted.values() for cid, _ in items)
     assert {cid for cid, n in sends.items() if n == 2} == lost and set(sends.values()) == {1, 2}
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+def test_retry_errored_sums_the_maximum_of_its_rows_without_holding_their_bodies(emu, tmp_path):
+    """Every row errored (a gateway's wrong key, say), then --retry-errored within a budget: the most they may
+    cost is summed as their bodies are rendered, not over a list of every body (1M rows: ~0.5 GB)."""
+    import tracemalloc
+    from tests.conftest import make_tickets
+    from tests.test_bodies import write_tickets
+    inp = tmp_path / "t.csv"
+    write_tickets(inp, make_tickets(60_000))
+    spec = spec_for(inp, tmp_path, max_cost=1000.0)
+    runner = planned(spec, emu)
+    try:
+        runner.store.conn.execute("UPDATE requests SET state = 'errored', error_type = 'api_error'")
+        runner.store.conn.commit()
+        chars = table_rows(spec.state, "SELECT sum(chars) FROM requests")[0][0]
+        runner.retry_errored = True
+        tracemalloc.start()
+        try:
+            with runner.locked():
+                runner.planner.retry_errored()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert runner.store.counts(runner.job.id) == {"pending": 60_000}
+        assert peak < chars / 2, (peak, chars)   # (a block of the input at a time: ~6 MB whatever the rows)
+    finally:
+        runner.close()

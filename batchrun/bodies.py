@@ -191,5 +191,6 @@ class BodySource:
     def _changed(self, index: int, why: Optional[str] = None) -> InputError:
         return InputError(
             f"{self.how.spec.input} changed since job {self.job_id[:12]} was planned: row {index + 1} no longer makes "
-            f"the request that was planned{f' ({why})' if why else ''}; nothing sent. Run the same command "
+            f"the request that was planned{f' ({why})' if why else ''}; nothing sent from here on (what this job sent "
+            "before stays sent, and is collected). Run the same command "
             "again: the changed input is a new job, whose unchanged requests reuse the replies already paid for")

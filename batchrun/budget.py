@@ -55,10 +55,6 @@ class BudgetLedger:
     def job_id(self) -> str:
         return self.job.id
 
-    @property
-    def limited(self) -> bool:
-        return self.spec.max_cost is not None
-
     def new_round(self) -> None:
         self.held = None
 

@@ -315,10 +315,6 @@ class Runner:
     def requests_sent(self) -> int:
         return self.counters.requests_sent
 
-    @requests_sent.setter
-    def requests_sent(self, n: int) -> None:
-        self.counters.requests_sent = n
-
     def _move_twin(self, job_id: str) -> None:
         """Poll and collect another job's batches as its own run would (see BatchDriver.silent_twins): one
         runner per job for the run, so that its download rounds are counted as its own run counts them."""
@@ -396,16 +392,10 @@ class Runner:
         """How the run stands: its counts, its cost, what it sent and paid (exit_code as the CLI ends)."""
         replies, cost = self._paid()   # (the job's cost: what every reply it paid for cost, read once)
         if self.parser.unpriced or (self.job.model is not None and self.job.model.prices is None):
-            note = f"cost unknown: {self.spec.model} has no prices in the model catalog (cost_usd is null)"
-            if note not in self.notes:
-                self.notes.append(note)
-                log.warning(note)
+            self._note(f"cost unknown: {self.spec.model} has no prices in the model catalog (cost_usd is null)")
         if self.parser.unreadable_usage:
-            note = (f"{self.parser.unreadable_usage} replies of this run reported usage that cannot be right "
-                    "(counts that are not whole non-negative numbers): recorded as missing, priced at $0")
-            if note not in self.notes:
-                self.notes.append(note)
-                log.warning(note)
+            self._note(f"{self.parser.unreadable_usage} replies of this run reported usage that cannot be right "
+                       "(counts that are not whole non-negative numbers): recorded as missing, priced at $0")
         before_n, before_cost = self._paid_before or (replies, cost)
         run_cost = None if cost is None or before_cost is None else round(cost - before_cost, 10)
         return RunResult(job_id=self.job.id, finished=finished, counts=counts, cost_usd=cost,

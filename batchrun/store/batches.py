@@ -177,15 +177,19 @@ class BatchQueries:
         are pending again, unpaid (their attempt given back)."""
         with self.transaction():
             self.conn.execute("UPDATE batches SET state = ?, note = ? WHERE id = ?", (state, note, local))
-            self.conn.execute(f"UPDATE requests SET state = '{PENDING}', batch_id = NULL, api_batch_id = NULL, "
-                              f"attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = '{IN_FLIGHT}'", (local,))
+            self._unsent(local)
 
     def drop_intent(self, local: int) -> None:
         """A batch intent whose create certainly made no batch, dropped as if never made: its rows pending."""
         with self.transaction():
-            self.conn.execute(f"UPDATE requests SET state = '{PENDING}', batch_id = NULL, api_batch_id = NULL, "
-                              f"attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = '{IN_FLIGHT}'", (local,))
+            self._unsent(local)
             self.conn.execute("DELETE FROM batches WHERE id = ?", (local,))
+
+    def _unsent(self, local: int) -> None:
+        """The rows intent `local` put in flight are pending again, as if never sent (their attempt given
+        back). Inside the caller's transaction."""
+        self.conn.execute(f"UPDATE requests SET state = '{PENDING}', batch_id = NULL, api_batch_id = NULL, "
+                          f"attempts = max(attempts - 1, 0) WHERE batch_id = ? AND state = '{IN_FLIGHT}'", (local,))
 
     # ---- lost creates ----------------------------------------------------------------------------
     def intents(self, job_id: str) -> list:

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional
 from .. import __version__
 from ..errors import InputError, StateFileError
 from ..spec import DEFAULT_API_VERSION
+from ..states import ABANDONED
 
 from .files import (APPLICATION_ID, BUSY_TIMEOUT, META_TABLE, MIGRATIONS_TABLE, _CURRENT, JobLock, _create,
                     _make_private, _refuse_links, _use_wal, now_iso, recognise, state_error, state_errors)
@@ -176,7 +177,7 @@ class StoreCore:
         """True when nothing of the job was ever sent: no batch made nor intent open (an intent abandoned
         because its create certainly made no batch does not count), no row sent."""
         return not self.one("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ? AND "
-                            "(api_id IS NOT NULL OR state != 'abandoned')) OR "
+                            f"(api_id IS NOT NULL OR state != '{ABANDONED}')) OR "
                             "EXISTS (SELECT 1 FROM requests WHERE job_id = ? AND attempts > 0) AS sent",
                             (job_id, job_id))["sent"]
 

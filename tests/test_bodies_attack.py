@@ -51,28 +51,30 @@ def test_a_template_that_draws_at_random_sends_what_was_planned(emu, tmp_path, t
 
 
 # ---- a mismatch while sending ---------------------------------------------------------------------------
-def test_messages_mode_stopped_by_a_changed_row_keeps_every_reply_on_the_wire(emu, tmp_path):
+def test_messages_mode_stopped_by_a_changed_row_keeps_every_reply_on_the_wire(emu, tmp_path, monkeypatch):
     """A row of a later page no longer renders as planned while the first page's requests are on the wire:
     the run stops sending, but the requests already sent are waited for and recorded (cancelled, their
     rows stayed pending and the next run paid for them again). One error line, exit code 2, claims released."""
     from batchrun.errors import ExitCode, InputError
     from tests.conftest import make_tickets
     from tests.test_bodies import write_tickets
+    import batchrun.messages
+    monkeypatch.setattr(batchrun.messages, "PAGE", 50)   # pages of 50 rows: the third holds the edited row
     inp = tmp_path / "t.csv"
-    rows = make_tickets(700)
+    rows = make_tickets(140)
     write_tickets(inp, rows)
     spec = spec_for(inp, tmp_path, mode="messages", concurrency=16)
     runner = planned(spec, emu)
     emu.config.latency = 0.3
     edited = [dict(r) for r in rows]
-    edited[650]["body"] = "an edited ticket"
+    edited[110]["body"] = "an edited ticket"
     write_tickets(inp, edited)
     try:
-        with runner.locked(), pytest.raises(InputError, match="row 651 no longer makes") as exc:
+        with runner.locked(), pytest.raises(InputError, match="row 111 no longer makes") as exc:
             runner.step()
         assert exc.value.exit_code == ExitCode.BAD_INPUT and "\n" not in str(exc.value)
         counts = runner.store.counts(runner.job.id)
-        assert counts.get("succeeded", 0) >= 500 - 32 and counts["succeeded"] + counts["pending"] == 700
+        assert counts.get("succeeded", 0) >= 100 - 32 and counts["succeeded"] + counts["pending"] == 140
         assert table_rows(spec.state, "SELECT count(*) FROM requests WHERE claimed_at IS NOT NULL") == [(0,)]
         billed = sum(emu.stats.billed.values())
         assert billed == counts["succeeded"]          # every request sent has its reply recorded
@@ -81,7 +83,7 @@ def test_messages_mode_stopped_by_a_changed_row_keeps_every_reply_on_the_wire(em
     write_tickets(inp, rows)                          # the input as planned: the same job, the rest sent
     emu.config.latency = 0
     result = batchrun.run(spec, api_key=KEY, base_url=emu.base_url)
-    assert result.exit_code == 0 and result.counts == {"succeeded": 700}
+    assert result.exit_code == 0 and result.counts == {"succeeded": 140}
     assert max(emu.stats.billed.values()) == 1
 
 

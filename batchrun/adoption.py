@@ -157,27 +157,30 @@ class Adoption:
                                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(sent_by))}")
             return False   # it may still show: looked for again next round, its rows kept in flight
         if gone:   # it may be ours, and paid for: not sent again blindly
-            message = (f"the create reply of this request's batch was lost, and batch {', '.join(gone)}, of the same "
-                       "size and created then, may be that batch, but its results are gone (deleted, or past the 29 "
-                       "days results are kept) or hold no line, so it cannot be proved this job's or not. Not sent "
-                       "again, since it "
-                       "may have been paid for; `run --resend-lost` sends it again")
-            n = store.end_rows_gone(local, "results_gone", message, ABANDONED,
-                                    f"create reply lost; candidate {', '.join(gone)} has no results any more")
-            log.error("job %s: %d rows: %s", short_id, n, message)
-            return False
+            return self._unprovable(local, "results_gone", (
+                f"the create reply of this request's batch was lost, and batch {', '.join(gone)}, of the same "
+                "size and created then, may be that batch, but its results are gone (deleted, or past the 29 "
+                "days results are kept) or hold no line, so it cannot be proved this job's or not. Not sent "
+                "again, since it "
+                "may have been paid for; `run --resend-lost` sends it again"),
+                f"create reply lost; candidate {', '.join(gone)} has no results any more")
         if untagged:   # the same ids as ours, but an older batchrun sent them without the job's tag
-            message = (f"the create reply of this request's batch was lost (sent by an older batchrun, without the "
-                       f"job's tag in its custom_ids), and batch {', '.join(untagged)}, of the same size and ids, "
-                       "may be that batch or another job's with the same ids: it cannot be proved this job's, so "
-                       "its answers are not taken. Not sent again, since it may have been paid for; `run "
-                       "--resend-lost` sends it again")
-            n = store.end_rows_gone(local, "batch_unproven", message, ABANDONED,
-                                    f"create reply lost; untagged candidate {', '.join(untagged)} cannot be proved")
-            log.error("job %s: %d rows: %s", short_id, n, message)
-            return False
+            return self._unprovable(local, "batch_unproven", (
+                f"the create reply of this request's batch was lost (sent by an older batchrun, without the "
+                f"job's tag in its custom_ids), and batch {', '.join(untagged)}, of the same size and ids, "
+                "may be that batch or another job's with the same ids: it cannot be proved this job's, so "
+                "its answers are not taken. Not sent again, since it may have been paid for; `run "
+                "--resend-lost` sends it again"),
+                f"create reply lost; untagged candidate {', '.join(untagged)} cannot be proved")
         store.abandon(local, "create reply lost and no batch of this job's appeared: requests are pending again")
         log.info("job %s: the lost create made no batch; its requests will be sent again", short_id)
+        return False
+
+    def _unprovable(self, local: int, error_type: str, message: str, note: str) -> bool:
+        """The intent's candidate can be proved neither ours nor another's: its rows end errored `error_type`
+        (sent again only with --resend-lost, since they may have been paid for) and the intent is abandoned."""
+        n = self.store.end_rows_gone(local, error_type, message, ABANDONED, note)
+        log.error("job %s: %d rows: %s", self.ctx.short_id, n, message)
         return False
 
     def proof(self, b: Batch, item: dict):

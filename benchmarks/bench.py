@@ -59,16 +59,15 @@ BATCHRUN = [PY, "-c", "from batchrun.cli import main; main()"]
 
 # ---- the emulator ---------------------------------------------------------------------------------
 class EmulatorProcess:
-    """`batchrun emulator` in its own process: --timing (the lean mode) unless `faithful`."""
+    """`batchrun emulator FLAGS` in its own process on a free loopback port, once it answers (the other
+    benchmarks start theirs with their own flags through it)."""
 
-    def __init__(self, processing_seconds: float, faithful: bool = False):
+    def __init__(self, *flags: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        mode = ["--no-validate"] if faithful else ["--timing"]
-        self.proc = subprocess.Popen(BATCHRUN + ["emulator", "--port", str(self.port), *mode,
-                                                 "--processing-seconds", str(processing_seconds)],
+        self.proc = subprocess.Popen(BATCHRUN + ["emulator", "--port", str(self.port), *flags],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
@@ -80,6 +79,11 @@ class EmulatorProcess:
                     self.stop()
                     raise SystemExit("the emulator did not start")
                 time.sleep(0.1)
+
+    @classmethod
+    def timing(cls, processing_seconds: float, faithful: bool = False) -> "EmulatorProcess":
+        """--timing (the lean mode) unless `faithful` (then validation alone is off)."""
+        return cls("--no-validate" if faithful else "--timing", "--processing-seconds", str(processing_seconds))
 
     def cpu(self) -> float:
         """CPU seconds (user + system) the emulator process has used so far."""
@@ -344,7 +348,7 @@ def main() -> None:
         "timing mode (threading HTTP server, tokens by characters)"
     print(f"emulator: own process, {mode}, validation off, batches end after {args.processing_seconds} s; "
           f"job: {floor.JINJA_PROMPT!r}, max_tokens {floor.MAX_TOKENS}, batches of 10,000, poll interval 0.2 s")
-    emu = EmulatorProcess(args.processing_seconds, faithful=args.faithful)
+    emu = EmulatorProcess.timing(args.processing_seconds, faithful=args.faithful)
     env = dict(os.environ, ANTHROPIC_BASE_URL=emu.base_url, ANTHROPIC_API_KEY="bench-key")
     peaks: dict = {}
     results: list = []

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCHRUN = [sys.executable, "-c", "from batchrun.cli import main; main()"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import BATCHRUN, EmulatorProcess  # noqa: E402
 
 
 def main() -> None:
@@ -32,24 +31,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--processing-seconds", type=float, default=5.0)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    emu = subprocess.Popen(BATCHRUN + ["emulator", "--port", str(port), "--cold-batches",
-                                       "--processing-seconds", str(args.processing_seconds)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    emu = EmulatorProcess("--cold-batches", "--processing-seconds", str(args.processing_seconds))
+    base = emu.base_url
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{base}/_emulator/stats", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.1)
         print(f"label-tickets, first {args.rows} rows, batches of 100, cold-batch emulator "
               f"(batches end {args.processing_seconds:g} s after creation)")
         for label, extra in (("primed", []), ("not primed", ["--no-cache-prime"])):
-            urllib.request.urlopen(urllib.request.Request(f"{base}/_emulator/reset", method="POST"), timeout=5).read()
+            emu.reset()
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "o.parquet"
                 env = dict(os.environ, ANTHROPIC_BASE_URL=base, ANTHROPIC_API_KEY="bench-key")
@@ -72,8 +60,7 @@ def main() -> None:
                 if cache:
                     print(f"  {'':>10}  summary: {cache}")
     finally:
-        emu.terminate()
-        emu.wait()
+        emu.stop()
 
 
 if __name__ == "__main__":

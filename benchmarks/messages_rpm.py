@@ -14,14 +14,11 @@ sends OpenAI-style x-ratelimit-* headers (as LiteLLM does) instead of anthropic-
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,8 +26,7 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import make_data  # noqa: E402
-
-BATCHRUN = [sys.executable, "-c", "from batchrun.cli import main; main()"]
+from bench import BATCHRUN, EmulatorProcess  # noqa: E402
 
 
 def main() -> None:
@@ -41,21 +37,10 @@ def main() -> None:
     ap.add_argument("--openai-headers", action="store_true",
                     help="the emulator sends x-ratelimit-* headers (OpenAI style) instead of anthropic-ratelimit-*")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    emu = subprocess.Popen(BATCHRUN + ["emulator", "--port", str(port), "--rpm", str(args.rpm)]
-                           + (["--wrap-messages"] if args.wrap else [])
-                           + (["--openai-ratelimit-headers"] if args.openai_headers else []),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    emu = EmulatorProcess("--rpm", str(args.rpm), *(["--wrap-messages"] if args.wrap else []),
+                          *(["--openai-ratelimit-headers"] if args.openai_headers else []))
+    base = emu.base_url
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{base}/_emulator/stats", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.1)
         with tempfile.TemporaryDirectory() as tmp:
             data, out = Path(tmp) / "t.csv", Path(tmp) / "o.parquet"
             make_data.make(args.rows, str(data))
@@ -68,12 +53,11 @@ def main() -> None:
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"batchrun failed ({proc.returncode}): {proc.stderr[-2000:]}")
-            stats = json.loads(urllib.request.urlopen(f"{base}/_emulator/stats", timeout=5).read())
+            stats = emu.control("GET", "stats")
             rows = pq.read_table(out).to_pylist()
             own = sum(1 for r in rows if r["status"] == "succeeded" and r["text"].startswith("Reply to: Summarise: "))
     finally:
-        emu.terminate()
-        emu.wait()
+        emu.stop()
     allowed = max(0, args.rows - args.rpm) * 60.0 / args.rpm
     how = ", ".join(w for w, on in (("wrapped replies", args.wrap), ("OpenAI-style headers", args.openai_headers)) if on)
     print(f"{args.rows} rows, messages mode, limit {args.rpm} requests/minute{f' ({how})' if how else ''}:")

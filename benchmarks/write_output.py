@@ -37,7 +37,7 @@ def main() -> None:
     data = dataset(args.rows, work)
     state = work / "state-write.sqlite"
     fresh_state(state)
-    emu = EmulatorProcess(0.2)
+    emu = EmulatorProcess.timing(0.2)
     env = {**os.environ, "ANTHROPIC_API_KEY": "sk-ant-bench", "ANTHROPIC_BASE_URL": emu.base_url}
     try:
         first = work / "write-first.parquet"

@@ -29,9 +29,13 @@ def clean_usage(value: Any) -> tuple[dict, list]:
     """A reply's `usage` as batchrun reads it, and what in it could not be read. Only non-negative whole
     numbers (below MAX_TOKEN_COUNT) are token counts: a count that is a string, negative, fractional, a
     boolean or absurdly large — or a usage that is not an object — is dropped (recorded as missing, priced
-    at 0 like a missing count, and flagged), never taken at face value nor allowed to lower a cost."""
+    at 0 like a missing count, and flagged), never taken at face value nor allowed to lower a cost.
+    A usage with nothing to drop or convert (the usual case) is returned itself, not a copy: not to be
+    modified."""
     if not isinstance(value, dict):
         return {}, ([] if value is None else ["usage"])
+    if _readable(value):
+        return value, []
     usage, bad = dict(value), []
     for key in USAGE_COUNTS:
         if key not in usage or usage[key] is None:
@@ -51,6 +55,24 @@ def clean_usage(value: Any) -> tuple[dict, list]:
         usage.pop("cache_creation")
         bad.append("cache_creation")
     return usage, bad
+
+
+def _readable(usage: dict) -> bool:
+    """Whether every count of `usage` (and of its cache_creation split) is already a token count or None:
+    then clean_usage has nothing to do (checked first, the way nearly every reply is)."""
+    for key in USAGE_COUNTS:
+        n = usage.get(key)
+        if n is not None and not (type(n) is int and 0 <= n < MAX_TOKEN_COUNT):
+            return False
+    split = usage.get("cache_creation")
+    if split is None:
+        return True
+    if type(split) is not dict:
+        return False
+    for n in split.values():
+        if n is not None and not (type(n) is int and 0 <= n < MAX_TOKEN_COUNT):
+            return False
+    return True
 
 
 def clean_usage_split(split: dict) -> tuple[dict, list]:
@@ -147,38 +169,37 @@ class ResultParser:
         text = "".join(texts)
         split = usage.get("cache_creation")
         split = split if isinstance(split, dict) else {}
-        cost = self._cost(usage)
+        cost = self._cost(usage, split)
         if cost is None:
             self.unpriced = True
+        # (clean_usage leaves every count a token count or None)
         fields: dict[str, Any] = {
             "result_type": "succeeded", "state": SUCCEEDED, "text": text,
             "stop_reason": message.get("stop_reason"), "model": message.get("model"),
-            "input_tokens": _int(usage.get("input_tokens")),
-            "output_tokens": _int(usage.get("output_tokens")),
-            "cache_creation_input_tokens": _int(usage.get("cache_creation_input_tokens")),
-            "cache_read_input_tokens": _int(usage.get("cache_read_input_tokens")),
+            "input_tokens": usage.get("input_tokens"),
+            "output_tokens": usage.get("output_tokens"),
+            "cache_creation_input_tokens": usage.get("cache_creation_input_tokens"),
+            "cache_read_input_tokens": usage.get("cache_read_input_tokens"),
             # the cache writes by lifetime, when the reply splits them (priced apart: see Catalog.cost_by_kind)
-            "cache_creation_5m_input_tokens": _int(split.get("ephemeral_5m_input_tokens")),
-            "cache_creation_1h_input_tokens": _int(split.get("ephemeral_1h_input_tokens")),
+            "cache_creation_5m_input_tokens": split.get("ephemeral_5m_input_tokens"),
+            "cache_creation_1h_input_tokens": split.get("ephemeral_1h_input_tokens"),
             "cost_usd": cost, "error_type": None, "error_message": None, "parsed": None,
         }
         if self.validator is not None:
             self._structured(fields, text, tool_input)
         return fields
 
-    def _cost(self, usage: dict) -> Optional[float]:
-        """The exact catalog cost (Decimal arithmetic), memoised on the token counts: a job's replies
-        repeat the same counts often, and the arithmetic is the costliest part of reading a result."""
-        split = usage.get("cache_creation")
+    def _cost(self, usage: dict, split: dict) -> Optional[float]:
+        """The exact catalog cost (Decimal arithmetic), memoised on the token counts it reads (cleaned:
+        whole numbers or None): a job's replies repeat the same counts often, and the arithmetic is the
+        costliest part of reading a result."""
         key = (usage.get("input_tokens"), usage.get("output_tokens"), usage.get("cache_creation_input_tokens"),
-               usage.get("cache_read_input_tokens"),
-               tuple(sorted(split.items())) if isinstance(split, dict) else None)
+               usage.get("cache_read_input_tokens"), split.get("ephemeral_5m_input_tokens"),
+               split.get("ephemeral_1h_input_tokens"))
         try:
             return self._costs[key]
         except KeyError:
             pass
-        except TypeError:  # an unhashable value somewhere: no memo
-            return _money(self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl))
         value = _money(self.catalog.cost(self.model, usage, batch=self.batch, cache_ttl=self.cache_ttl))
         if len(self._costs) < 10_000:
             self._costs[key] = value
@@ -244,12 +265,6 @@ def retry_rule(fields: dict) -> Optional[str]:
         return None if error_class(fields.get("error_type")) == ABOUT_REQUEST else FREE
     # made up here (e.g. no line came back for the row): as before, by its type
     return ATTEMPT if fields.get("error_type") in TRANSIENT_ERRORS else None
-
-
-def _int(value: Any) -> Optional[int]:
-    if type(value) is int:   # the usual case, first (a bool is not of type int)
-        return value
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _money(value: Optional[Decimal]) -> Optional[float]:

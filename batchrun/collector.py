@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Iterator, Optional
 
 from . import failpoints
 from .adoption import EMPTY, GONE, Adoption, row_ids
 from .context import ADOPTED, MISSING_AFTER, PROVEN, BatchContext
 from .errors import ACCOUNT, AuthError, GaveUpError, NotFoundError, ResultsGoneError, TransientApiError, error_class
-from .prefetch import prefetched
+from .prefetch import Prefetch
 from .results import ATTEMPT, FREE, retry_rule
 from .states import ANSWERED, COLLECTED, LOST, SUBMITTED
 from .store import Batch, now_iso
@@ -30,6 +31,19 @@ log = logging.getLogger("batchrun")
 
 MAX_DOWNLOADS = 6    # attempts to get a complete results file
 FLUSH_EVERY = 5000   # results recorded per transaction
+
+
+class _Ahead:
+    """A batch's retrieve and results download, begun in a thread (Collector._next's items)."""
+
+    def __init__(self, batch: int, source: Iterator):
+        self.batch = batch
+        self._prefetch = Prefetch(source, depth=8, chunk=500)
+        self.items = iter(self._prefetch)
+
+    def close(self) -> None:
+        """Not wanted after all: the thread stops (and closes the download)."""
+        self._prefetch.close()
 
 
 class ServiceErrors:
@@ -83,29 +97,50 @@ class Collector:
         self.adoption = adoption
         self.service_errors = service_errors
         self._incomplete_downloads: dict = {}   # batch -> rounds in which its results never came whole
+        self._then: Optional[Batch] = None      # the batch polled after the one being collected
+        self._ahead: Optional[_Ahead] = None    # its retrieve and download, begun (see _download)
 
     def poll(self, collect: bool = True) -> bool:
         """Retrieve in-flight batches; collect those that ended (unless `collect` is False: then only
-        their status is brought up to date). True if anything changed."""
+        their status is brought up to date). True if anything changed.
+
+        Batches are retrieved and collected one after the other, in the same order of requests as ever;
+        once a batch's results have all come, the next batch's retrieve and results download begin in a
+        thread while they are recorded (see `_download`)."""
         changed = False
-        for b in self.store.batches_to_poll(self.ctx.job_id):
-            if b.state == SUBMITTED:
-                try:
-                    info = self.ctx.client().retrieve_batch(b.api_id)
-                except NotFoundError:
-                    self.lost(b)
-                    changed = True
+        batches = self.store.batches_to_poll(self.ctx.job_id)
+        try:
+            for i, b in enumerate(batches):
+                ahead, self._ahead = self._ahead, None
+                if ahead is not None and ahead.batch != b.id:
+                    ahead.close()
+                    ahead = None
+                if b.state == SUBMITTED:
+                    try:
+                        info = next(ahead.items) if ahead is not None else self.ctx.client().retrieve_batch(b.api_id)
+                    except NotFoundError:
+                        self.lost(b)
+                        changed = True
+                        continue
+                    if not self.store.record_status(b.id, info):   # not ended yet
+                        continue
+                    if not collect:
+                        changed = True
+                        continue
+                    b = self.store.batch(b.id)
+                elif not collect:
                     continue
-                if not self.store.record_status(b.id, info):   # not ended yet
-                    continue
-                if not collect:
-                    changed = True
-                    continue
-                b = self.store.batch(b.id)
-            elif not collect:
-                continue
-            self.collect(b)
-            changed = True
+                elif ahead is not None:
+                    next(ahead.items)   # (None: an ended batch is not retrieved)
+                self._ahead = ahead      # its download, if it began one: taken by _download
+                self._then = batches[i + 1] if i + 1 < len(batches) else None
+                self.collect(b)
+                changed = True
+        finally:
+            self._then = None
+            if self._ahead is not None:   # begun for a batch not polled after all (an error)
+                self._ahead.close()
+                self._ahead = None
         return changed
 
     def collect(self, b: Batch) -> None:
@@ -130,7 +165,7 @@ class Collector:
             lines = None
             before = missing   # (counted after the last download: nothing records between)
             try:
-                lines = self._download(b)
+                lines = self._download(b, expected)
             except TransientApiError as exc:
                 log.warning("job %s: results of %s cut short (%s); downloading again", short_id, b.api_id, exc)
             except ResultsGoneError as exc:
@@ -199,26 +234,56 @@ class Collector:
         if final or retry or free:
             flush()
 
-    def _download(self, b: Batch) -> int:
-        """Download and record a batch's results; returns the number of result lines (a whole file)."""
-        self.store.count_download(b.id)
-        client, parse = self.ctx.client(), self.ctx.parser.parse
-        row_id = row_ids(self.store, b)
-        lines = 0
+    def _download(self, b: Batch, expected: int) -> int:
+        """Download and record a batch's results; returns the number of result lines (a whole file).
 
-        def results():
-            for line in client.iter_results(b.results_url):
-                yield row_id(line.get("custom_id")), parse(line.get("result") or {})
+        The file is downloaded and parsed in a thread, a few thousand lines ahead of the recording. Once
+        `expected` lines have come (the whole file), the next batch of the poll (`_then`) is retrieved and,
+        if it has ended, its results downloaded and parsed, in a thread of their own while these are
+        recorded: the API (and the emulator) makes a results file before it sends any of it. The requests
+        go out in the order they always did: this batch's downloads, then the next one's retrieve, then
+        its download (but when this file, whole, still lacks some of its rows: then it is downloaded
+        again after those)."""
+        store, items = self.store, None
+        if self._ahead is not None and self._ahead.batch == b.id:   # begun by the poll: the first download
+            ahead, self._ahead = self._ahead, None
+            if next(ahead.items, None) == b.results_url:
+                items = ahead.items
+            else:
+                ahead.close()
+        store.count_download(b.id)
+        if items is None:
+            items = iter(Prefetch(self._results(b.results_url, row_ids(store, b)), depth=8, chunk=500))
+        then = self._then
+        row_id_then = row_ids(store, then) if then is not None else None
+        lines = 0
 
         def counted():
             nonlocal lines
-            # downloaded and parsed in a thread, a few hundred lines ahead of the recording
-            for item in prefetched(results(), depth=8, chunk=500):
+            for item in items:
                 lines += 1
+                if lines == expected and then is not None and self._then is then:
+                    self._then, self._ahead = None, _Ahead(then.id, self._next(then, row_id_then))
                 yield item
 
         self.record(b, counted())
         return lines
+
+    def _results(self, url: str, row_id) -> Iterator[tuple]:
+        """(custom_id, fields) for each line of a results file (iterated in a thread)."""
+        client, parse = self.ctx.client(), self.ctx.parser.parse
+        for line in client.iter_results(url):
+            yield row_id(line.get("custom_id")), parse(line.get("result") or {})
+
+    def _next(self, b: Batch, row_id) -> Iterator:
+        """The retrieve of batch `b` (None: it has ended already); then, if it has ended with its results
+        at hand (and needs no proof that it is this job's), their URL and their (custom_id, fields)."""
+        info = self.ctx.client().retrieve_batch(b.api_id) if b.state == SUBMITTED else None
+        yield info
+        url = b.results_url if info is None else info.get("processing_status") == "ended" and info.get("results_url")
+        if url and b.adopted != ADOPTED:
+            yield url
+            yield from self._results(url, row_id)
 
     def verify_adopted(self, b: Batch) -> bool:
         """A batch adopted before adoption needed proof (by an older batchrun) is proved now, before any

@@ -19,52 +19,66 @@ _END = object()
 
 
 def prefetched(source: Iterable[T], *, depth: int = 2, chunk: int = 1) -> Iterator[T]:
-    """The items of `source`, produced by a daemon thread at most `depth` chunks of `chunk` items ahead."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    """The items of `source`, produced by a daemon thread at most `depth` chunks of `chunk` items ahead
+    (the thread starts at the first item asked for)."""
+    yield from Prefetch(source, depth=depth, chunk=chunk)
 
-    def put(item) -> bool:
-        while not stop.is_set():
+
+class Prefetch(Iterable[T]):
+    """The items of `source`, produced by a daemon thread started at once, at most `depth` chunks of `chunk`
+    items ahead of the consumer (as `prefetched`). `close()` stops the thread — the consumer is done, or
+    never took any of them — and the source is closed in the thread that iterated it."""
+
+    def __init__(self, source: Iterable[T], *, depth: int = 2, chunk: int = 1):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        threading.Thread(target=self._produce, args=(source, chunk), name="batchrun-prefetch", daemon=True).start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                self._queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self, source: Iterable[T], chunk: int) -> None:
         it = iter(source)
         buf: list = []
         try:
             for item in it:
                 buf.append(item)
                 if len(buf) >= chunk:
-                    if not put(buf):
+                    if not self._put(buf):
                         return
                     buf = []
-            if buf and not put(buf):
+            if buf and not self._put(buf):
                 return
-            put(_END)
+            self._put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, after the items before it
-            if not buf or put(buf):
-                put(exc)
+            if not buf or self._put(buf):
+                self._put(exc)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
 
-    thread = threading.Thread(target=produce, name="batchrun-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            got = q.get()
-            if got is _END:
-                return
-            if isinstance(got, BaseException):
-                raise got
-            yield from got
-    finally:
-        stop.set()
+    def __iter__(self) -> Iterator[T]:
+        """The items, once (their consumer's one pass); the thread is stopped when it ends or is closed."""
+        try:
+            while True:
+                got = self._queue.get()
+                if got is _END:
+                    return
+                if isinstance(got, BaseException):
+                    raise got
+                yield from got
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class Ahead:

@@ -31,7 +31,7 @@ from . import failpoints
 from .errors import InputError
 from .inputs import ColumnTypeConflict, InputSource
 from .prefetch import prefetched
-from .requests import RequestBuilder, canonical_json, params_hash, shared_params_hash
+from .requests import RequestBuilder, canonical_json, params_hasher, shared_params_hash
 from .spec import JobSpec
 
 # a planned row as the store gives it to a BodySource: (row_index, custom_id, params_hash, stored body or None)
@@ -62,6 +62,7 @@ class Rendering:
     source: InputSource
     shared_hash: str
     builder: Optional[RequestBuilder] = None
+    hasher: Optional[Callable[[str], str]] = None   # params_hash with shared_hash (made when first needed)
 
 
 class BodySource:
@@ -141,23 +142,35 @@ class BodySource:
             else:
                 batch, text = batch.take(picked), text.take(picked)
             builder = self._builder(batch.schema)
-            shared_hash = self.how.shared_hash
+            hash_ = self._hasher()
             failpoints.hit("render")   # (tests: a kill while rows are rendered again, inside a send's transaction)
-            try:
-                cells = builder.rows(batch, text)
-            except InputError as exc:
-                raise self._changed(rows[k][0], str(exc)) from None
-            for row, cell in zip(rows[k:j], cells):
-                where = f"row {row[0] + 1}"
-                try:
-                    body = canonical_json(builder.row_part(cell, where))
-                except InputError as exc:
-                    raise self._changed(row[0], str(exc)) from None
-                if params_hash(body, shared_hash) != row[2]:
+            bodies = builder.plain_bodies(text)   # a plain template's rows at once (plain.py)
+            if bodies is None:
+                bodies = self._one_by_one(builder, batch, text, rows[k:j])
+            for row, body in zip(rows[k:j], bodies):
+                if hash_(body) != row[2]:
                     raise self._changed(row[0])
                 self.rendered += 1
                 yield body
             k = j
+
+    def _one_by_one(self, builder: RequestBuilder, batch, text, rows: list) -> Iterator[str]:
+        """The bodies of a block's `rows` (what _render picked of it), rendered a row at a time."""
+        try:
+            cells = builder.rows(batch, text)
+        except InputError as exc:
+            raise self._changed(rows[0][0], str(exc)) from None
+        for row, cell in zip(rows, cells):
+            try:
+                yield canonical_json(builder.row_part(cell, f"row {row[0] + 1}"))
+            except InputError as exc:
+                raise self._changed(row[0], str(exc)) from None
+
+    def _hasher(self) -> Callable[[str], str]:
+        how = self.how
+        if how.hasher is None:
+            how.hasher = params_hasher(how.shared_hash)
+        return how.hasher
 
     def _block_of(self, index: int) -> tuple:
         """(first row, batch, text) of the input block that holds row `index`; a pass starts again from

@@ -17,6 +17,7 @@ SQL is the store's (store/plan.py).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import sqlite3
@@ -30,8 +31,8 @@ from .errors import BudgetError, InputError, LockedError
 from .inputs import ColumnTypeConflict, InputSource
 from .job import Job, warnings_for
 from .output import OutputWriter, check_column_names, check_partition
-from .prefetch import prefetched
-from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, params_hash,
+from .prefetch import Behind, prefetched
+from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, params_hasher,
                        shared_params_hash, splice_prefix)
 from .results import ResultParser
 from .spec import JobSpec, default_cache_ttl, rules_version
@@ -156,69 +157,93 @@ class Planner:
 
     def _plan_rows(self) -> int:
         """Every row of the input, rendered, checked and stored (inside the plan's transaction)."""
-        spec, job, store = self.spec, self.job, self.store
+        spec, job = self.spec, self.job
         source = job.source
         builder: Optional[RequestBuilder] = None
         index = 0
-        for batch, text in prefetched(source.batches_with_text()):   # the next block is read while this one is planned
-            if builder is None:
-                try:
-                    if spec.id_column and spec.id_column not in batch.schema.names:
-                        raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
-                                         f"(columns: {', '.join(batch.schema.names[:12])})")
-                    builder = self._builder_for(batch.schema)
-                except InputError:
-                    source.widen()   # a JSONL key first seen past the first block: read again knowing it
-                    raise
-                check = RowCheck(builder, job.model, rules_version(spec.api_version))
-                # an answer is reused only from the same service, under the same API version
-                shared_hash = shared_params_hash(canonical_json(builder.shared), job.endpoint, spec.api_version)
-                self.prefix = splice_prefix(builder.shared)
-            n = batch.num_rows
-            if spec.id_column:
-                raw_ids = batch.column(spec.id_column).to_pylist()   # as shown in messages
-                ids = []
-                for i, value in enumerate(text.column(spec.id_column).to_pylist()):   # as written
-                    if value is None or (isinstance(value, str) and value.strip() == ""):
-                        raise InputError(f"{spec.input}: row {index + i + 1}: id column {spec.id_column!r} is empty")
-                    ids.append(custom_id_for(value))
-            else:
-                raw_ids = None
-                ids = [f"row-{index + i}" for i in range(n)]
-            rows = builder.rows(batch, text)
-            records = []
-            for i in range(n):
-                where = f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
-                try:
-                    part = builder.row_part(rows[i], where)
-                except InputError:
-                    source.widen()   # a key inside an object first seen past the first block (meta.late): read again
-                    raise
-                check(part, where)
-                body = canonical_json(part)   # (not stored unless it could not be rendered again: see bodies.py)
-                records.append((job.id, ids[i], index + i, params_hash(body, shared_hash), *row_figures(spec, body, part),
-                                body if builder.keeps_body(rows[i]) else None))
-            if len(set(ids)) != n:
-                seen: dict = {}
-                for i, cid in enumerate(ids):
-                    if cid in seen:
-                        raise self._duplicate(raw_ids[i] if raw_ids else cid, seen[cid], index + i)
-                    seen[cid] = index + i
-            try:
-                store.insert_planned(records)
-            except sqlite3.IntegrityError:
-                for i, cid in enumerate(ids):
-                    prior = store.row_index_of(job.id, cid)
-                    if prior is not None and prior != index + i:
-                        raise self._duplicate(raw_ids[i] if raw_ids else cid, prior, index + i) from None
-                raise
-            index += n
+        # the next block is read while this one is rendered and the one before it stored (threads that run
+        # mostly without the GIL); what either raises is raised here, and the plan's transaction rolls back
+        with Behind(self._store_block) as writer:
+            for batch, text in prefetched(source.batches_with_text()):
+                if builder is None:
+                    try:
+                        if spec.id_column and spec.id_column not in batch.schema.names:
+                            raise InputError(f"id_column: column {spec.id_column!r} is not in {spec.input} "
+                                             f"(columns: {', '.join(batch.schema.names[:12])})")
+                        builder = self._builder_for(batch.schema)
+                    except InputError:
+                        source.widen()   # a JSONL key first seen past the first block: read again knowing it
+                        raise
+                    check = RowCheck(builder, job.model, rules_version(spec.api_version))
+                    # an answer is reused only from the same service, under the same API version
+                    hash_ = params_hasher(shared_params_hash(canonical_json(builder.shared), job.endpoint,
+                                                             spec.api_version))
+                    self.prefix = splice_prefix(builder.shared)
+                n = batch.num_rows
+                if spec.id_column:
+                    raw_ids = batch.column(spec.id_column).to_pylist()   # as shown in messages
+                    ids = []
+                    for i, value in enumerate(text.column(spec.id_column).to_pylist()):   # as written
+                        if value is None or (isinstance(value, str) and value.strip() == ""):
+                            raise InputError(f"{spec.input}: row {index + i + 1}: id column {spec.id_column!r} "
+                                             "is empty")
+                        ids.append(custom_id_for(value))
+                else:
+                    raw_ids = None
+                    ids = [f"row-{index + i}" for i in range(n)]
+                bodies = builder.plain_bodies(text)   # a plain template's rows at once (plain.py)
+                if bodies is not None:
+                    if not check.seen:   # (the shared params are checked with the first row, as row by row)
+                        where = self._where(index, raw_ids, 0)
+                        check(builder.row_part(builder.rows(batch.slice(0, 1), text.slice(0, 1))[0], where), where)
+                    records = [(job.id, cid, i, hash_(body), *row_figures(spec, body, None), None)
+                               for i, cid, body in zip(itertools.count(index), ids, bodies)]
+                else:
+                    rows = builder.rows(batch, text)
+                    records = []
+                    for i in range(n):
+                        where = self._where(index, raw_ids, i)
+                        try:
+                            part = builder.row_part(rows[i], where)
+                        except InputError:
+                            source.widen()   # a key inside an object first seen past the first block (meta.late)
+                            raise
+                        check(part, where)
+                        body = canonical_json(part)   # (not stored unless it cannot be rendered again: bodies.py)
+                        records.append((job.id, ids[i], index + i, hash_(body), *row_figures(spec, body, part),
+                                        body if builder.keeps_body(rows[i]) else None))
+                if len(set(ids)) != n:
+                    seen: dict = {}
+                    for i, cid in enumerate(ids):
+                        if cid in seen:
+                            raise self._duplicate(raw_ids[i] if raw_ids else cid, seen[cid], index + i)
+                        seen[cid] = index + i
+                writer.put((records, ids, raw_ids, index))
+                index += n
         if index == 0:
             if spec.shard:
                 raise InputError(f"{spec.input}: shard {spec.shard} has no rows (the input has fewer rows than "
                                  "shards, or none)")
             raise InputError(f"{spec.input}: input is empty (no rows)")
         return index
+
+    def _store_block(self, block: tuple) -> None:
+        """A block's planned rows stored (in the plan's writer thread, the only one using the store while the
+        rows are planned); a custom_id the job already has is named as the duplicate id it is."""
+        records, ids, raw_ids, index = block
+        try:
+            self.store.insert_planned(records)
+        except sqlite3.IntegrityError:
+            for i, cid in enumerate(ids):
+                prior = self.store.row_index_of(self.job.id, cid)
+                if prior is not None and prior != index + i:
+                    raise self._duplicate(raw_ids[i] if raw_ids else cid, prior, index + i) from None
+            raise
+
+    @staticmethod
+    def _where(index: int, raw_ids: Optional[list], i: int) -> str:
+        """How errors name the row `i` of the block that starts at row `index`."""
+        return f"row {index + i + 1}" + (f" (id {raw_ids[i]!r})" if raw_ids else "")
 
     def _duplicate(self, value, first: int, second: int) -> InputError:
         return InputError(f"{self.spec.input}: duplicate id {value!r} in column {self.spec.id_column!r} "

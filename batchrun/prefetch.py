@@ -109,3 +109,60 @@ class Ahead:
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+
+class Behind:
+    """`consume(item)` for each item `put`, in a daemon thread, in order, at most `depth` items behind the
+    caller (the plan renders a block of rows while the last one is stored: SQLite steps without the GIL).
+
+    The thread's first exception stops it (the items after it are dropped) and is raised to the caller at
+    its next `put`, or at `close`, which waits for every item to be consumed: the caller sees what it would
+    have seen calling `consume` itself, later. Used as a context manager: leaving it with an exception
+    (the caller's own: a bad row, Ctrl-C) drops what is queued and waits for the item in hand, so that
+    nothing is consumed once the caller has moved on (the plan then rolls back what was stored)."""
+
+    def __init__(self, consume: Callable[[T], None], depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, args=(consume,), name="batchrun-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self, consume: Callable[[T], None]) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _END or self._stop:
+                return
+            if self._error is None:
+                try:
+                    consume(item)
+                except BaseException as exc:  # noqa: BLE001 - raised to the caller at its next put or close
+                    self._error = exc
+
+    def put(self, item: T) -> None:
+        if self._error is not None:
+            self.close()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Wait for every item put to be consumed; raise the thread's exception, if it had one."""
+        if self._thread.is_alive():
+            self._queue.put(_END)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "Behind":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+            return
+        self._stop = True   # (the item in hand is finished; the queued ones are dropped)
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_END, timeout=0.1)
+            except queue.Full:
+                continue
+            self._thread.join()

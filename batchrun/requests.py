@@ -19,6 +19,7 @@ import pyarrow as pa
 from .errors import InputError
 from .models import ModelInfo, check_params, thinking_on
 from .spec import DEFAULT_API_VERSION, JobSpec
+from .plain import MARK, PlainBodies
 from .templates import MAX_PROMPT, NullCell, PromptTemplate, as_written, render_parts
 
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -84,6 +85,17 @@ def params_hash(body: str, shared_hash: str = "") -> str:
     so an answer already paid for is found again.
     """
     return hashlib.sha256((shared_hash + body).encode("utf-8")).hexdigest()
+
+
+def params_hasher(shared_hash: str) -> Callable[[str], str]:
+    """params_hash(body, shared_hash) for the bodies of one job: the shared part hashed once."""
+    start = hashlib.sha256(shared_hash.encode("utf-8"))
+
+    def hash_(body: str) -> str:
+        h = start.copy()
+        h.update(body.encode("utf-8"))
+        return h.hexdigest()
+    return hash_
 
 
 def answer_scope(endpoint: Optional[str], api_version: str) -> str:
@@ -286,6 +298,10 @@ class RequestBuilder:
         self.base = self._base_params()
         # relative image paths are the input file's neighbours (as a job file's paths are the job file's)
         self.image_base = spec.image_dir or image_base(spec.input)
+        # a plain template whose row part holds nothing of the row but its prompt: a block's bodies at once
+        self._plain = (PlainBodies.of(self._parts, canonical_json(self._part(MARK, {}, "")))
+                       if self._parts is not None and not (spec.image_column or spec.max_tokens_column
+                                                           or self.template.varies) else None)
 
     # ---- the parts every request shares ------------------------------------------------------
     def _base_params(self) -> dict:
@@ -348,6 +364,12 @@ class RequestBuilder:
         cell = row.get(self.spec.image_column) if self.spec.image_column else None
         return isinstance(cell, str) and cell != "" and not cell.startswith(("http://", "https://"))
 
+    def plain_bodies(self, text: pa.RecordBatch) -> Optional[list[str]]:
+        """canonical_json(row_part(row)) of every row of a block (its text: InputSource.batches_with_text),
+        made at once when the template is plain (plain.py); None when it is not, or when a row of the block
+        is one row_part refuses: its rows are then rendered one by one."""
+        return self._plain.bodies(text) if self._plain is not None else None
+
     def row_part(self, row: dict, where: str) -> dict:
         """The params that differ per row (messages, per-row max_tokens); `where` names the row in errors."""
         spec = self.spec
@@ -355,7 +377,7 @@ class RequestBuilder:
             text = render_parts(self._parts, row)
         else:
             text = self.template.render(row, where)
-        if len(text) > MAX_PROMPT:   # ("%*s"|format(10**9, x) and the like: the widths no one checked)
+        if len(text) > MAX_PROMPT:   # ("%*s"|format(10**9, x) and the like: the widths no one checked; plain.py too)
             raise InputError(f"prompt: {where} renders {len(text):,} characters, more than the API takes in one "
                              "request (256 MB)")
         content: Any = text
@@ -363,10 +385,15 @@ class RequestBuilder:
                  if spec.image_column else None)
         if image is not None:
             content = [image, {"type": "text", "text": text}] if text.strip() else [image]
-        elif not text.strip():   # the API refuses an empty message, a whole batch later
+        elif not text.strip():   # the API refuses an empty message, a whole batch later (plain.py: the same)
             shown = spec.prompt if len(spec.prompt) <= 80 else spec.prompt[:77] + "..."
             raise InputError(f"prompt: {where} renders an empty message from the template {shown!r} "
                              "(fill the row's cells, or leave the row out)")
+        return self._part(content, row, where)
+
+    def _part(self, content: Any, row: dict, where: str) -> dict:
+        """The row part around the user turn's content: few-shot turns, prefill, per-row max_tokens."""
+        spec = self.spec
         messages = []
         for example in spec.few_shot or ():
             messages.append({"role": "user", "content": example["user"]})

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchrun.inputs
+from batchrun.errors import ExitCode
 from batchrun.prefetch import prefetched
 
 from conftest import refused
@@ -98,3 +99,97 @@ def test_every_row_once_in_order_across_blocks_and_batches(emu, cli, tmp_path, s
     for i, row in enumerate(rows):
         assert (row["status"], row["text"][:22]) == ("succeeded", f"Reply to: Say text {i} #"[:22]), row
     assert sorted(emu.stats.submitted_custom_ids.values()) == [1] * 200
+
+
+# ---- the plan's writer: a block is stored while the next one is rendered (prefetch.Behind) ------------------
+from batchrun.prefetch import Behind  # noqa: E402
+
+
+def test_behind_consumes_every_item_in_order():
+    got = []
+    with Behind(got.append, depth=2) as behind:
+        for i in range(500):
+            behind.put(i)
+    assert got == list(range(500))
+
+
+def test_behinds_error_is_raised_at_the_next_put_or_at_close_and_nothing_after_it_is_consumed():
+    got = []
+
+    def consume(item):
+        if item == 3:
+            raise ValueError("block 3 failed")
+        got.append(item)
+
+    with pytest.raises(ValueError, match="block 3"):
+        with Behind(consume) as behind:
+            for i in range(100):
+                behind.put(i)
+    assert got == [0, 1, 2]
+    with pytest.raises(ValueError, match="block 3"):   # the last item's error: raised at close
+        with Behind(consume) as behind:
+            for i in range(4):
+                behind.put(i)
+
+
+def test_leaving_behind_with_an_error_waits_for_the_item_in_hand_and_drops_the_rest():
+    started, release, got = threading.Event(), threading.Event(), []
+
+    def consume(item):
+        started.set()
+        release.wait(5)
+        got.append(item)
+
+    with pytest.raises(KeyError):
+        with Behind(consume, depth=3) as behind:
+            for i in range(4):
+                behind.put(i)
+            assert started.wait(5)
+            threading.Timer(0.2, release.set).start()
+            raise KeyError("the caller's own error")
+    assert got == [0]   # finished before the error left the block; 1..3 dropped
+
+
+def run_args(data, tmp_path):
+    return ("run", "--input", data, "--output", tmp_path / "out.parquet", "--state", tmp_path / "s.sqlite",
+            "--id-column", "id", "--prompt", "Say {{ msg }}", "--poll-interval", "0.05", "-q")
+
+
+def nothing_planned(state):
+    import sqlite3
+    with sqlite3.connect(state) as db:
+        return db.execute("SELECT count(*) FROM jobs").fetchone() == (0,) and \
+            db.execute("SELECT count(*) FROM requests").fetchone() == (0,)
+
+
+def test_a_duplicate_id_found_by_the_store_in_a_later_block_is_named_as_before(emu, cli, tmp_path, small_blocks):
+    data = tmp_path / "in.csv"
+    write_rows(data, 200)
+    data.write_text(data.read_text().replace("r150,", "r5,"))   # the same id in another block
+    refused(cli(*run_args(data, tmp_path)), ExitCode.BAD_INPUT, "duplicate id 'r5' in column 'id'", "rows 6 and 151")
+    assert emu.stats.create_calls == 0 and nothing_planned(tmp_path / "s.sqlite")
+
+
+def test_a_store_that_fails_in_the_plans_writer_fails_the_plan_as_before(emu, cli, tmp_path, small_blocks,
+                                                                          monkeypatch):
+    import sqlite3
+
+    from batchrun.store import Store
+    data = tmp_path / "in.csv"
+    write_rows(data, 200)
+    calls, insert = [], Store.insert_planned
+
+    def failing(self, records):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 4:
+            raise sqlite3.OperationalError("database or disk is full")
+        insert(self, records)
+
+    monkeypatch.setattr(Store, "insert_planned", failing)
+    refused(cli(*run_args(data, tmp_path)), ExitCode.API_ERROR, "no space left on", "nothing was lost, run again once there is room")
+    assert set(calls) == {"batchrun-behind"} and len(calls) < 200 // 16
+    assert emu.stats.create_calls == 0 and nothing_planned(tmp_path / "s.sqlite")
+    monkeypatch.setattr(Store, "insert_planned", insert)
+    r = cli(*run_args(data, tmp_path))
+    assert r.exit_code == 0, r.output
+    assert [row["id"] for row in pq.read_table(tmp_path / "out.parquet").to_pylist()] == [f"r{i}" for i in range(200)]

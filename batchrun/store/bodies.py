@@ -7,7 +7,9 @@ that one BodySource gives the bodies of both kinds.
 """
 from __future__ import annotations
 
+import functools
 import json
+import sqlite3
 from typing import Iterator, Optional
 
 from ..states import PENDING
@@ -18,6 +20,20 @@ NOT_STORED = 0   # requests.body_id of a row whose body is not stored (bodies' i
 # a planned row: (row_index, custom_id, params_hash, its stored body or NULL), from requests `r`
 PLANNED_ROW = "r.row_index, r.custom_id, r.params_hash, b.body"
 PLANNED_FROM = "requests r LEFT JOIN bodies b ON b.id = r.body_id"
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_planned(rows: int) -> str:
+    """INSERT of `rows` planned rows (the same text object for the same count: sqlite3's statement cache)."""
+    return ("INSERT INTO requests (job_id, custom_id, row_index, params_hash, chars, max_tokens, body_id) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?)"] * rows))
+
+
+def _rows_per_insert(conn: sqlite3.Connection) -> int:
+    """Rows in one INSERT: within SQLite's limit on a statement's parameters (32,766 since 3.32; 999 before,
+    and where Python cannot ask: before 3.11)."""
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(conn, "getlimit") else 999
+    return max(1, min(2000, limit // 7))
 
 
 class BodyQueries:
@@ -58,18 +74,21 @@ class BodyQueries:
     def insert_planned(self, records: list) -> None:
         """One block of planned rows, in the plan's transaction: (job_id, custom_id, row_index, params_hash,
         chars, max_tokens[, body]) each, `body` None or left out (not stored: rendered again) or the body the
-        plan keeps (RequestBuilder.keeps_body). Raises sqlite3.IntegrityError on a custom_id the job already has."""
-        records = [r if len(r) > 6 else (*r, None) for r in records]
-        kept = [r[6] for r in records if r[6] is not None]
-        ids = iter(())
+        plan keeps (RequestBuilder.keeps_body). Raises sqlite3.IntegrityError on a custom_id the job already
+        has (and stores none of the statement's rows). Many rows a statement: SQLite inserts them in one step,
+        without the GIL (the plan renders the next block meanwhile, see Planner._plan_rows)."""
+        kept = [r[6] for r in records if len(r) > 6 and r[6] is not None]
         if kept:
             base = self.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM bodies").fetchone()[0]
             self.conn.executemany("INSERT INTO bodies (id, body) VALUES (?, ?)",
                                   ((base + k, body) for k, body in enumerate(kept)))
             ids = iter(range(base, base + len(kept)))
-        self.conn.executemany("INSERT INTO requests (job_id, custom_id, row_index, params_hash, chars, max_tokens, "
-                              "body_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              ((*r[:6], NOT_STORED if r[6] is None else next(ids)) for r in records))
+            records = [(*r[:6], NOT_STORED if len(r) < 7 or r[6] is None else next(ids)) for r in records]
+        step = _rows_per_insert(self.conn)
+        for k in range(0, len(records), step):
+            part = records[k:k + step]
+            self.conn.execute(_insert_planned(len(part)),
+                              [v for r in part for v in (*r[:6], r[6] if kept else NOT_STORED)])
 
     def params(self, job_id: Optional[str] = None) -> Iterator[tuple[str, str, dict]]:
         """(job_id, custom_id, full params) of planned requests (of one job, or of every job), in row order:

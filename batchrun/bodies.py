@@ -18,13 +18,20 @@ Store.params) asks the store for the rows, in row order, and a BodySource for th
   one line, exit code 2).
 
 Memory stays bounded: rows are rendered a block of the input at a time, as they are asked for.
+
+The run that plans a job renders its first rows (a batch's worth, at most FIRST_CHARS) already: it keeps
+those bodies (`FirstBodies`) and its BodySource gives them as they are, without reading the input again,
+while the input file is untouched since the plan checked its fingerprint (its size, modification time
+and inode: an input edited since is read and checked as above, and stops the run) and the row's stored
+hash is still the one the plan made of that body. They are dropped once rows past them are asked for.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
 from . import failpoints
@@ -37,6 +44,7 @@ from .spec import JobSpec
 # a planned row as the store gives it to a BodySource: (row_index, custom_id, params_hash, stored body or None)
 PlannedRow = tuple
 _GROUP = 2048   # rows rendered at a time when a long run of rows is asked for (bounded memory)
+FIRST_CHARS = 16 << 20   # characters of bodies a plan keeps for its run's first chunk (FirstBodies)
 
 
 def row_figures(spec: JobSpec, body: str, part: dict) -> tuple[int, Optional[int]]:
@@ -51,6 +59,41 @@ def input_for(spec: JobSpec, pins: dict) -> InputSource:
     source = InputSource(spec.input, limit=spec.limit, shard=spec.shard_pair, shard_key=spec.id_column)
     source.pin(pins)
     return source
+
+
+def input_stamp(source: InputSource) -> Optional[tuple]:
+    """What changes when a local input file is written: its size, modification time and inode (None for a
+    directory or a remote URI: the plan keeps no body for those, see FirstBodies)."""
+    if source.is_dir or "://" in source.uri:
+        return None
+    try:
+        st = os.stat(source.path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
+@dataclass
+class FirstBodies:
+    """The bodies of a job's first rows as the plan of this run rendered them: row_index -> (body, its
+    params_hash), for the first `rows` rows within FIRST_CHARS characters (rows whose body is stored
+    left out); `stamp`: input_stamp of the input taken before the plan checked its fingerprint."""
+    rows: int
+    bodies: dict = field(default_factory=dict)
+    stamp: Optional[tuple] = None
+    chars: int = 0
+    last: int = -1
+
+    def add(self, index: int, bodies: list, records: list) -> None:
+        """A planned block's bodies (from row `index`) and their records (Planner._plan_rows'), while room."""
+        for i, (body, record) in enumerate(zip(bodies, records)):
+            if index + i >= self.rows or self.chars + len(body) > FIRST_CHARS:
+                self.rows = 0   # full: later blocks add nothing
+                return
+            if len(record) < 7 or record[6] is None:   # (a body the plan stores is given as stored)
+                self.bodies[index + i] = (body, record[3])
+                self.chars += len(body)
+                self.last = index + i
 
 
 @dataclass
@@ -72,18 +115,21 @@ class BodySource:
     bodies are all stored never reads its input (nor needs its spec to load).
     """
 
-    def __init__(self, job_id: str, rendering: Callable[[], Rendering]):
+    def __init__(self, job_id: str, rendering: Callable[[], Rendering], first: Optional[FirstBodies] = None):
         self.job_id = job_id
         self._rendering = rendering
+        self._first = first if first is not None and first.bodies and first.stamp is not None else None
         self._how: Optional[Rendering] = None
         self._blocks: Optional[Iterator] = None   # the pass under way: (batch, text) blocks of the input
         self._start = self._end = 0               # the rows [start, end) of the block in hand
         self._block: Optional[tuple] = None
         self.passes = 0                           # passes over the input started (tests and benchmarks)
-        self.rendered = 0                         # rows rendered again
+        self.rendered = 0                         # rows rendered again (or by this run's plan: FirstBodies)
+        self.from_plan = 0                        # of them, the bodies the plan of this run kept
 
     @classmethod
-    def of_stored_job(cls, job: dict, spec: Optional[JobSpec] = None) -> "BodySource":
+    def of_stored_job(cls, job: dict, spec: Optional[JobSpec] = None, first: Optional[FirstBodies] = None
+                      ) -> "BodySource":
         """The body source of a job from its row in the state file (its stored spec, column types, shared
         params and endpoint). `spec`: the job's spec as a run of it has it, whose input path is read (a
         job's input may move: its fingerprint is its identity), with the stored spec's cache_ttl (a job
@@ -95,7 +141,7 @@ class BodySource:
             how = stored if spec is None else dataclasses.replace(spec, cache_ttl=stored.cache_ttl)
             shared = shared_params_hash(job["shared_params"] or "{}", job["endpoint"] or None, how.api_version)
             return Rendering(how, input_for(how, json.loads(job["column_types"] or "{}")), shared)
-        return cls(job["id"], rendering)
+        return cls(job["id"], rendering, first)
 
     @property
     def how(self) -> Rendering:
@@ -119,13 +165,34 @@ class BodySource:
             if not group:
                 return
             missing = [row for row in group if row[3] is None]
+            known = self._planned(missing) if self._first is not None and missing else {}
+            if known:
+                missing = [row for row in missing if row[0] not in known]
             rendered = dict(zip((row[0] for row in missing), self._render(missing))) if missing else {}
+            rendered.update(known)
             for row in group:
                 yield row[0], row[1], row[3] if row[3] is not None else rendered[row[0]]
 
     def body_list(self, rows: Iterable[PlannedRow]) -> list[str]:
         """The bodies of `rows` (see `bodies`), in a list."""
         return [body for _, _, body in self.bodies(rows)]
+
+    def _planned(self, rows: list) -> dict:
+        """row_index -> body of the `rows` (in row order, none stored) that the plan of this run kept."""
+        first = self._first
+        if first.stamp != input_stamp(self.how.source):   # the input written since the plan read it
+            self._first = None
+            return {}
+        known = {}
+        for row in rows:
+            kept = first.bodies.get(row[0])
+            if kept is not None and kept[1] == row[2]:   # (the stored hash still the one made of it)
+                known[row[0]] = kept[0]
+        if rows[-1][0] >= first.last:   # asked past them: the run has moved on
+            self._first = None
+        self.rendered += len(known)
+        self.from_plan += len(known)
+        return known
 
     def _render(self, rows: list) -> Iterator[str]:
         """The bodies of rows without a stored one (in row order), rendered from the input and checked."""

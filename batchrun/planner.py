@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import Callable, Iterable, Iterator, Optional
 
 from . import failpoints
-from .bodies import BodySource, input_for, row_figures
+from .bodies import BodySource, FirstBodies, input_for, input_stamp, row_figures
 from .budget import BudgetLedger
 from .errors import BudgetError, InputError, LockedError
 from .inputs import ColumnTypeConflict, InputSource
@@ -55,6 +55,7 @@ class Planner:
         self.builder: Optional[RequestBuilder] = None    # once planned (or loaded): renders the job's rows
         self.prefix: Optional[str] = None                # the params every request shares (requests.splice_prefix)
         self.body_source: Optional[BodySource] = None    # the bodies of the planned rows (made on first use)
+        self._first: Optional[FirstBodies] = None        # the first rows' bodies, when this run planned them
 
     def full_body(self, row_body: str) -> str:
         """The full params JSON of a planned request (its row body with the shared prefix spliced in)."""
@@ -65,7 +66,8 @@ class Planner:
         """(row_index, custom_id, row body) of planned rows (the store's `planned_rows`, in row order), as
         iterated: stored, or rendered again from the input and checked against their hashes (bodies.py)."""
         if self.body_source is None:
-            self.body_source = BodySource.of_stored_job(self.store.job(self.job.id), self.spec)
+            self.body_source = BodySource.of_stored_job(self.store.job(self.job.id), self.spec, self._first)
+            self._first = None
         return self.body_source.bodies(rows)
 
     def figures(self) -> JobFigures:
@@ -101,6 +103,8 @@ class Planner:
                     store.record_job(job.id, spec, job.fingerprint, job.endpoint or "")
                     n = self._plan_rows()
                     failpoints.hit("plan")
+                    # (taken before the fingerprint is: an input written after that shows in its stamp)
+                    self._first.stamp = input_stamp(job.source)
                     if job.source.fingerprint() != job.fingerprint:   # the rows read are not the job's input
                         raise InputError(f"{spec.input} changed while it was being read: nothing planned, nothing "
                                          "sent; run the same command again once it is written")
@@ -161,6 +165,7 @@ class Planner:
         source = job.source
         builder: Optional[RequestBuilder] = None
         index = 0
+        self._first = first = FirstBodies(spec.batch_size)   # (its run sends them first: see bodies.py)
         # the next block is read while this one is rendered and the one before it stored (threads that run
         # mostly without the GIL); what either raises is raised here, and the plan's transaction rolls back
         with Behind(self._store_block) as writer:
@@ -200,7 +205,7 @@ class Planner:
                                for i, cid, body in zip(itertools.count(index), ids, bodies)]
                 else:
                     rows = builder.rows(batch, text)
-                    records = []
+                    records, bodies = [], []
                     for i in range(n):
                         where = self._where(index, raw_ids, i)
                         try:
@@ -210,6 +215,7 @@ class Planner:
                             raise
                         check(part, where)
                         body = canonical_json(part)   # (not stored unless it cannot be rendered again: bodies.py)
+                        bodies.append(body)
                         records.append((job.id, ids[i], index + i, hash_(body), *row_figures(spec, body, part),
                                         body if builder.keeps_body(rows[i]) else None))
                 if len(set(ids)) != n:
@@ -219,6 +225,8 @@ class Planner:
                             raise self._duplicate(raw_ids[i] if raw_ids else cid, seen[cid], index + i)
                         seen[cid] = index + i
                 writer.put((records, ids, raw_ids, index))
+                if first.rows:
+                    first.add(index, bodies, records)
                 index += n
         if index == 0:
             if spec.shard:

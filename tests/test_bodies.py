@@ -259,3 +259,43 @@ def test_a_job_taken_over_from_the_other_mode_sends_the_rows_it_planned(emu, tmp
     with Store(job["state"]) as s:   # the same job, under its new id and mode
         assert [(j["id"], j["mode"]) for j in s.find_jobs()] == [(result.job_id, "messages")]
         assert [params for _, _, params in s.params()] == sent
+
+
+# ---- the first rows' bodies, as the plan of the same run rendered them -----------------------------------
+def test_the_run_that_plans_sends_its_first_chunk_as_the_plan_rendered_it(emu, tmp_path, tickets_csv):
+    """The plan keeps the bodies of the first batch_size rows: the first chunk is not rendered again (the
+    input is read again only for the next chunk), and each row is sent as planned."""
+    runner = planned(spec_for(tickets_csv, tmp_path), emu)
+    try:
+        with runner.locked():
+            assert runner.submit() == 5
+        source = runner.planner.body_source
+        assert source.from_plan == 100 and source.rendered == 450 and source.passes == 1
+        assert source._first is None   # dropped once the rows past them were asked for
+        assert emu.stats.batches_created == 5 and max(emu.stats.submitted_custom_ids.values()) == 1
+    finally:
+        runner.close()
+    fresh = planned(spec_for(tickets_csv, tmp_path), emu)   # a run that did not plan it renders every row
+    try:
+        assert fresh.planner.sample(3) and fresh.planner.body_source.from_plan == 0
+    finally:
+        fresh.close()
+
+
+def test_the_plans_bodies_are_not_used_once_the_input_or_the_stored_hash_changed(emu, tmp_path, tickets_csv):
+    runner = planned(spec_for(tickets_csv, tmp_path), emu)
+    try:
+        os.utime(tickets_csv, ns=(1, 1))   # the same bytes, written again: read and checked again
+        assert len(runner.planner.sample(5)) == 5 and runner.planner.body_source.from_plan == 0
+    finally:
+        runner.close()
+    os.remove(tmp_path / "s.sqlite")
+    runner = planned(spec_for(tickets_csv, tmp_path), emu)
+    try:
+        with runner.store.transaction() as c:   # a stored hash that is not the one the plan made of its body
+            c.execute("UPDATE requests SET params_hash = 'x' WHERE row_index = 2")
+        with runner.locked(), pytest.raises(InputError, match="row 3 no longer makes the request"):
+            runner.submit()
+        assert runner.planner.body_source.from_plan == 99 and emu.stats.batches_created == 0   # (all but row 3)
+    finally:
+        runner.close()

@@ -97,21 +97,22 @@ class Planner:
         if existing and existing["planned_at"]:
             self._load(existing)
             return
-        while True:
-            try:
-                with store.transaction():
-                    store.record_job(job.id, spec, job.fingerprint, job.endpoint or "")
-                    n = self._plan_rows()
-                    failpoints.hit("plan")
-                    # (taken before the fingerprint is: an input written after that shows in its stamp)
-                    self._first.stamp = input_stamp(job.source)
-                    if job.source.fingerprint() != job.fingerprint:   # the rows read are not the job's input
-                        raise InputError(f"{spec.input} changed while it was being read: nothing planned, nothing "
-                                         "sent; run the same command again once it is written")
-                    store.mark_planned(job.id, n, job.source.pins(), canonical_json(self.builder.shared))
-                break
-            except ColumnTypeConflict:   # the source pinned what did not hold: plan again from the start
-                pass
+        with store.checkpoint_behind():   # (the plan's commit returns without copying it into the file)
+            while True:
+                try:
+                    with store.transaction():
+                        store.record_job(job.id, spec, job.fingerprint, job.endpoint or "")
+                        n = self._plan_rows()
+                        failpoints.hit("plan")
+                        # (taken before the fingerprint is: an input written after that shows in its stamp)
+                        self._first.stamp = input_stamp(job.source)
+                        if job.source.fingerprint() != job.fingerprint:   # the rows read are not the job's input
+                            raise InputError(f"{spec.input} changed while it was being read: nothing planned, "
+                                             "nothing sent; run the same command again once it is written")
+                        store.mark_planned(job.id, n, job.source.pins(), canonical_json(self.builder.shared))
+                    break
+                except ColumnTypeConflict:   # the source pinned what did not hold: plan again from the start
+                    pass
         for warning in warnings_for(spec, job.model, self.builder):
             log.warning("%s", warning)
         self.reuse_answers()

@@ -192,4 +192,5 @@ def test_a_store_that_fails_in_the_plans_writer_fails_the_plan_as_before(emu, cl
     monkeypatch.setattr(Store, "insert_planned", insert)
     r = cli(*run_args(data, tmp_path))
     assert r.exit_code == 0, r.output
-    assert [row["id"] for row in pq.read_table(tmp_path / "out.parquet").to_pylist()] == [f"r{i}" for i in range(200)]
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [row["id"] for row in rows] == [f"r{i}" for i in range(200)]

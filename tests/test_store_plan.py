@@ -50,6 +50,55 @@ def test_a_plan_stores_every_row_and_refuses_a_custom_id_twice(store):
     assert len(list(store.planned_rows("a"))) == 4
 
 
+def test_many_rows_an_insert_and_a_store_kept_body(store, monkeypatch):
+    """insert_planned puts many rows in one INSERT (within SQLite's limit on parameters): every row stored as
+    given, a kept body in `bodies`; a duplicate custom_id stores none of its statement's rows."""
+    import batchrun.store.bodies
+    monkeypatch.setattr(batchrun.store.bodies, "_rows_per_insert", lambda conn: 7)
+    spec = JobSpec.from_mapping({"input": "in.csv", "output": "o.parquet", "prompt": "{{ body }}"})
+    with store.transaction():
+        store.record_job("a", spec, "fingerprint", "")
+        store.insert_planned([("a", f"row-{i}", i, f"h{i}", 10 + i, i if i % 3 else None,
+                               "kept" if i == 5 else None) for i in range(20)])
+    assert store.conn.execute("SELECT count(*), sum(chars), sum(max_tokens) FROM requests").fetchone() == \
+        (20, sum(range(10, 30)), sum(i for i in range(20) if i % 3))
+    assert [row[3] for row in store.planned_rows("a")] == [None] * 5 + ["kept"] + [None] * 14
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert_planned([("a", f"row-{i}", i, "h", 1, None) for i in range(30, 40)] +
+                             [("a", "row-3", 40, "h", 1, None)])
+    assert store.conn.execute("SELECT count(*) FROM requests").fetchone() == (27,)   # the first statement's 7 rows
+
+
+def test_the_plans_commit_leaves_its_checkpoint_to_a_thread(store, monkeypatch):
+    """checkpoint_behind: the commit inside it does not copy the WAL into the file (no automatic checkpoint);
+    a thread with a connection of its own does, after; this connection checkpoints as before once it is left."""
+    import os
+    import threading
+
+    import batchrun.store.plan
+    done, checkpoint = threading.Event(), batchrun.store.plan._checkpoint
+
+    def recorded(path, started):
+        assert threading.current_thread().name == "batchrun-checkpoint" and path == store.path
+        checkpoint(path, started)
+        done.set()
+
+    monkeypatch.setattr(batchrun.store.plan, "_checkpoint", recorded)
+    store.conn.execute("PRAGMA wal_autocheckpoint=10")   # (a checkpoint after any commit of more than 10 pages)
+    size = os.path.getsize(store.path)
+    with store.checkpoint_behind():
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        _plan(store, "a", rows=3000)
+        assert os.path.getsize(store.path) == size and not done.is_set()   # committed: in the WAL alone
+    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (10,)
+    assert done.wait(10) and os.path.getsize(store.path) > size + 100_000
+    assert len(list(store.planned_rows("a"))) == 3000
+    with pytest.raises(KeyError):   # a plan that fails: nothing to copy, the setting back as it was
+        with store.checkpoint_behind():
+            raise KeyError
+    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (10,)
+
+
 def test_planned_rows_of_a_job_or_a_batch_by_state(store):
     _plan(store, "a")
     _set(store, "a", 0, IN_FLIGHT, batch=7)

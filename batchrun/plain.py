@@ -77,17 +77,27 @@ class PlainBodies:
 
 
 def _column(column: pa.Array) -> tuple[list, list, int]:
-    """(cells as they render, the same JSON-escaped, a bound on the characters of each: its most bytes)."""
+    """(cells as they render, the same JSON-escaped, a bound on the characters of each: for text, the bytes
+    of all of them). Few pyarrow calls: each lets another thread take the GIL, and waits to get it back."""
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        column = pc.fill_null(column, "")   # (a null cell renders as "")
+        if column.null_count:
+            column = pc.fill_null(column, "")   # (a null cell renders as "")
         cells = column.to_pylist()
         escaped = cells
         marks = pc.match_substring_regex(column, _ESCAPED)
-        if pc.any(marks).as_py():
+        if marks.true_count:
             escaped = list(cells)
             for i in pc.indices_nonzero(marks).to_pylist():
                 escaped[i] = _STRING(cells[i])[1:-1]
-        most = pc.max(pc.binary_length(column)).as_py() or 0   # bytes: at least the characters
-        return cells, escaped, most
+        return cells, escaped, _text_bytes(column)
     cells = [_cell(v) for v in column.to_pylist()]
     return cells, [_escaped(c) for c in cells], max(map(len, cells), default=0)
+
+
+def _text_bytes(column: pa.Array) -> int:
+    """The bytes of a text column's cells, from its offsets (no pyarrow call)."""
+    if not len(column):
+        return 0
+    width = 8 if pa.types.is_large_string(column.type) else 4
+    offsets = memoryview(column.buffers()[1])[column.offset * width:(column.offset + len(column) + 1) * width]
+    return int.from_bytes(offsets[-width:], "little") - int.from_bytes(offsets[:width], "little")

@@ -32,8 +32,8 @@ from .inputs import ColumnTypeConflict, InputSource
 from .job import Job, warnings_for
 from .output import OutputWriter, check_column_names, check_partition
 from .prefetch import Behind, prefetched
-from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, full_body, params_hasher,
-                       shared_params_hash, splice_prefix)
+from .requests import (RequestBuilder, RowCheck, canonical_json, custom_id_for, custom_ids, full_body,
+                       params_hasher, shared_params_hash, splice_prefix)
 from .results import ResultParser
 from .spec import JobSpec, default_cache_ttl, rules_version
 from .states import PENDING
@@ -188,12 +188,14 @@ class Planner:
                 n = batch.num_rows
                 if spec.id_column:
                     raw_ids = batch.column(spec.id_column).to_pylist()   # as shown in messages
-                    ids = []
-                    for i, value in enumerate(text.column(spec.id_column).to_pylist()):   # as written
-                        if value is None or (isinstance(value, str) and value.strip() == ""):
-                            raise InputError(f"{spec.input}: row {index + i + 1}: id column {spec.id_column!r} "
-                                             "is empty")
-                        ids.append(custom_id_for(value))
+                    ids = custom_ids(text.column(spec.id_column))      # (as written; None: one by one)
+                    if ids is None:
+                        ids = []
+                        for i, value in enumerate(text.column(spec.id_column).to_pylist()):
+                            if value is None or (isinstance(value, str) and value.strip() == ""):
+                                raise InputError(f"{spec.input}: row {index + i + 1}: id column "
+                                                 f"{spec.id_column!r} is empty")
+                            ids.append(custom_id_for(value))
                 else:
                     raw_ids = None
                     ids = [f"row-{index + i}" for i in range(n)]

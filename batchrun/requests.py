@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import InputError
 from .models import ModelInfo, check_params, thinking_on
@@ -32,6 +33,16 @@ def custom_id_for(value: Any) -> str:
     if CUSTOM_ID_RE.match(text):
         return text
     return "h-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+
+
+def custom_ids(column: pa.Array) -> Optional[list]:
+    """custom_id_for of every cell of an id column (as written) at once, when each is its own custom_id
+    (CUSTOM_ID_RE, found by pyarrow); None when one is not (empty, null, or hashed): one by one, then."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
+        return None
+    if pc.match_substring_regex(column, CUSTOM_ID_RE.pattern).true_count != len(column):
+        return None
+    return column.to_pylist()
 
 
 def new_job_tag() -> str:

@@ -98,9 +98,10 @@ def test_a_block_with_a_row_the_one_row_path_refuses_is_left_to_it(monkeypatch):
     with pytest.raises(InputError, match="row 2 renders an empty message"):
         one_by_one(b, text)
     assert plain_builder("x {{ a }}").plain_bodies(text) is not None   # text in the template: never empty
-    monkeypatch.setattr("batchrun.plain.MAX_PROMPT", 40)
-    assert b.plain_bodies(pa.RecordBatch.from_pydict({"a": ["x" * 30, "y"], "b": ["z" * 11, ""]})) is None
-    assert b.plain_bodies(pa.RecordBatch.from_pydict({"a": ["x" * 30, "y"], "b": ["z" * 10, ""]})) is not None
+    monkeypatch.setattr("batchrun.plain.MAX_PROMPT", 45)   # (a bound: the block's cells could make a longer one)
+    long = pa.RecordBatch.from_pydict({"a": ["x" * 40, "y"], "b": ["z" * 6, "w"]})
+    assert b.plain_bodies(long) is None
+    assert b.plain_bodies(pa.RecordBatch.from_pydict({"a": ["x" * 30, "y"], "b": ["z" * 10, "w"]})) is not None
 
 
 @pytest.mark.parametrize("prompt,keys", [("{{ a | upper }}", {}), ("{{ a }}", {"max_tokens_column": "b"}),
@@ -115,3 +116,13 @@ def test_params_hasher_is_params_hash():
         hash_ = params_hasher(shared)
         for body in CELLS[:-4]:
             assert hash_(body) == params_hash(body, shared)
+
+
+def test_custom_ids_at_once_are_custom_id_for_one_by_one():
+    from batchrun.requests import custom_id_for, custom_ids
+    fine = ["T-1", "a_b", "x" * 64, "0"]
+    assert custom_ids(pa.array(fine)) == [custom_id_for(v) for v in fine]
+    assert custom_ids(pa.array(fine, pa.large_string())) == fine
+    for odd in (["T-1", "x" * 65], ["T-1", "a b"], ["T-1", ""], ["T-1", None], ["T-1", "abc\n"], ["T-1", "é"]):
+        assert custom_ids(pa.array(odd)) is None   # (one by one: hashed, refused as empty, or as Python reads it)
+    assert custom_ids(pa.array([1, 2])) is None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -22,8 +24,9 @@ RETRYABLE = f"state = '{ERRORED}' AND coalesce(error_type, '') NOT IN {sql_list(
 def _checkpoint(path: str, started: threading.Event) -> None:
     """A PASSIVE checkpoint of the state file's WAL (see PlanQueries.checkpoint_behind); its failure (a full
     disk, say) is left to the run's own next checkpoint to meet."""
-    try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:   # (read-write, never created: a state file gone meanwhile is not made again)
+        conn = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw", uri=True,
+                               timeout=BUSY_TIMEOUT, isolation_level=None)
     except sqlite3.Error:
         started.set()
         return

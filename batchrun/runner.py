@@ -44,7 +44,7 @@ from .states import FINAL_STATES, IN_FLIGHT, PENDING, SUCCEEDED
 from .budget import BudgetLedger
 from .job import Job, resolve_connection, sent_elsewhere
 from .planner import Planner
-from .summary import find_job, job_cost
+from .summary import find_job, job_cost, job_figures
 from .store import JobLock, Store, existing_state
 
 log = logging.getLogger("batchrun")
@@ -86,6 +86,9 @@ class RunResult:
     sent: int = 0                       # requests this run sent (in batches it created, or over messages)
     replies: int = 0                    # replies this run recorded that the job paid for
     run_cost_usd: Optional[float] = 0.0   # what those replies cost (None if unpriced)
+    # the figures of the job's rows when the run ended (Store.figures, with the model's price tiers): the
+    # summary shows them without reading them again
+    figures: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @property
     def failed(self) -> int:
@@ -327,20 +330,22 @@ class Runner:
 
     def start(self) -> None:
         """What every run does first, under the job's lock: plan (once), and apply the run's options."""
+        new = self.store.job(self.job.id) is None   # planned by this run: nothing of it is paid for yet
         self.plan()
         self.planner.apply_options(resume_canceled=self.resume_canceled, resend_lost=self.resend_lost,
                                    retry_errored=self.retry_errored)
         self.ledger.record_max_cost()
-        self._paid_before = self._paid()
+        self._paid_before = (0, 0.0) if new else self._paid()
 
     def finish(self) -> RunResult:
         """Every row is final: write the output, mark the job finished, and say how it ended."""
-        store, job = self.store, self.job
         rows = self.write_output()
-        counts = store.counts(job.id)
-        store.mark_written(job.id)
+        self.store.mark_written(self.job.id)
+        figures = self.figures()
+        counts = figures["counts"]
         failed = sum(n for s, n in counts.items() if s != SUCCEEDED)
-        result = self.result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK)
+        result = self.result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK,
+                             figures=figures)
         result.rows = rows
         return result
 
@@ -388,9 +393,11 @@ class Runner:
         self.store.move_job(legacy, self.job.endpoint)
         return True
 
-    def result(self, counts: dict, *, finished: bool, exit_code: int) -> RunResult:
-        """How the run stands: its counts, its cost, what it sent and paid (exit_code as the CLI ends)."""
-        replies, cost = self._paid()   # (the job's cost: what every reply it paid for cost, read once)
+    def result(self, counts: dict, *, finished: bool, exit_code: int, figures: Optional[dict] = None) -> RunResult:
+        """How the run stands: its counts, its cost, what it sent and paid (exit_code as the CLI ends), and the
+        figures of the job's rows (`figures`, read here if not given: the job's cost, what it paid)."""
+        figures = figures or self.figures()
+        replies, cost = figures["paid"], figures["cost"]
         if self.parser.unpriced or (self.job.model is not None and self.job.model.prices is None):
             self._note(f"cost unknown: {self.spec.model} has no prices in the model catalog (cost_usd is null)")
         if self.parser.unreadable_usage:
@@ -401,12 +408,15 @@ class Runner:
         return RunResult(job_id=self.job.id, finished=finished, counts=counts, cost_usd=cost,
                          output=self.spec.output if finished else None, exit_code=exit_code,
                          batches_created=self.batches_created, notes=list(self.notes), sent=self.requests_sent,
-                         replies=replies - before_n, run_cost_usd=run_cost)
+                         replies=replies - before_n, run_cost_usd=run_cost, figures=figures)
+
+    def figures(self) -> dict:
+        """The figures of the job's rows now, with the model's price tiers (see summary.job_figures): one scan."""
+        return job_figures(self.store, self.job.id, self.job.catalog, self.spec.model)
 
     def _paid(self) -> tuple[int, Optional[float]]:
         """(replies the job paid for, what they cost) now: a run's own share is the change over the run."""
-        n = self.store.paid_rows(self.job.id)
-        return n, self.cost()
+        return self.store.paid(self.job.id)
 
     def cost(self) -> Optional[float]:
         return job_cost(self.store, self.job.id)

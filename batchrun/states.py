@@ -17,6 +17,7 @@ EXPIRED = "expired"
 CANCELED = "canceled"
 INVALID_OUTPUT = "invalid_output"     # answered, but the reply did not fit the job's output schema
 FINAL_STATES = (SUCCEEDED, ERRORED, EXPIRED, CANCELED, INVALID_OUTPUT)
+ROW_STATES = (PENDING, IN_FLIGHT, *FINAL_STATES)   # every state of a row, in the order status shows them
 ANSWERED = (SUCCEEDED, INVALID_OUTPUT)   # a reply came and was paid for: reusable by another job
 # error types of rows that ended errored without their result (batch 404, results gone, a result line that never
 # came, a lost create's candidate that cannot be proved the job's): they may have been paid for, so they are

@@ -1,5 +1,10 @@
 """What a state file knows about its jobs: rows by status, batches, tokens and cost (the store's named reads,
-put together for status, jobs, the run summary and the report; no SQL here)."""
+put together for status, jobs, the run summary and the report; no SQL here).
+
+The figures of a job's rows (rows by state, what it paid, tokens, reused rows, cache use, usage problems,
+the usage per price tier) are read in one scan of them (`Store.figures`), once, and handed to whatever
+shows them: `job_status`, `job_pricing`, `usage_problems`, `cache_use` take them (`figures`); without them
+each reads its own."""
 from __future__ import annotations
 
 import json
@@ -8,10 +13,8 @@ from decimal import Decimal
 from typing import Optional
 
 from .errors import InputError
-from .states import CANCELED, ERRORED, EXPIRED, IN_FLIGHT, INVALID_OUTPUT, PENDING, SUCCEEDED
+from .states import CANCELED, EXPIRED, IN_FLIGHT, INVALID_OUTPUT, PENDING, ROW_STATES, SUCCEEDED
 from .store import Store
-
-ROW_STATES = (PENDING, IN_FLIGHT, SUCCEEDED, ERRORED, EXPIRED, CANCELED, INVALID_OUTPUT)
 
 
 def job_cost(store: Store, job_id: str) -> Optional[float]:
@@ -36,12 +39,26 @@ def job_state(finished: bool, canceled: bool, counts: dict, sent: bool) -> str:
     return "in progress"
 
 
-def job_status(store: Store, job: dict) -> dict:
+def job_figures(store: Store, job_id: str, catalog=None, model: Optional[str] = None) -> dict:
+    """The figures of the job's rows (see Store.figures), in one scan; with the job's catalog and model, its
+    paid usage per price tier too (for job_pricing)."""
+    return store.figures(job_id, price_tiers(catalog, model))
+
+
+def price_tiers(catalog, model: Optional[str]) -> tuple:
+    """The bounds of the model's price tiers (its ascending `above_prompt_tokens`; () without a catalog)."""
+    info = catalog.resolve(model) if catalog is not None and model is not None else None
+    return tuple(t.above_prompt_tokens for t in info.tiers) if info is not None and info.prices is not None else ()
+
+
+def job_status(store: Store, job: dict, figures: Optional[dict] = None) -> dict:
+    """What status shows of a job (`figures`: its rows' figures, read here if not given)."""
     jid = job["id"]
+    figures = figures or store.figures(jid)
     counts = {s: 0 for s in ROW_STATES}
-    counts.update(store.counts(jid))
+    counts.update(figures["counts"])
     # tokens this job paid for: rows reused from another job's answers were paid there
-    tokens = store.paid_tokens(jid)
+    tokens = figures["tokens"]
     batches = [
         {"batch_id": b["api_id"], "state": b["state"], "api_status": b["api_status"],
          "requests": b["request_count"], "created_at": b["created_at"], "ended_at": b["ended_at"],
@@ -60,10 +77,10 @@ def job_status(store: Store, job: dict) -> dict:
         "canceled": bool(job["canceled_at"]), "counts": counts,
         "tokens": {k: tokens[k] for k in ("input", "output", "cache_write", "cache_read")},
         # the budget of the job's latest run (each run records the max_cost it ran with)
-        "cost_usd": job_cost(store, jid), "reused_rows": store.reused_rows(jid), "max_cost": spec.get("max_cost"),
+        "cost_usd": figures["cost"], "reused_rows": figures["reused"], "max_cost": spec.get("max_cost"),
         "batches": batches,
         # the prompt cache: rows that read it of those that could, and a primer batch in flight
-        "cache": {**cache_use(store, jid), "priming": store.primer_requests(jid)},
+        "cache": {**cache_use(store, jid, figures), "priming": store.primer_requests(jid)},
     }
 
 
@@ -86,17 +103,23 @@ CAUSES = {
 }
 
 
-def failures_by_cause(store: Store, job_id: str) -> list[tuple[str, str, int]]:
-    """(cause, error_type, rows) for the job's failed rows, most frequent first."""
+def failures_by_cause(store: Store, job_id: str, counts: Optional[dict] = None) -> list[tuple[str, str, int]]:
+    """(cause, error_type, rows) for the job's failed rows, most frequent first (`counts`: the job's rows by
+    state, when known: none failed, nothing to read)."""
+    if counts is not None and not any(counts.get(s) for s in ROW_STATES if s not in (PENDING, IN_FLIGHT, SUCCEEDED)):
+        return []
     return [(CAUSES.get(t, t), t, n) for t, n in store.failures_by_type(job_id)]
 
 
-def invalid_output_reasons(store: Store, job_id: str, first: int = 3) -> tuple[list[tuple[str, int]], int]:
+def invalid_output_reasons(store: Store, job_id: str, first: int = 3,
+                           counts: Optional[dict] = None) -> tuple[list[tuple[str, int]], int]:
     """Why replies ended invalid_output: the `first` most frequent causes with their rows, and how many rows
     have another cause. A cause is a reason's text before its first ": " (`reply is not JSON`, `reply does
     not fit the schema at score`): reasons that differ only in their detail (the value, the character
     where the JSON broke) are one cause, shown with its most frequent detail and how many others it has."""
     causes: dict = {}   # cause -> [rows, first (most frequent) reason, distinct reasons]
+    if counts is not None and not counts.get(INVALID_OUTPUT):   # (`counts`: as failures_by_cause)
+        return [], 0
     for reason, n in store.invalid_output_reasons(job_id):
         cause = reason.split(": ", 1)[0]
         seen = causes.setdefault(cause, [0, reason, 0])
@@ -107,11 +130,11 @@ def invalid_output_reasons(store: Store, job_id: str, first: int = 3) -> tuple[l
     return shown, sum(n for n, _, _ in ranked[first:])
 
 
-def usage_problems(store: Store, job_id: str) -> dict:
+def usage_problems(store: Store, job_id: str, figures: Optional[dict] = None) -> dict:
     """Replies this job paid for whose usage cannot be right, recorded and priced as reported: `over`, more
     output tokens than the request's max_tokens allow; `missing`, no usage, or input or output tokens that
     cannot be read (null, a string, negative: recorded as missing and priced at 0)."""
-    return store.usage_problems(job_id)
+    return figures["usage"] if figures is not None else store.usage_problems(job_id)
 
 
 def usage_text(problems: dict) -> Optional[str]:
@@ -124,16 +147,19 @@ def usage_text(problems: dict) -> Optional[str]:
     return "; ".join(parts) + " (recorded and priced as reported)" if parts else None
 
 
-def job_pricing(store: Store, job_id: str, catalog, model: str, *, batch: bool, cache_ttl: str):
+def job_pricing(store: Store, job_id: str, catalog, model: str, *, batch: bool, cache_ttl: str,
+                figures: Optional[dict] = None):
     """What the job paid per token kind (a models.CostByKind: rows reused from other jobs excluded), priced
     by the catalog as it priced each row, in one pass: the replies' usage summed per price tier, each sum
-    priced as one request of its tier. None if unpriced."""
+    priced as one request of its tier (`figures`: the job's, read with these tiers). None if unpriced."""
     info = catalog.resolve(model)
     if info is None or info.prices is None:
         return None
-    bounds = [t.above_prompt_tokens for t in info.tiers]
+    bounds = price_tiers(catalog, model)
+    by_tier = figures["by_tier"] if figures is not None and figures["tiers"] == bounds else \
+        store.paid_usage_by_tier(job_id, bounds)
     total = None
-    for tier, usage in store.paid_usage_by_tier(job_id, bounds):
+    for tier, usage in by_tier:
         kinds = catalog.cost_by_kind(model, usage, batch=batch, cache_ttl=cache_ttl,
                                      prompt_tokens=bounds[tier - 1] + 1 if tier else 0)
         if kinds is None:
@@ -172,10 +198,10 @@ def kinds_text(pricing, money) -> str:
     return ", ".join(parts)
 
 
-def cache_use(store: Store, job_id: str) -> dict:
+def cache_use(store: Store, job_id: str, figures: Optional[dict] = None) -> dict:
     """Rows this job paid for that read the cache, that wrote it, and that could have read it (every row
     whose prefix was cached: it wrote or read); read_rate = read / could (None when none could)."""
-    r = store.cache_use(job_id)
+    r = figures["cache"] if figures is not None else store.cache_use(job_id)
     return {"rows_read": r["read"], "rows_wrote": r["wrote"], "rows_could": r["could"],
             "read_rate": round(r["read"] / r["could"], 4) if r["could"] else None}
 
@@ -201,14 +227,22 @@ def cache_line(use: dict, saved: Optional[float], priming: int = 0) -> Optional[
     return "; ".join(parts) if parts else None
 
 
-def stored_pricing(store: Store, job: dict):
-    """job_pricing for a stored job, at the prices of the catalog it was run with (None: unpriced)."""
+def stored_pricing(store: Store, job: dict, figures: Optional[dict] = None, catalog=False):
+    """job_pricing for a stored job, at the prices of the catalog it was run with (None: unpriced); `catalog`:
+    that catalog, when loaded already (see stored_figures)."""
     spec = json.loads(job["spec"] or "{}")
-    catalog = stored_catalog(spec)
+    catalog = stored_catalog(spec) if catalog is False else catalog
     if catalog is None:
         return None
     return job_pricing(store, job["id"], catalog, job["model"], batch=(job["mode"] or "batch") == "batch",
-                       cache_ttl=spec.get("cache_ttl") or "5m")
+                       cache_ttl=spec.get("cache_ttl") or "5m", figures=figures)
+
+
+def stored_status(store: Store, job: dict) -> tuple[dict, object]:
+    """(job_status, stored_pricing) of a stored job, from one scan of its rows (status)."""
+    catalog = stored_catalog(json.loads(job["spec"] or "{}"))
+    figures = job_figures(store, job["id"], catalog, job["model"])
+    return job_status(store, job, figures), stored_pricing(store, job, figures, catalog)
 
 
 def stored_catalog(spec: dict):

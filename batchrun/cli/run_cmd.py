@@ -135,27 +135,28 @@ def print_summary(runner, result) -> None:
     from .common import format_seconds
     store, spec = runner.store, runner.spec
     job = store.job(result.job_id)
-    st = job_status(store, job)
+    figures = result.figures or runner.figures()   # (read once, when the run ended)
+    st = job_status(store, job, figures)
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in st["counts"].items() if n)
     money = lambda v: f"${v:,.6f}" if v is not None else "unknown"
     head = "finished" if result.finished else "in progress"
     echo = lambda line: click.echo(line, err=True)
     echo(f"job {result.job_id[:12]}: {head} after {format_seconds(runner.elapsed)}: {counts}")
-    causes = failures_by_cause(store, result.job_id)
+    causes = failures_by_cause(store, result.job_id, st["counts"])
     if causes:
         echo("  failures: " + ", ".join(f"{n} {cause}" + (f" ({t})" if t != cause else "") for cause, t, n in causes))
-    reasons, others = invalid_output_reasons(store, result.job_id)
+    reasons, others = invalid_output_reasons(store, result.job_id, counts=st["counts"])
     if reasons:
         echo("  invalid output: " + "; ".join(f"{n} × {_shorten(reason, 120)}" for reason, n in reasons)
              + (f"; {others} with other reasons" if others else ""))
-    usage = usage_text(usage_problems(store, result.job_id))
+    usage = usage_text(usage_problems(store, result.job_id, figures))
     if usage:
         echo(f"  usage: {usage}")
     t = st["tokens"]
     echo(f"  tokens: {t['input']:,} input, {t['output']:,} output, {t['cache_write']:,} cache write, "
          f"{t['cache_read']:,} cache read")
     pricing = job_pricing(store, result.job_id, runner.job.catalog, spec.model, batch=spec.mode == "batch",
-                          cache_ttl=spec.cache_ttl)
+                          cache_ttl=spec.cache_ttl, figures=figures)
     detail = f" ({kinds_text(pricing, money)})" if pricing is not None else ""
     if st["reused_rows"]:
         detail += f"; {st['reused_rows']} rows reused answers already paid for"

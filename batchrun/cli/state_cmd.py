@@ -7,7 +7,7 @@ import click
 
 from ..errors import InputError
 from ..states import IN_FLIGHT, INTENT, PENDING
-from ..summary import ROW_STATES, budget_text, cache_line, job_status, kinds_text, stored_pricing
+from ..summary import ROW_STATES, budget_text, cache_line, job_status, kinds_text, stored_status
 from ..store import Store, existing_state
 from .common import handle_errors
 
@@ -34,8 +34,8 @@ def status(job, state, as_json):
         jobs = store.find_jobs(job)
         if job and not jobs:
             raise InputError(f"no job {job!r} in {state}")
-        reports = [job_status(store, j) for j in jobs]
-        pricings = [stored_pricing(store, j) for j in jobs]
+        statuses = [stored_status(store, j) for j in jobs]
+        reports, pricings = [r for r, _ in statuses], [p for _, p in statuses]
         for r, pricing in zip(reports, pricings):
             r["cost_by_kind"] = pricing.shown() if pricing is not None else None
             r["cache_write_by_ttl"] = pricing.cache_write_by_ttl() if pricing is not None else None

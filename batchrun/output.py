@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from . import failpoints
 from .errors import BatchrunError, InputError, NoSpaceError
 from .inputs import InputSource, filesystem_for
+from .prefetch import prefetched
 from .schema_types import ColumnError, schema_columns, schema_converters
 
 RESULT_COLUMNS = [
@@ -178,7 +179,9 @@ class OutputWriter:
                 counted[0] += batch.num_rows
                 yield joined
 
-        batches = joined_batches()
+        # the input read and each block joined to its results in a thread, while the blocks before it are
+        # written: SQLite fetches and Parquet encodes and compresses without the GIL (its errors are raised here)
+        batches = prefetched(joined_batches(), depth=2)
         first = next(batches, None)
         if first is None:
             raise InputError(f"{source.uri}: input is empty (no rows)")

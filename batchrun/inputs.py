@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
+import time
 import zlib
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
@@ -405,8 +407,6 @@ class InputSource(CsvReading):
             raise InputError(f"{where}: cannot read input: {exc.strerror or _short(exc)}") from None
 
     def _fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(self.format.encode())
         if self.is_dir:
             selector = pafs.FileSelector(self.path, recursive=True)
             infos = sorted((i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File),
@@ -414,6 +414,24 @@ class InputSource(CsvReading):
         else:
             infos = [self.fs.get_file_info(self.path)]
         local = isinstance(self.fs, pafs.LocalFileSystem)
+        if not local:
+            return self._hashed(infos, local)
+        # a local input whose files stat says are as they were when hashed is not read again (see _HASHED)
+        key = (self.format, self.is_dir, self.limit, self.shard, tuple(_file_identity(i.path) for i in infos))
+        known = _HASHED.get(key)
+        if known is not None:
+            return known
+        started = time.time_ns()
+        digest = self._hashed(infos, local)
+        settled = started - _RACY_NS
+        if all(identity[4] < settled and identity[3] < settled for identity in key[4]) and \
+                key[4] == tuple(_file_identity(i.path) for i in infos):
+            _HASHED[key] = digest
+        return digest
+
+    def _hashed(self, infos: list, local: bool) -> str:
+        h = hashlib.sha256()
+        h.update(self.format.encode())
         for info in infos:
             h.update(info.path.encode() if self.is_dir else b"")
             h.update(str(info.size).encode())
@@ -428,6 +446,27 @@ class InputSource(CsvReading):
         if self.shard is not None:
             h.update(f"shard={self.shard[0]}/{self.shard[1]}".encode())
         return h.hexdigest()
+
+
+# Fingerprints of local inputs already hashed by this process, by what stat says of their files: (device, inode,
+# size, modification and change times in ns) of each, with the input's format, limit and shard. The planned
+# input is checked again after the plan reads it and around the output's write; each check reads stat and
+# hashes the files again only if any of it differs. Any write to a file moves its change time (ctime: the
+# kernel sets it, no program can set it back); one that lands within a timestamp's granularity of the hash
+# might not, so a file changed less than _RACY_NS before it was hashed is hashed again at every check (as git
+# treats a file changed as its index was written: "racily clean"). stat is read from an open descriptor, so
+# that NFS revalidates what it caches (close-to-open).
+_HASHED: dict = {}
+_RACY_NS = 2_000_000_000
+
+
+def _file_identity(path: str) -> tuple:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _past_exact_floats(batch: pa.RecordBatch) -> bool:

@@ -209,7 +209,17 @@ class CsvReading:
                              "be saved as UTF-8)")
 
 
-_CSV_NULLS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
+def _text_array(values: list) -> pa.StringArray:
+    """A string array made without pa.array, which imports pandas (~0.15 s) the first time it converts Python
+    values (pyarrow's pandas shim): reading a CSV input needs none of it."""
+    from pyarrow.lib import StringBuilder
+    builder = StringBuilder()
+    builder.append_values(values)
+    return builder.finish()
+
+
+_CSV_NULLS = _text_array(pacsv.ConvertOptions().null_values)
+_NULL_TEXT = pa.nulls(1, pa.string())[0]   # (pa.scalar(None, ...) would import pandas too)
 # Values whose text a float would not keep: a leading zero (007.5, 00), a '+' on a whole number (+44),
 # a whole number past a float's 15 exact digits (a long id), more than 15 significant digits anywhere
 # (0.12345678901234567891: from its first to its last non-zero digit). 1.50 -> 1.5 is the same number: kept.
@@ -227,7 +237,7 @@ def _typed(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:
     its number would not keep its text: see _as_numbers). pyarrow's null markers are nulls."""
     if type_ in (pa.int64(), pa.float64()):
         return _as_numbers(text, type_)
-    cleaned = pc.if_else(pc.is_in(text, value_set=_CSV_NULLS), pa.scalar(None, pa.string()), text)
+    cleaned = pc.if_else(pc.is_in(text, value_set=_CSV_NULLS), _NULL_TEXT, text)
     try:
         return pc.cast(cleaned, type_)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -240,7 +250,7 @@ def _as_numbers(text: pa.Array, type_: pa.DataType) -> Optional[pa.Array]:
     a float64 column without the values of _LOSSY_FLOAT. Spaces around a number and pyarrow's null
     markers ("", NA, null, ...) are allowed, as pyarrow's own conversion allows them."""
     trimmed = pc.utf8_trim_whitespace(text)
-    trimmed = pc.if_else(pc.is_in(trimmed, value_set=_CSV_NULLS), pa.scalar(None, pa.string()), trimmed)
+    trimmed = pc.if_else(pc.is_in(trimmed, value_set=_CSV_NULLS), _NULL_TEXT, trimmed)
     try:
         numbers = pc.cast(trimmed, type_)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

@@ -8,10 +8,7 @@ record batches of bounded size.
 from __future__ import annotations
 
 import base64
-import hashlib
-import os
 import re
-import time
 import zlib
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
@@ -24,12 +21,11 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from . import fingerprint
 from .csv_input import CsvReading
+from .fingerprint import input_format
 from .errors import ColumnTypeConflict, InputError
 
-CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
-PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json")
 BATCH_ROWS = 8192
 # CSV/JSONL blocks: pyarrow's streaming readers hold a few dozen blocks at once, so the block size
 # sets their memory (1 MiB: ~40 MB; 4 MiB: ~130 MB). A row larger than a block is read by trying
@@ -107,17 +103,6 @@ def _bounded(fs: pafs.FileSystem) -> pafs.FileSystem:
 def _redact(uri: str) -> str:
     """A URI without its query string (which may hold credentials)."""
     return uri.split("?", 1)[0] + ("?…" if "?" in uri else "")
-
-
-def input_format(path: str) -> str:
-    lower = path.lower().rstrip("/")
-    if lower.endswith(CSV_SUFFIXES):
-        return "csv"
-    if lower.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if lower.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    return "unknown"
 
 
 @dataclass
@@ -414,59 +399,11 @@ class InputSource(CsvReading):
         else:
             infos = [self.fs.get_file_info(self.path)]
         local = isinstance(self.fs, pafs.LocalFileSystem)
-        if not local:
-            return self._hashed(infos, local)
-        # a local input whose files stat says are as they were when hashed is not read again (see _HASHED)
-        key = (self.format, self.is_dir, self.limit, self.shard, tuple(_file_identity(i.path) for i in infos))
-        known = _HASHED.get(key)
-        if known is not None:
-            return known
-        started = time.time_ns()
-        digest = self._hashed(infos, local)
-        settled = started - _RACY_NS
-        if all(identity[4] < settled and identity[3] < settled for identity in key[4]) and \
-                key[4] == tuple(_file_identity(i.path) for i in infos):
-            _HASHED[key] = digest
-        return digest
-
-    def _hashed(self, infos: list, local: bool) -> str:
-        h = hashlib.sha256()
-        h.update(self.format.encode())
-        for info in infos:
-            h.update(info.path.encode() if self.is_dir else b"")
-            h.update(str(info.size).encode())
-            if local:
-                with open(info.path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-            else:  # remote: size and modification time stand in for the bytes
-                h.update(str(info.mtime_ns).encode())
-        if self.limit is not None:
-            h.update(f"limit={self.limit}".encode())
-        if self.shard is not None:
-            h.update(f"shard={self.shard[0]}/{self.shard[1]}".encode())
-        return h.hexdigest()
-
-
-# Fingerprints of local inputs already hashed by this process, by what stat says of their files: (device, inode,
-# size, modification and change times in ns) of each, with the input's format, limit and shard. The planned
-# input is checked again after the plan reads it and around the output's write; each check reads stat and
-# hashes the files again only if any of it differs. Any write to a file moves its change time (ctime: the
-# kernel sets it, no program can set it back); one that lands within a timestamp's granularity of the hash
-# might not, so a file changed less than _RACY_NS before it was hashed is hashed again at every check (as git
-# treats a file changed as its index was written: "racily clean"). stat is read from an open descriptor, so
-# that NFS revalidates what it caches (close-to-open).
-_HASHED: dict = {}
-_RACY_NS = 2_000_000_000
-
-
-def _file_identity(path: str) -> tuple:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        files = [(i.path.encode() if self.is_dir else b"", i.size, i.path if local else None,
+                  None if local else i.mtime_ns) for i in infos]
+        if local:   # hashed once while stat says it is as it was (see fingerprint.py)
+            return fingerprint.local(self.format, files, self.limit, self.shard)
+        return fingerprint.digest(self.format, files, self.limit, self.shard)
 
 
 def _past_exact_floats(batch: pa.RecordBatch) -> bool:

@@ -59,9 +59,11 @@ def maybe_emulator(enabled: bool, options: dict) -> Iterator[Optional[str]]:
 
 
 def make_runner(job_file, options: dict, base_url_override: Optional[str] = None, **kw) -> "Runner":
+    from ..fingerprint import ahead
+    spec = spec_from_options(job_file, options)
+    ahead(spec.input, spec.limit, spec.shard_pair)   # the input hashed (without the GIL) while the rest imports
     from ..api import BUILTIN_EMULATOR, check_secure_url
     from ..runner import Runner   # (imported here: `batchrun --help`, `jobs`, `status` start without them)
-    spec = spec_from_options(job_file, options)
     api_key = options.get("api_key")
     base_url = options.get("base_url")
     if base_url and not base_url_override:

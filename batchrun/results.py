@@ -12,11 +12,9 @@ from typing import Any, Optional
 
 import logging
 
-import jsonschema
-
 from .errors import ABOUT_REQUEST, error_class
 from .models import Catalog
-from .schema_types import SCHEMA_VALIDATOR, ColumnError, schema_converters
+from .schema_types import ColumnError, best_match, schema_converters, schema_validator
 from .states import ERRORED, EXPIRED, INVALID_OUTPUT, SUCCEEDED
 from .requests import OUTPUT_TOOL
 
@@ -128,7 +126,7 @@ class ResultParser:
     def schema(self, schema: Optional[dict]) -> None:
         """The output schema: replies are validated against it and must fit its typed columns."""
         self._schema = schema
-        self.validator = SCHEMA_VALIDATOR(schema) if schema is not None else None
+        self.validator = schema_validator()(schema) if schema is not None else None
         self.columns = schema_converters(schema)
 
     def parse(self, result: dict) -> dict:
@@ -228,7 +226,7 @@ class ResultParser:
         """Why a parsed reply cannot be kept — it breaks the schema, or a value does not fit its typed
         column (a number too large for int64, say) — or None."""
         try:
-            error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
+            error = best_match(self.validator.iter_errors(value))
         except Exception as exc:  # a schema jsonschema cannot apply: never a crash after the reply was paid for
             return f"reply cannot be checked against the schema: {str(exc).splitlines()[0]}"
         if error is not None:

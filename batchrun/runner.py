@@ -44,8 +44,9 @@ from .states import FINAL_STATES, IN_FLIGHT, PENDING, SUCCEEDED
 from .budget import BudgetLedger
 from .job import Job, resolve_connection, sent_elsewhere
 from .planner import Planner
+from .prefetch import Ahead
 from .summary import find_job, job_cost, job_figures
-from .store import JobLock, Store, existing_state
+from .store import JobLock, Store, StoreReader, existing_state
 
 log = logging.getLogger("batchrun")
 
@@ -339,9 +340,15 @@ class Runner:
 
     def finish(self) -> RunResult:
         """Every row is final: write the output, mark the job finished, and say how it ended."""
-        rows = self.write_output()
+        # the figures the run ends with, read on a connection of their own while the output is written (the
+        # rows are final; SQLite reads without the GIL), the WAL copied into the file there too (see StoreReader)
+        aside = Ahead(self._figures_aside)
+        try:
+            rows = self.write_output()
+        finally:
+            aside.wait()
         self.store.mark_written(self.job.id)
-        figures = self.figures()
+        figures = aside.result()
         counts = figures["counts"]
         failed = sum(n for s, n in counts.items() if s != SUCCEEDED)
         result = self.result(counts, finished=True, exit_code=ExitCode.FAILED_ROWS if failed else ExitCode.OK,
@@ -413,6 +420,12 @@ class Runner:
     def figures(self) -> dict:
         """The figures of the job's rows now, with the model's price tiers (see summary.job_figures): one scan."""
         return job_figures(self.store, self.job.id, self.job.catalog, self.spec.model)
+
+    def _figures_aside(self) -> dict:
+        with StoreReader(self.store.path) as reader:
+            figures = job_figures(reader, self.job.id, self.job.catalog, self.spec.model)
+            reader.checkpoint()
+        return figures
 
     def _paid(self) -> tuple[int, Optional[float]]:
         """(replies the job paid for, what they cost) now: a run's own share is the change over the run."""

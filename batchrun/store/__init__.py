@@ -7,12 +7,14 @@ batchrun's, its errors told in one line) and the job locks are in `files`; the s
 """
 from __future__ import annotations
 
+import sqlite3
+
 from ..states import FINAL_STATES, LOST_ERRORS, LOST_ERRORS_SQL
 from .batches import Batch, BatchQueries
 from .bodies import BodyQueries
 from .budget import BudgetQueries
 from .collect import CollectQueries
-from .core import StoreCore
+from .core import Reads, StoreCore
 from .files import (APPLICATION_ID, BUSY_TIMEOUT, META_TABLE, MIGRATIONS_TABLE, PARSED_FIELDS,
                     RESULT_FIELDS, JobLock, existing_state, now_iso, parse_iso, recognise, state_error,
                     state_errors)
@@ -21,7 +23,7 @@ from .migrations import MIGRATIONS, migration
 from .plan import JobFigures, PlanQueries
 from .views import ViewQueries
 
-__all__ = ["Store", "Batch", "JobFigures", "StoreCore", "JobLock", "MIGRATIONS", "migration", "APPLICATION_ID", "BUSY_TIMEOUT",
+__all__ = ["Store", "StoreReader", "Batch", "JobFigures", "StoreCore", "JobLock", "MIGRATIONS", "migration", "APPLICATION_ID", "BUSY_TIMEOUT",
            "META_TABLE", "MIGRATIONS_TABLE", "PARSED_FIELDS", "RESULT_FIELDS", "FINAL_STATES", "LOST_ERRORS",
            "LOST_ERRORS_SQL", "existing_state", "now_iso", "parse_iso", "recognise", "state_error", "state_errors"]
 
@@ -32,3 +34,31 @@ class Store(PlanQueries, BodyQueries, BudgetQueries, BatchQueries, CollectQuerie
 
     def __enter__(self) -> "Store":
         return self
+
+
+class StoreReader(ViewQueries, Reads):
+    """A connection of its own to a state file that a Store has open, for reads in another thread while the
+    Store's connection works (the figures of a run's end are read while its output is written; WAL lets it
+    read beside the writer). Use as a context manager."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with state_errors(path):
+            self.conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+
+    def checkpoint(self) -> None:
+        """Copy what the WAL holds into the file now, without waiting for anyone (PASSIVE), so that closing
+        the Store has little left to copy; not done (a full disk, say): closing does it, as it always did."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -29,7 +29,29 @@ from .files import (APPLICATION_ID, BUSY_TIMEOUT, META_TABLE, MIGRATIONS_TABLE, 
 from .migrations import MIGRATIONS, _rehash
 
 
-class StoreCore:
+class Reads:
+    """Reads over a connection (`conn`): the Store's own, or a StoreReader's."""
+
+    conn: sqlite3.Connection
+
+    def q(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        cur = self.conn.execute(sql, tuple(params))
+        cols = [d[0] for d in cur.description] if cur.description else []
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def one(self, sql: str, params: Iterable = ()):
+        rows = self.q(sql, params)
+        return rows[0] if rows else None
+
+    def job(self, job_id: str) -> Optional[dict]:
+        return self.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def counts(self, job_id: str) -> dict:
+        return {r["state"]: r["n"] for r in
+                self.q("SELECT state, count(*) AS n FROM requests WHERE job_id = ? GROUP BY state", (job_id,))}
+
+
+class StoreCore(Reads):
     """One state file: its connection, migrations and transactions, and the job rows. The SQL of each
     part of the pipeline is in its own mixin (see store/__init__.py); Store is all of them."""
 
@@ -138,19 +160,7 @@ class StoreCore:
             if durable:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
 
-    def q(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
-        cur = self.conn.execute(sql, tuple(params))
-        cols = [d[0] for d in cur.description] if cur.description else []
-        return [dict(zip(cols, row)) for row in cur.fetchall()]
-
-    def one(self, sql: str, params: Iterable = ()):
-        rows = self.q(sql, params)
-        return rows[0] if rows else None
-
     # ---- jobs ----------------------------------------------------------------------------------
-    def job(self, job_id: str) -> Optional[dict]:
-        return self.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-
     def move_job(self, job_id: str, endpoint: str) -> None:
         """Record that a job is sent to `endpoint` (the key its planning did not yet record in full),
         its requests hashed again for it, in one transaction."""
@@ -205,6 +215,3 @@ class StoreCore:
         return [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE id != ?", (job_id,))
                 if JobLock(self.path, r[0]).held_elsewhere()]
 
-    def counts(self, job_id: str) -> dict:
-        return {r["state"]: r["n"] for r in
-                self.q("SELECT state, count(*) AS n FROM requests WHERE job_id = ? GROUP BY state", (job_id,))}

@@ -1,0 +1,54 @@
+"""The end of a run: the figures it ends with (rows by state, what the job paid, tokens, cache use, usage per price
+tier) are read once, in one scan, on a connection of their own while the output is written (Runner.finish), and
+handed to the summary; status shows the same figures from its own scan. A failure of that read ends the run as
+the read did when it came after the write: its error, raised where the run ends."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+
+from batchrun.errors import ExitCode
+from batchrun.store import StoreReader
+from tests.conftest import PROMPT
+
+
+def run_args(inp, tmp_path, *extra):
+    return ["run", "--input", inp, "--output", tmp_path / "o.parquet", "--state", tmp_path / "s.sqlite",
+            "--id-column", "ticket_id", "--prompt", PROMPT, "--model", "claude-haiku-4-5", "--max-tokens", 200,
+            "--batch-size", 100, "--poll-interval", "0.05", *extra]
+
+
+def test_the_summary_and_status_show_the_figures_of_one_read(emu, cli, tmp_path, tickets_csv, monkeypatch):
+    reads = []
+    figures = StoreReader.figures
+
+    def counted(self, job_id, tiers=()):
+        reads.append(job_id)
+        return figures(self, job_id, tiers)
+
+    monkeypatch.setattr(StoreReader, "figures", counted)
+    r = cli(*run_args(tickets_csv, tmp_path))
+    assert r.exit_code == ExitCode.OK, r.output
+    assert len(reads) == 1   # the run's end read them once (the summary took them as read)
+    status = json.loads(cli("status", "--state", tmp_path / "s.sqlite", "--json").output)[0]
+    t = status["tokens"]
+    assert f"{status['counts']['succeeded']} succeeded" in r.output
+    assert f"tokens: {t['input']:,} input, {t['output']:,} output" in r.output
+    assert f"the job cost ${status['cost_usd']:,.6f} in all" in r.output
+
+
+def test_a_failed_read_of_the_figures_ends_the_run_with_its_error(emu, cli, tmp_path, tickets_csv, monkeypatch):
+    figures = StoreReader.figures
+
+    def failed(self, job_id, tiers=()):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(StoreReader, "figures", failed)
+    r = cli(*run_args(tickets_csv, tmp_path))
+    assert r.exit_code != ExitCode.OK and "Traceback" not in r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("batchrun:")]
+    assert len(lines) == 1 and "disk I/O error" in lines[0], r.output
+    monkeypatch.setattr(StoreReader, "figures", figures)
+    r = cli(*run_args(tickets_csv, tmp_path))   # the job is saved: run again, and it ends
+    assert r.exit_code == ExitCode.OK, r.output

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sqlite3
 
-
 from batchrun.errors import ExitCode
 from batchrun.store import StoreReader
 from tests.conftest import PROMPT

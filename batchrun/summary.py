@@ -15,6 +15,7 @@ from typing import Optional
 from .errors import InputError
 from .states import CANCELED, EXPIRED, IN_FLIGHT, INVALID_OUTPUT, PENDING, ROW_STATES, SUCCEEDED
 from .store import Store
+from .store.views import FAILED
 
 
 def job_cost(store: Store, job_id: str) -> Optional[float]:
@@ -106,7 +107,7 @@ CAUSES = {
 def failures_by_cause(store: Store, job_id: str, counts: Optional[dict] = None) -> list[tuple[str, str, int]]:
     """(cause, error_type, rows) for the job's failed rows, most frequent first (`counts`: the job's rows by
     state, when known: none failed, nothing to read)."""
-    if counts is not None and not any(counts.get(s) for s in ROW_STATES if s not in (PENDING, IN_FLIGHT, SUCCEEDED)):
+    if counts is not None and not any(counts.get(s) for s in FAILED):
         return []
     return [(CAUSES.get(t, t), t, n) for t, n in store.failures_by_type(job_id)]
 

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Optional
 
 from .errors import InputError
-from .states import CANCELED, EXPIRED, IN_FLIGHT, INVALID_OUTPUT, PENDING, ROW_STATES, SUCCEEDED
+from .states import CANCELED, EXPIRED, IN_FLIGHT, INVALID_OUTPUT, PENDING, ROW_STATES
 from .store import Store
 from .store.views import FAILED
 

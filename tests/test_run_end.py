@@ -51,3 +51,23 @@ def test_a_failed_read_of_the_figures_ends_the_run_with_its_error(emu, cli, tmp_
     monkeypatch.setattr(StoreReader, "figures", figures)
     r = cli(*run_args(tickets_csv, tmp_path))   # the job is saved: run again, and it ends
     assert r.exit_code == ExitCode.OK, r.output
+
+
+def test_the_program_ends_with_its_code_everything_said_and_the_state_closed(emu, tmp_path, tickets_csv):
+    """`batchrun` as a process ends at once once its command has ended (cli.Program): the summary written,
+    the exit code the command's, the state file closed (its WAL copied in and gone)."""
+    import os
+    import subprocess
+    import sys
+    program = [sys.executable, "-c", "from batchrun.cli import main; main()"]
+    done = subprocess.run([*program, *map(str, run_args(tickets_csv, tmp_path))], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=120)
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert "finished after" in done.stderr and f"output: {tmp_path / 'o.parquet'}" in done.stderr
+    assert not (tmp_path / "s.sqlite-wal").exists()
+    status = subprocess.run([*program, "status", "--state", str(tmp_path / "s.sqlite"), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and json.loads(status.stdout)[0]["finished"]
+    missing = subprocess.run([*program, "status", "--state", str(tmp_path / "none.sqlite")], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == ExitCode.BAD_INPUT and missing.stderr.startswith("batchrun: error:")

@@ -1,51 +1,12 @@
 """The `batchrun` command: a thin layer over the library, one module per command group."""
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import threading
-
 import click
 
-from .common import EXIT_CODES_HELP
+from .common import EXIT_CODES_HELP, Program
 from .run_cmd import cancel, estimate, run, validate
 from .state_cmd import jobs, status
 from .report_cmd import report
-
-
-class Program(click.Group):
-    """The `batchrun` group, which ends the process when it is the program (see __call__)."""
-
-    def __call__(self, *args, **kwargs):
-        """`batchrun` as the program (the console script, `main()`): once the command has ended (what it says
-        said, its state file closed), the process ends at once with the command's exit code, without the
-        interpreter's teardown of every module loaded (pyarrow, pandas: ~0.1 s), which a finished command does
-        not need. Callers in a process of their own (CliRunner, `main.main`) get the usual SystemExit."""
-        try:
-            self.main(*args, **kwargs)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        end(code)
-
-
-def end(code) -> None:
-    """Exit with `code` (as sys.exit takes it) at once: streams and log handlers flushed, no teardown. The
-    usual exit instead while a thread that is not a daemon still runs, or when a stream cannot be flushed."""
-    if not isinstance(code, int):
-        if code is not None:
-            print(code, file=sys.stderr)
-        code = 0 if code is None else 1
-    logging.shutdown()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except Exception:  # noqa: BLE001 - (a closed pipe, say) left to the interpreter's exit, which reports it
-        sys.exit(code)
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
-    os._exit(code)
 
 
 @click.group(cls=Program, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"],

@@ -14,8 +14,8 @@ from ..errors import ExitCode, InputError
 
 if TYPE_CHECKING:
     from ..runner import Runner
-from .common import (EXIT_CODES_HELP, JOB_OPTIONS, SPEC_KEYS, ProgressPrinter, handle_errors, job_options,
-                     setup_logging, spec_from_options)
+from .common import (EXIT_CODES_HELP, JOB_OPTIONS, SPEC_KEYS, Program, ProgressPrinter, handle_errors,
+                     job_options, setup_logging, spec_from_options)
 
 EMULATOR_OPTION = click.option("--emulator", "use_emulator", is_flag=True,
                                help="Run against the built-in API emulator on loopback (no key needed, nothing is "
@@ -127,6 +127,7 @@ def run(job_file, no_wait, resume_canceled, resend_lost, retry_errored, wait_loc
             print_summary(runner, result)
         finally:
             runner.close()
+    Program.end_at_once = True   # (pyarrow and pandas loaded: their teardown is not waited for)
     sys.exit(result.exit_code)
 
 

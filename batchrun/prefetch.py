@@ -157,12 +157,27 @@ class Behind:
 
     def __exit__(self, kind, exc, tb) -> None:
         if kind is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self._halt()   # (interrupted while waiting: the thread must be done before the caller goes on)
+                raise
             return
-        self._stop = True   # (the item in hand is finished; the queued ones are dropped)
+        self._halt()
+
+    def _halt(self) -> None:
+        """Drop what is queued and wait for the item in hand; a Ctrl-C meanwhile is raised once it is done
+        (the caller must not roll back under a statement still running)."""
+        self._stop = True
+        interrupted: Optional[BaseException] = None
         while self._thread.is_alive():
             try:
-                self._queue.put(_END, timeout=0.1)
-            except queue.Full:
-                continue
-            self._thread.join()
+                try:
+                    self._queue.put_nowait(_END)   # (a thread waiting for an item: it stops at any)
+                except queue.Full:
+                    pass
+                self._thread.join(0.1)
+            except BaseException as exc:  # noqa: BLE001 - raised below, once the thread has stopped
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted

@@ -194,3 +194,32 @@ def test_a_store_that_fails_in_the_plans_writer_fails_the_plan_as_before(emu, cl
     assert r.exit_code == 0, r.output
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [row["id"] for row in rows] == [f"r{i}" for i in range(200)]
+
+
+def test_a_second_interrupt_while_behind_waits_is_raised_once_the_item_in_hand_is_done():
+    """Ctrl-C (or SIGTERM) again while leaving: the caller still waits for the statement in hand, so that its
+    rollback never runs under it; then the interrupt is raised."""
+    started, release, got = threading.Event(), threading.Event(), []
+
+    def consume(item):
+        started.set()
+        release.wait(5)
+        got.append(item)
+
+    behind = Behind(consume)
+    behind.put(0)
+    assert started.wait(5)
+    joins = []
+    original_join = behind._thread.join
+
+    def join(timeout=None):
+        joins.append(timeout)
+        if len(joins) == 2:
+            threading.Timer(0.1, release.set).start()
+            raise KeyboardInterrupt   # (the second Ctrl-C, while waiting)
+        original_join(timeout)
+
+    behind._thread.join = join
+    with pytest.raises(KeyboardInterrupt):
+        behind.__exit__(ValueError, ValueError("a bad row"), None)
+    assert got == [0] and not behind._thread.is_alive()

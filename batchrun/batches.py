@@ -36,6 +36,28 @@ PRIME_TRIES = 2          # primers in a row that brought no answer before primin
 CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
+class Chunk:
+    """The rows chosen for a batch, made into what is sent: `rows` (row_index, custom_id, row body, request
+    line, its size in bytes + 1) each; `ids` and `payload` (the create's body, bytes) of the first rows that
+    fit in one batch (MAX_BATCH_BYTES), in order. Made where the rows are rendered (in a thread while the
+    previous batch uploads, see BatchDriver._render_ahead), so the sender only posts it."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+        size, fit = 16, 0
+        for row in rows:
+            if fit and size + row[4] > MAX_BATCH_BYTES:
+                break
+            size += row[4]
+            fit += 1
+        self.ids = [row[1] for row in rows[:fit]]
+        self.payload = self.payload_of(fit)
+
+    def payload_of(self, n: int) -> bytes:
+        """The create's body carrying the first `n` rows."""
+        return ('{"requests":[' + ",".join(row[3] for row in self.rows[:n]) + "]}").encode("utf-8")
+
+
 class BatchDriver:
     """Sends a job's pending rows in batches (see the module's docstring).
 
@@ -98,21 +120,15 @@ class BatchDriver:
                     return created
                 # their bodies rendered again from the input and checked against their hashes (or stored):
                 # an input changed since the plan ends the run here, its intent not recorded, nothing sent
-                rows = self._made_ahead(chosen) or self._pieces(chosen, tag)()
-                parts, ids, size = [], [], 16
-                for _, cid, _, piece, piece_size in rows:
-                    if parts and size + piece_size > MAX_BATCH_BYTES:
-                        break
-                    parts.append(piece)
-                    ids.append(cid)
-                    size += piece_size
+                chunk = self._made_ahead(chosen) or self._pieces(chosen, tag)()
+                rows, ids, payload = chunk.rows, chunk.ids, chunk.payload
                 reserve = None
                 if spec.max_cost is not None:   # a batch reserves its maximum cost; cut to the rows that fit
                     fit, reserve = ctx.ledger.reserve([row[2] for row in rows[:len(ids)]], short_id)
                     if not fit:
                         return created
-                    del parts[fit:], ids[fit:]
-                payload = ('{"requests":[' + ",".join(parts) + "]}").encode("utf-8")
+                    if fit < len(ids):
+                        ids, payload = ids[:fit], chunk.payload_of(fit)
                 sent_through = rows[len(ids) - 1][0]
                 # without twin filtering, the chunk is every pending row in its row range
                 span = (rows[0][0], sent_through) if alone else None
@@ -178,16 +194,16 @@ class BatchDriver:
     # recorded, in its own write-locked transaction, and it uses what was made ahead only if it chose
     # exactly those rows (else it renders its own); a render that failed (the input changed) raises only
     # there, before that chunk's intent, so nothing of it is sent.
-    def _pieces(self, chosen: list, tag: str) -> Callable[[], list]:
-        """What makes the chunk's rows: (row_index, custom_id, row body, request line, its size in bytes + 1)."""
+    def _pieces(self, chosen: list, tag: str) -> Callable[[], "Chunk"]:
+        """What makes the chunk (see Chunk) of the rows `chosen`."""
         bodies, full_body = self.ctx.bodies(chosen), self.ctx.full_body   # (asked here: its source made here)
 
-        def make() -> list:
+        def make() -> Chunk:
             rows = []
             for index, cid, body in bodies:
                 piece = '{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":' + full_body(body) + "}"
                 rows.append((index, cid, body, piece, len(piece.encode("utf-8")) + 1))
-            return rows
+            return Chunk(rows)
         return make
 
     def _render_ahead(self, job_id: str, after: int, silent: Optional[list], tag: str) -> None:
@@ -195,7 +211,7 @@ class BatchDriver:
         if nxt:
             self._ahead = (nxt, Ahead(self._pieces(nxt, tag)))
 
-    def _made_ahead(self, chosen: list) -> Optional[list]:
+    def _made_ahead(self, chosen: list) -> Optional[Chunk]:
         """The rows made ahead, if they are the ones `chosen` (their exceptions raised here); else None."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:

@@ -98,7 +98,7 @@ def assert_sent_as_attempts(emu, rows):
 
 
 def test_transient_faults_errored_expired_and_cut_downloads(emu, cli, tmp_path, tickets_csv):
-    emu.config.fault_rate = 0.2
+    emu.config.fault_rate = 0.3   # (~40 API calls: a dozen faults, their kinds in turn, so every kind is met)
     emu.config.errored_rate = 0.1
     emu.config.expired_rate = 0.05
     emu.config.truncate_rate = 0.5

@@ -185,6 +185,7 @@ class Emulator:
             self._refilled_at = self.clock()
             self._rng_seed = self.config.seed
             self._rng = random.Random(self._rng_seed)
+            self._fault_turn = 0
 
     def _random(self) -> random.Random:
         if self.config.seed != self._rng_seed:
@@ -398,9 +399,10 @@ class Emulator:
         if not rate or rate <= 0:
             return None
         with self._lock:
-            rng = self._random()
-            if rng.random() < rate:
-                return rng.choice(FAULT_KINDS)
+            if self._random().random() < rate:
+                # (whether a call fails is random; the kinds come in turn, so that a few faults cover all)
+                self._fault_turn += 1
+                return FAULT_KINDS[(self._fault_turn - 1) % len(FAULT_KINDS)]
         return None
 
     def _fault_reply(self, req: Request, kind: str) -> Reply:

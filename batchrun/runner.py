@@ -238,7 +238,9 @@ class Runner:
                 self.stop_over_budget(step, wait)
                 if not wait:
                     return self.result(counts, finished=False, exit_code=ExitCode.IN_PROGRESS)
-                self.sleep(min(backoff, spec.poll_interval))
+                if spec.mode == "messages" or not step.sent:
+                    # (a round that made batches polls them at once: a batch can end within seconds)
+                    self.sleep(min(backoff, spec.poll_interval))
                 backoff = 1.0 if step.changed else min(backoff * 2, spec.poll_interval)
             return self.finish()
 

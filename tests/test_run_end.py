@@ -71,3 +71,17 @@ def test_the_program_ends_with_its_code_everything_said_and_the_state_closed(emu
     missing = subprocess.run([*program, "status", "--state", str(tmp_path / "none.sqlite")], capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == ExitCode.BAD_INPUT and missing.stderr.startswith("batchrun: error:")
+
+
+def test_under_a_profiler_the_program_ends_as_usual_and_the_profile_is_written(emu, tmp_path, tickets_csv):
+    """(benchmarks/bench.py --profile runs `main()` under cProfile, which writes its stats at the usual exit.)"""
+    import os
+    import subprocess
+    import sys
+    prof = tmp_path / "run.prof"
+    code = (f"import cProfile, sys; sys.argv = ['batchrun'] + {[str(a) for a in run_args(tickets_csv, tmp_path)]!r}\n"
+            f"from batchrun.cli import main\ncProfile.run('main()', {str(prof)!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=120)
+    assert done.returncode == 0 and "finished after" in done.stderr, done.stderr
+    assert prof.stat().st_size > 0

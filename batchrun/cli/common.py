@@ -111,7 +111,10 @@ class Program(click.Group):
 
 def end(code) -> None:
     """Exit with `code` (as sys.exit takes it) at once: streams and log handlers flushed, no teardown. The
-    usual exit instead while a thread that is not a daemon still runs, or when a stream cannot be flushed."""
+    usual exit instead while a thread that is not a daemon still runs, when a stream cannot be flushed, or
+    under a profiler or a tracer (cProfile, coverage, a debugger: they report at the usual exit)."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)

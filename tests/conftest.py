@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import random
+import time
 from pathlib import Path
 
 import pyarrow.csv as pacsv
@@ -26,16 +27,25 @@ def emulator_server():
 
 
 @pytest.fixture
-def emu(emulator_server, monkeypatch):
-    """A fresh emulator (reset, default fast config) with the environment pointing at it."""
+def fresh_emulator(emulator_server):
+    """The session's emulator as new: no batches or stats, the default fast config, the real clock. Its
+    config and clock outlive a test like its batches do (one emulator per session): a test that only
+    reset() it would inherit the faults the test before configured (a result line always missing, say)."""
     emulator, handle = emulator_server
-    emulator.reset()
     emulator.config = EmulatorConfig(**FAST)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", handle.base_url)
-    monkeypatch.delenv("BATCHRUN_MODELS", raising=False)
+    emulator.clock = time.time
+    emulator.reset()
     emulator.base_url = handle.base_url
     return emulator
+
+
+@pytest.fixture
+def emu(fresh_emulator, monkeypatch):
+    """A fresh emulator (reset, default fast config) with the environment pointing at it."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fresh_emulator.base_url)
+    monkeypatch.delenv("BATCHRUN_MODELS", raising=False)
+    return fresh_emulator
 
 
 def row_id(sent: str) -> str:

@@ -131,9 +131,8 @@ def test_temperature_refused_before_sending(emu, cli, tmp_path, tickets_csv):
     assert emu.stats.create_calls == 0
 
 
-def test_library_in_process_and_dataframe(emulator_server, tmp_path, tickets_csv, monkeypatch):
-    emulator, _ = emulator_server
-    emulator.reset()
+def test_library_in_process_and_dataframe(fresh_emulator, tmp_path, tickets_csv, monkeypatch):
+    emulator = fresh_emulator
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     result = batchrun.run({"input": str(tickets_csv), "output": str(tmp_path / "lib.parquet"),
                            "id_column": "ticket_id", "prompt": PROMPT, "model": MODEL, "max_tokens": 300,

@@ -38,12 +38,11 @@ def _job(tmp_path, csv, out):
             "state": str(tmp_path / "state.sqlite")}
 
 
-def test_answers_from_one_endpoint_are_not_reused_for_another(emulator_server, tmp_path, tickets_csv,
+def test_answers_from_one_endpoint_are_not_reused_for_another(fresh_emulator, tmp_path, tickets_csv,
                                                               monkeypatch):
     """A job answered by one service (say the emulator) is sent again, and paid, on another (the real
     API, a second gateway): never answered from the first one's replies."""
-    emulator, _ = emulator_server
-    emulator.reset()
+    emulator = fresh_emulator
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     transport = emulator.sync_transport()
     first = batchrun.run(_job(tmp_path, tickets_csv, "a.parquet"), api_key="k",
@@ -90,17 +89,10 @@ def _run(emu, prompt, tmp_path, name, failpoint=None, clock_skew=0.0):
     return p, out
 
 
-@pytest.fixture
-def skewable(emu):
-    yield emu
-    emu.clock = time.time
-
-
 @pytest.mark.parametrize("skew", [-300.0, 0.0, 420.0])
-def test_lost_create_is_adopted_whatever_the_apis_clock_says(skewable, tmp_path, skew):
+def test_lost_create_is_adopted_whatever_the_apis_clock_says(emu, tmp_path, skew):
     """The create's reply is lost (the emulator creates the batch, then drops the connection); the batch
     is found by the API's clock, even when that clock is minutes off ours."""
-    emu = skewable
     (tmp_path / "in.csv").write_text("id,body\n" + "".join(f"r{i},row {i}\n" for i in range(30)))
     emu.config.drop_after_create = 1
     p, out = _run(emu, "A: {{ body }}", tmp_path, "a", clock_skew=skew)
@@ -110,12 +102,11 @@ def test_lost_create_is_adopted_whatever_the_apis_clock_says(skewable, tmp_path,
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_another_jobs_batch_of_the_same_size_is_not_adopted(skewable, tmp_path, when):
+def test_another_jobs_batch_of_the_same_size_is_not_adopted(emu, tmp_path, when):
     """Job B dies between committing a batch intent and sending it (no batch was made). Job A — same
     rows and custom_ids, another prompt, another state file — created batches of the same size a minute
     before B's intent, or long after it (before B's next run). B's next run must not take A's batch
     for its own: it sends its rows, and every row gets B's own reply."""
-    emu = skewable
     (tmp_path / "in.csv").write_text("id,body\n" + "".join(f"r{i},row {i}\n" for i in range(30)))
     if when == "before":
         p, _ = _run(emu, "A: {{ body }}", tmp_path, "a", clock_skew=-60.0)
@@ -134,14 +125,13 @@ def test_another_jobs_batch_of_the_same_size_is_not_adopted(skewable, tmp_path, 
 
 
 # ---- jobs planned before the endpoint was part of a job's identity ----------------------------------
-def test_a_job_planned_before_endpoints_were_kept_is_continued_not_paid_again(emulator_server, tmp_path,
+def test_a_job_planned_before_endpoints_were_kept_is_continued_not_paid_again(fresh_emulator, tmp_path,
                                                                             tickets_csv, monkeypatch):
     """A gateway job left with batches in flight by a version that did not key jobs by endpoint: the
     new version finds that job (same spec and input, its endpoint not recorded) and continues it."""
     import batchrun.runner as runner_mod
     from batchrun.store import Store
-    emulator, _ = emulator_server
-    emulator.reset()
+    emulator = fresh_emulator
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     emulator.config.processing_seconds = 0.5
     transport = emulator.sync_transport()
@@ -155,15 +145,13 @@ def test_a_job_planned_before_endpoints_were_kept_is_continued_not_paid_again(em
     again = batchrun.run(job, api_key="k", base_url="https://gw.example", transport=transport)
     assert again.job_id == first.job_id and again.exit_code == 0
     assert emulator.stats.requests_created == 450                # nothing sent twice
-    emulator.config.processing_seconds = 0.05
 
 
-def test_cancel_by_id_refuses_another_endpoint(emulator_server, tmp_path, tickets_csv, monkeypatch):
+def test_cancel_by_id_refuses_another_endpoint(fresh_emulator, tmp_path, tickets_csv, monkeypatch):
     """Cancelling (or collecting) a job through another endpoint would find none of its batches there
     (404: "lost"), so it is refused, naming the endpoint the job was sent to."""
     from batchrun.runner import Runner
-    emulator, _ = emulator_server
-    emulator.reset()
+    emulator = fresh_emulator
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     transport = emulator.sync_transport()
     job = _job(tmp_path, tickets_csv, "a.parquet")
@@ -200,10 +188,9 @@ class LateCreates(httpx.BaseTransport):
         return self.inner.handle_request(request)
 
 
-def test_a_batch_that_shows_after_its_create_failed_is_adopted_not_sent_again(emulator_server, tmp_path,
+def test_a_batch_that_shows_after_its_create_failed_is_adopted_not_sent_again(fresh_emulator, tmp_path,
                                                                              tickets_csv, monkeypatch):
-    emulator, _ = emulator_server
-    emulator.reset()
+    emulator = fresh_emulator
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     transport = LateCreates(emulator.sync_transport(), delay=1.0)
     job = {**_job(tmp_path, tickets_csv, "a.parquet"), "batch_size": 225}
@@ -250,4 +237,3 @@ def test_cancel_stops_when_the_api_stays_down(emu, tmp_path, tickets_csv):
             runner.cancel(wait=0)
     finally:
         runner.close()
-    emu.config.processing_seconds = 0.05

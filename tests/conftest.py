@@ -48,6 +48,18 @@ def emu(fresh_emulator, monkeypatch):
     return fresh_emulator
 
 
+@pytest.fixture
+def quick_builtin_emulator(monkeypatch):
+    """`--emulator`'s own emulator ends each batch after 0.05 s instead of its 2 s (a demo's pace): for
+    tests where what counts is that it is the built-in one (its endpoint, its state file), not its pace."""
+    import batchrun.emulator as emulator_pkg
+    config = emulator_pkg.EmulatorConfig
+
+    def quick(**kw):
+        return config(**{**kw, "processing_seconds": FAST["processing_seconds"]})
+    monkeypatch.setattr(emulator_pkg, "EmulatorConfig", quick)
+
+
 def row_id(sent: str) -> str:
     """The row's custom_id (as the output shows it) of a custom_id as batchrun sent it in a batch:
     `<job tag>-<custom_id>`, the tag being the job's 10 hex digits."""

@@ -87,7 +87,8 @@ def test_another_server_on_loopback_is_another_endpoint(cli, emu, second_emulato
     assert emu.stats.requests_created == 12 and second_emulator.stats.requests_created == 12
 
 
-def test_the_built_in_emulator_is_an_endpoint_of_its_own(cli, second_emulator, tmp_path, small_csv, monkeypatch):
+def test_the_built_in_emulator_is_an_endpoint_of_its_own(cli, second_emulator, tmp_path, small_csv, monkeypatch,
+                                                        quick_builtin_emulator):
     """`run --emulator` (a new port each time) again sends nothing; the same job against a server on
     loopback with the same state file is sent there, never answered with the emulator's fake replies."""
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)

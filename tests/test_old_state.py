@@ -21,7 +21,7 @@ def stored(path: Path) -> list:
                           "ORDER BY row_index").fetchall()
 
 
-def test_a_state_file_from_before_opens_and_its_job_resumes(cli, tmp_path, monkeypatch):
+def test_a_state_file_from_before_opens_and_its_job_resumes(cli, tmp_path, monkeypatch, quick_builtin_emulator):
     for name in ("in.csv", "state.sqlite"):
         shutil.copy(DATA / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)

@@ -345,7 +345,7 @@ OLD_HASHES = {
 }
 
 
-def test_cells_whose_text_reads_the_same_keep_their_request_hash(cli, tmp_path, monkeypatch):
+def test_cells_whose_text_reads_the_same_keep_their_request_hash(cli, tmp_path, monkeypatch, quick_builtin_emulator):
     """The built-in emulator (--emulator) is one endpoint whatever its port, so the hashes are stable."""
     import sqlite3
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)

@@ -31,10 +31,15 @@ def wait_for(condition, timeout=60.0):
 
 
 # ---- 4. kill -9 inside a slow create, then an immediate restart ---------------------------------------
+# the grace these runs give a killed run's create: longer than the emulator's create_delay below, so
+# that a create cut off by a kill lands within it even on a busy machine
+SLOW_CREATE_GRACE = "3"
+
+
 def queued(emu, argv):
     """A run of the job queued on its lock (--wait-lock): it goes on the moment the run holding the lock
     dies, an immediate restart with nothing left to start up."""
-    p = spawn(emu, argv + ["--wait-lock"])
+    p = spawn(emu, argv + ["--wait-lock"], grace=SLOW_CREATE_GRACE)
     waiting = ""
     while "waiting for it to finish" not in waiting:
         line = p.stderr.readline()
@@ -61,7 +66,7 @@ def test_a_run_killed_inside_a_create_restarts_at_once_and_adopts_the_batch(emu,
     emu.config.create_delay = 1.0
     out, state = tmp_path / "o.parquet", tmp_path / "s.sqlite"
     run = args(tickets_csv, out, state)
-    p = spawn(emu, run)
+    p = spawn(emu, run, grace=SLOW_CREATE_GRACE)
     wait_for(lambda: planned(state))
     q = queued(emu, run)
     calls = emu.stats.create_calls
@@ -88,9 +93,9 @@ def test_random_kills_inside_slow_creates_each_restarted_at_once(emu, tmp_path, 
     run = args(tickets_csv, out, state, "--batch-size", "50")
     rnd = random.Random(2026)
     gate = tmp_path / "gate"
-    holder = spawn(emu, run, pause=f"after_intent={gate}")   # holds the lock until the others queue on it
-    wait_for(lambda: os.path.exists(f"{gate}.paused"))
-    waiters = [spawn(emu, run + ["--wait-lock"]) for _ in range(3)]
+    holder = spawn(emu, run, pause=f"after_intent={gate}", grace=SLOW_CREATE_GRACE)   # holds the lock until
+    wait_for(lambda: os.path.exists(f"{gate}.paused"))                                 # the others queue on it
+    waiters = [spawn(emu, run + ["--wait-lock"], grace=SLOW_CREATE_GRACE) for _ in range(3)]
     logs: dict = {p: [] for p in [holder, *waiters]}
 
     def read(p):

@@ -42,12 +42,14 @@ def no_stray_runs():
 
 
 # how long a run waits for the batch of a create that a killed run left behind before sending its rows
-# again (60 s by default): the emulator's creates land well within it
-GRACE = "3"
+# again (60 s by default): the emulator creates a batch the moment its body is in, and the next run is
+# started after the kill, so the create of a killed run has landed before that run starts looking. (A test
+# whose emulator takes its time over a create, create_delay, passes a grace longer than that delay.)
+GRACE = "1"
 
 
-def spawn(emu, argv, failpoint=None, pause=None):
-    env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": emu.base_url, "BATCHRUN_CREATE_GRACE": GRACE}
+def spawn(emu, argv, failpoint=None, pause=None, grace=GRACE):
+    env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": emu.base_url, "BATCHRUN_CREATE_GRACE": grace}
     env.pop("BATCHRUN_FAILPOINT", None)
     env.pop("BATCHRUN_PAUSE", None)
     if failpoint:

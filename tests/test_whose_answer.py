@@ -77,7 +77,7 @@ def _run(emu, prompt, tmp_path, name, failpoint=None, clock_skew=0.0):
     """`batchrun run` in a subprocess against the emulator, whose clock runs `clock_skew` s off ours."""
     out, state = tmp_path / f"{name}.parquet", tmp_path / f"{name}.sqlite"
     env = {**os.environ, "ANTHROPIC_API_KEY": "sk-ant-test-0123456789", "ANTHROPIC_BASE_URL": emu.base_url,
-           "BATCHRUN_CREATE_GRACE": "2"}   # a killed run's create is waited for 2 s, not 60
+           "BATCHRUN_CREATE_GRACE": "1"}   # a killed run's create is waited for 1 s, not 60
     env.pop("BATCHRUN_FAILPOINT", None)
     if failpoint:
         env["BATCHRUN_FAILPOINT"] = failpoint

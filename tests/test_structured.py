@@ -30,8 +30,9 @@ def bodies(state):
         return {cid: params for _, cid, params in s.params()}
 
 
-def exact_cost(model, row, ttl="5m"):
-    p = load_catalog().resolve(model).prices
+def exact_cost(p, row, ttl="5m"):
+    """A row's cost from the model's prices `p` (load_catalog().resolve(model).prices: read once per test,
+    not once per row, since load_catalog parses the catalog file each call)."""
     write = p.cache_write_1h if ttl == "1h" else p.cache_write_5m
     total = (Decimal(row["input_tokens"]) * p.input + Decimal(row["output_tokens"]) * p.output
              + Decimal(row["cache_creation_input_tokens"] or 0) * write
@@ -52,6 +53,7 @@ def test_label_tickets_schema_columns_cache_and_cost(emu, cli, tmp_path, model):
     sent = bodies(state)
     rows = table.to_pylist()
     assert len(rows) == 300
+    prices = load_catalog().resolve(model).prices
     for row in rows:
         params = sent[row["custom_id"]]
         assert "tool_choice" not in params                      # structured output, not a forced tool
@@ -61,7 +63,7 @@ def test_label_tickets_schema_columns_cache_and_cost(emu, cli, tmp_path, model):
         assert 1 <= row["urgency"] <= 5 and len(row["tags"]) <= 5
         assert row["status"] == "succeeded"
         # (the job caches for an hour: the default for batch jobs)
-        assert row["cost_usd"] == pytest.approx(exact_cost(model, row, "1h"), rel=1e-12)
+        assert row["cost_usd"] == pytest.approx(exact_cost(prices, row, "1h"), rel=1e-12)
     reads = sum(1 for row in rows if row["cache_read_input_tokens"])
     assert reads >= 0.95 * len(rows)                           # nearly every row reads the cached prompt
     with Store(str(state)) as s:                               # the shared prompt is stored once, not per row
@@ -303,9 +305,10 @@ def test_cache_ttl_1h_end_to_end(emu, cli, tmp_path):
     rows = pq.read_table(out).to_pylist()
     writes = [row for row in rows if row["cache_creation_input_tokens"]]
     assert writes and sum(1 for row in rows if row["cache_read_input_tokens"]) >= len(rows) - len(writes) - 1
+    prices = load_catalog().resolve("claude-haiku-4-5").prices
     for row in rows:
-        assert row["cost_usd"] == pytest.approx(exact_cost("claude-haiku-4-5", row, "1h"), rel=1e-12)
-    assert exact_cost("claude-haiku-4-5", writes[0], "1h") > exact_cost("claude-haiku-4-5", writes[0], "5m")
+        assert row["cost_usd"] == pytest.approx(exact_cost(prices, row, "1h"), rel=1e-12)
+    assert exact_cost(prices, writes[0], "1h") > exact_cost(prices, writes[0], "5m")
 
 
 @pytest.mark.parametrize("structured", [False, True])

@@ -139,3 +139,13 @@ PROMPT = "Summarise this support ticket from {{ customer }}:\n{{ body }}"
 def render(row: dict) -> str:
     customer = row["customer"] if row["customer"] is not None else ""
     return f"Summarise this support ticket from {customer}:\n{row['body']}"
+
+
+def pytest_collection_finish(session):
+    """The LiteLLM proxy takes seconds to start: when a test of tests/test_litellm.py is to run, it is started
+    in the background now, and is up by the time that module's tests come (its fixture waits for it)."""
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.endswith("test_litellm") and hasattr(module, "start_proxy"):
+            module.start_proxy()
+            return

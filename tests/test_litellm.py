@@ -7,6 +7,7 @@ max_tokens was asked for.
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import importlib.util
 import json
@@ -15,6 +16,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,46 +53,99 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def litellm_proxy(tmp_path_factory):
-    """One LiteLLM proxy for the session (it takes a few seconds to start), under the path prefix /gw."""
-    exe = Path(sys.executable).with_name("litellm")
-    if not exe.exists():
-        exe = shutil.which("litellm")
-        if exe is None:
-            pytest.skip("the litellm command is not installed")
-    home = tmp_path_factory.mktemp("litellm")
-    (home / "config.yaml").write_text(CONFIG)
-    port = _free_port()
-    env = dict(os.environ, SERVER_ROOT_PATH=PREFIX, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR",
-               LITELLM_TELEMETRY="False", NO_PROXY="127.0.0.1,localhost")
-    env.pop("DATABASE_URL", None)
-    log = open(home / "proxy.log", "wb")
-    proc = subprocess.Popen([str(exe), "--config", str(home / "config.yaml"), "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
+class Proxy:
+    """A LiteLLM proxy process on a free loopback port, under the path prefix /gw, its home a temporary
+    directory. Started at once (it takes seconds to import), and brought up in a background thread: once
+    it answers, one request is sent through it (its first reply takes it seconds more), so that ready()
+    has nothing left to wait for when the tests start early enough."""
+
+    def __init__(self, exe: str):
+        self.home = Path(tempfile.mkdtemp(prefix="batchrun-litellm-"))
+        (self.home / "config.yaml").write_text(CONFIG)
+        self.base = f"http://127.0.0.1:{_free_port()}"
+        env = dict(os.environ, SERVER_ROOT_PATH=PREFIX, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR",
+                   LITELLM_TELEMETRY="False", NO_PROXY="127.0.0.1,localhost")
+        env.pop("DATABASE_URL", None)
+        self.log = open(self.home / "proxy.log", "wb")
+        self.proc = subprocess.Popen([exe, "--config", str(self.home / "config.yaml"), "--host", "127.0.0.1",
+                                      "--port", self.base.rsplit(":", 1)[1]], cwd=self.home, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)   # a session cut short before the fixture's teardown
+        self.failure = None
+        self.up = threading.Thread(target=self._bring_up, daemon=True)
+        self.up.start()
+
+    def _bring_up(self) -> None:
+        with httpx.Client(timeout=1) as http:
+            self.failure = self._answers(http)
+            if self.failure is None:
+                try:   # its first reply (not one a test looks at)
+                    http.post(self.base + PREFIX + "/v1/messages", timeout=60,
+                              headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+                              json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+                except httpx.HTTPError:
+                    pass   # the tests' own requests will tell
+
+    def _answers(self, http: httpx.Client):
+        """None once the proxy answers, else why it never will."""
+        deadline = time.monotonic() + 90
         while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the LiteLLM proxy exited ({proc.returncode}): "
-                            f"{(home / 'proxy.log').read_text(errors='replace')[-2000:]}")
+            if self.proc.poll() is not None:
+                return f"the LiteLLM proxy exited ({self.proc.returncode})"
             try:
-                if httpx.get(base + PREFIX + "/health/liveliness", timeout=1).status_code == 200:
-                    break
+                if http.get(self.base + PREFIX + "/health/liveliness").status_code == 200:
+                    return None
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("the LiteLLM proxy did not start within 90 s")
+                return "the LiteLLM proxy did not start within 90 s"
             time.sleep(0.25)
-        yield base
+
+    def ready(self) -> str:
+        self.up.join(180)
+        if self.failure or self.up.is_alive():
+            pytest.fail(f"{self.failure or 'the LiteLLM proxy did not come up'}: "
+                        f"{(self.home / 'proxy.log').read_text(errors='replace')[-2000:]}")
+        return self.base
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+_proxy: list = []   # the session's Proxy, once started
+
+
+def _litellm_exe():
+    exe = Path(sys.executable).with_name("litellm")
+    return str(exe) if exe.exists() else shutil.which("litellm")
+
+
+def start_proxy() -> None:
+    """Start the session's proxy now, if not started yet (conftest calls this right after collection when
+    a test of this module is to run, so that it starts up while the tests before this module run)."""
+    exe = _litellm_exe()
+    if exe is not None and not _proxy:
+        _proxy.append(Proxy(exe))
+
+
+@pytest.fixture(scope="session")
+def litellm_proxy():
+    """One LiteLLM proxy for the session (it takes a few seconds to start), under the path prefix /gw."""
+    if _litellm_exe() is None:
+        pytest.skip("the litellm command is not installed")
+    start_proxy()
+    try:
+        yield _proxy[0].ready()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _proxy.pop().stop()
 
 
 @pytest.fixture

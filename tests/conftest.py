@@ -60,6 +60,16 @@ def quick_builtin_emulator(monkeypatch):
     monkeypatch.setattr(emulator_pkg, "EmulatorConfig", quick)
 
 
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    """The client's waits between retries of a failed call a tenth as long (the SDK's 0.5 s × 2^n backoff
+    before 500s, 529s and dropped connections; a retry-after as told): for in-process tests where what
+    counts is that faults are retried, not how long each wait is."""
+    from batchrun.api import BaseClient
+    retry_wait = BaseClient.retry_wait
+    monkeypatch.setattr(BaseClient, "retry_wait", lambda self, state: retry_wait(self, state) / 10)
+
+
 def row_id(sent: str) -> str:
     """The row's custom_id (as the output shows it) of a custom_id as batchrun sent it in a batch:
     `<job tag>-<custom_id>`, the tag being the job's 10 hex digits."""

@@ -99,7 +99,7 @@ def assert_sent_as_attempts(emu, rows):
             assert sent[-1][1] == "succeeded", (r["custom_id"], sent)
 
 
-def test_transient_faults_errored_expired_and_cut_downloads(emu, cli, tmp_path, tickets_csv):
+def test_transient_faults_errored_expired_and_cut_downloads(emu, cli, tmp_path, tickets_csv, quick_backoff):
     emu.config.fault_rate = 0.3   # (~40 API calls: a dozen faults, their kinds in turn, so every kind is met)
     emu.config.errored_rate = 0.1
     emu.config.expired_rate = 0.05

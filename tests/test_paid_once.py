@@ -267,19 +267,14 @@ def test_a_running_batch_of_the_same_size_is_waited_for_and_never_adopted(emu, t
 # ---- 6. two jobs sharing requests, started at the same moment on one state file -------------------------
 def test_two_jobs_sharing_requests_started_together_buy_each_request_once(emu, tmp_path, tickets_csv):
     """A full run and a --limit 200 run of the same prompt over one input and one state file, started
-    at the same moment, three times over: each shared request is accepted by the API once."""
-    for attempt in range(3):
-        emu.reset()
-        d = tmp_path / str(attempt)
-        d.mkdir()
-        state = d / "s.sqlite"
-        full = spawn(emu, args(tickets_csv, d / "full.parquet", state, "--batch-size", "50"))
-        part = spawn(emu, args(tickets_csv, d / "part.parquet", state, "--batch-size", "50", "--limit", "200"))
-        for p in (full, part):
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-        assert emu.stats.requests_created == 450, attempt      # the 200 shared ones bought once
-        assert max(emu.stats.params_submitted.values()) == 1, attempt
+    at the same moment, three pairs at once: each shared request is accepted by the API once per pair."""
+    from tests.sharing import bought_once_per_pair, started_together
+    dirs = started_together(emu, tmp_path, lambda d, state: args(tickets_csv, d / "full.parquet", state, "--batch-size", "50"),
+                            lambda d, state: args(tickets_csv, d / "part.parquet", state, "--batch-size", "50",
+                                                  "--limit", "200"), times=3)
+    assert emu.stats.requests_created == 3 * 450                # the 200 shared ones bought once by each pair
+    bought_once_per_pair(emu.stats.params_submitted, 450, 3)
+    for d in dirs:
         whole = pq.read_table(d / "full.parquet").to_pylist()
         some = pq.read_table(d / "part.parquet").to_pylist()
         assert [r["text"] for r in some] == [r["text"] for r in whole[:200]]

@@ -148,24 +148,17 @@ def test_an_old_state_files_intent_in_flight_never_takes_a_batch_its_ids_cannot_
 # ---- messages mode: two jobs sharing requests, started together on one state file ---------------------------
 def test_two_messages_mode_jobs_sharing_requests_started_together_buy_each_request_once(emu, tmp_path, tickets_csv):
     """A full run and a --limit 200 run in messages mode, one state file, started at the same moment,
-    three times over: each shared request is bought once (the other job takes its answer), and each
-    output has every row once, with its own reply."""
-    from tests.test_reliability import spawn
+    three times over: each shared request is bought once by each pair (the other job takes its
+    answer), and each output has every row once, with its own reply."""
+    from tests.sharing import bought_once_per_pair, started_together
     from tests.test_messages_mode import cli_args
     emu.config.latency = 0.01
-    for attempt in range(3):
-        emu.reset()
-        d = tmp_path / str(attempt)
-        d.mkdir()
-        state = d / "s.sqlite"
-        full = spawn(emu, cli_args(tickets_csv, d / "full.parquet", state, "--poll-interval", "0.1"))
-        part = spawn(emu, cli_args(tickets_csv, d / "part.parquet", state, "--poll-interval", "0.1",
-                                   "--limit", "200"))
-        for p in (full, part):
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-        assert max(emu.stats.billed.values()) == 1, attempt
-        assert sum(emu.stats.billed.values()) == 450, attempt
+    dirs = started_together(emu, tmp_path,
+                            lambda d, state: cli_args(tickets_csv, d / "full.parquet", state, "--poll-interval", "0.1"),
+                            lambda d, state: cli_args(tickets_csv, d / "part.parquet", state, "--poll-interval", "0.1",
+                                                      "--limit", "200"), times=3, at_once=False)
+    bought_once_per_pair(emu.stats.billed, 450, 3)
+    for d in dirs:
         whole = pq.read_table(d / "full.parquet").to_pylist()
         some = pq.read_table(d / "part.parquet").to_pylist()
         assert len(whole) == 450 and [r["text"] for r in some] == [r["text"] for r in whole[:200]]
@@ -174,21 +167,16 @@ def test_two_messages_mode_jobs_sharing_requests_started_together_buy_each_reque
 
 def test_a_messages_job_and_a_batch_job_sharing_requests_started_together_buy_each_once(emu, tmp_path, tickets_csv):
     """The same, one job in each mode: a messages-mode full run and a batch-mode --limit 200 run."""
-    from tests.test_reliability import args, spawn
+    from tests.sharing import bought_once_per_pair, started_together
     from tests.test_messages_mode import cli_args
+    from tests.test_reliability import args
     emu.config.latency = 0.01
-    for attempt in range(2):
-        emu.reset()
-        d = tmp_path / str(attempt)
-        d.mkdir()
-        state = d / "s.sqlite"
-        full = spawn(emu, cli_args(tickets_csv, d / "full.parquet", state, "--poll-interval", "0.1"))
-        part = spawn(emu, args(tickets_csv, d / "part.parquet", state, "--limit", "200", "--max-tokens", "100"))
-        for p in (full, part):
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-        assert max(emu.stats.billed.values()) == 1, attempt
-        assert sum(emu.stats.billed.values()) == 450, attempt
+    dirs = started_together(emu, tmp_path,
+                            lambda d, state: cli_args(tickets_csv, d / "full.parquet", state, "--poll-interval", "0.1"),
+                            lambda d, state: args(tickets_csv, d / "part.parquet", state, "--limit", "200",
+                                                  "--max-tokens", "100"), times=2, at_once=False)
+    bought_once_per_pair(emu.stats.billed, 450, 2)
+    for d in dirs:
         whole = pq.read_table(d / "full.parquet").to_pylist()
         some = pq.read_table(d / "part.parquet").to_pylist()
         assert [r["text"] for r in some] == [r["text"] for r in whole[:200]]

@@ -185,9 +185,9 @@ def test_uri_output_state_defaults_to_the_working_directory(emu, cli, tmp_path, 
 
 
 def test_unreachable_gcs_gives_up_in_bounded_time(emu, cli, tmp_path, monkeypatch):
-    """pyarrow's GCS client retries for 15 minutes by default; batchrun bounds it (60 s, 2 s here)."""
+    """pyarrow's GCS client retries for 15 minutes by default; batchrun bounds it (60 s, 0.5 s here)."""
     import batchrun.inputs
-    monkeypatch.setattr(batchrun.inputs, "GCS_RETRY_SECONDS", 2)
+    monkeypatch.setattr(batchrun.inputs, "GCS_RETRY_SECONDS", 0.5)
     r = cli("run", "--input", "gs://bucket/in.csv?endpoint_override=127.0.0.1:9&scheme=http",
             "--output", tmp_path / "o.parquet", "--state", tmp_path / "s.sqlite", "--prompt", "{{ x }}",
             "--model", "claude-haiku-4-5", "--max-tokens", 50)

@@ -48,6 +48,34 @@ def emu(fresh_emulator, monkeypatch):
     return fresh_emulator
 
 
+@pytest.fixture(scope="session")
+def second_emulator_server():
+    emu = Emulator(EmulatorConfig(**FAST))
+    handle = serve_in_thread(emu, host="127.0.0.1", port=0)
+    emu.base_url = handle.base_url
+    yield emu
+    handle.stop()
+
+
+@pytest.fixture
+def second_emulator(second_emulator_server):
+    """Another emulator on loopback, on another port: another server (a local gateway, a proxy, a tunnel).
+    One server for the session, handed out as new (no batches or stats, the default fast config)."""
+    emulator = second_emulator_server
+    emulator.config = EmulatorConfig(**FAST)
+    emulator.clock = time.time
+    emulator.reset()
+    return emulator
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    """Twelve rows, ids r0 … r11 (test_identity, test_identity_attack)."""
+    path = tmp_path / "in.csv"
+    path.write_text("id,body\n" + "".join(f"r{i},row {i} of the table\n" for i in range(12)), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def quick_builtin_emulator(monkeypatch):
     """`--emulator`'s own emulator ends each batch after 0.05 s instead of its 2 s (a demo's pace): for

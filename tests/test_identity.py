@@ -15,11 +15,10 @@ import pytest
 
 import batchrun
 LEGACY_LOOPBACK = "http://loopback"   # how every loopback URL was keyed before ports counted
-from batchrun.emulator import Emulator, EmulatorConfig, serve_in_thread
 from batchrun.errors import ExitCode
 from batchrun.models import load_catalog
 
-from tests.conftest import FAST, refused
+from tests.conftest import refused
 from tests.test_bodies import store_bodies_as_before
 
 MODEL = "claude-haiku-4-5"
@@ -27,13 +26,6 @@ MODEL = "claude-haiku-4-5"
 
 def _write(path, rows):
     path.write_text("id,body\n" + "".join(f"{i},{body}\n" for i, body in rows), encoding="utf-8")
-
-
-@pytest.fixture
-def small_csv(tmp_path):
-    path = tmp_path / "in.csv"
-    _write(path, [(f"r{i}", f"row {i} of the table") for i in range(12)])
-    return path
 
 
 def _args(csv, tmp_path, *extra, out="out.parquet", state="state.sqlite"):
@@ -49,16 +41,6 @@ def _rows(path):
 def _jobs(state):
     with sqlite3.connect(state) as db:
         return db.execute("SELECT id, endpoint FROM jobs ORDER BY created_at").fetchall()
-
-
-@pytest.fixture
-def second_emulator():
-    """Another emulator on loopback, on another port: another server (a local gateway, a proxy, a tunnel)."""
-    emu = Emulator(EmulatorConfig(**FAST))
-    handle = serve_in_thread(emu, host="127.0.0.1", port=0)
-    emu.base_url = handle.base_url
-    yield emu
-    handle.stop()
 
 
 # ---- 1. an endpoint is its scheme, host, port and path: loopback too -------------------------------
@@ -167,7 +149,7 @@ def test_answers_are_not_reused_across_api_versions(cli, emu, tmp_path, small_cs
 def test_a_state_file_from_before_versions_counted_keeps_sharing_answers(emu, tmp_path, small_csv):
     """Requests planned under 2026-10-21 before the version was hashed in are hashed again on upgrade
     (migration m005): a later job of that version sharing them is answered, not sent again."""
-    from batchrun.requests import canonical_json, params_hash
+    from batchrun.requests import params_hash
     from batchrun.store import Store
     state = str(tmp_path / "state.sqlite")
     job = {"input": str(small_csv), "output": str(tmp_path / "a.parquet"), "id_column": "id",

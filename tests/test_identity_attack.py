@@ -17,8 +17,7 @@ import batchrun
 from batchrun.errors import ExitCode, InputError
 
 from tests.conftest import refused
-from tests.test_identity import (LEGACY_LOOPBACK, MODEL, _args, _jobs, _rows, _write,  # noqa: F401
-                                 second_emulator, small_csv)
+from tests.test_identity import LEGACY_LOOPBACK, MODEL, _args, _jobs, _rows, _write
 
 
 def _job(csv, tmp_path, **kw):

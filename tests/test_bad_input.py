@@ -87,7 +87,7 @@ def test_wrong_api_key(emu, cli, tmp_path, tickets_csv, monkeypatch):
     emu.config.api_key = "sk-ant-the-right-one"
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong-key-123")
     r = cli(*base(tickets_csv, tmp_path))
-    line = refused(r, ExitCode.API_ERROR, "authentication failed", "ANTHROPIC_API_KEY")
+    refused(r, ExitCode.API_ERROR, "authentication failed", "ANTHROPIC_API_KEY")
     assert "sk-ant-wrong-key-123" not in r.output
     assert emu.stats.batches_created == 0
 

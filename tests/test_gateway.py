@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.errors import ExitCode
-from batchrun.store import Store
 from tests.conftest import PROMPT, make_tickets, refused, row_id
 
 MODEL = "claude-haiku-4-5"
@@ -281,7 +280,7 @@ def test_invalid_output_causes_are_grouped_and_logs_name_the_full_url(emu, cli, 
     assert len(line) == 1 and re.search(r"invalid output: 6 × reply does not fit the schema at n: \d+ is greater "
                                         r"than the maximum of 3$", line[0]), r.output
     url = f"POST {emu.base_url}/gw/anthropic/v1/messages"
-    assert f"replies recorded in" in r.output and f"over {url};" in r.output
+    assert "replies recorded in" in r.output and f"over {url};" in r.output
     assert "POST /v1/messages" not in r.output
 
 

@@ -56,7 +56,7 @@ def test_job_step_by_step_across_processes_pays_once(emu, tickets_csv, tmp_path)
         handle = job.handle
     assert json.loads(json.dumps(handle)) == handle and "key" not in json.dumps(handle).lower()
     # the next task, in another process: it picks the job up by its handle, polls and collects
-    code = f"""
+    code = """
 import json, sys, time, batchrun
 job = batchrun.Job.from_handle(json.loads(sys.argv[1]))
 assert job.submit() == 0, "a second submit sends nothing"
@@ -65,7 +65,7 @@ while not job.poll():
     assert time.monotonic() < deadline
     time.sleep(0.05)
 r = job.collect()
-print(json.dumps({{"finished": r.finished, "exit": r.exit_code, "counts": r.counts, "id": job.id}}))
+print(json.dumps({"finished": r.finished, "exit": r.exit_code, "counts": r.counts, "id": job.id}))
 """
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(handle)], capture_output=True, text=True,

@@ -3,7 +3,6 @@ database or a symbolic link given as the state, a proxy that must never see the 
 failed rows, and a state file from a newer batchrun. Every case through the CLI against the emulator."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -12,7 +11,6 @@ import sqlite3
 import stat
 import subprocess
 import threading
-import uuid
 
 import httpx
 import pyarrow.parquet as pq
@@ -80,7 +78,7 @@ def test_a_state_file_damaged_mid_run_is_refused_in_one_line(emu, cli, tmp_path,
     for name in ("requests", "requests_batch", "requests_row"):
         _smash(state, page, roots[name])
     r = cli(*run_args(tickets_csv, out, "--state", state))
-    line = refused(r, ExitCode.BAD_INPUT, f"state file {state} is damaged", "malformed")
+    refused(r, ExitCode.BAD_INPUT, f"state file {state} is damaged", "malformed")
     assert emu.stats.batches_created == 2          # nothing sent again over a damaged plan
 
 

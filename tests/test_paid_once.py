@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pyarrow.parquet as pq
-import pytest
 
 import batchrun
 from batchrun.errors import ExitCode

@@ -38,18 +38,18 @@ def test_few_shot_prefill_and_per_row_max_tokens(emu, cli, tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("id,text,budget\n1,the cat sat,20\n2,the dog ran,\n3,a bird sang,35\n")
     job = tmp_path / "job.toml"
-    job.write_text(f'''
+    job.write_text('''
 input = "t.csv"
 output = "o.parquet"
 id_column = "id"
-prompt = "Animal in: {{{{ text }}}}"
+prompt = "Animal in: {{ text }}"
 model = "claude-haiku-4-5"
 max_tokens = 60
 max_tokens_column = "budget"
 prefill = "The animal is"
 stop_sequences = ["\\n\\n"]
-metadata = {{user_id = "team-a"}}
-few_shot = [{{user = "Animal in: a cow mooed", assistant = "The animal is a cow."}}]
+metadata = {user_id = "team-a"}
+few_shot = [{user = "Animal in: a cow mooed", assistant = "The animal is a cow."}]
 ''')
     r = cli("run", job, "--poll-interval", "0.1")
     assert r.exit_code == 0, r.output

@@ -297,3 +297,26 @@ def test_cost_with_a_cached_system_prompt(emu, cli, tmp_path, tickets_csv, ttl):
                 + Decimal(row["cache_creation_input_tokens"]) * write_rate
                 + Decimal(row["cache_read_input_tokens"]) * p.cache_read)
         assert row["cost_usd"] == float(full / 1_000_000 / 2)      # exact: Decimal arithmetic, then a float
+
+
+def test_batch_id_is_the_batch_that_gave_the_row_its_result(emu, cli, tmp_path, tickets_csv):
+    """A row's batch_id is the API id of the batch whose result it shows: the last one it was sent in, also for a
+    row sent again after an errored or expired result, and for one whose attempts ran out (the batch's id is
+    read from the batch the row ended in; the rows are not rewritten when a batch is created), and for a row
+    whose result line never came (it ends result_missing in its batch, no result recorded)."""
+    emu.config.errored_rate = 0.3
+    emu.config.expired_rate = 0.1
+    emu.config.missing_result_lines = 1
+    out = tmp_path / "o.parquet"
+    r = cli(*run_args(tickets_csv, out, "--state", tmp_path / "s.sqlite", "--max-attempts", "2", "--batch-size", 100))
+    assert r.exit_code in (0, ExitCode.FAILED_ROWS), r.output
+    last_batch: dict = {}
+    for batch_id in emu.stats.accepted:   # (oldest first)
+        for custom_id, _ in emu.stats.accepted[batch_id]:
+            last_batch[row_id(custom_id)] = batch_id
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 450
+    assert max(r["attempts"] for r in rows) > 1 and {r["status"] for r in rows} > {"succeeded"}   # (both kinds met)
+    assert any(r["error_type"] == "result_missing" for r in rows)
+    for row in rows:
+        assert row["batch_id"] == last_batch[row["custom_id"]], row

@@ -116,7 +116,7 @@ class BatchQueries:
         Inside the (durable) transaction that chose the members (`pending_chunk`). `span`: (first, last)
         row_index when the members are every pending row in that range. Returns the batch's local id."""
         mark = (f"UPDATE requests SET state = '{IN_FLIGHT}', batch_id = ?, attempts = attempts + 1, "
-                "result_type = NULL ")
+                "result_type = NULL, api_batch_id = NULL ")
         local = self.conn.execute("INSERT INTO batches (job_id, state, request_count, body_bytes, intent_at, "
                                   f"max_cost, tag) VALUES (?, '{INTENT}', ?, ?, ?, ?, ?)",
                                   (job_id, len(ids), nbytes, now_iso(), reserve, tag)).lastrowid
@@ -141,14 +141,13 @@ class BatchQueries:
 
     def mark_submitted(self, local: int, info: dict, adopted: int) -> None:
         """The API named the intent's batch (`info`: its create reply, or the batch adopted after a lost
-        reply): the batch row and its rows carry its id, durably."""
+        reply): the batch row carries its id, durably (its rows read it from there: files.api_batch_of)."""
         with self.transaction(durable=True):
             self.conn.execute(
                 f"UPDATE batches SET api_id = ?, state = '{SUBMITTED}', api_status = ?, created_at = ?, "
                 "request_counts = ?, adopted = ? WHERE id = ?",
                 (info["id"], info.get("processing_status"), info.get("created_at"),
                  json.dumps(info.get("request_counts")), int(adopted), local))
-            self.conn.execute("UPDATE requests SET api_batch_id = ? WHERE batch_id = ?", (info["id"], local))
 
     def batches_running(self, job_id: str) -> int:
         """The job's batches the API has and that are not collected yet (submitted or ended)."""

@@ -15,7 +15,9 @@ from .batches import Batch
 from .files import PARSED_FIELDS, now_iso
 
 # (Final rows keep their batch_id: leaving it out of the SET spares an index update per row.)
-_FIELDS_SQL = "UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS)
+# (the batch's API id stored on the row, which may leave the batch: see files.api_batch_of)
+_FIELDS_SQL = ("UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS)
+               + ", api_batch_id = (SELECT api_id FROM batches WHERE id = ?)")
 _WHERE_SQL = f" WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = '{IN_FLIGHT}'"
 _FINAL = _FIELDS_SQL + ", state = ?, finished_at = ?" + _WHERE_SQL
 _RETRY = (_FIELDS_SQL + f", state = CASE WHEN attempts - free_sends < ? THEN '{PENDING}' ELSE ? END, "
@@ -72,7 +74,7 @@ class CollectQueries:
         now = now or now_iso()
 
         def values(f):
-            return (f["state"], *map(f.get, PARSED_FIELDS))
+            return (f["state"], *map(f.get, PARSED_FIELDS), local)
 
         with self.transaction():
             self.conn.executemany(_FINAL, ((*values(f), f["state"], now, job_id, cid, local) for cid, f in final))

@@ -32,6 +32,15 @@ PARSED_FIELDS = ("text", "parsed", "stop_reason", "model", "input_tokens", "outp
 RESULT_FIELDS = ("result_type",) + PARSED_FIELDS + ("api_batch_id",)
 
 
+def api_batch_of(alias: str = "") -> str:
+    """SQL of the id the API gave the batch a row was last sent in (`alias`: the requests table's, with its
+    dot). A row keeps its batch (batch_id) when it ends, and its batch's id is read from there; the id is
+    stored on the row itself (requests.api_batch_id) when its result is recorded (a row may leave its batch
+    to be sent again), when it reuses another job's answer, and by earlier versions when the batch was
+    created (which rewrote every row of every batch once more: ~0.17 s at 100k rows); an intent clears it."""
+    return (f"coalesce({alias}api_batch_id, (SELECT api_id FROM batches WHERE batches.id = {alias}batch_id))")
+
+
 def _make_private(fd: int, path: str) -> None:
     """Mode 0600 for a state file made by an older version, and for its WAL files (SQLite gives new ones
     the database's mode). Only the owner can change the mode: a shared file owned by someone else is

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from ..states import (ANSWERED, CANCELED, ERRORED, LOST_ERRORS, PENDING, sql_list)
-from .files import BUSY_TIMEOUT, now_iso
+from .files import BUSY_TIMEOUT, api_batch_of, now_iso
 
 # what a reused answer copies from the row that was paid for
 _COPIED = ("state", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -102,7 +102,8 @@ class PlanQueries:
         """Pending rows whose exact request (params_hash) another job of this state file has had answered
         and paid for take that answer, at no cost, in one transaction: not sent again. Returns how many."""
         rows = self.conn.execute(
-            "SELECT r.custom_id, o.job_id, " + ", ".join(f"o.{c}" for c in _COPIED) + " "
+            "SELECT r.custom_id, o.job_id, " + ", ".join(api_batch_of("o.") if c == "api_batch_id" else f"o.{c}"
+                                                         for c in _COPIED) + " "
             "FROM requests r JOIN requests o ON o.params_hash = r.params_hash "
             f"AND o.state IN {sql_list(ANSWERED)} AND o.job_id != r.job_id AND o.reused_from IS NULL "
             f"WHERE r.job_id = ? AND r.state = '{PENDING}' GROUP BY r.custom_id", (job_id,)).fetchall()

@@ -11,6 +11,7 @@ import json
 from typing import Iterator, Optional, Sequence
 
 from ..states import ABANDONED, ANSWERED, FINAL_STATES, INVALID_OUTPUT, ROW_STATES, SUCCEEDED, sql_list
+from .files import api_batch_of
 
 # rows whose reply this job paid for (a reply that did not fit the schema was paid for too; a row that reused
 # another job's answer was paid for there)
@@ -21,7 +22,7 @@ FAILED = tuple(s for s in FINAL_STATES if s != SUCCEEDED)   # errored, expired, 
 OUTPUT_FIELDS = ("custom_id", "state", "text", "stop_reason", "model", "input_tokens", "output_tokens",
                  "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd", "error_type",
                  "error_message", "api_batch_id", "attempts", "parsed", "row_index")
-_OUTPUT_SQL = (f"SELECT {', '.join(OUTPUT_FIELDS)} FROM requests WHERE job_id = ? AND row_index >= ? "
+_OUTPUT_SQL = (f"SELECT {', '.join(api_batch_of() if f == 'api_batch_id' else f for f in OUTPUT_FIELDS)} FROM requests WHERE job_id = ? AND row_index >= ? "
                "AND row_index < ? ORDER BY row_index")
 
 # a row's cache writes by lifetime: the split its reply reported, and writes it did not account for (priced at
@@ -227,7 +228,8 @@ class ViewQueries:
         where, args = f"job_id = ? AND state IN {sql_list(FAILED)}", [job_id]
         requests = self.db["requests"]
         rows = list(requests.rows_where(where, args, order_by="row_index", limit=max(0, limit), select=(
-            "custom_id, row_index, state, error_type, error_message, attempts, api_batch_id, finished_at")))
+            "custom_id, row_index, state, error_type, error_message, attempts, "
+            f"{api_batch_of()} AS api_batch_id, finished_at")))
         return {"total": requests.count_where(where, args), "rows": rows}
 
     # ---- the output --------------------------------------------------------------------------------

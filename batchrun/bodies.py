@@ -30,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
 from . import failpoints
 from .errors import InputError
+from .fingerprint import file_identity
 from .inputs import ColumnTypeConflict, InputSource
 from .prefetch import prefetched
 from .requests import RequestBuilder, canonical_json, params_hasher, shared_params_hash
@@ -62,15 +62,14 @@ def input_for(spec: JobSpec, pins: dict) -> InputSource:
 
 
 def input_stamp(source: InputSource) -> Optional[tuple]:
-    """What changes when a local input file is written: its size, modification time and inode (None for a
-    directory or a remote URI: the plan keeps no body for those, see FirstBodies)."""
+    """What changes when a local input file is written (fingerprint.file_identity; None for a directory or a
+    remote URI: the plan keeps no body for those, see FirstBodies)."""
     if source.is_dir or "://" in source.uri:
         return None
     try:
-        st = os.stat(source.path)
+        return file_identity(source.path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
 
 @dataclass

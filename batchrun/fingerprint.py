@@ -64,7 +64,7 @@ def digest(fmt: str, files: list, limit: Optional[int], shard: Optional[tuple]) 
 def local(fmt: str, files: list, limit: Optional[int], shard: Optional[tuple]) -> str:
     """digest() of local files, hashed again only when stat says they changed (see above); while another
     thread hashes the same input (`ahead`), its digest is waited for."""
-    key = (fmt, limit, shard, tuple((name, _identity(path)) for name, _, path, _ in files))
+    key = (fmt, limit, shard, tuple((name, file_identity(path)) for name, _, path, _ in files))
     with _LOCK:
         known, busy = _HASHED.get(key), _BUSY.get(key)
         if known is None and busy is None:
@@ -78,7 +78,7 @@ def local(fmt: str, files: list, limit: Optional[int], shard: Optional[tuple]) -
         settled = time.time_ns() - _RACY_NS
         value = digest(fmt, files, limit, shard)
         if all(i[3] < settled and i[4] < settled for _, i in key[3]) and \
-                key[3] == tuple((name, _identity(path)) for name, _, path, _ in files):
+                key[3] == tuple((name, file_identity(path)) for name, _, path, _ in files):
             _HASHED[key] = value
         return value
     finally:
@@ -102,7 +102,9 @@ def ahead(uri: Optional[str], limit: Optional[int], shard: Optional[tuple]) -> N
     threading.Thread(target=run, name="batchrun-fingerprint", daemon=True).start()
 
 
-def _identity(path: str) -> tuple:
+def file_identity(path: str) -> tuple:
+    """What changes when a file is written or replaced: (device, inode, size, mtime, ctime), read from an open
+    descriptor (ctime cannot be set back by the writer, as mtime can)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         st = os.fstat(fd)

@@ -299,3 +299,22 @@ def test_the_plans_bodies_are_not_used_once_the_input_or_the_stored_hash_changed
         assert runner.planner.body_source.from_plan == 99 and emu.stats.batches_created == 0   # (all but row 3)
     finally:
         runner.close()
+
+
+def test_an_input_rewritten_with_its_size_and_mtime_kept_is_rendered_again(emu, tmp_path, tickets_csv):
+    """The plan's own bodies are used only while the input is the file the plan read: an edit of the same size
+    whose writer puts the modification time back (as `cp -p`, rsync or an editor can) is still seen (the
+    inode's change time moves), and the first chunk is rendered again and refused, nothing sent."""
+    runner = planned(spec_for(tickets_csv, tmp_path), emu)
+    try:
+        st = os.stat(tickets_csv)
+        data = tickets_csv.read_bytes()
+        i = data.index(b"billing")
+        tickets_csv.write_bytes(data[:i] + b"BILLING" + data[i + 7:])   # the same size
+        os.utime(tickets_csv, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert os.stat(tickets_csv).st_size == st.st_size and os.stat(tickets_csv).st_mtime_ns == st.st_mtime_ns
+        with runner.locked(), pytest.raises(InputError, match="no longer makes the request"):
+            runner.submit()
+        assert runner.planner.body_source.from_plan == 0 and emu.stats.batches_created == 0
+    finally:
+        runner.close()

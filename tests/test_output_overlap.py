@@ -60,3 +60,22 @@ def test_a_failure_while_joining_stops_the_write_with_its_error(tmp_path, source
         OutputWriter(results, "job", None).write(source(), str(out), before_swap=lambda: swapped.append(1))
     assert not swapped and out.read_bytes() == b"the output before"    # nothing put in place
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []   # nor left beside it
+
+
+def test_result_columns_are_the_arrays_pa_array_makes_without_importing_pandas():
+    """(output._result_column: pa.array imports pandas the first time it converts Python values.)"""
+    import subprocess
+    import sys
+    code = """
+import sys
+import pyarrow as pa
+from batchrun.output import _result_column
+cases = [(["a", None, "é" * 3, ""], pa.string()), ([1, None, 2 ** 40, 0], pa.int64()), ([None, None], pa.int64()),
+         ([0.1, None, 1e-12, 3], pa.float64()), ([], pa.int64()), ([2 ** 62, None], pa.int64())]
+made = [_result_column(values, typ) for values, typ in cases[:-1]]
+print("pandas" in sys.modules)
+made.append(_result_column(*cases[-1]))   # past a float's exact integers: through pa.array
+print(all(m.equals(pa.array(v, type=t)) and m.type == t for m, (v, t) in zip(made, cases)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
+    assert out == ["False", "True"]

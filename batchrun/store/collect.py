@@ -17,7 +17,7 @@ from .files import PARSED_FIELDS, now_iso
 # (Final rows keep their batch_id: leaving it out of the SET spares an index update per row.)
 # (the batch's API id stored on the row, which may leave the batch: see files.api_batch_of)
 _FIELDS_SQL = ("UPDATE requests SET result_type = ?, " + ", ".join(f"{f} = ?" for f in PARSED_FIELDS)
-               + ", api_batch_id = (SELECT api_id FROM batches WHERE id = ?)")
+               + ", api_batch_id = ?")
 _WHERE_SQL = f" WHERE job_id = ? AND custom_id = ? AND batch_id = ? AND state = '{IN_FLIGHT}'"
 _FINAL = _FIELDS_SQL + ", state = ?, finished_at = ?" + _WHERE_SQL
 _RETRY = (_FIELDS_SQL + f", state = CASE WHEN attempts - free_sends < ? THEN '{PENDING}' ELSE ? END, "
@@ -65,22 +65,27 @@ class CollectQueries:
         self.conn.execute("UPDATE batches SET adopted = ? WHERE id = ?", (adopted, local))
 
     def record_results(self, job_id: str, local: int, max_attempts: int, final: Iterable, retry: Iterable,
-                       free: Iterable, now: Optional[str] = None) -> None:
+                       free: Iterable, now: Optional[str] = None) -> int:
         """Record results of batch `local`, each (custom_id, fields) with the fields a ResultParser gives, in
         one transaction: `final` make their row final (its state the result's); `retry` failed in a way worth
         another attempt: pending again while the row's attempts (not counting free sends) are below
         `max_attempts`, else final; `free` met the service's error, not the request's: pending again, no
-        attempt used. A row no longer in flight in this batch is left as it is (recorded twice: no change)."""
+        attempt used. A row no longer in flight in this batch is left as it is (recorded twice: no change).
+        Returns how many rows it recorded: each is out of flight now."""
         now = now or now_iso()
-
-        def values(f):
-            return (f["state"], *map(f.get, PARSED_FIELDS), local)
-
+        api_id = (self.one("SELECT api_id FROM batches WHERE id = ?", (local,)) or {}).get("api_id")
+        # (the parameters made before the transaction, in lists: one pass in C per statement)
+        fields = ("state", *PARSED_FIELDS)
+        finals = [(*map(f.get, fields), api_id, f["state"], now, job_id, cid, local) for cid, f in final]
+        retries = [(*map(f.get, fields), api_id, max_attempts, f["state"], max_attempts, now, job_id, cid, local)
+                   for cid, f in retry]
+        frees = [(*map(f.get, fields), api_id, now, job_id, cid, local) for cid, f in free]
+        recorded = 0
         with self.transaction():
-            self.conn.executemany(_FINAL, ((*values(f), f["state"], now, job_id, cid, local) for cid, f in final))
-            self.conn.executemany(_RETRY, ((*values(f), max_attempts, f["state"], max_attempts, now, job_id, cid, local)
-                                           for cid, f in retry))
-            self.conn.executemany(_FREE, ((*values(f), now, job_id, cid, local) for cid, f in free))
+            for sql, rows in ((_FINAL, finals), (_RETRY, retries), (_FREE, frees)):
+                if rows:
+                    recorded += self.conn.executemany(sql, rows).rowcount
+        return recorded
 
     def finalize_batch(self, local: int) -> None:
         """Close the batch once every member has its result."""

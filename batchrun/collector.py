@@ -3,8 +3,9 @@
 * poll     — retrieve in-flight batches until they end; a batch the API no longer knows (404) is lost:
              its rows end errored `batch_not_found` (they may have been paid for: sent again only with
              --resend-lost).
-* collect  — stream the results line by line (downloaded and parsed in a thread, a few hundred lines
-             ahead), match each to its row by custom_id, record them in transactions of 5000; a download
+* collect  — stream the results line by line (downloaded and parsed in a thread, a few thousand lines
+             ahead; the next batch's begun while one is recorded), match each to its row by custom_id,
+             record them in transactions of 10000; a download
              cut short is downloaded again; a line that never arrives, however often the whole file is
              downloaded, ends its row `result_missing`; results gone end theirs `results_gone`. A batch is
              collected only when every member has its result.
@@ -31,7 +32,7 @@ from .store import Batch, now_iso
 log = logging.getLogger("batchrun")
 
 MAX_DOWNLOADS = 6    # attempts to get a complete results file
-FLUSH_EVERY = 5000   # results recorded per transaction
+FLUSH_EVERY = 10000  # results per transaction (a 10k-row batch in one: each of its pages written to the WAL once)
 
 
 def _cycle_collection_paused():

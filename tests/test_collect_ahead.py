@@ -175,3 +175,24 @@ def test_an_error_while_recording_leaves_no_download_running(emu, tmp_path, monk
     with Store(str(tmp_path / "s.sqlite")) as store:   # the first batch collected, the rest still to collect
         states = [b["state"] for b in store.q("SELECT state FROM batches ORDER BY id")]
     assert states == ["collected", "ended", "submitted", "submitted"]   # (the third's retrieve not recorded)
+
+
+def test_a_next_batch_the_api_no_longer_knows_is_lost_as_before(emu, tmp_path, noted):
+    """The look-ahead's retrieve answered 404: raised where the poll would have retrieved it itself."""
+    with batchrun.Job(job_spec(tmp_path), transport=httpx.HTTPTransport()) as job:
+        assert job.submit() == 4
+        time.sleep(0.2)
+        with Store(str(tmp_path / "s.sqlite")) as store:
+            gone = store.q("SELECT api_id FROM batches WHERE id = 2")[0]["api_id"]
+        httpx.delete(f"{emu.base_url}/v1/messages/batches/{gone}",
+                     headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"}).raise_for_status()
+        result = job.collect()
+    assert result.finished and result.exit_code == 3   # the lost batch's rows end errored
+    with Store(str(tmp_path / "s.sqlite")) as store:
+        states = [b["state"] for b in store.q("SELECT state FROM batches ORDER BY id")]
+        errors = {r["error_type"] for r in store.q("SELECT error_type FROM requests WHERE batch_id = 2")}
+    assert states == ["collected", "lost", "collected", "collected"]
+    assert errors == {"batch_not_found"}
+    # found lost by the look-ahead's retrieve; the next batch then retrieved by the poll itself
+    assert noted == [("ahead", 2), ("collected", 1), ("ahead", 4), ("collected", 3), ("collected", 4)]
+    assert no_prefetch_left()

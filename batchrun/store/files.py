@@ -202,6 +202,13 @@ def _create(path: str) -> bool:
     return True
 
 
+# 16 KiB pages, not SQLite's 4 KiB: a request's row is ~450 bytes once its result is in, and the job's rows
+# are read and written in long runs (issue #17, 100k rows: the plan's inserts, the results' updates and a
+# full scan 8-25% cheaper than with 4 KiB; 32 and 64 KiB gain little more and make every small commit write
+# more)
+PAGE_SIZE = 16384
+
+
 def _use_wal(conn: sqlite3.Connection, patience: float = BUSY_TIMEOUT) -> None:
     """Put the state file in WAL mode (it stays so). Switching needs the file to itself, and SQLite does
     not wait for that with the busy timeout: two runs opening a new state file at the same moment (two
@@ -211,6 +218,8 @@ def _use_wal(conn: sqlite3.Connection, patience: float = BUSY_TIMEOUT) -> None:
     while True:
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                # a new state file gets pages of PAGE_SIZE (a file with anything in it keeps its own)
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
                 conn.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:

@@ -706,20 +706,22 @@ def lean_reply(params: Mapping, message_id: str) -> Optional[str]:
     if not isinstance(messages, list) or not messages:
         return None
     total = 0
+    texts = []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             return None
+        texts.append(m["content"])
         total += (len(m["content"]) + 3) // 4
     last = messages[-1]
-    if last.get("role") != "user":
+    if last.get("role") != "user" or not CHAR_TOKENS.get():
         return None
-    info = model_info(params.get("model"))
-    if thinking_on(params, info):
+    new, thinks = _lean_model(params.get("model"))
+    if thinks:   # (a request with `thinking` is not lean: the model's default decides)
         return None
-    new = _new_tokenizer(info)
     max_tokens = params.get("max_tokens")
     budget = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 4096
-    text = reply_text(params)
+    # reply_text(params) for such messages: the last is the user's (no prefill), the digest messages_hash's
+    text = f"{REPLY_PREFIX}{last['content'][:120]} #{zlib.crc32(chr(0).join(texts).encode('utf-8')):08x}"
     n = scale((len(text) + 3) // 4, new)
     stop_reason = "end_turn"
     if n > budget:
@@ -731,6 +733,21 @@ def lean_reply(params: Mapping, message_id: str) -> Optional[str]:
             f'"usage":{{"input_tokens":{scale(total, new)},"output_tokens":{n},"cache_creation_input_tokens":0,'
             f'"cache_read_input_tokens":0,"cache_creation":{{"ephemeral_5m_input_tokens":0,'
             f'"ephemeral_1h_input_tokens":0}},"service_tier":"batch"}}}}')
+
+
+_LEAN_MODELS: dict = {}   # model -> (the catalog it was read from, new tokenizer, thinks by default)
+
+
+def _lean_model(model: Any) -> tuple:
+    """(new tokenizer, thinks by default) of `model` in the current catalog, read once per catalog."""
+    catalog = _catalog()
+    got = _LEAN_MODELS.get(model) if isinstance(model, str) else None
+    if got is None or got[0] is not catalog:
+        info = model_info(model)
+        got = (catalog, _new_tokenizer(info), thinking_on({}, info))
+        if isinstance(model, str):
+            _LEAN_MODELS[model] = got
+    return got[1:]
 
 
 _LEAN_STRING = json.JSONEncoder(ensure_ascii=False).encode   # one JSON value (a string here), as canonical()

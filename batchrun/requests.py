@@ -310,9 +310,12 @@ class RequestBuilder:
         # relative image paths are the input file's neighbours (as a job file's paths are the job file's)
         self.image_base = spec.image_dir or image_base(spec.input)
         # a plain template whose row part holds nothing of the row but its prompt: a block's bodies at once
+        # (not when the template names what the one-row path is not given as a column — a name Jinja knows,
+        # `range`, `dict`…, rendered there as "": both paths must make the same bodies, as before #17)
         self._plain = (PlainBodies.of(self._parts, canonical_json(self._part(MARK, {}, "")))
                        if self._parts is not None and not (spec.image_column or spec.max_tokens_column
-                                                           or self.template.varies) else None)
+                                                           or self.template.varies)
+                       and all(is_text or part in self.needed_columns for is_text, part in self._parts) else None)
 
     # ---- the parts every request shares ------------------------------------------------------
     def _base_params(self) -> dict:

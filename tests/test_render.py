@@ -57,7 +57,8 @@ def plain_builder(prompt, columns=("a", "b"), **keys):
 
 
 def one_by_one(b, text):
-    return [canonical_json(b.row_part(row, f"row {i + 1}")) for i, row in enumerate(text.to_pylist())]
+    """The one-row path as bodies._one_by_one takes it: each row's cells as RequestBuilder.rows gives them."""
+    return [canonical_json(b.row_part(row, f"row {i + 1}")) for i, row in enumerate(b.rows(text, text))]
 
 
 @pytest.mark.parametrize("prompt,keys", [
@@ -126,3 +127,19 @@ def test_custom_ids_at_once_are_custom_id_for_one_by_one():
     for odd in (["T-1", "x" * 65], ["T-1", "a b"], ["T-1", ""], ["T-1", None], ["T-1", "abc\n"], ["T-1", "é"]):
         assert custom_ids(pa.array(odd)) is None   # (one by one: hashed, refused as empty, or as Python reads it)
     assert custom_ids(pa.array([1, 2])) is None
+
+
+@pytest.mark.parametrize("name", ["range", "dict", "cycler", "joiner", "namespace"])
+def test_a_column_named_like_a_jinja_global_renders_as_the_one_row_path_does(name):
+    """Both paths make the same body (the one-row path, and every plan before the block renderer, are given no
+    such cell: it renders ""), so a job planned before keeps its hashes and is sent, not refused as changed."""
+    b = plain_builder("Summarise: {{ %s }}" % name, columns=("id", name))
+    text = pa.RecordBatch.from_pydict({"id": ["r1"], name: ["hello"]})
+    assert b.plain_bodies(text) is None and one_by_one(b, text) == [canonical_json(
+        b.row_part({}, "row 1"))]
+
+
+def test_a_jinja_global_that_is_no_column_renders_as_before():
+    b = plain_builder("Say {{ body }} {{ range }}", columns=("id", "body"))
+    text = pa.RecordBatch.from_pydict({"id": ["r1"], "body": ["hello"]})
+    assert b.plain_bodies(text) is None and "Say hello " in one_by_one(b, text)[0]

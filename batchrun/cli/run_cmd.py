@@ -58,15 +58,22 @@ def maybe_emulator(enabled: bool, options: dict) -> Iterator[Optional[str]]:
         handle.stop()
 
 
-def few_malloc_arenas(arenas: int = 2) -> None:
-    """At most `arenas` malloc arenas in this process (glibc; elsewhere nothing is done). glibc gives threads
-    that allocate arenas of their own (up to 8 per core), and each keeps what was freed in it: the threads of a
-    run (the plan's writer, the chunk rendered ahead, the next batch's download, the output's join) made the
-    peak RSS grow with the rows (issue #17, bench.py's job: 341-355 MiB at 100k rows against ~250 at 20k; with
-    two arenas 289-295 against ~250). Called before `run` starts its threads; the command's process only."""
+def lean_malloc(arenas: int = 2, mmap_threshold: int = 128 * 1024) -> None:
+    """Keep what `run`'s process frees from staying in its RSS (glibc's malloc; elsewhere nothing is done):
+    - at most `arenas` malloc arenas: glibc gives threads that allocate arenas of their own (up to 8 per core),
+      each keeping what was freed in it, and a run has several (the plan's writer, the chunk rendered ahead,
+      the next batch's download, the output's join);
+    - blocks from `mmap_threshold` bytes up always mapped on their own, and unmapped when freed: glibc raises
+      that threshold to the size of any mapped block freed (up to 32 MiB), after which a batch's create body
+      (megabytes) comes from an arena that keeps it.
+    Issue #17, bench.py's job, peak RSS in process at 100k / 20k rows: 341-355 / ~255 MiB as glibc left it;
+    325-329 / 254-280 with two arenas; 295-296 / 236-244 with both. Called before `run` starts its threads;
+    the command's process only."""
     try:
         import ctypes
-        ctypes.CDLL(None).mallopt(-8, arenas)   # M_ARENA_MAX
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, arenas)           # M_ARENA_MAX
+        libc.mallopt(-3, mmap_threshold)   # M_MMAP_THRESHOLD (set: no longer raised by glibc)
     except (OSError, AttributeError):
         pass
 
@@ -124,7 +131,7 @@ def run(job_file, no_wait, resume_canceled, resend_lost, retry_errored, wait_loc
       batchrun run --input tickets.csv --id-column id --prompt 'Summarise: {{ body }}' \\
                    --model claude-haiku-5-5 --max-tokens 200 --output out.parquet
     """
-    few_malloc_arenas()
+    lean_malloc()
     setup_logging(options.get("verbose"), options.get("quiet"))
     with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
         printer = None if options.get("quiet") else ProgressPrinter()

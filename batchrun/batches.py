@@ -37,25 +37,32 @@ CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
 class Chunk:
-    """The rows chosen for a batch, made into what is sent: `rows` (row_index, custom_id, row body, request
-    line, its size in bytes + 1) each; `ids` and `payload` (the create's body, bytes) of the first rows that
-    fit in one batch (MAX_BATCH_BYTES), in order. Made where the rows are rendered (in a thread while the
-    previous batch uploads, see BatchDriver._render_ahead), so the sender only posts it."""
+    """The rows chosen for a batch, made into what is sent: `rows` (row_index, custom_id, row body, the size
+    of its request line in bytes + 1) each; `ids` and `payload` (the create's body, bytes) of the first rows
+    that fit in one batch (MAX_BATCH_BYTES), in order. Made where the rows are rendered (in a thread while the
+    previous batch uploads, see BatchDriver._render_ahead), so the sender only posts it. The request lines
+    are not kept beside the payload: a shorter payload is cut from it (`payload_of`)."""
+
+    HEAD, TAIL = b'{"requests":[', b"]}"
 
     def __init__(self, rows: list):
-        self.rows = rows
-        size, fit = 16, 0
-        for row in rows:
-            if fit and size + row[4] > MAX_BATCH_BYTES:
-                break
-            size += row[4]
-            fit += 1
-        self.ids = [row[1] for row in rows[:fit]]
-        self.payload = self.payload_of(fit)
+        """`rows`: (row_index, custom_id, row body, request line) each."""
+        fit, size, lines = 0, 16, []   # (the envelope, as counted before)
+        self.rows = []
+        for index, cid, body, line in rows:
+            n = len(line.encode("utf-8")) + 1   # (and its comma)
+            self.rows.append((index, cid, body, n))
+            if fit == len(lines) and (not fit or size + n <= MAX_BATCH_BYTES):
+                lines.append(line)
+                size += n
+                fit += 1
+        self.ids = [row[1] for row in self.rows[:fit]]
+        self.payload = self.HEAD + ",".join(lines).encode("utf-8") + self.TAIL
 
     def payload_of(self, n: int) -> bytes:
-        """The create's body carrying the first `n` rows."""
-        return ('{"requests":[' + ",".join(row[3] for row in self.rows[:n]) + "]}").encode("utf-8")
+        """The create's body carrying the first `n` rows (n at most len(ids), at least 1)."""
+        end = len(self.HEAD) + sum(row[3] for row in self.rows[:n]) - 1
+        return self.payload[:end] + self.TAIL
 
 
 class BatchDriver:
@@ -201,8 +208,8 @@ class BatchDriver:
         def make() -> Chunk:
             rows = []
             for index, cid, body in bodies:
-                piece = '{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":' + full_body(body) + "}"
-                rows.append((index, cid, body, piece, len(piece.encode("utf-8")) + 1))
+                rows.append((index, cid, body, '{"custom_id":' + json.dumps(wire_id(tag, cid)) + ',"params":'
+                             + full_body(body) + "}"))
             return Chunk(rows)
         return make
 

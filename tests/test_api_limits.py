@@ -85,3 +85,17 @@ def test_results_that_never_come_whole_are_not_sent_again(emu, tmp_path, tickets
     assert result.exit_code == 0 and result.counts == {"succeeded": 450}
     assert max(emu.stats.submitted_custom_ids.values()) == 1
     assert all(r["attempts"] == 1 for r in pq.read_table(tmp_path / "o.parquet").to_pylist())
+
+
+def test_a_chunk_cut_short_sends_exactly_its_first_rows():
+    """A budget that lets only the first rows of a chunk go gets a create body cut from the chunk's own (the
+    request lines are not kept beside it): valid JSON holding exactly those rows, multi-byte text included."""
+    import json as _json
+    from batchrun.batches import Chunk
+    rows = [(i, f"c{i}", "body", _json.dumps({"custom_id": f"t-c{i}", "params": {"x": "é€" * i}}, ensure_ascii=False))
+            for i in range(6)]
+    chunk = Chunk(rows)
+    whole = _json.loads(chunk.payload)["requests"]
+    assert [r["custom_id"] for r in whole] == [f"t-c{i}" for i in range(6)] and chunk.ids == [f"c{i}" for i in range(6)]
+    for n in range(1, 7):
+        assert _json.loads(chunk.payload_of(n)) == {"requests": whole[:n]}

@@ -47,15 +47,17 @@ class Chunk:
 
     def __init__(self, rows: list):
         """`rows`: (row_index, custom_id, row body, request line) each."""
-        fit, size, lines = 0, 16, []   # (the envelope, as counted before)
+        size, lines, full = 16, [], False   # (the envelope, as counted before)
         self.rows = []
         for index, cid, body, line in rows:
             n = len(line.encode("utf-8")) + 1   # (and its comma)
             self.rows.append((index, cid, body, n))
-            if fit == len(lines) and (not fit or size + n <= MAX_BATCH_BYTES):
+            if not full and (not lines or size + n <= MAX_BATCH_BYTES):
                 lines.append(line)
                 size += n
-                fit += 1
+            else:
+                full = True   # the batch ends before the first row that does not fit: the rows after it wait
+        fit = len(lines)
         self.ids = [row[1] for row in self.rows[:fit]]
         self.payload = self.HEAD + ",".join(lines).encode("utf-8") + self.TAIL
 

@@ -99,3 +99,17 @@ def test_a_chunk_cut_short_sends_exactly_its_first_rows():
     assert [r["custom_id"] for r in whole] == [f"t-c{i}" for i in range(6)] and chunk.ids == [f"c{i}" for i in range(6)]
     for n in range(1, 7):
         assert _json.loads(chunk.payload_of(n)) == {"requests": whole[:n]}
+
+
+def test_a_chunk_ends_at_the_first_row_that_does_not_fit(monkeypatch):
+    """Rows after one that does not fit in the batch wait for the next batch, even those that would fit in the
+    room left: the batch's ids (its intent) and its create body are the same first rows, in order — else a row
+    would be marked in flight and never sent, and one sent without being marked (paid twice)."""
+    import json as _json
+    import batchrun.batches as batches
+    monkeypatch.setattr(batches, "MAX_BATCH_BYTES", 300)
+    lines = [_json.dumps({"custom_id": f"t-c{i}", "params": {"x": "y" * k}}) for i, k in enumerate((40, 40, 200, 1, 1))]
+    chunk = batches.Chunk([(i, f"c{i}", "body", line) for i, line in enumerate(lines)])
+    sent = [r["custom_id"] for r in _json.loads(chunk.payload)["requests"]]
+    assert chunk.ids == ["c0", "c1"] and sent == ["t-c0", "t-c1"] and len(chunk.payload) <= 300
+    assert [r["custom_id"] for r in _json.loads(chunk.payload_of(1))["requests"]] == ["t-c0"]

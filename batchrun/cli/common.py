@@ -98,15 +98,18 @@ class Program(click.Group):
     callers in a process of their own (CliRunner, `main.main`), end with the usual SystemExit."""
 
     end_at_once = False
+    as_program = False   # True while a command runs as the program: what it sets for its process is its own
 
     def __call__(self, *args, **kwargs):
-        Program.end_at_once = False
+        Program.end_at_once, Program.as_program = False, True
         try:
             self.main(*args, **kwargs)
         except SystemExit as exc:
             if not Program.end_at_once:
                 raise
             end(exc.code)
+        finally:
+            Program.as_program = False
 
 
 def end(code) -> None:

@@ -67,8 +67,9 @@ def lean_malloc(arenas: int = 2, mmap_threshold: int = 128 * 1024) -> None:
       that threshold to the size of any mapped block freed (up to 32 MiB), after which a batch's create body
       (megabytes) comes from an arena that keeps it.
     Issue #17, bench.py's job, peak RSS in process at 100k / 20k rows: 341-355 / ~255 MiB as glibc left it;
-    325-329 / 254-280 with two arenas; 295-296 / 236-244 with both. Called before `run` starts its threads;
-    the command's process only."""
+    325-329 / 254-280 with two arenas; 295-296 / 236-244 with both. Called before `run` starts its threads,
+    and only when batchrun is the program (`Program.as_program`): a process that calls the command itself
+    (CliRunner, `main.main`, the library) keeps its malloc as it set it."""
     try:
         import ctypes
         libc = ctypes.CDLL(None)
@@ -131,7 +132,8 @@ def run(job_file, no_wait, resume_canceled, resend_lost, retry_errored, wait_loc
       batchrun run --input tickets.csv --id-column id --prompt 'Summarise: {{ body }}' \\
                    --model claude-haiku-5-5 --max-tokens 200 --output out.parquet
     """
-    lean_malloc()
+    if Program.as_program:
+        lean_malloc()
     setup_logging(options.get("verbose"), options.get("quiet"))
     with maybe_emulator(options.pop("use_emulator"), options) as emu_url:
         printer = None if options.get("quiet") else ProgressPrinter()

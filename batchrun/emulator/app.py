@@ -191,6 +191,7 @@ class Emulator:
         if self.config.seed != self._rng_seed:
             self._rng_seed = self.config.seed
             self._rng = random.Random(self._rng_seed)
+            self._fault_turn = 0   # (a seed gives the same faults, their kinds in the same turn)
         return self._rng
 
     def _new_id(self, prefix: str) -> str:

@@ -639,7 +639,7 @@ class Emulator:
                 and cfg.usage_patch is None:
             message = replies.lean_reply(params, lean_id)
             if message is not None:
-                return (f'{{"custom_id":{_JSON_STRING(custom_id)},"result":{{"type":"succeeded","message":'
+                return (f'{{"custom_id":{replies.LEAN_STRING(custom_id)},"result":{{"type":"succeeded","message":'
                         f'{message}}}}}\n').encode("utf-8")
         if code == SUCCEEDED:
             kind, n, ttl = batch.cache.get(i, (None, 0, "5m"))

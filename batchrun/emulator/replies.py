@@ -715,7 +715,7 @@ def lean_reply(params: Mapping, message_id: str) -> Optional[str]:
     last = messages[-1]
     if last.get("role") != "user" or not CHAR_TOKENS.get():
         return None
-    new, thinks = _lean_model(params.get("model"))
+    new, thinks, model_json = _lean_model(params.get("model"))
     if thinks:   # (a request with `thinking` is not lean: the model's default decides)
         return None
     max_tokens = params.get("max_tokens")
@@ -727,30 +727,32 @@ def lean_reply(params: Mapping, message_id: str) -> Optional[str]:
     if n > budget:
         text = _fit(text, budget, new)
         n, stop_reason = scale((len(text) + 3) // 4, new), "max_tokens"
-    dumps = _LEAN_STRING
-    return (f'{{"id":{dumps(message_id)},"type":"message","role":"assistant","model":{dumps(params.get("model"))},'
+    dumps = LEAN_STRING
+    return (f'{{"id":{dumps(message_id)},"type":"message","role":"assistant","model":{model_json},'
             f'"content":[{{"type":"text","text":{dumps(text)}}}],"stop_reason":"{stop_reason}","stop_sequence":null,'
             f'"usage":{{"input_tokens":{scale(total, new)},"output_tokens":{n},"cache_creation_input_tokens":0,'
             f'"cache_read_input_tokens":0,"cache_creation":{{"ephemeral_5m_input_tokens":0,'
             f'"ephemeral_1h_input_tokens":0}},"service_tier":"batch"}}}}')
 
 
-_LEAN_MODELS: dict = {}   # model -> (the catalog it was read from, new tokenizer, thinks by default)
+_LEAN_MODELS: dict = {}   # model -> (the catalog it was read from, new tokenizer, thinks by default, its JSON)
 
 
 def _lean_model(model: Any) -> tuple:
-    """(new tokenizer, thinks by default) of `model` in the current catalog, read once per catalog."""
+    """(new tokenizer, thinks by default, the model as a JSON value) of `model` in the current catalog, read
+    once per catalog."""
     catalog = _catalog()
     got = _LEAN_MODELS.get(model) if isinstance(model, str) else None
     if got is None or got[0] is not catalog:
         info = model_info(model)
-        got = (catalog, _new_tokenizer(info), thinking_on({}, info))
+        got = (catalog, _new_tokenizer(info), thinking_on({}, info), _LEAN_VALUE(model))
         if isinstance(model, str):
             _LEAN_MODELS[model] = got
     return got[1:]
 
 
-_LEAN_STRING = json.JSONEncoder(ensure_ascii=False).encode   # one JSON value (a string here), as canonical()
+_LEAN_VALUE = json.JSONEncoder(ensure_ascii=False).encode   # one JSON value, as canonical()
+LEAN_STRING = json.encoder.encode_basestring   # the same for a str, without the encoder's Python call around it
 
 
 _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

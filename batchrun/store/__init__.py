@@ -7,7 +7,6 @@ batchrun's, its errors told in one line) and the job locks are in `files`; the s
 """
 from __future__ import annotations
 
-import sqlite3
 
 from ..states import FINAL_STATES, LOST_ERRORS, LOST_ERRORS_SQL
 from .batches import Batch, BatchQueries
@@ -16,8 +15,8 @@ from .budget import BudgetQueries
 from .collect import CollectQueries
 from .core import Reads, StoreCore
 from .files import (APPLICATION_ID, BUSY_TIMEOUT, META_TABLE, MIGRATIONS_TABLE, PARSED_FIELDS,
-                    RESULT_FIELDS, JobLock, existing_state, now_iso, parse_iso, recognise, state_error,
-                    state_errors)
+                    RESULT_FIELDS, JobLock, connect_existing, existing_state, now_iso, parse_iso,
+                    passive_checkpoint, recognise, state_error, state_errors)
 from .messages import MessageQueries
 from .migrations import MIGRATIONS, migration
 from .plan import JobFigures, PlanQueries
@@ -44,15 +43,12 @@ class StoreReader(ViewQueries, Reads):
     def __init__(self, path: str):
         self.path = path
         with state_errors(path):
-            self.conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+            self.conn = connect_existing(path)
 
     def checkpoint(self) -> None:
         """Copy what the WAL holds into the file now, without waiting for anyone (PASSIVE), so that closing
         the Store has little left to copy; not done (a full disk, say): closing does it, as it always did."""
-        try:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error:
-            pass
+        passive_checkpoint(self.conn)
 
     def close(self) -> None:
         self.conn.close()

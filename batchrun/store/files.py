@@ -202,6 +202,22 @@ def _create(path: str) -> bool:
     return True
 
 
+def connect_existing(path: str) -> sqlite3.Connection:
+    """A connection of its own to a state file a Store has open (for a thread beside the Store's): read-write,
+    never created — a state file gone meanwhile is not made again, empty."""
+    return sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw", uri=True,
+                           timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+
+
+def passive_checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy what the WAL holds into the file, without waiting for anyone (PASSIVE); not done (a full disk,
+    say): the Store's own next checkpoint, or its close, does it, as it always did."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    except sqlite3.Error:
+        pass
+
+
 # 16 KiB pages, not SQLite's 4 KiB: a request's row is ~450 bytes once its result is in, and the job's rows
 # are read and written in long runs (issue #17, 100k rows: the plan's inserts, the results' updates and a
 # full scan 8-25% cheaper than with 4 KiB; 32 and 64 KiB gain little more and make every small commit write

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
-import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from ..states import (ANSWERED, CANCELED, ERRORED, LOST_ERRORS, PENDING, sql_list)
-from .files import BUSY_TIMEOUT, api_batch_of, now_iso
+from .files import api_batch_of, connect_existing, now_iso, passive_checkpoint
 
 # what a reused answer copies from the row that was paid for
 _COPIED = ("state", "text", "parsed", "stop_reason", "model", "input_tokens", "output_tokens",
@@ -24,17 +22,14 @@ RETRYABLE = f"state = '{ERRORED}' AND coalesce(error_type, '') NOT IN {sql_list(
 def _checkpoint(path: str, started: threading.Event) -> None:
     """A PASSIVE checkpoint of the state file's WAL (see PlanQueries.checkpoint_behind); its failure (a full
     disk, say) is left to the run's own next checkpoint to meet."""
-    try:   # (read-write, never created: a state file gone meanwhile is not made again)
-        conn = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw", uri=True,
-                               timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        conn = connect_existing(path)
     except sqlite3.Error:
         started.set()
         return
     try:
         started.set()
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    except sqlite3.Error:
-        pass
+        passive_checkpoint(conn)
     finally:
         conn.close()
 
